@@ -1,0 +1,271 @@
+"""The asset manifest (``assets.json``): which checkpoint files exist, where, and their sha256.
+
+The manifest is validated when it is loaded, so a bad entry fails at once with a message
+that names the manifest file, the asset and the key, rather than later as a failed
+download or a wrong model. Tools outside the package write manifests too
+(``VEHICLENET_ASSETS``), so the minimum shape is small::
+
+    {"assets": [{"name": ..., "file": ..., "sha256": ..., "urls": [...]}]}
+
+The first asset is the default. Optional keys: ``size`` (bytes; null/absent = unknown),
+``format``, ``num_classes``, ``metrics``, ``license``, ``source``; any other key is kept
+in :attr:`Asset.extra`.
+
+This module must stay cheap to import: the ``verify`` command uses it.
+"""
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlsplit
+
+from .errors import ManifestError
+
+ENV_ASSETS = "VEHICLENET_ASSETS"
+PACKAGED_MANIFEST = Path(__file__).resolve().parent / "assets.json"
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_KNOWN_KEYS = {"name", "file", "sha256", "urls", "size", "format", "num_classes", "metrics", "license", "source"}
+_SUPPORTED_SCHEMAS = (1,)
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One downloadable file of the manifest (a checkpoint, usually)."""
+
+    name: str
+    file: str
+    sha256: str
+    urls: Tuple[str, ...]
+    size: Optional[int] = None
+    format: Optional[str] = None
+    num_classes: Optional[int] = None
+    # Mappings are unhashable; they are left out of hashing/equality so Asset stays usable
+    # as a dict key.
+    metrics: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    license: Optional[str] = None
+    source: Optional[str] = None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    manifest: Optional[Path] = field(default=None, compare=False, hash=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Value of a manifest key (known field or extra key such as ``architecture``)."""
+        if key in _KNOWN_KEYS:
+            value = getattr(self, key)
+            return default if value is None else value
+        return self.extra.get(key, default)
+
+
+def url_problem(url: str) -> Optional[str]:
+    """Why ``url`` may not be used for a download, or None if it may.
+
+    Only https is accepted; plain http only to a loopback address (local test servers,
+    a mirror on the same machine), because http bytes can be altered in transit and
+    would then fail verification after a full 300 MB transfer.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme == "https":
+        return None if host else "has no host name"
+    if parts.scheme == "http":
+        if host and _is_loopback(host):
+            return None
+        return "uses plain http; only https is allowed (http only to 127.0.0.1, ::1 or localhost)"
+    return f"has scheme {parts.scheme or '(none)'!r}; only https is allowed"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def file_name_problem(name: Any) -> Optional[str]:
+    """Why ``name`` is not a bare file name, or None if it is one."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if "/" in name or "\\" in name:
+        return "must be a bare file name, not a path (no '/' or '\\')"
+    if name in (".", "..") or "\x00" in name:
+        return "must be a bare file name"
+    if name.endswith((".part", ".lock", ".corrupt")):
+        return "must not end in .part, .lock or .corrupt (the cache uses those suffixes)"
+    return None
+
+
+def manifest_path(path: Union[str, os.PathLike, None] = None) -> Path:
+    """The manifest in use: ``path``, else ``$VEHICLENET_ASSETS``, else the packaged one."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(ENV_ASSETS)
+    if env:
+        return Path(env)
+    return PACKAGED_MANIFEST
+
+
+def load_manifest(path: Union[str, os.PathLike, None] = None) -> List[Asset]:
+    """Read and validate a manifest; see :func:`manifest_path` for which file.
+
+    Raises :class:`ManifestError` (exit code 2) naming the file, asset and key.
+    """
+    where = manifest_path(path)
+    source = f" (from ${ENV_ASSETS})" if path is None and os.environ.get(ENV_ASSETS) else ""
+    try:
+        text = where.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(
+            f"manifest {where}{source} does not exist; point {ENV_ASSETS} at an existing assets.json "
+            f"or unset it to use the packaged manifest"
+        ) from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {where}{source}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(
+            f"manifest {where}{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
+            f"fix the syntax"
+        ) from None
+    return parse_manifest(data, where)
+
+
+def parse_manifest(data: Any, where: Union[str, os.PathLike] = "<manifest>") -> List[Asset]:
+    """Validate already-parsed manifest JSON; ``where`` is used in error messages."""
+    where = Path(where)
+    if not isinstance(data, dict):
+        raise ManifestError(f"manifest {where}: the top level must be a JSON object with an \"assets\" list")
+    schema = data.get("schema", 1)
+    if schema not in _SUPPORTED_SCHEMAS:
+        raise ManifestError(
+            f"manifest {where}: schema {schema!r} is not supported by this vehiclenet "
+            f"(supports {', '.join(map(str, _SUPPORTED_SCHEMAS))}); upgrade vehiclenet or fix \"schema\""
+        )
+    entries = data.get("assets")
+    if not isinstance(entries, list) or not entries:
+        raise ManifestError(
+            f"manifest {where}: key \"assets\" must be a non-empty list of asset objects "
+            f"(each with name, file, sha256, urls)"
+        )
+    assets: List[Asset] = []
+    seen: Dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        asset = _parse_asset(entry, index, where)
+        if asset.name in seen:
+            raise ManifestError(
+                f"manifest {where}: asset #{index} reuses the name {asset.name!r} of asset #{seen[asset.name]}; "
+                f"names must be unique"
+            )
+        seen[asset.name] = index
+        assets.append(asset)
+    return assets
+
+
+def _parse_asset(entry: Any, index: int, where: Path) -> Asset:
+    label = f"asset #{index}"
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        label += f" ({entry['name']!r})"
+
+    def bad(key: str, problem: str, fix: str) -> ManifestError:
+        return ManifestError(f"manifest {where}: {label}, key {key!r}: {problem}; {fix}")
+
+    if not isinstance(entry, dict):
+        raise ManifestError(f"manifest {where}: {label} must be a JSON object, got {type(entry).__name__}")
+    for key in ("name", "file", "sha256", "urls"):
+        if key not in entry:
+            raise bad(key, "is missing", f"every asset needs name, file, sha256 and urls")
+
+    name = entry["name"]
+    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
+        raise bad("name", f"{name!r} is not a usable name", "use a non-empty name without spaces")
+
+    file = entry["file"]
+    problem = file_name_problem(file)
+    if problem:
+        raise bad("file", f"{file!r} {problem}", "give only the file name; the cache folder is chosen by vehiclenet")
+
+    sha = entry["sha256"]
+    if not isinstance(sha, str) or not _HEX64.match(sha):
+        raise bad(
+            "sha256",
+            f"{sha!r} is not 64 hexadecimal characters",
+            "copy the full SHA-256 of the file (e.g. from `sha256sum FILE` or the model card)",
+        )
+
+    urls = entry["urls"]
+    if isinstance(urls, str) or not isinstance(urls, list) or not urls:
+        raise bad("urls", "must be a non-empty list of URL strings", "list at least one https URL")
+    for i, url in enumerate(urls):
+        if not isinstance(url, str):
+            raise bad("urls", f"entry {i} is not a string", "list URL strings")
+        problem = url_problem(url)
+        if problem:
+            raise bad("urls", f"entry {i} {url!r} {problem}", "use an https URL")
+
+    size = entry.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise bad("size", f"{size!r} is not a positive integer", "give the size in bytes, or null if unknown")
+
+    num_classes = entry.get("num_classes")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0
+    ):
+        raise bad("num_classes", f"{num_classes!r} is not a positive integer", "give the classifier's class count")
+
+    metrics = entry.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise bad("metrics", "must be an object", 'e.g. {"mAP": 0.8371, "protocol": "..."}')
+
+    for key in ("format", "license", "source"):
+        value = entry.get(key)
+        if value is not None and not isinstance(value, str):
+            raise bad(key, f"{value!r} is not a string", "give a string or leave the key out")
+
+    return Asset(
+        name=name,
+        file=file,
+        sha256=sha.lower(),
+        urls=tuple(urls),
+        size=size,
+        format=entry.get("format"),
+        num_classes=num_classes,
+        metrics=dict(metrics),
+        license=entry.get("license"),
+        source=entry.get("source"),
+        extra={k: v for k, v in entry.items() if k not in _KNOWN_KEYS},
+        manifest=where,
+    )
+
+
+def get_asset(name: Optional[str] = None, manifest: Union[str, os.PathLike, None] = None) -> Asset:
+    """The asset called ``name`` (default: the manifest's first asset).
+
+    Raises :class:`ManifestError` listing the known names when ``name`` is unknown.
+    """
+    assets = load_manifest(manifest)
+    if name is None:
+        return assets[0]
+    for asset in assets:
+        if asset.name == name:
+            return asset
+    known = ", ".join(a.name for a in assets)
+    raise ManifestError(
+        f"no asset named {name!r} in manifest {manifest_path(manifest)}; known assets: {known}"
+    )
+
+
+def find_asset_for_file(path: Union[str, os.PathLike], assets: List[Asset]) -> Optional[Asset]:
+    """The asset whose ``file`` is the base name of ``path``, if any."""
+    base = Path(path).name
+    for asset in assets:
+        if asset.file == base:
+            return asset
+    return None

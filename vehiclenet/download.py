@@ -1,0 +1,699 @@
+"""Verified delivery of checkpoint files into the local cache.
+
+Guarantees:
+
+* a file appears under its final name only after its sha256 matched the manifest
+  (bytes stream into ``<file>.part`` in the same folder, are hashed as they arrive,
+  fsync'ed, then atomically renamed);
+* an interrupted transfer resumes with an HTTP Range request; servers that ignore
+  Range (200 instead of 206) and connections that drop mid-body are handled;
+* connect/read timeouts, capped exponential backoff on connection errors, timeouts and
+  429/5xx (honouring Retry-After), then the next URL, then one error listing every URL
+  and what failed;
+* one download per asset across processes (file lock with a timeout, re-check after
+  acquiring it);
+* a cached file is checked before use (size always, full sha256 once per process); a
+  corrupted entry is set aside as ``<file>.corrupt`` and fetched again, with a warning.
+
+Environment: ``VEHICLENET_HOME`` (cache root), ``VEHICLENET_MIRROR`` (base URL tried
+first), ``VEHICLENET_OFFLINE`` (never touch the network), ``VEHICLENET_TIMEOUT``
+(seconds, ``READ`` or ``CONNECT,READ``), ``VEHICLENET_RETRIES``, ``VEHICLENET_BACKOFF``
+(seconds of the first backoff step), ``VEHICLENET_LOCK_TIMEOUT`` (seconds).
+
+Heavy imports (requests, filelock, tqdm) happen inside the functions that need them so
+``vehiclenet verify`` starts fast.
+"""
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+from urllib.parse import quote, urljoin
+
+from .assets import Asset, get_asset, url_problem
+from .errors import DownloadChecksumError, DownloadError, OfflineError, VehicleNetError
+
+log = logging.getLogger(__name__)
+
+ENV_HOME = "VEHICLENET_HOME"
+ENV_MIRROR = "VEHICLENET_MIRROR"
+ENV_OFFLINE = "VEHICLENET_OFFLINE"
+ENV_TIMEOUT = "VEHICLENET_TIMEOUT"
+ENV_RETRIES = "VEHICLENET_RETRIES"
+ENV_BACKOFF = "VEHICLENET_BACKOFF"
+ENV_LOCK_TIMEOUT = "VEHICLENET_LOCK_TIMEOUT"
+
+CHUNK = 1 << 20  # network read size: 1 MiB
+HASH_BUFFER = 1 << 22  # file hashing buffer: 4 MiB (fewer syscalls than hashlib's 256 KiB)
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+MAX_RETRY_AFTER = 120.0
+DEFAULT_LOCK_TIMEOUT = 3600.0  # a 300 MB download on a slow link can take many minutes
+MAX_REDIRECTS = 10
+MAX_RESUMES = 1000
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+USER_AGENT = "vehiclenet-downloader"
+
+PART_SUFFIX = ".part"
+CORRUPT_SUFFIX = ".corrupt"
+LOCK_DIR = ".locks"
+
+# (device, inode, size, mtime_ns) -> sha256 of files hashed by this process, so a cached
+# file costs one full hash per process, not one per use.
+_verified: Dict[Tuple[int, int, int, int], str] = {}
+_verified_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _env_bool(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise VehicleNetError(f"{name}={os.environ[name]!r} is not understood; use 1 or 0")
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        result = float(value)
+    except ValueError:
+        raise VehicleNetError(f"{name}={value!r} is not a number of seconds") from None
+    if result < 0:
+        raise VehicleNetError(f"{name}={value!r} must not be negative")
+    return result
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        result = int(value)
+    except ValueError:
+        raise VehicleNetError(f"{name}={value!r} is not a whole number") from None
+    if result < 0:
+        raise VehicleNetError(f"{name}={value!r} must not be negative")
+    return result
+
+
+def _env_timeout() -> Tuple[float, float]:
+    value = os.environ.get(ENV_TIMEOUT)
+    if not value:
+        return DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
+    try:
+        parts = [float(p) for p in value.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1 and parts[0] > 0:
+        return min(DEFAULT_CONNECT_TIMEOUT, parts[0]), parts[0]
+    if len(parts) == 2 and min(parts) > 0:
+        return parts[0], parts[1]
+    raise VehicleNetError(f"{ENV_TIMEOUT}={value!r}: give READ or CONNECT,READ in seconds, e.g. 10,60")
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """Network behaviour of :func:`fetch`; ``from_env`` fills gaps from the environment."""
+
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_BACKOFF
+    max_backoff: float = MAX_BACKOFF
+    max_retry_after: float = MAX_RETRY_AFTER
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+
+    @classmethod
+    def from_env(
+        cls,
+        timeout: Union[None, float, Tuple[float, float]] = None,
+        retries: Optional[int] = None,
+        backoff: Optional[float] = None,
+        lock_timeout: Optional[float] = None,
+    ) -> "DownloadSettings":
+        if timeout is None:
+            connect, read = _env_timeout()
+        elif isinstance(timeout, tuple):
+            connect, read = timeout
+        else:
+            connect, read = min(DEFAULT_CONNECT_TIMEOUT, float(timeout)), float(timeout)
+        return cls(
+            connect_timeout=connect,
+            read_timeout=read,
+            retries=_env_int(ENV_RETRIES, DEFAULT_RETRIES) if retries is None else retries,
+            backoff=_env_float(ENV_BACKOFF, DEFAULT_BACKOFF) if backoff is None else backoff,
+            lock_timeout=_env_float(ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT) if lock_timeout is None else lock_timeout,
+        )
+
+    def backoff_delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based), capped."""
+        return min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_dir() -> Path:
+    """Cache root: ``$VEHICLENET_HOME``, else the platform's user cache folder."""
+    env = os.environ.get(ENV_HOME)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("vehiclenet", appauthor=False))
+
+
+def cached_path(asset: Union[Asset, str, None] = None) -> Path:
+    """Where ``asset`` lives in the cache (whether or not it is there yet)."""
+    if not isinstance(asset, Asset):
+        asset = get_asset(asset)
+    return cache_dir() / asset.file
+
+
+def part_path(final: Path) -> Path:
+    """The in-progress download next to ``final`` (same folder, so rename is atomic)."""
+    return final.with_name(final.name + PART_SUFFIX)
+
+
+def _lock_path(final: Path) -> Path:
+    # Locks live in a sub-folder so the cache folder itself holds only checkpoints.
+    return final.parent / LOCK_DIR / (final.name + ".lock")
+
+
+def sha256_file(path: Union[str, os.PathLike]) -> str:
+    """Hex SHA-256 of a file, streamed with a large buffer (no full read into memory)."""
+    return _hash_file(path).hexdigest()
+
+
+def _hash_file(path: Union[str, os.PathLike]) -> "hashlib._Hash":
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass
+        # readinto a reused buffer: no per-chunk allocation; hashlib releases the GIL.
+        buf = bytearray(HASH_BUFFER)
+        view = memoryview(buf)
+        readinto = f.readinto
+        update = digest.update
+        while True:
+            n = readinto(buf)
+            if not n:
+                break
+            update(view[:n])
+    return digest
+
+
+def _stat_key(path: Path) -> Optional[Tuple[int, int, int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _remember(path: Path, sha: str) -> None:
+    key = _stat_key(path)
+    if key is not None:
+        with _verified_lock:
+            _verified[key] = sha
+
+
+def check_cached(asset: Asset, path: Optional[Path] = None, *, full: bool = False) -> Optional[str]:
+    """Problem with the cached copy of ``asset``, or None if it is good.
+
+    Checks the size always and the full sha256 unless this process already hashed this
+    very file (same inode, size and mtime); ``full=True`` always hashes.
+    Returns ``"missing"`` when there is no file.
+    """
+    path = path or cached_path(asset)
+    key = _stat_key(path)
+    if key is None or not path.is_file():
+        return "missing"
+    size = key[2]
+    if asset.size is not None and size != asset.size:
+        return f"size is {size} bytes, the manifest says {asset.size}"
+    with _verified_lock:
+        known = None if full else _verified.get(key)
+    if known is None:
+        known = sha256_file(path)
+        with _verified_lock:
+            _verified[key] = known
+    if known != asset.sha256:
+        return f"sha256 is {known}, the manifest says {asset.sha256}"
+    return None
+
+
+def _set_aside(path: Path, problem: str) -> Path:
+    # Keep one copy for inspection rather than deleting: the user may want to know what
+    # was there. Only one .corrupt per asset, so a 300 MB file cannot pile up.
+    aside = path.with_name(path.name + CORRUPT_SUFFIX)
+    os.replace(path, aside)
+    log.warning("cached file %s is corrupted (%s); moved it to %s and fetching it again", path, problem, aside)
+    return aside
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def fetch(
+    asset_or_name: Union[Asset, str, None] = None,
+    *,
+    force: bool = False,
+    progress: Optional[bool] = None,
+    offline: Optional[bool] = None,
+    timeout: Union[None, float, Tuple[float, float]] = None,
+    retries: Optional[int] = None,
+    backoff: Optional[float] = None,
+    lock_timeout: Optional[float] = None,
+) -> Path:
+    """Path of a verified local copy of an asset, downloading it if needed.
+
+    ``asset_or_name``: an :class:`Asset`, an asset name, or None for the manifest's
+    default. ``force``: download again even if a good copy is cached. ``progress``: a
+    progress bar on stderr (None = only when stderr is a terminal). ``offline``: never
+    touch the network (None = ``$VEHICLENET_OFFLINE``). ``timeout`` (seconds, or
+    ``(connect, read)``), ``retries``, ``backoff`` and ``lock_timeout`` override the
+    environment/defaults.
+
+    Raises :class:`OfflineError`, :class:`DownloadChecksumError` or
+    :class:`DownloadError`; never returns a path whose sha256 was not checked.
+    """
+    asset = asset_or_name if isinstance(asset_or_name, Asset) else get_asset(asset_or_name)
+    if offline is None:
+        offline = _env_bool(ENV_OFFLINE)
+    path = cached_path(asset)
+
+    # Fast path without the lock: a finished file is only ever replaced by an atomic
+    # rename, so reading it while another process works is safe.
+    problem = None if force else check_cached(asset, path)
+    if problem is None and not force:
+        log.debug("using cached %s", path)
+        return path
+
+    if offline:
+        if force:
+            raise OfflineError(
+                f"--force needs the network but {ENV_OFFLINE} is set; unset it to download {asset.name} again"
+            )
+        if problem != "missing":
+            _with_lock(asset, path, DownloadSettings.from_env(lock_timeout=lock_timeout), _set_aside_if_bad)
+        raise OfflineError(_offline_message(asset, path, problem))
+
+    settings = DownloadSettings.from_env(timeout, retries, backoff, lock_timeout)
+
+    def locked(asset: Asset, path: Path) -> Path:
+        # Another process may have finished the download while we waited for the lock.
+        if not force:
+            if check_cached(asset, path) is None:
+                log.info("%s was downloaded by another process", path)
+                return path
+            _set_aside_if_bad(asset, path)
+        else:
+            part = part_path(path)
+            if part.exists():
+                part.unlink()
+        _download(asset, path, settings, progress)
+        return path
+
+    return _with_lock(asset, path, settings, locked)
+
+
+def _set_aside_if_bad(asset: Asset, path: Path) -> None:
+    problem = check_cached(asset, path)
+    if problem not in (None, "missing"):
+        _set_aside(path, problem)
+
+
+def _with_lock(asset: Asset, path: Path, settings: DownloadSettings, func: Any) -> Any:
+    import filelock
+
+    lock_file = _lock_path(path)
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(
+            f"cannot create the cache folder {path.parent}: {exc}; set {ENV_HOME} to a writable folder"
+        ) from None
+    lock = filelock.FileLock(str(lock_file), timeout=settings.lock_timeout)
+    try:
+        with lock:
+            return func(asset, path)
+    except filelock.Timeout:
+        raise DownloadError(
+            f"another process has been fetching {asset.file} for more than {settings.lock_timeout:g} s "
+            f"(lock {lock_file}); wait for it, or raise {ENV_LOCK_TIMEOUT}"
+        ) from None
+
+
+def _offline_message(asset: Asset, path: Path, problem: Optional[str]) -> str:
+    state = "is not in the cache" if problem == "missing" else f"is in the cache but corrupted ({problem}); it was set aside"
+    url = asset.urls[0]
+    return (
+        f"{ENV_OFFLINE} is set and {asset.name} {state}: {path}\n"
+        f"To fix: on a machine with network run `vehiclenet download {asset.name}` and copy the file to {path}, "
+        f"or download {url} yourself and put it there (sha256 {asset.sha256}; "
+        f"`vehiclenet verify {path}` checks it), or unset {ENV_OFFLINE} to let vehiclenet download it."
+    )
+
+
+def candidate_urls(asset: Asset) -> List[str]:
+    """URLs to try in order: ``$VEHICLENET_MIRROR/<file>`` first, then the manifest's."""
+    urls: List[str] = []
+    mirror = os.environ.get(ENV_MIRROR, "").strip()
+    if mirror:
+        url = mirror.rstrip("/") + "/" + quote(asset.file)
+        problem = url_problem(url)
+        if problem:
+            raise DownloadError(f"{ENV_MIRROR}={mirror!r}: the URL {url} {problem}; fix or unset {ENV_MIRROR}")
+        urls.append(url)
+    urls.extend(u for u in asset.urls if u not in urls)
+    return urls
+
+
+class _UrlFailed(Exception):
+    """This URL cannot deliver the asset; try the next one."""
+
+
+class _Mismatch(_UrlFailed):
+    pass
+
+
+def _download(asset: Asset, final: Path, settings: DownloadSettings, progress: Optional[bool]) -> None:
+    urls = candidate_urls(asset)
+    failures: List[Tuple[str, str]] = []
+    mismatches = 0
+    session = _session(settings)
+    try:
+        for url in urls:
+            try:
+                _download_url(session, url, asset, final, settings, progress)
+            except _Mismatch as exc:
+                mismatches += 1
+                failures.append((url, str(exc)))
+                log.warning("%s: %s", url, exc)
+                continue
+            except _UrlFailed as exc:
+                failures.append((url, str(exc)))
+                log.warning("%s: %s", url, exc)
+                continue
+            _remember(final, asset.sha256)
+            log.info("downloaded and verified %s from %s", final, url)
+            return
+    finally:
+        session.close()
+    listing = "\n".join(f"  {url}\n    -> {reason}" for url, reason in failures)
+    if mismatches == len(failures):
+        raise DownloadChecksumError(
+            f"every URL of {asset.name} served bytes with the wrong sha256; nothing was kept and nothing loaded:\n"
+            f"{listing}\n"
+            f"To fix: the files on the server differ from the manifest {asset.manifest}. If the manifest is yours, "
+            f"check its sha256; otherwise try a trusted mirror ({ENV_MIRROR}) or report it."
+        )
+    raise DownloadError(
+        f"could not download {asset.name} ({asset.file}):\n{listing}\n"
+        f"To fix: check the network or proxy (HTTPS_PROXY), set {ENV_MIRROR} to a server holding {asset.file}, "
+        f"or fetch one of the URLs yourself and put the file at {final} (`vehiclenet verify {final}` checks it)."
+    )
+
+
+def _session(settings: DownloadSettings) -> Any:
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    cap = settings.max_retry_after
+
+    class CappedRetry(Retry):
+        # A server asking for an hour's pause should not freeze the caller for an hour.
+        def parse_retry_after(self, retry_after: str) -> float:
+            return min(super().parse_retry_after(retry_after), cap)
+
+    retry_kwargs: Dict[str, Any] = dict(
+        total=None,
+        connect=settings.retries,
+        read=settings.retries,
+        status=settings.retries,
+        other=0,
+        redirect=0,
+        allowed_methods=frozenset(["GET"]),
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=settings.backoff,
+        raise_on_status=False,
+        raise_on_redirect=False,
+        respect_retry_after_header=True,
+    )
+    import inspect
+
+    if "backoff_max" in inspect.signature(Retry.__init__).parameters:
+        retry_kwargs["backoff_max"] = settings.max_backoff
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=CappedRetry(**retry_kwargs), pool_connections=2, pool_maxsize=2)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    # Compressed transfer would make Content-Length and Range offsets refer to other bytes.
+    session.headers.update({"Accept-Encoding": "identity", "User-Agent": USER_AGENT})
+    return session
+
+
+def _get(session: Any, url: str, settings: DownloadSettings, headers: Dict[str, str]) -> Any:
+    """GET with redirects followed by hand, so a redirect to plain http is refused."""
+    import requests
+
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            resp = session.get(
+                current,
+                headers=headers,
+                stream=True,
+                allow_redirects=False,
+                timeout=(settings.connect_timeout, settings.read_timeout),
+            )
+        except requests.exceptions.RequestException as exc:
+            raise _UrlFailed(_describe(exc, settings)) from None
+        if resp.is_redirect:
+            target = urljoin(current, resp.headers.get("Location", ""))
+            resp.close()
+            problem = url_problem(target)
+            if problem:
+                raise _UrlFailed(f"redirected to {target}, which {problem}; refused")
+            current = target
+            continue
+        return resp
+    raise _UrlFailed(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _describe(exc: BaseException, settings: Optional[DownloadSettings] = None) -> str:
+    import requests
+
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or (
+        isinstance(exc, requests.exceptions.ConnectionError) and "ConnectTimeoutError" in text
+    ):
+        extra = f" ({settings.connect_timeout:g} s)" if settings else ""
+        return f"connection timed out{extra}"
+    if isinstance(exc, requests.exceptions.ReadTimeout) or "Read timed out" in text:
+        extra = f" (no data for {settings.read_timeout:g} s)" if settings else ""
+        return f"read timed out{extra}"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"TLS/SSL error: {text}"
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "getaddrinfo failed" in text or "NameResolutionError" in text:
+        return "host name could not be resolved"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError) or "IncompleteRead" in text:
+        return "connection dropped mid-transfer"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _content_range(value: str) -> Tuple[int, Optional[int]]:
+    # "bytes START-END/TOTAL" (TOTAL may be "*")
+    try:
+        unit, spec = value.strip().split(" ", 1)
+        span, total = spec.split("/", 1)
+        start = int(span.split("-", 1)[0])
+        return start, None if total.strip() == "*" else int(total)
+    except ValueError:
+        raise _UrlFailed(f"unreadable Content-Range header {value!r}") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _download_url(
+    session: Any, url: str, asset: Asset, final: Path, settings: DownloadSettings, progress: Optional[bool]
+) -> None:
+    """Bring ``<final>.part`` to the full verified file from ``url`` and rename it to ``final``."""
+    import requests
+    from tqdm import tqdm
+
+    part = part_path(final)
+    hasher = hashlib.sha256()
+    offset = 0
+    resumed_from_disk = False
+    if part.exists():
+        offset = part.stat().st_size
+        if asset.size is not None and offset > asset.size:
+            part.unlink()
+            offset = 0
+        elif offset:
+            hasher = _hash_file(part)
+            resumed_from_disk = True
+            log.info("resuming %s at byte %d", part, offset)
+
+    if progress is None:
+        progress = sys.stderr is not None and sys.stderr.isatty()
+    bar = tqdm(
+        total=asset.size,
+        initial=offset,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=asset.file if len(asset.file) <= 40 else asset.file[:37] + "...",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
+
+    def restart() -> None:
+        nonlocal hasher, offset, resumed_from_disk
+        hasher = hashlib.sha256()
+        offset = 0
+        resumed_from_disk = False
+        with open(part, "wb"):
+            pass
+        bar.reset(total=asset.size)
+
+    failed_attempts = 0
+    resumes = 0
+    try:
+        while True:
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            resp = _get(session, url, settings, headers)
+            with resp:
+                status = resp.status_code
+                if status == 416 and offset:
+                    # Our partial may already be complete; the hash decides below.
+                    total = offset
+                    if asset.size is not None and offset != asset.size:
+                        log.info("server refused range for %s; starting over", url)
+                        restart()
+                        continue
+                elif status in (200, 206):
+                    total = None
+                    if status == 206:
+                        if not offset:
+                            raise _UrlFailed("server answered 206 Partial Content to a plain GET")
+                        start, total = _content_range(resp.headers.get("Content-Range", ""))
+                        if start != offset:
+                            log.info("server resumed at byte %d instead of %d; starting over", start, offset)
+                            resp.close()
+                            restart()
+                            continue
+                    elif offset:
+                        log.info("%s ignores Range requests; downloading from the start", url)
+                        restart()
+                    length = resp.headers.get("Content-Length")
+                    if total is None and length is not None and length.isdigit():
+                        total = offset + int(length)
+                    if total is not None and asset.size is not None and total != asset.size:
+                        raise _UrlFailed(
+                            f"server says the file has {total} bytes but the manifest says {asset.size}; "
+                            f"wrong file on the server or wrong size in {asset.manifest}"
+                        )
+                    if total is not None and bar.total is None:
+                        bar.total = total
+                        bar.refresh()
+                    before = offset
+                    try:
+                        with open(part, "ab") as out:
+                            for chunk in resp.iter_content(chunk_size=CHUNK):
+                                if not chunk:
+                                    continue
+                                out.write(chunk)
+                                hasher.update(chunk)
+                                offset += len(chunk)
+                                bar.update(len(chunk))
+                                if total is not None and offset > total:
+                                    raise _UrlFailed(f"server sent more than the announced {total} bytes")
+                            out.flush()
+                            os.fsync(out.fileno())
+                        if total is not None and offset < total:
+                            raise requests.exceptions.ChunkedEncodingError(
+                                f"IncompleteRead: got {offset} of {total} bytes"
+                            )
+                    except requests.exceptions.RequestException as exc:
+                        reason = _describe(exc, settings)
+                        if offset > before:
+                            # Progress was made, so the link works: resume at once without
+                            # spending a retry (bounded so a trickling server cannot loop forever).
+                            resumes += 1
+                            failed_attempts = 0
+                            if resumes > MAX_RESUMES:
+                                raise _UrlFailed(f"{reason}; gave up after {resumes} resumes") from None
+                            log.info("%s: %s at byte %d; resuming", url, reason, offset)
+                            continue
+                        failed_attempts += 1
+                        if failed_attempts > settings.retries:
+                            raise _UrlFailed(f"{reason}; gave up after {settings.retries} retries") from None
+                        delay = settings.backoff_delay(failed_attempts)
+                        log.info("%s: %s at byte %d; retrying in %.1f s", url, reason, offset, delay)
+                        time.sleep(delay)
+                        continue
+                    except OSError as exc:
+                        # Not a network error (requests' exceptions are OSErrors too, caught above):
+                        # the disk. Keep the partial file for a later resume.
+                        raise DownloadError(
+                            f"cannot write {part}: {exc}; free disk space or set {ENV_HOME} to another folder"
+                        ) from None
+                else:
+                    hint = ""
+                    if status in RETRY_STATUSES:
+                        hint = f" (still failing after {settings.retries} retries)"
+                    raise _UrlFailed(f"HTTP {status} {resp.reason or ''}".rstrip() + hint)
+
+            got = hasher.hexdigest()
+            if got != asset.sha256:
+                if resumed_from_disk:
+                    # The partial file may be stale (another server, an old version): retry
+                    # once from scratch before blaming this URL.
+                    log.info("resumed download of %s did not verify; downloading it again from the start", asset.file)
+                    restart()
+                    continue
+                part.unlink()
+                raise _Mismatch(
+                    f"sha256 mismatch: expected {asset.sha256}, got {got} ({offset} bytes); the bytes were deleted"
+                )
+            os.replace(part, final)
+            _fsync_dir(final.parent)
+            return
+    finally:
+        bar.close()

@@ -1,0 +1,37 @@
+"""Exceptions raised by the package; the CLI maps them to exit codes."""
+
+
+class VehicleNetError(Exception):
+    """Base class: the message says what went wrong and what to do."""
+
+    exit_code = 1
+
+
+class ManifestError(VehicleNetError):
+    """assets.json (or VEHICLENET_ASSETS) is malformed or lacks the asset asked for."""
+
+    exit_code = 2
+
+
+class DownloadError(VehicleNetError):
+    """No URL of an asset delivered verified bytes."""
+
+
+class ChecksumError(VehicleNetError):
+    """A file's sha256 is not the one the manifest promises."""
+
+
+class CheckpointError(VehicleNetError):
+    """A checkpoint file cannot be loaded into the network (missing entries, shapes, format)."""
+
+
+class DataError(VehicleNetError):
+    """Input images, folders or feature files are missing or unusable."""
+
+
+class OfflineError(DownloadError):
+    """VEHICLENET_OFFLINE forbids the network and the cache cannot serve the asset."""
+
+
+class DownloadChecksumError(DownloadError, ChecksumError):
+    """Every URL delivered bytes whose sha256 is not the manifest's (nothing was kept)."""
