@@ -1,0 +1,371 @@
+"""Re-identification evaluation: VeRi-776 split reader, distances and mAP / CMC / mINP.
+
+The protocol is the one behind the published "mAP 83.71 | rank-1 94.34":
+
+* per query, gallery items with the same id *and* the same camera are junk and
+  removed from the ranking, and so are gallery items labelled -1;
+* AP is by default the trapezoidal form of the reference ``compute_mAP``: for the
+  i-th hit (0-based) at position p (0-based, junk removed) it adds
+  ``(old + (i + 1) / (p + 1)) / 2 / ngood`` with ``old = i / p`` (the precision
+  just before the hit) and ``old = 1`` when the hit is at position 0.
+  ``ap="standard"`` gives the usual non-interpolated AP (mean of ``(i+1)/(p+1)``);
+* CMC@k is 1 from the first hit on;
+* mINP is ``ngood / (position of the last hit + 1)`` (Ye et al., 2021);
+* queries without a valid match add 0, and mAP, CMC and mINP are divided by the
+  number of **all** queries (``num_valid_query`` is reported beside it).
+
+Ranking is by ascending distance; equal distances are ordered by gallery index
+(what a stable sort gives), so the result never depends on a sort algorithm.
+
+Speed: no loop over gallery positions and no full sort of the rows. For each
+block of queries only gallery items at least as close as the query's farthest
+hit can precede a hit, so only those are sorted; a hit that ties with that
+farthest distance (common after re-ranking, where most Jaccard distances are
+exactly 1) is placed by counting the tied items with a lower index.
+1,678 x 11,579 takes about 0.2 s on 2 cores with realistic (clustered) distances and
+about 1 s in the worst case of random distances, where whole rows get sorted
+(see benchmarks/eval_speed.py).
+"""
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import DataError
+
+__all__ = [
+    "VeriSplit",
+    "parse_veri_name",
+    "read_veri_split",
+    "read_veri",
+    "cosine_distance",
+    "EvalResult",
+    "evaluate",
+]
+
+# ---------------------------------------------------------------------------
+# VeRi-776 reader
+# ---------------------------------------------------------------------------
+
+_VERI_NAME = re.compile(r"^(-?\d+)_c(\d+)(?:_.*)?\.(?:jpe?g|png|bmp)$", re.IGNORECASE)
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp")
+_SPLIT_DIRS = {"query": "image_query", "test": "image_test", "gallery": "image_test", "train": "image_train"}
+_SPLIT_LISTS = {"query": "name_query.txt", "test": "name_test.txt", "gallery": "name_test.txt", "train": "name_train.txt"}
+
+
+@dataclass
+class VeriSplit:
+    """One split: image paths with their vehicle ids and camera numbers (ints)."""
+
+    paths: List[str]
+    ids: np.ndarray = field(repr=False)
+    cams: np.ndarray = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def parse_veri_name(name: str) -> Tuple[int, int]:
+    """``"0002_c002_00030600_0.jpg"`` -> ``(2, 2)``: vehicle id and camera from a VeRi file name."""
+    match = _VERI_NAME.match(os.path.basename(name.strip()))
+    if match is None:
+        raise DataError(
+            f"cannot parse a VeRi-776 image name {name!r}: expected 'VVVV_cCCC_....jpg' "
+            "(vehicle id, camera), e.g. '0002_c002_00030600_0.jpg'"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def _read_list_file(list_path: str, image_dir: str) -> Tuple[List[str], List[int], List[int]]:
+    names: List[str] = []
+    ids: List[int] = []
+    cams: List[int] = []
+    with open(list_path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                if len(parts) >= 3:
+                    vid, cam = int(parts[1]), int(parts[2])
+                elif len(parts) == 1:
+                    vid, cam = parse_veri_name(parts[0])
+                else:
+                    raise ValueError("expected 'file' or 'file id camera'")
+            except (ValueError, DataError) as exc:
+                raise DataError(f"{list_path}, line {lineno}: {exc}") from None
+            names.append(parts[0])
+            ids.append(vid)
+            cams.append(cam)
+    paths = [os.path.join(image_dir, n) for n in names]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataError(f"{list_path} names {len(missing)} image(s) that do not exist: {shown}")
+    return paths, ids, cams
+
+
+def read_veri_split(root: str, split: str) -> VeriSplit:
+    """Read one VeRi-776 split (``"query"``, ``"test"``/``"gallery"`` or ``"train"``).
+
+    Uses ``name_<split>.txt`` when present (lines ``file id camera``, or only ``file``,
+    then id and camera come from the name), else every image in ``image_<split>/``
+    sorted by name.
+    """
+    if split not in _SPLIT_DIRS:
+        raise ValueError(f"unknown VeRi split {split!r}; choose from {sorted(_SPLIT_DIRS)}")
+    if not os.path.isdir(root):
+        raise DataError(f"VeRi-776 root {root!r} is not a directory")
+    image_dir = os.path.join(root, _SPLIT_DIRS[split])
+    if not os.path.isdir(image_dir):
+        raise DataError(f"VeRi-776 folder {image_dir!r} is missing (expected the original layout with "
+                        "image_query/, image_test/, image_train/)")
+    list_path = os.path.join(root, _SPLIT_LISTS[split])
+    if os.path.isfile(list_path):
+        paths, ids, cams = _read_list_file(list_path, image_dir)
+    else:
+        names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith(_IMAGE_EXT))
+        paths, ids, cams = [], [], []
+        for n in names:
+            try:
+                vid, cam = parse_veri_name(n)
+            except DataError as exc:
+                raise DataError(f"{image_dir}: {exc}") from None
+            paths.append(os.path.join(image_dir, n))
+            ids.append(vid)
+            cams.append(cam)
+    if not paths:
+        raise DataError(f"no images found for VeRi-776 split {split!r} in {image_dir!r}")
+    return VeriSplit(paths, np.asarray(ids, dtype=np.int64), np.asarray(cams, dtype=np.int64))
+
+
+def read_veri(root: str) -> Tuple[VeriSplit, VeriSplit]:
+    """The VeRi-776 test protocol: (query split, gallery split = ``image_test``)."""
+    return read_veri_split(root, "query"), read_veri_split(root, "test")
+
+
+# ---------------------------------------------------------------------------
+# Distances
+# ---------------------------------------------------------------------------
+
+
+def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Ranking distance ``-s`` with ``s = query @ gallery.T`` (float32, shape (Q, G)).
+
+    Features are expected L2-normalised, so ``s`` is the cosine similarity. The
+    negation is exact, so ascending distance is exactly descending similarity
+    (``1 - s`` or ``2 - 2s`` would round and could merge distinct similarities).
+    """
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    g = np.ascontiguousarray(gallery, dtype=np.float32)
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(f"feature shapes {q.shape} and {g.shape} do not match")
+    dist = q @ g.T
+    np.negative(dist, out=dist)
+    return dist
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Evaluation figures; fractions in [0, 1]."""
+
+    mAP: float
+    cmc: np.ndarray
+    mINP: float
+    num_query: int
+    num_valid_query: int
+    ap: str = "trapezoid"
+    per_query_ap: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def rank(self, k: int) -> float:
+        """CMC at rank k (1-based)."""
+        return float(self.cmc[k - 1])
+
+    def to_dict(self) -> Dict[str, object]:
+        out: Dict[str, object] = {"mAP": float(self.mAP)}
+        for k in (1, 5, 10):
+            if k <= len(self.cmc):
+                out[f"rank{k}"] = self.rank(k)
+        out.update(
+            mINP=float(self.mINP),
+            num_query=int(self.num_query),
+            num_valid_query=int(self.num_valid_query),
+            ap=self.ap,
+            cmc=[float(x) for x in self.cmc],
+        )
+        return out
+
+
+def _as_labels(name: str, values: Sequence[int], n: int) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} has shape {arr.shape}; expected ({n},)")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise ValueError(f"{name} must hold integers (dtype {arr.dtype})")
+    return arr.astype(np.int64, copy=False)
+
+
+# Above this share of candidate items per block, sorting whole rows is cheaper than
+# sorting the gathered candidates.
+_SPARSE_FRACTION = 0.1
+
+
+def _dense_positions(
+    x: np.ndarray, nonjunk: np.ndarray, gr: np.ndarray, gc: np.ndarray, gv: np.ndarray
+) -> np.ndarray:
+    """Positions of the given hits by sorting whole rows (junk set to NaN, which sorts last)."""
+    xj = np.where(nonjunk, x, np.nan)
+    srt = np.sort(xj, axis=1)
+    pos = np.empty(gr.shape[0], dtype=np.int64)
+    bounds = np.searchsorted(gr, np.arange(x.shape[0] + 1))
+    for r in range(x.shape[0]):
+        a, b = bounds[r], bounds[r + 1]
+        if a == b:
+            continue
+        left = np.searchsorted(srt[r], gv[a:b], side="left")
+        right = np.searchsorted(srt[r], gv[a:b], side="right")
+        pos[a:b] = left
+        # Equal distances: items with a lower gallery index come first.
+        for k in np.flatnonzero(right - left > 1):
+            pos[a + k] += np.count_nonzero(xj[r, : gc[a + k]] == gv[a + k])
+    return pos
+
+
+def _hit_positions(x: np.ndarray, good: np.ndarray, nonjunk: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows and 0-based positions, among non-junk items, of the good items of a block.
+
+    Order is (distance, gallery index). Only items at least as close as the row's
+    farthest hit can precede a hit: those strictly closer are sorted, those tied with
+    the farthest hit are counted by index.
+    """
+    rows_n, cols_n = x.shape
+    neg_inf = -np.inf
+    tmax = np.where(good, x, neg_inf).max(axis=1)
+    below = x < tmax[:, None]
+    below &= nonjunk
+    gr, gc = np.nonzero(good)
+    gv = x[gr, gc]
+    pos = np.empty(gr.shape[0], dtype=np.int64)
+
+    n_below = np.count_nonzero(below, axis=1)
+    strict = gv < tmax[gr]
+    if strict.any():
+        sg = np.flatnonzero(strict)
+        if n_below.sum() <= _SPARSE_FRACTION * below.size:
+            br, bc = np.nonzero(below)
+            bv = x[br, bc]
+            order = np.lexsort((bc, bv, br))
+            inv = np.empty_like(order)
+            inv[order] = np.arange(order.shape[0])
+            row_start = np.concatenate(([0], np.cumsum(n_below)[:-1]))
+            lin = br * cols_n + bc  # row-major, hence sorted
+            idx = np.searchsorted(lin, gr[sg] * cols_n + gc[sg])
+            pos[sg] = inv[idx] - row_start[gr[sg]]
+        else:
+            pos[sg] = _dense_positions(x, nonjunk, gr[sg], gc[sg], gv[sg])
+    tied = ~strict
+    if tied.any():
+        at = x == tmax[:, None]
+        at &= nonjunk
+        alin = np.flatnonzero(at)
+        tg = np.flatnonzero(tied)
+        before = np.searchsorted(alin, gr[tg] * cols_n + gc[tg]) - np.searchsorted(alin, gr[tg] * cols_n)
+        pos[tg] = n_below[gr[tg]] + before
+    return gr, pos
+
+
+def evaluate(
+    distmat: np.ndarray,
+    q_ids: Sequence[int],
+    g_ids: Sequence[int],
+    q_cams: Sequence[int],
+    g_cams: Sequence[int],
+    *,
+    max_rank: int = 10,
+    ap: str = "trapezoid",
+    block_rows: int = 256,
+) -> EvalResult:
+    """mAP, CMC and mINP of a (num_query, num_gallery) distance matrix (lower = closer).
+
+    ``cmc`` holds ranks 1..max(max_rank, 10), so rank-1/5/10 are always available.
+
+    See the module docstring for the protocol (junk, AP forms, normalisation).
+    """
+    if ap not in ("trapezoid", "standard"):
+        raise ValueError(f"ap must be 'trapezoid' or 'standard', not {ap!r}")
+    dist = np.asarray(distmat)
+    if dist.ndim != 2:
+        raise ValueError(f"distmat must be 2-D, got shape {dist.shape}")
+    if dist.dtype.kind != "f":
+        dist = dist.astype(np.float64)
+    num_q, num_g = dist.shape
+    qi, gi = _as_labels("q_ids", q_ids, num_q), _as_labels("g_ids", g_ids, num_g)
+    qc, gcam = _as_labels("q_cams", q_cams, num_q), _as_labels("g_cams", g_cams, num_g)
+    if max_rank < 1:
+        raise ValueError("max_rank must be >= 1")
+    if np.isnan(dist).any():
+        raise ValueError("distmat contains NaN")
+
+    unlabeled = gi == -1
+    hit_q: List[np.ndarray] = []
+    hit_p: List[np.ndarray] = []
+    for start in range(0, num_q, block_rows):
+        stop = min(start + block_rows, num_q)
+        x = dist[start:stop]
+        same_id = gi[None, :] == qi[start:stop, None]
+        same_cam = gcam[None, :] == qc[start:stop, None]
+        junk = same_id & same_cam
+        junk |= unlabeled[None, :]
+        good = same_id & ~junk
+        if not good.any():
+            continue
+        rows, pos = _hit_positions(x, good, ~junk)
+        hit_q.append(rows + start)
+        hit_p.append(pos)
+
+    n_rank = max(max_rank, 10)
+    cmc = np.zeros(n_rank, dtype=np.float64)
+    per_query_ap = np.zeros(num_q, dtype=np.float64)
+    inp_sum = 0.0
+    num_valid = 0
+    if hit_q:
+        q_all = np.concatenate(hit_q)
+        p_all = np.concatenate(hit_p)
+        order = np.lexsort((p_all, q_all))
+        q_all, p_all = q_all[order], p_all[order]
+        ngood = np.bincount(q_all, minlength=num_q)
+        first = np.concatenate(([0], np.cumsum(ngood)[:-1]))
+        hit_i = np.arange(q_all.shape[0]) - first[q_all]  # 0-based hit index in its query
+        precision = (hit_i + 1) / (p_all + 1.0)
+        if ap == "trapezoid":
+            old = np.where(p_all > 0, hit_i / np.maximum(p_all, 1), 1.0)
+            terms = (old + precision) / 2.0
+        else:
+            terms = precision
+        per_query_ap = np.bincount(q_all, weights=terms, minlength=num_q)
+        valid = ngood > 0
+        per_query_ap[valid] /= ngood[valid]
+        num_valid = int(valid.sum())
+        first_pos = p_all[first[valid]]
+        cmc = (first_pos[None, :] <= np.arange(n_rank)[:, None]).sum(axis=1) / float(num_q)
+        last_pos = p_all[first[valid] + ngood[valid] - 1]
+        inp_sum = float(np.sum(ngood[valid] / (last_pos + 1.0)))
+    return EvalResult(
+        mAP=float(per_query_ap.sum() / num_q) if num_q else 0.0,
+        cmc=cmc,
+        mINP=inp_sum / num_q if num_q else 0.0,
+        num_query=num_q,
+        num_valid_query=num_valid,
+        ap=ap,
+        per_query_ap=per_query_ap,
+    )
