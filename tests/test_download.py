@@ -327,12 +327,12 @@ def test_sha256_file_matches_hashlib(tmp_path):
 
 def test_four_processes_download_once(env, http_server, monkeypatch):
     # Slow server so the four processes really overlap.
-    url = http_server.add("/m.ckpt", Route(body=PAYLOAD, delay_per_chunk=0.01))
+    url = http_server.add("/m.ckpt", Route(body=PAYLOAD, delay_per_chunk=0.02))
     use_manifest(env, monkeypatch, [url])
     child_env = subprocess_env(**{k: v for k, v in os.environ.items() if k.startswith("VEHICLENET_")})
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "vehiclenet", "download", "--quiet"],
+            [sys.executable, "-m", "vehiclenet", "download"],
             env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for _ in range(4)
@@ -345,3 +345,7 @@ def test_four_processes_download_once(env, http_server, monkeypatch):
     assert Path(paths.pop()).read_bytes() == PAYLOAD
     assert len(full_gets(http_server, "/m.ckpt")) == 1
     assert cache_listing(env / "cache") == [FILE]
+    logs = [err for _, err in outs]
+    assert sum("downloaded and verified" in e for e in logs) == 1
+    # The others really overlapped: they waited on the lock, then found the verified file.
+    assert sum("downloaded by another process" in e for e in logs) >= 1

@@ -35,3 +35,9 @@ class OfflineError(DownloadError):
 
 class DownloadChecksumError(DownloadError, ChecksumError):
     """Every URL delivered bytes whose sha256 is not the manifest's (nothing was kept)."""
+
+
+class UsageError(VehicleNetError):
+    """A command-line or API argument is unusable (exit code 2)."""
+
+    exit_code = 2

@@ -1,0 +1,185 @@
+"""`vehiclenet verify` / `download` / `info` as real subprocesses: exit codes, output, no mindspore."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from http_fixture import (  # noqa: F401 - http_server is a fixture
+    Route,
+    asset_entry,
+    http_server,
+    make_payload,
+    sha256_hex,
+    subprocess_env,
+    write_manifest,
+)
+
+FILE = "cli_model.ckpt"
+DATA = make_payload(200_000, seed=1)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    manifest = write_manifest(tmp_path, [asset_entry("cli", FILE, DATA, ["https://example.invalid/" + FILE])])
+    env = subprocess_env(VEHICLENET_HOME=str(cache), VEHICLENET_ASSETS=str(manifest))
+    env.pop("VEHICLENET_OFFLINE", None)
+    env.pop("VEHICLENET_MIRROR", None)
+    return tmp_path, cache, env
+
+
+def run(env, *args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "vehiclenet", *args], env=env, capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+def test_verify_good_file(setup):
+    tmp, cache, env = setup
+    good = tmp / FILE
+    good.write_bytes(DATA)
+    r = run(env, "verify", str(good))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{good}: OK\n"
+    q = run(env, "verify", "--quiet", str(good))
+    assert q.returncode == 0 and q.stdout == ""
+
+
+def test_verify_tampered_file(setup):
+    tmp, cache, env = setup
+    bad = tmp / FILE
+    tampered = bytearray(DATA)
+    tampered[100] ^= 0x40
+    bad.write_bytes(bytes(tampered))
+    r = run(env, "verify", str(bad))
+    assert r.returncode == 1
+    assert r.stdout == f"{bad}: FAILED\n"
+    assert f"expected: {sha256_hex(DATA)}" in r.stderr
+    assert f"got:      {sha256_hex(bytes(tampered))}" in r.stderr
+    assert "vehiclenet download cli" in r.stderr  # what to do
+
+
+def test_verify_missing_file(setup):
+    tmp, cache, env = setup
+    r = run(env, "verify", str(tmp / FILE))
+    assert r.returncode == 1
+    assert r.stdout == f"{tmp / FILE}: FAILED open or read\n"
+    assert "No such file" in r.stderr
+
+
+def test_verify_mixed_reports_each(setup):
+    tmp, cache, env = setup
+    (cache / FILE).write_bytes(DATA)
+    other = tmp / "other.bin"
+    other.write_bytes(b"hello")
+    r = run(env, "verify", "--sha256", sha256_hex(b"hello"), str(other), str(tmp / "nope.bin"))
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [f"{other}: OK", f"{tmp / 'nope.bin'}: FAILED open or read"]
+
+
+def test_verify_cache_default(setup):
+    tmp, cache, env = setup
+    r = run(env, "verify")
+    assert r.returncode == 1 and "no cached assets" in r.stderr
+    (cache / FILE).write_bytes(DATA)
+    r = run(env, "verify")
+    assert r.returncode == 0 and r.stdout == f"{cache / FILE}: OK\n"
+    (cache / FILE).write_bytes(DATA[:-1])
+    r = run(env, "verify")
+    assert r.returncode == 1 and "FAILED" in r.stdout
+    assert "--force" in r.stderr  # cached file: re-download advice
+
+
+def test_verify_json(setup):
+    tmp, cache, env = setup
+    good = tmp / FILE
+    good.write_bytes(DATA)
+    r = run(env, "verify", "--json", str(good), str(tmp / "missing" / FILE))
+    assert r.returncode == 1
+    report = json.loads(r.stdout)
+    assert report["ok"] is False
+    first, second = report["results"]
+    assert first["status"] == "OK" and first["got"] == sha256_hex(DATA) and first["asset"] == "cli"
+    assert second["status"] == "MISSING" and second["ok"] is False
+    r = run(env, "verify", "--json", str(good))
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
+
+
+def test_verify_usage_errors_exit_2(setup):
+    tmp, cache, env = setup
+    stray = tmp / "unknown.bin"
+    stray.write_bytes(b"x")
+    r = run(env, "verify", str(stray))
+    assert r.returncode == 2 and "--sha256" in r.stderr
+    r = run(env, "verify", "--sha256", "abc", str(stray))
+    assert r.returncode == 2 and "64 hexadecimal" in r.stderr
+    r = run(env, "verify", "--sha256", "0" * 64)
+    assert r.returncode == 2
+
+
+def test_verify_manifest_error_exit_2(setup):
+    tmp, cache, env = setup
+    bad = tmp / "bad.json"
+    bad.write_text('{"assets": [{"name": "x", "file": "a/b.ckpt", "sha256": "' + "0" * 64 + '", "urls": []}]}')
+    env = dict(env, VEHICLENET_ASSETS=str(bad))
+    r = run(env, "verify")
+    assert r.returncode == 2
+    assert str(bad) in r.stderr and "'file'" in r.stderr
+
+
+def test_verify_does_not_import_mindspore_or_requests(setup):
+    tmp, cache, env = setup
+    good = tmp / FILE
+    good.write_bytes(DATA)
+    script = (
+        "import sys\n"
+        "from vehiclenet.cli import main\n"
+        f"rc = main(['verify', {str(good)!r}])\n"
+        "heavy = sorted(m for m in ('mindspore', 'numpy', 'requests', 'tqdm') if m in sys.modules)\n"
+        "print('HEAVY', heavy, rc)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY [] 0" in r.stdout
+
+
+def test_download_cli_prints_path_last(setup, http_server):
+    tmp, cache, env = setup
+    url = http_server.add("/" + FILE, Route(body=DATA))
+    manifest = write_manifest(tmp, [asset_entry("cli", FILE, DATA, [url])])
+    env = dict(env, VEHICLENET_ASSETS=str(manifest))
+    r = run(env, "download")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == str(cache / FILE)
+    assert (cache / FILE).read_bytes() == DATA
+    r = run(env, "download", "cli", "--force", "--quiet")
+    assert r.returncode == 0 and r.stdout == f"{cache / FILE}\n" and r.stderr == ""
+    r = run(env, "download", "nope")
+    assert r.returncode == 2 and "known assets: cli" in r.stderr
+
+
+def test_download_cli_offline_and_failure_exit_1(setup, http_server):
+    tmp, cache, env = setup
+    r = run(dict(env, VEHICLENET_OFFLINE="1"), "download")
+    assert r.returncode == 1 and "VEHICLENET_OFFLINE" in r.stderr and str(cache / FILE) in r.stderr
+    url = http_server.add("/gone", Route(status=404))
+    manifest = write_manifest(tmp, [asset_entry("cli", FILE, DATA, [url])])
+    r = run(dict(env, VEHICLENET_ASSETS=str(manifest)), "download")
+    assert r.returncode == 1 and url in r.stderr and "404" in r.stderr
+    assert r.stdout == ""
+
+
+def test_info_reports_cache_and_assets(setup):
+    tmp, cache, env = setup
+    (cache / FILE).write_bytes(DATA)
+    r = run(env, "info", "--json", "--no-device")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["cache"] == str(cache)
+    assert report["assets"][0]["cached"] is True and report["assets"][0]["verified"] is True
+    assert report["versions"]["vehiclenet"]
+    r = run(env, "info", "--no-device")
+    assert r.returncode == 0 and "verified OK" in r.stdout and str(cache) in r.stdout

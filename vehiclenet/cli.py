@@ -1,0 +1,209 @@
+"""Command line: a thin layer over the library.
+
+Each sub-command imports what it needs inside its handler, so commands that need no
+network graph (download, verify, info, evaluate --features) never import mindspore.
+Exit codes: 0 success, 1 failure (mismatch, missing file, download error), 2 usage or
+manifest errors.
+"""
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from . import __version__
+from .errors import VehicleNetError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vehiclenet",
+        description="VehicleNet vehicle re-identification: weights, embeddings, search, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"vehiclenet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    # Each concern registers its own sub-commands below.
+    _add_asset_commands(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- assets
+# download / verify / info: none of these import mindspore except `info` (for the device).
+
+
+def _add_asset_commands(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "download",
+        help="fetch an asset into the cache and verify its sha256",
+        description="Download an asset of the manifest (default: the published checkpoint) into the cache, "
+        "verifying its sha256. The last line of stdout is the file's path.",
+    )
+    p.add_argument("name", nargs="?", help="asset name (default: the manifest's first asset)")
+    p.add_argument("--force", action="store_true", help="download again even if a verified copy is cached")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, only the path")
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser(
+        "verify",
+        help="check files (default: every cached asset) against the manifest's sha256",
+        description="Check files against their sha256, like `sha256sum -c`. A file is matched to the manifest "
+        "by its name; --sha256 gives the expected hash instead. Exit 0 all good, 1 any mismatch or "
+        "missing file, 2 usage or manifest errors.",
+    )
+    p.add_argument("files", nargs="*", metavar="FILE", help="files to check (default: every cached asset)")
+    p.add_argument("--sha256", metavar="HEX", help="expected sha256 for the FILEs instead of the manifest's")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only failures")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "info",
+        help="versions, device, cache folder and cached assets",
+        description="Report versions, the device that would be chosen, the cache folder and which assets are "
+        "cached and verified.",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument(
+        "--no-device", action="store_true", help="do not import mindspore to find the device (faster)"
+    )
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from .download import fetch
+
+    if args.quiet:
+        logging.getLogger("vehiclenet").setLevel(logging.WARNING)
+    path = fetch(args.name, force=args.force, progress=False if args.quiet else None)
+    print(path)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from .download import cache_dir
+    from .errors import UsageError
+    from .verify import MISSING, verify_cache, verify_files
+
+    if args.files:
+        results = verify_files(args.files, sha256=args.sha256)
+    elif args.sha256:
+        raise UsageError("--sha256 needs at least one FILE to check")
+    else:
+        results = verify_cache()
+    ok = bool(results) and all(r.ok for r in results)
+    message = "" if results else (
+        f"no cached assets in {cache_dir()}; run `vehiclenet download` or give FILE arguments"
+    )
+    if args.json:
+        print(json.dumps({"ok": ok, "results": [r.to_dict() for r in results], "message": message}, indent=2))
+        return 0 if ok else 1
+    if message:
+        print(f"vehiclenet verify: {message}", file=sys.stderr)
+        return 1
+    failed = 0
+    for r in results:
+        if r.ok:
+            if not args.quiet:
+                print(f"{r.path}: OK", flush=True)
+            continue
+        failed += 1
+        print(f"{r.path}: FAILED{' open or read' if r.status == MISSING else ''}", flush=True)
+        what, _, todo = r.message.partition("; ")
+        lines = [f"{r.path}: {what}"]
+        if r.asset:
+            lines.append(f"  asset:    {r.asset}")
+        if r.status != MISSING:
+            if r.got is not None:
+                lines += [f"  expected: {r.expected}", f"  got:      {r.got}"]
+            else:
+                lines += [f"  expected: {r.expected_size} bytes (sha256 {r.expected})", f"  got:      {r.size} bytes"]
+        if todo:
+            lines.append(f"  to fix:   {todo}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    if failed:
+        print(f"vehiclenet verify: WARNING: {failed} of {len(results)} file(s) did NOT verify", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import platform
+    from importlib import metadata
+
+    from .assets import load_manifest, manifest_path
+    from .download import ENV_HOME, ENV_MIRROR, ENV_OFFLINE, cache_dir, cached_path
+    from .verify import check_file
+
+    versions = {"vehiclenet": __version__, "python": platform.python_version()}
+    for dist in ("mindspore", "numpy", "requests", "urllib3", "filelock", "platformdirs", "tqdm", "Pillow", "scipy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    if args.no_device:
+        device = "not checked (--no-device)"
+    else:
+        try:
+            from .device import choose_device
+
+            device = choose_device()
+        except Exception as exc:  # info must report, not crash, on a broken install
+            device = f"unknown ({type(exc).__name__}: {exc})"
+    assets = []
+    for i, asset in enumerate(load_manifest()):
+        path = cached_path(asset)
+        entry = {"name": asset.name, "default": i == 0, "file": asset.file, "path": str(path), "cached": path.exists()}
+        if path.exists():
+            result = check_file(path, asset.sha256, asset)
+            entry.update(verified=result.ok, size=result.size, problem=result.message or None)
+        assets.append(entry)
+    report = {
+        "versions": versions,
+        "device": device,
+        "manifest": str(manifest_path()),
+        "cache": str(cache_dir()),
+        "cache_source": ENV_HOME if os.environ.get(ENV_HOME) else "platform user cache folder",
+        "offline": os.environ.get(ENV_OFFLINE, "") not in ("", "0", "false", "no", "off"),
+        "mirror": os.environ.get(ENV_MIRROR) or None,
+        "assets": assets,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()))
+    print(f"device:   {device}")
+    print(f"manifest: {report['manifest']}")
+    print(f"cache:    {report['cache']} ({report['cache_source']})")
+    print(f"network:  {'offline (' + ENV_OFFLINE + ')' if report['offline'] else 'online'}"
+          + (f", mirror {report['mirror']}" if report["mirror"] else ""))
+    print("assets:")
+    for a in assets:
+        state = "not cached"
+        if a["cached"]:
+            state = f"cached, {a['size']} bytes, " + ("verified OK" if a["verified"] else f"FAILED: {a['problem']}")
+        print(f"  {a['name']}{' (default)' if a['default'] else ''}: {state}")
+        print(f"    {a['path']}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except VehicleNetError as exc:
+        print(f"vehiclenet {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,133 @@
+"""Checking files against the manifest's sha256 (the logic behind ``vehiclenet verify``).
+
+No network and no heavy imports: this runs in a process that must start fast.
+"""
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .assets import Asset, find_asset_for_file, load_manifest, manifest_path
+from .download import cache_dir, cached_path, sha256_file
+from .errors import UsageError
+
+OK = "OK"
+FAILED = "FAILED"
+MISSING = "MISSING"
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of checking one file."""
+
+    path: str
+    status: str  # OK, FAILED (wrong size or hash) or MISSING (cannot be read)
+    expected: str
+    got: Optional[str] = None
+    asset: Optional[str] = None
+    size: Optional[int] = None
+    expected_size: Optional[int] = None
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+def check_file(
+    path: Union[str, os.PathLike], expected: str, asset: Optional[Asset] = None
+) -> VerifyResult:
+    """Hash ``path`` (full sha256, no shortcuts) and compare with ``expected``."""
+    path = Path(path)
+    name = asset.name if asset else None
+    expected = expected.lower()
+    expected_size = asset.size if asset else None
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise IsADirectoryError("is not a regular file")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return VerifyResult(
+            str(path), MISSING, expected, asset=name, expected_size=expected_size,
+            message=f"cannot read: {reason}; {_remedy(asset, path)}",
+        )
+    if expected_size is not None and size != expected_size:
+        return VerifyResult(
+            str(path), FAILED, expected, asset=name, size=size, expected_size=expected_size,
+            message=f"size is {size} bytes, expected {expected_size}; {_remedy(asset, path)}",
+        )
+    t0 = time.perf_counter()
+    try:
+        got = sha256_file(path)
+    except OSError as exc:
+        return VerifyResult(
+            str(path), MISSING, expected, asset=name, size=size, expected_size=expected_size,
+            message=f"cannot read: {exc.strerror or exc}; {_remedy(asset, path)}",
+        )
+    seconds = time.perf_counter() - t0
+    if got == expected:
+        return VerifyResult(str(path), OK, expected, got, name, size, expected_size, seconds)
+    return VerifyResult(
+        str(path), FAILED, expected, got, name, size, expected_size, seconds,
+        message=f"sha256 mismatch; {_remedy(asset, path)}",
+    )
+
+
+def _remedy(asset: Optional[Asset], path: Path) -> str:
+    if asset is None:
+        return "obtain the file again from its source and check that --sha256 is right"
+    if path.resolve().parent == cache_dir().resolve():
+        return f"run `vehiclenet download {asset.name} --force` to fetch a verified copy"
+    return (
+        f"delete it and run `vehiclenet download {asset.name}` (the verified copy goes to "
+        f"{cached_path(asset)}), or copy a good file there"
+    )
+
+
+def verify_files(
+    files: Sequence[Union[str, os.PathLike]],
+    sha256: Optional[str] = None,
+    manifest: Union[str, os.PathLike, None] = None,
+) -> List[VerifyResult]:
+    """Verify each file against ``sha256`` or, by file name, against the manifest.
+
+    Raises :class:`UsageError` for a bad ``sha256`` or a file the manifest does not know
+    (when no ``sha256`` is given).
+    """
+    if sha256 is not None:
+        if not _HEX64.match(sha256):
+            raise UsageError(f"--sha256 {sha256!r} is not 64 hexadecimal characters")
+        return [check_file(f, sha256) for f in files]
+    assets = load_manifest(manifest)
+    plan = []
+    for f in files:
+        asset = find_asset_for_file(f, assets)
+        if asset is None:
+            known = ", ".join(a.file for a in assets)
+            raise UsageError(
+                f"{f}: no asset in manifest {manifest_path(manifest)} has this file name (known: {known}); "
+                f"give the expected hash with --sha256 HEX"
+            )
+        plan.append((f, asset))
+    return [check_file(f, asset.sha256, asset) for f, asset in plan]
+
+
+def verify_cache(manifest: Union[str, os.PathLike, None] = None) -> List[VerifyResult]:
+    """Verify every asset of the manifest that is present in the cache."""
+    results = []
+    for asset in load_manifest(manifest):
+        path = cached_path(asset)
+        if path.exists():
+            results.append(check_file(path, asset.sha256, asset))
+    return results
