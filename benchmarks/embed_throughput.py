@@ -1,0 +1,52 @@
+"""Images/s of the VehicleNet embedding network at 384x384, fp32, on this machine.
+
+    python benchmarks/embed_throughput.py [--batch-sizes 1 8] [--seconds 15] [--mode graph]
+
+Random weights (throughput does not depend on them) and random inputs; the first
+call (graph compilation) is timed separately and excluded.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per batch size")
+    parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    args = parser.parse_args()
+
+    import mindspore as ms
+
+    from vehiclenet import create_network
+
+    net = create_network(pretrained=False, include_top=False, mode=args.mode)
+    print(f"mindspore {ms.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, mode={args.mode}, fp32, {args.image_size}x{args.image_size}")
+    rng = np.random.default_rng(0)
+    for batch in args.batch_sizes:
+        x = ms.Tensor(rng.standard_normal((batch, 3, args.image_size, args.image_size), dtype=np.float32))
+        start = time.perf_counter()
+        out = net(x).asnumpy()
+        first = time.perf_counter() - start
+        assert out.shape == (batch, 512), out.shape
+        net(x).asnumpy()  # warm-up after compilation
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.seconds or done < 3 * batch:
+            net(x).asnumpy()
+            done += batch
+        elapsed = time.perf_counter() - start
+        print(f"batch {batch:3d}: {done / elapsed:6.2f} img/s  ({elapsed / done * 1000:7.1f} ms/img, "
+              f"{done} images in {elapsed:.1f} s; first call incl. compile {first:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Device and execution-mode selection.
+
+Ascend is the production target and is chosen whenever it is usable; nothing here
+may fail on a CPU-only machine.
+"""
+import logging
+from typing import Optional
+
+LOG = logging.getLogger(__name__)
+
+TARGETS = ("Ascend", "GPU", "CPU")
+MODES = ("graph", "pynative")
+AMP_LEVELS = ("O0", "O1", "O2", "O3")
+
+
+def _normalise_target(device_target: str) -> str:
+    for target in TARGETS:
+        if device_target.lower() == target.lower():
+            return target
+    raise ValueError(f"device_target must be one of {TARGETS} (or None to choose automatically), "
+                     f"got {device_target!r}")
+
+
+def _usable(target: str) -> bool:
+    """True when the MindSpore package has a working plugin and at least one device for target."""
+    import mindspore as ms
+
+    if target == "CPU":
+        return True
+    module = getattr(ms.device_context, target.lower())
+    # is_available() logs a warning of its own when the plugin is missing; quiet it, we log our choice.
+    ms_logger = logging.getLogger("mindspore")
+    level = ms_logger.level
+    ms_logger.setLevel(logging.ERROR)
+    try:
+        if not module.is_available():
+            return False
+        return module.device_count() > 0
+    except Exception as exc:  # a broken driver must not stop a CPU run
+        LOG.debug("%s unusable: %s", target, exc)
+        return False
+    finally:
+        ms_logger.setLevel(level)
+
+
+def device_already_set() -> Optional[str]:
+    """The device the process already chose with ``mindspore.set_device``, else None."""
+    try:
+        from mindspore._c_expression import DeviceManagerConf
+    except ImportError:  # private API; without it we cannot tell, so we choose ourselves
+        return None
+    conf = DeviceManagerConf.get_instance()
+    return conf.get_device_target() if conf.is_device_enable() else None
+
+
+def choose_device(device_target: Optional[str] = None) -> str:
+    """The device to use: the one asked for, the one the process set, else Ascend > GPU > CPU."""
+    if device_target is not None:
+        return _normalise_target(device_target)
+    already = device_already_set()
+    if already:
+        return already
+    for target in TARGETS:
+        if _usable(target):
+            return target
+    return "CPU"
+
+
+def configure(device_target: Optional[str] = None, mode: str = "graph") -> str:
+    """Set MindSpore's device and execution mode; returns the device target in use.
+
+    A device the process already set with ``mindspore.set_device`` is respected; an
+    explicit ``device_target`` that differs from it raises, because MindSpore cannot
+    switch devices once set.
+    """
+    import mindspore as ms
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    already = device_already_set()
+    target = choose_device(device_target)
+    if already and already != target:
+        raise ValueError(f"device_target={device_target!r} asked for, but this process already set "
+                         f"{already!r} with mindspore.set_device, which cannot change; "
+                         "drop device_target or start a new process")
+    if not already:
+        ms.set_device(target)
+        LOG.info("device: %s (chosen automatically)" if device_target is None else "device: %s", target)
+    else:
+        LOG.info("device: %s (set by the process)", target)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    return target
+
+
+def default_amp_level(device_target: str) -> str:
+    """O2 (float16, BatchNorm kept in float32) on Ascend; O0 (float32) elsewhere."""
+    return "O2" if device_target == "Ascend" else "O0"

@@ -1,0 +1,95 @@
+"""``create_network``: the one entry point that builds VehicleNet and loads weights."""
+import logging
+import os
+from typing import Optional, Union
+
+from .network import PUBLISHED_NUM_CLASSES, VehicleNet
+
+LOG = logging.getLogger(__name__)
+
+MODEL_NAMES = ("vehiclenet",)
+
+
+def create_network(
+    name: str = "vehiclenet",
+    *,
+    pretrained: Union[bool, str] = True,
+    num_classes: int = PUBLISHED_NUM_CLASSES,
+    include_top: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    last_stride: int = 2,
+    device_target: Optional[str] = None,
+    mode: str = "graph",
+    amp_level: Optional[str] = None,
+):
+    """Build VehicleNet and load its weights, ready for inference.
+
+    Args:
+        name: model name; only ``"vehiclenet"`` (any case).
+        pretrained: ``True`` downloads (or finds in the cache), sha256-verifies and
+            loads the published VeRi-776 checkpoint (the default asset of
+            ``assets.json``); a string names another asset of the manifest;
+            ``False`` keeps the random initialisation.
+        num_classes: identities of the classification head. Another value than the
+            checkpoint's keeps the published backbone and bottleneck and freshly
+            initialises the last Dense (logged).
+        include_top: ``True`` returns logits (N, num_classes); ``False`` returns the
+            512-d retrieval embedding (the head's ``bn1`` output).
+        checkpoint: a local ``.ckpt`` to load instead; wins over ``pretrained`` and
+            downloads nothing.
+        last_stride: stride of layer4. The published weights were trained with 2
+            (2048x12x12 maps at 384x384); 1 is an explicit, non-published variant.
+        device_target: "Ascend", "GPU" or "CPU"; ``None`` keeps a device the process
+            already set, else picks Ascend, then GPU, then CPU.
+        mode: "graph" (default) or "pynative".
+        amp_level: MindSpore AMP level; ``None`` means "O2" on Ascend (BatchNorm in
+            float32) and "O0" elsewhere.
+
+    Returns:
+        A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
+        uses its running statistics and dropout is off. Call ``net.set_train(True)``
+        before fine-tuning.
+
+    Raises:
+        CheckpointError: the checkpoint is missing entries, has other shapes or is
+            not a MindSpore checkpoint.
+        DownloadError, ChecksumError: the published weights could not be delivered
+            verified.
+    """
+    from . import device as device_mod
+
+    if not isinstance(name, str) or name.lower() not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; this package provides {MODEL_NAMES}")
+    if amp_level is not None and amp_level not in device_mod.AMP_LEVELS:
+        raise ValueError(f"amp_level must be one of {device_mod.AMP_LEVELS} or None, got {amp_level!r}")
+    target = device_mod.configure(device_target, mode)
+
+    net = VehicleNet(num_classes=num_classes, include_top=include_top, last_stride=last_stride)
+    weights = _weights_path(checkpoint, pretrained)
+    if weights is not None:
+        from .checkpoint import load_weights
+
+        if last_stride != 2:
+            LOG.warning("last_stride=%d: the weights in %s were trained with layer4 stride 2", last_stride, weights)
+        load_weights(net, weights)
+    else:
+        LOG.info("pretrained=False and no checkpoint: the network keeps its random initialisation")
+
+    amp_level = amp_level or device_mod.default_amp_level(target)
+    if amp_level != "O0":
+        import mindspore as ms
+
+        # O2 casts to float16 but keeps BatchNorm in float32, as the Ascend reference ran.
+        net = ms.amp.auto_mixed_precision(net, amp_level)
+    net.set_train(False)
+    return net
+
+
+def _weights_path(checkpoint, pretrained) -> Optional[str]:
+    if checkpoint is not None:
+        return os.fspath(checkpoint)
+    if pretrained is False or pretrained is None:
+        return None
+    from .download import fetch
+
+    return os.fspath(fetch(None if pretrained is True else pretrained))

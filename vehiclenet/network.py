@@ -1,0 +1,142 @@
+"""The VehicleNet network: ResNet-50 backbone + 512-d bottleneck head.
+
+Parameter names and shapes match the published checkpoint exactly (see
+``shared/spec/checkpoint_parameters.tsv``): ``model.*`` is the backbone,
+``classifier.*`` the head. The published weights were trained with layer4 at
+stride 2 (the reference's attempt to set stride 1 never took effect), so that is
+the default; ``last_stride=1`` is an explicit, non-published variant.
+"""
+from typing import Optional
+
+import mindspore.nn as nn
+import mindspore.ops as ops
+from mindspore.common.initializer import HeNormal, Normal, One, Zero
+
+# Backbone BatchNorm settings of the published model (MindSpore momentum convention:
+# the running statistic keeps 0.9 of itself).
+BN_EPS = 1e-4
+BN_MOMENTUM = 0.9
+EMBEDDING_DIM = 512
+BACKBONE_DIM = 2048
+PUBLISHED_NUM_CLASSES = 575
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_ch, out_ch, kernel, stride=stride, pad_mode="same", has_bias=False,
+        weight_init=HeNormal(mode="fan_out", nonlinearity="relu"),
+    )
+
+
+def _bn(channels: int, zero_gamma: bool = False) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(
+        channels, eps=BN_EPS, momentum=BN_MOMENTUM,
+        gamma_init=Zero() if zero_gamma else One(), beta_init=Zero(),
+    )
+
+
+class Bottleneck(nn.Cell):
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv (``conv2``)."""
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, mid_ch: int, stride: int, down_sample: bool) -> None:
+        super().__init__()
+        out_ch = mid_ch * self.expansion
+        self.conv1 = _conv(in_ch, mid_ch, 1)
+        self.bn1 = _bn(mid_ch)
+        self.conv2 = _conv(mid_ch, mid_ch, 3, stride)
+        self.bn2 = _bn(mid_ch)
+        self.conv3 = _conv(mid_ch, out_ch, 1)
+        # gamma 0 on the last BN makes each residual block start as identity.
+        self.bn3 = _bn(out_ch, zero_gamma=True)
+        self.relu = nn.ReLU()
+        self.down_sample = down_sample
+        if down_sample:
+            self.down_sample_layer = nn.SequentialCell([_conv(in_ch, out_ch, 1, stride), _bn(out_ch)])
+
+    def construct(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.down_sample:
+            identity = self.down_sample_layer(x)
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Cell):
+    """ResNet-50 backbone ([3, 4, 6, 3] bottlenecks) returning pooled (N, 2048) features."""
+
+    def __init__(self, last_stride: int = 2) -> None:
+        super().__init__()
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2 (published model: 2), got {last_stride!r}")
+        self.conv1 = _conv(3, 64, 7, 2)
+        self.bn1 = _bn(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
+        self.layer1 = self._make_layer(64, 64, 3, 1)
+        self.layer2 = self._make_layer(256, 128, 4, 2)
+        self.layer3 = self._make_layer(512, 256, 6, 2)
+        self.layer4 = self._make_layer(1024, 512, 3, last_stride)
+
+    @staticmethod
+    def _make_layer(in_ch: int, mid_ch: int, blocks: int, stride: int) -> nn.SequentialCell:
+        cells = [Bottleneck(in_ch, mid_ch, stride, down_sample=True)]
+        cells += [Bottleneck(mid_ch * 4, mid_ch, 1, down_sample=False) for _ in range(blocks - 1)]
+        return nn.SequentialCell(cells)
+
+    def feature_map(self, x):
+        """The (N, 2048, H/32, W/32) map before pooling (H/16 with ``last_stride=1``)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def construct(self, x):
+        return ops.mean(self.feature_map(x), (2, 3))
+
+
+class Head(nn.Cell):
+    """Bottleneck head: Dense 2048->512, BatchNorm1d, dropout, Dense 512->num_classes.
+
+    With ``num_classes=None`` the last Dense is absent and the head returns the
+    512-d ``bn1`` output, the retrieval embedding.
+    """
+
+    def __init__(self, num_classes: Optional[int] = PUBLISHED_NUM_CLASSES, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.dense = nn.Dense(
+            BACKBONE_DIM, EMBEDDING_DIM, weight_init=HeNormal(mode="fan_out"), bias_init=Zero()
+        )
+        self.bn1 = nn.BatchNorm1d(EMBEDDING_DIM, gamma_init=Normal(0.02, 1.0), beta_init=Zero())
+        self.dropout = nn.Dropout(p=dropout)
+        self.include_top = num_classes is not None
+        if self.include_top:
+            self.classifier = nn.Dense(EMBEDDING_DIM, num_classes, weight_init=Normal(0.001), bias_init=Zero())
+
+    def construct(self, x):
+        x = self.bn1(self.dense(x))
+        if self.include_top:
+            x = self.classifier(self.dropout(x))
+        return x
+
+
+class VehicleNet(nn.Cell):
+    """VehicleNet: ``model`` (ResNet-50) + ``classifier`` (bottleneck head).
+
+    ``include_top=True`` returns logits (N, num_classes); ``include_top=False``
+    returns the (N, 512) embedding used for retrieval.
+    """
+
+    def __init__(self, num_classes: int = PUBLISHED_NUM_CLASSES, include_top: bool = True,
+                 last_stride: int = 2) -> None:
+        super().__init__()
+        if include_top and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.model = ResNet50(last_stride)
+        self.classifier = Head(num_classes if include_top else None)
+        self.include_top = include_top
+        self.num_classes = num_classes if include_top else None
+
+    def construct(self, x):
+        return self.classifier(self.model(x))
