@@ -349,3 +349,46 @@ def test_four_processes_download_once(env, http_server, monkeypatch):
     assert sum("downloaded and verified" in e for e in logs) == 1
     # The others really overlapped: they waited on the lock, then found the verified file.
     assert sum("downloaded by another process" in e for e in logs) >= 1
+
+
+def test_lock_timeout_names_lock_and_what_to_do(env, http_server, monkeypatch):
+    import filelock
+
+    url = http_server.add("/m.ckpt", Route(body=PAYLOAD))
+    asset = use_manifest(env, monkeypatch, [url])
+    lock_file = dl._lock_path(dl.cached_path(asset))
+    lock_file.parent.mkdir(parents=True)
+    holder = filelock.FileLock(str(lock_file))
+    with holder:
+        # A different lock object on the same file, as another process would have.
+        import threading
+
+        errors = []
+        t = threading.Thread(target=lambda: errors.append(_catch(lambda: dl.fetch(progress=False, lock_timeout=0.3))))
+        t.start()
+        t.join(10)
+    assert errors and isinstance(errors[0], DownloadError)
+    assert "VEHICLENET_LOCK_TIMEOUT" in str(errors[0]) and str(lock_file) in str(errors[0])
+    assert http_server.requests == []
+
+
+def _catch(func):
+    try:
+        func()
+    except Exception as exc:  # noqa: BLE001 - returned to the test
+        return exc
+    return None
+
+
+def test_not_enough_disk_space(env, http_server, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    url = http_server.add("/m.ckpt", Route(body=PAYLOAD))
+    use_manifest(env, monkeypatch, [url])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DownloadError) as err:
+        dl.fetch(progress=False)
+    assert "MB free" in str(err.value) and "VEHICLENET_HOME" in str(err.value)
+    assert not (env / "cache" / FILE).exists()

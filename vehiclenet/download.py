@@ -629,6 +629,8 @@ def _download_url(
                             f"server says the file has {total} bytes but the manifest says {asset.size}; "
                             f"wrong file on the server or wrong size in {asset.manifest}"
                         )
+                    if total is not None:
+                        _check_free_space(part, total - offset)
                     if total is not None and bar.total is None:
                         bar.total = total
                         bar.refresh()
@@ -697,3 +699,18 @@ def _download_url(
             return
     finally:
         bar.close()
+
+
+def _check_free_space(part: Path, needed: int) -> None:
+    import shutil
+
+    try:
+        free = shutil.disk_usage(part.parent).free
+    except OSError:
+        return
+    if free < needed:
+        # Fail before streaming hundreds of MB into a disk that cannot hold them.
+        raise DownloadError(
+            f"{part.parent} has {free / 1e6:.0f} MB free but the download needs {needed / 1e6:.0f} MB more; "
+            f"free some space or set {ENV_HOME} to a folder on a larger disk"
+        )
