@@ -148,6 +148,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.no_device:
         device = "not checked (--no-device)"
     else:
+        # MindSpore warns about every missing device plugin while probing; the report below
+        # says what was chosen, so keep its log to errors unless the user set GLOG_v.
+        os.environ.setdefault("GLOG_v", "3")
         try:
             from .device import choose_device
 

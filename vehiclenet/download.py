@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from urllib.parse import quote, urljoin
 
 from .assets import Asset, get_asset, url_problem
-from .errors import DownloadChecksumError, DownloadError, OfflineError, VehicleNetError
+from .errors import DownloadChecksumError, DownloadError, OfflineError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _env_bool(name: str) -> bool:
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise VehicleNetError(f"{name}={os.environ[name]!r} is not understood; use 1 or 0")
+    raise UsageError(f"{name}={os.environ[name]!r} is not understood; use 1 or 0")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -90,9 +90,9 @@ def _env_float(name: str, default: float) -> float:
     try:
         result = float(value)
     except ValueError:
-        raise VehicleNetError(f"{name}={value!r} is not a number of seconds") from None
+        raise UsageError(f"{name}={value!r} is not a number of seconds") from None
     if result < 0:
-        raise VehicleNetError(f"{name}={value!r} must not be negative")
+        raise UsageError(f"{name}={value!r} must not be negative")
     return result
 
 
@@ -103,9 +103,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         result = int(value)
     except ValueError:
-        raise VehicleNetError(f"{name}={value!r} is not a whole number") from None
+        raise UsageError(f"{name}={value!r} is not a whole number") from None
     if result < 0:
-        raise VehicleNetError(f"{name}={value!r} must not be negative")
+        raise UsageError(f"{name}={value!r} must not be negative")
     return result
 
 
@@ -121,7 +121,7 @@ def _env_timeout() -> Tuple[float, float]:
         return min(DEFAULT_CONNECT_TIMEOUT, parts[0]), parts[0]
     if len(parts) == 2 and min(parts) > 0:
         return parts[0], parts[1]
-    raise VehicleNetError(f"{ENV_TIMEOUT}={value!r}: give READ or CONNECT,READ in seconds, e.g. 10,60")
+    raise UsageError(f"{ENV_TIMEOUT}={value!r}: give READ or CONNECT,READ in seconds, e.g. 10,60")
 
 
 @dataclass(frozen=True)
