@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     # Each concern registers its own sub-commands below.
     _add_asset_commands(sub)
+    _add_evaluate_command(sub)
     return parser
 
 
@@ -191,6 +192,102 @@ def _cmd_info(args: argparse.Namespace) -> int:
             state = f"cached, {a['size']} bytes, " + ("verified OK" if a["verified"] else f"FAILED: {a['problem']}")
         print(f"  {a['name']}{' (default)' if a['default'] else ''}: {state}")
         print(f"    {a['path']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+# `evaluate --features` needs numpy/scipy only; `--data` builds the network (mindspore).
+
+
+def _add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="mAP / CMC / mINP on VeRi-776 (images) or on a features .npz",
+        description="Evaluate with the published protocol (junk = same id and camera, or label -1; "
+        "trapezoidal AP; divided by all queries). Exit codes: 0 success, 1 unusable data or "
+        "features file, 2 bad parameters.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="VERI_ROOT", help="VeRi-776 root with image_query/ and image_test/")
+    src.add_argument("--features", metavar="F.npz", help="features file with query_/gallery_ features, ids, cams")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (the published figures use it)")
+    p.add_argument("--k1", type=int, default=100, help="re-ranking k1 (default 100)")
+    p.add_argument("--k2", type=int, default=15, help="re-ranking k2 (default 15)")
+    p.add_argument("--lambda", dest="lambda_value", type=float, default=0.0, help="re-ranking lambda (default 0)")
+    p.add_argument("--ap", choices=("trapezoid", "standard"), default="trapezoid",
+                   help="AP form: the reference's trapezoidal (default) or non-interpolated")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch for --data (default 32)")
+    p.add_argument("--checkpoint", metavar="PATH", help="weights for --data (default: the published checkpoint)")
+    p.add_argument("--no-flip", action="store_true", help="--data: skip the horizontal-flip feature sum")
+    p.add_argument("--save-features", metavar="F.npz", help="--data: also write the features for later --features runs")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import numpy as np
+
+    from . import evaluation
+    from .errors import DataError
+
+    class _ParameterError(DataError):
+        exit_code = 2
+
+    if args.data is None and (args.save_features or args.checkpoint or args.no_flip):
+        raise _ParameterError("--save-features, --checkpoint and --no-flip apply to --data only")
+    if args.batch_size < 1:
+        raise _ParameterError("--batch-size must be >= 1")
+    timings = {}
+    t0 = time.perf_counter()
+    if args.features is not None:
+        fs = evaluation.load_features_npz(args.features)
+    else:
+        query, gallery = evaluation.read_veri(args.data)
+        from .features import extract_features
+        from .model import create_network
+
+        net = create_network(pretrained=args.checkpoint is None, checkpoint=args.checkpoint, include_top=False)
+        feats = [
+            np.asarray(extract_features(net, split.paths, batch_size=args.batch_size, flip=not args.no_flip),
+                       dtype=np.float32)
+            for split in (query, gallery)
+        ]
+        fs = evaluation.FeatureSet(feats[0], query.ids, query.cams, feats[1], gallery.ids, gallery.cams)
+        if args.save_features:
+            evaluation.save_features_npz(args.save_features, fs)
+    timings["features_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if args.rerank:
+        from .rerank import re_rank
+
+        try:
+            dist = re_rank(fs.query_features, fs.gallery_features, k1=args.k1, k2=args.k2,
+                           lambda_value=args.lambda_value)
+        except ValueError as exc:
+            raise _ParameterError(f"re-ranking: {exc}") from None
+    else:
+        dist = evaluation.cosine_distance(fs.query_features, fs.gallery_features)
+    timings["distance_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = evaluation.evaluate(dist, fs.query_ids, fs.gallery_ids, fs.query_cams, fs.gallery_cams, ap=args.ap)
+    timings["metrics_s"] = time.perf_counter() - t0
+
+    out = result.to_dict()
+    out["num_gallery"] = int(dist.shape[1])
+    out["rerank"] = {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value} if args.rerank else None
+    out["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    source = args.features if args.features is not None else args.data
+    print(f"{source}: {out['num_query']} queries ({out['num_valid_query']} with a valid match), "
+          f"{out['num_gallery']} gallery images"
+          + (f", re-ranked (k1={args.k1}, k2={args.k2}, lambda={args.lambda_value})" if args.rerank else ""))
+    print(f"mAP {100 * out['mAP']:.2f} | rank-1 {100 * out['rank1']:.2f} | rank-5 {100 * out['rank5']:.2f} | "
+          f"rank-10 {100 * out['rank10']:.2f} | mINP {100 * out['mINP']:.2f}  ({args.ap} AP)")
+    if args.json:
+        print(json.dumps(out))
     return 0
 
 

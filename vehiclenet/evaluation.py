@@ -43,6 +43,10 @@ __all__ = [
     "cosine_distance",
     "EvalResult",
     "evaluate",
+    "FEATURE_KEYS",
+    "FeatureSet",
+    "load_features_npz",
+    "save_features_npz",
 ]
 
 # ---------------------------------------------------------------------------
@@ -369,3 +373,67 @@ def evaluate(
         ap=ap,
         per_query_ap=per_query_ap,
     )
+
+
+# ---------------------------------------------------------------------------
+# Feature files
+# ---------------------------------------------------------------------------
+
+FEATURE_KEYS = ("query_features", "query_ids", "query_cams", "gallery_features", "gallery_ids", "gallery_cams")
+
+
+@dataclass
+class FeatureSet:
+    """Query and gallery embeddings with their labels, as stored in a features .npz."""
+
+    query_features: np.ndarray = field(repr=False)
+    query_ids: np.ndarray = field(repr=False)
+    query_cams: np.ndarray = field(repr=False)
+    gallery_features: np.ndarray = field(repr=False)
+    gallery_ids: np.ndarray = field(repr=False)
+    gallery_cams: np.ndarray = field(repr=False)
+
+
+def load_features_npz(path: str) -> FeatureSet:
+    """Read and check a features file (keys in ``FEATURE_KEYS``); DataError names file and key."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in FEATURE_KEYS if k not in npz.files]
+            if missing:
+                raise DataError(f"{path}: missing key(s) {', '.join(missing)}; a features file holds "
+                                f"{', '.join(FEATURE_KEYS)}")
+            arrays = {k: npz[k] for k in FEATURE_KEYS}
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"features file {path!r} does not exist") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz features file ({exc})") from None
+    for side in ("query", "gallery"):
+        feats = arrays[f"{side}_features"]
+        key = f"{side}_features"
+        if feats.ndim != 2 or feats.shape[0] == 0 or feats.dtype.kind not in "fiu":
+            raise DataError(f"{path}: {key} must be a non-empty 2-D numeric array, got shape "
+                            f"{feats.shape} dtype {feats.dtype}")
+        if not np.all(np.isfinite(feats)):
+            raise DataError(f"{path}: {key} contains NaN or inf")
+        arrays[key] = feats.astype(np.float32, copy=False)
+        for lab in ("ids", "cams"):
+            lkey = f"{side}_{lab}"
+            arr = arrays[lkey]
+            if arr.shape != (feats.shape[0],):
+                raise DataError(f"{path}: {lkey} has shape {arr.shape}; expected ({feats.shape[0]},) "
+                                f"to match {key}")
+            try:
+                arrays[lkey] = _as_labels(lkey, arr, feats.shape[0])
+            except ValueError as exc:
+                raise DataError(f"{path}: {exc}") from None
+    if arrays["query_features"].shape[1] != arrays["gallery_features"].shape[1]:
+        raise DataError(f"{path}: query_features and gallery_features have different widths "
+                        f"({arrays['query_features'].shape[1]} vs {arrays['gallery_features'].shape[1]})")
+    return FeatureSet(**arrays)
+
+
+def save_features_npz(path: str, features: FeatureSet) -> None:
+    """Write a features file readable by :func:`load_features_npz` (``evaluate --features``)."""
+    np.savez(path, **{k: getattr(features, k) for k in FEATURE_KEYS})
