@@ -76,6 +76,9 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
     if args.quiet:
         logging.getLogger("vehiclenet").setLevel(logging.WARNING)
+    if not args.verbose:
+        # urllib3 logs every retry with its internal state; our own messages say what failed.
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
     path = fetch(args.name, force=args.force, progress=False if args.quiet else None)
     print(path)
     return 0
