@@ -27,8 +27,10 @@ Results agree with a dense transcription of the reference to ~1e-6 (float32
 summation order differs).
 
 Measured on the 2-core test machine at VeRi scale (1,678 + 11,579 synthetic 512-d
-features, k1=100, k2=15; ``benchmarks/eval_speed.py``): about 7-8 s, and about
-0.9 GB peak RSS for the whole process (Python + numpy + scipy baseline included).
+features clustered round 200 ids, k1=100, k2=15; ``benchmarks/eval_speed.py``):
+about 10-12 s, and about 360 MB peak RSS for the whole process (136 MB of it is
+Python + numpy + scipy + the features). The Jaccard step grows with the number of
+co-occurring non-zeros of V: looser clusters (noise 2.5) take about 15 s.
 Peak working memory is bounded by ``block_rows`` x N float32/int64 blocks in the
 neighbour pass and by one query's co-occurring non-zeros per thread in the
 Jaccard pass; the (Q, G) float32 result is 78 MB.
