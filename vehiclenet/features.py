@@ -1,0 +1,355 @@
+"""Retrieval features: images in, L2-normalised 512-d embeddings out.
+
+The published evaluation's recipe: embedding of the image plus embedding of its
+horizontal flip, summed, then L2-normalised (``flip=True``, the default). Every image
+goes through :func:`vehiclenet.preprocessing.preprocess`, the reference pre-processing.
+
+Inputs (any mix, in a list or alone): image file paths; folders, expanded recursively to
+their image files (by extension, hidden files and folders skipped, sorted by path);
+uint8 arrays (HxW, HxWxC RGB/RGBA, or a 4-D NxHxWxC stack); PIL images; encoded bytes.
+In-memory inputs are named ``"<array i>"`` / ``"<image i>"`` / ``"<bytes i>"`` in
+``FeatureResult.paths`` (``i`` = position after expanding folders and stacks).
+
+Pipeline: a thread pool decodes and resizes the next batches while the network runs
+(Pillow's decoder and MindSpore's eager Resize run mostly outside the GIL, and so does
+the graph execution). Batches are all one shape, so the graph compiles once: the batch
+size is evened out over the run (20 images at batch 16 run as 2 x 10, not 16 + 4) and the
+last batch is padded with copies, whose outputs are dropped.
+"""
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+from .preprocessing import INPUT_SIZE, ImageSource, is_image_path, load_image, preprocess
+
+__all__ = ["FeatureResult", "embed", "extract_features", "list_images", "load_features", "save_features"]
+
+LOG = logging.getLogger(__name__)
+
+Inputs = Union[ImageSource, Sequence[ImageSource]]
+
+
+@dataclass
+class FeatureResult:
+    """Features with the names of the images they came from, in input order.
+
+    ``features[i]`` belongs to ``paths[i]``. ``skipped`` lists ``(path, reason)`` of the
+    inputs left out (only with ``skip_bad=True``). ``extra`` holds any other arrays of a
+    features file read by :func:`load_features`; ``seconds`` the wall time of :func:`embed`.
+    """
+
+    features: np.ndarray
+    paths: List[str]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    extra: Dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _walk_images(folder: str) -> List[str]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(os.path.join(root, f) for f in files if not f.startswith(".") and is_image_path(f))
+    return sorted(found)
+
+
+def _as_list(inputs: Inputs) -> List[Any]:
+    if isinstance(inputs, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)):
+        return [inputs]
+    return list(inputs)
+
+
+def _expand(inputs: Inputs) -> Tuple[List[Tuple[str, Any]], List[Tuple[str, str]]]:
+    """(name, source) per image, plus (folder, reason) for folders holding no image."""
+    items: List[Tuple[str, Any]] = []
+    empty: List[Tuple[str, str]] = []
+    for src in _as_list(inputs):
+        if isinstance(src, (str, os.PathLike)):
+            name = os.fspath(src)
+            if os.path.isdir(name):
+                files = _walk_images(name)
+                if not files:
+                    empty.append((name, "folder holds no image files"))
+                items.extend((f, f) for f in files)
+            else:
+                items.append((name, name))  # a named file is taken whatever its extension
+        elif isinstance(src, np.ndarray) and src.ndim == 4:
+            items.extend((f"<array {len(items)}>", a) for a in src)
+        elif isinstance(src, np.ndarray):
+            items.append((f"<array {len(items)}>", src))
+        elif isinstance(src, Image.Image):
+            items.append((f"<image {len(items)}>", src))
+        elif isinstance(src, (bytes, bytearray)):
+            items.append((f"<bytes {len(items)}>", src))
+        else:
+            raise DataError(f"cannot use {type(src).__name__} as an image: give paths, folders, uint8 arrays, "
+                            "PIL images or encoded bytes")
+    return items, empty
+
+
+def list_images(inputs: Inputs) -> List[str]:
+    """File paths of ``inputs`` (files and folders; folders expanded recursively, sorted).
+
+    Raises:
+        DataError: a path does not exist, a folder holds no image, or an input is not a path.
+    """
+    paths = []
+    for src in _as_list(inputs):
+        if not isinstance(src, (str, os.PathLike)):
+            raise DataError(f"list_images takes paths, got {type(src).__name__}")
+        name = os.fspath(src)
+        if os.path.isdir(name):
+            files = _walk_images(name)
+            if not files:
+                raise DataError(f"{name}: folder holds no image files")
+            paths.extend(files)
+        elif os.path.exists(name):
+            paths.append(name)
+        else:
+            raise DataError(f"{name}: no such file or folder")
+    return paths
+
+
+def _batch_plan(n: int, batch_size: int) -> int:
+    """The one batch size used for n images: at most batch_size, padding minimised."""
+    batches = -(-n // batch_size)
+    return max(1, -(-n // max(1, batches)))
+
+
+def _prepare(src: Any, size: Tuple[int, int]) -> np.ndarray:
+    return preprocess(load_image(src), size)
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def _run_net(net, batch: np.ndarray, flip: bool):
+    """Summed (original + flipped) embeddings of a batch, one network call of 2B when flipping."""
+    import mindspore as ms
+
+    if flip:
+        # Flip along W of the preprocessed CHW input; original and flip share one graph call
+        # (one call of 2B measured faster than two of B on CPU, see benchmarks/embed_pipeline.py).
+        both = np.concatenate([batch, batch[..., ::-1]], axis=0)
+        out = net(ms.Tensor(both)).asnumpy().astype(np.float32)
+        b = batch.shape[0]
+        return out[:b] + out[b:]
+    return net(ms.Tensor(batch)).asnumpy().astype(np.float32)
+
+
+def _want_progress(progress: Optional[bool], n: int, batch: int) -> bool:
+    if progress is not None:
+        return bool(progress)
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return tty and n > 2 * batch
+
+
+def embed(
+    net,
+    images: Inputs,
+    *,
+    batch_size: int = 16,
+    flip: bool = True,
+    skip_bad: bool = False,
+    progress: Optional[bool] = None,
+    num_workers: Optional[int] = None,
+    size: Tuple[int, int] = INPUT_SIZE,
+) -> FeatureResult:
+    """Embed images with ``net`` (from ``create_network(include_top=False)``).
+
+    Args:
+        net: a Cell mapping (B, 3, H, W) float32 to (B, D) embeddings, in inference mode.
+        images: paths, folders, uint8 arrays, PIL images, bytes, or a list mixing them.
+        batch_size: largest number of images per network call (twice that many inputs
+            go through the network when ``flip``).
+        flip: add the embedding of the horizontally flipped image before normalising
+            (the published evaluation does).
+        skip_bad: leave out missing, corrupt or non-image inputs and list them in
+            ``skipped`` instead of raising.
+        progress: tqdm bar on stderr; ``None`` shows it on a terminal for runs longer
+            than two batches.
+        num_workers: decoding threads (default: ``min(4, cpu count)``).
+        size: network input (height, width); the published model uses 384x384.
+
+    Returns:
+        FeatureResult: ``features`` (N, D) float32 with unit L2 norm, in input order.
+
+    Raises:
+        DataError: a bad input (without ``skip_bad``; names the file) or no image at all.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    start = time.perf_counter()
+    items, skipped = _expand(images)
+    if skipped and not skip_bad:
+        raise DataError(f"{skipped[0][0]}: {skipped[0][1]} (use skip_bad / --skip-bad to ignore it)")
+    if not items:
+        raise DataError("no images to embed" + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    b = _batch_plan(len(items), batch_size)
+    workers = num_workers or min(4, os.cpu_count() or 1)
+    window = 2 * b + workers  # keeps the next batch ready while the network works on this one
+
+    features: List[np.ndarray] = []
+    names: List[str] = []
+    pending: deque = deque()
+    batch_arrays: List[np.ndarray] = []
+    batch_names: List[str] = []
+    bar = None
+    if _want_progress(progress, len(items), b):
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), unit="img", file=sys.stderr, desc="embedding", dynamic_ncols=True)
+
+    def flush(arrays: List[np.ndarray], labels: List[str]) -> None:
+        batch = np.stack(arrays)
+        real = batch.shape[0]
+        if real < b:  # pad with copies of the first image: same graph shape, outputs dropped
+            batch = np.concatenate([batch, np.repeat(batch[:1], b - real, axis=0)])
+        features.append(_run_net(net, batch, flip)[:real])
+        names.extend(labels)
+        if bar is not None:
+            bar.update(real)
+
+    next_item = iter(items)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vehiclenet-decode") as pool:
+            def top_up() -> None:
+                while len(pending) < window:
+                    item = next(next_item, None)
+                    if item is None:
+                        return
+                    pending.append((item[0], pool.submit(_prepare, item[1], size)))
+
+            top_up()
+            while pending:
+                name, fut = pending.popleft()
+                try:
+                    arr = fut.result()
+                except DataError as exc:
+                    if not skip_bad:
+                        for _, other in pending:
+                            other.cancel()
+                        raise DataError(f"{exc} (use skip_bad / --skip-bad to skip bad images)") from None
+                    reason = str(exc)
+                    prefix = f"{name}: "
+                    skipped.append((name, reason[len(prefix):] if reason.startswith(prefix) else reason))
+                    LOG.warning("skipped %s", reason)
+                    if bar is not None:
+                        bar.update(1)
+                    top_up()
+                    continue
+                batch_arrays.append(arr)
+                batch_names.append(name)
+                top_up()
+                if len(batch_arrays) == b:
+                    flush(batch_arrays, batch_names)
+                    batch_arrays, batch_names = [], []
+            if batch_arrays:
+                flush(batch_arrays, batch_names)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not features:
+        raise DataError(f"no usable image among {len(items)} input(s); first problem: "
+                        f"{skipped[0][0]}: {skipped[0][1]}")
+    return FeatureResult(
+        features=_l2_normalise(np.concatenate(features)),
+        paths=names,
+        skipped=skipped,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def extract_features(
+    net,
+    images: Inputs,
+    *,
+    batch_size: int = 16,
+    flip: bool = True,
+    skip_bad: bool = False,
+    progress: Optional[bool] = None,
+    num_workers: Optional[int] = None,
+) -> np.ndarray:
+    """(N, D) float32 L2-normalised features of ``images``, in order: ``embed(...).features``.
+
+    With ``skip_bad=True`` rows no longer line up with the inputs; use :func:`embed` to
+    learn which images were kept.
+    """
+    return embed(net, images, batch_size=batch_size, flip=flip, skip_bad=skip_bad,
+                 progress=progress, num_workers=num_workers).features
+
+
+# --------------------------------------------------------------------------- npz files
+
+
+def save_features(path: Union[str, os.PathLike], features: np.ndarray, paths: Sequence[str], **extra: Any) -> Path:
+    """Write ``features`` (float32) and ``paths`` (str) plus ``extra`` arrays to an .npz file.
+
+    The file is written under a temporary name and renamed, so a crash never leaves a
+    half-written file; the name is used as given (no ``.npz`` appended).
+    """
+    feats = np.asarray(features, dtype=np.float32)
+    names = np.asarray([str(p) for p in paths], dtype=str)
+    if feats.ndim != 2 or feats.shape[0] != names.shape[0]:
+        raise ValueError(f"features {feats.shape} and {names.shape[0]} paths do not match")
+    for key in ("features", "paths"):
+        if key in extra:
+            raise ValueError(f"extra key {key!r} is reserved")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, features=feats, paths=names, **{k: np.asarray(v) for k, v in extra.items()})
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def load_features(path: Union[str, os.PathLike]) -> FeatureResult:
+    """Read a file written by :func:`save_features` (or ``vehiclenet embed``).
+
+    Raises:
+        DataError: missing file, not an .npz, keys ``features``/``paths`` missing or inconsistent.
+    """
+    name = os.fspath(path)
+    try:
+        with np.load(name, allow_pickle=False) as npz:
+            missing = [k for k in ("features", "paths") if k not in npz.files]
+            if missing:
+                raise DataError(f"{name}: missing key(s) {', '.join(missing)}; expected an embeddings file "
+                                "from `vehiclenet embed` (keys features, paths)")
+            feats = npz["features"]
+            paths = [str(p) for p in npz["paths"].tolist()]
+            extra = {k: npz[k] for k in npz.files if k not in ("features", "paths")}
+    except FileNotFoundError:
+        raise DataError(f"{name}: no such features file") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{name}: not a readable .npz features file ({exc})") from None
+    if feats.ndim != 2 or feats.shape[0] != len(paths):
+        raise DataError(f"{name}: features shape {feats.shape} does not match {len(paths)} paths")
+    return FeatureResult(features=feats.astype(np.float32, copy=False), paths=paths, extra=extra)
+
