@@ -1,0 +1,88 @@
+"""Export the VehicleNet embedding network (image -> 512-d ``bn1`` output) to MindIR or ONNX.
+
+Example::
+
+    from vehiclenet.export import export_embedding
+    export_embedding("vehiclenet.mindir", checkpoint="runs/exp1/vehiclenet-e040.ckpt", image_size=384)
+
+    import mindspore as ms, mindspore.nn as nn
+    net = nn.GraphCell(ms.load("vehiclenet.mindir"))
+    features = net(ms.Tensor(images))        # (1, 3, 384, 384) float32, pre-processed -> (1, 512)
+
+The input size is fixed at export time (``batch_size`` x 3 x S x S, float32,
+pre-processed as in :mod:`vehiclenet.preprocessing`); features are not normalised.
+"""
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .errors import CheckpointError, UsageError
+
+LOG = logging.getLogger(__name__)
+
+FORMATS = ("MINDIR", "ONNX")
+_SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx"}
+
+
+def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
+                            num_classes: Optional[int] = None, device_target: Optional[str] = None):
+    """The embedding network in inference mode, weights from ``checkpoint`` or the published file.
+
+    ``num_classes``, when given, must be the number of identities of the checkpoint's
+    head (a check that the right file is exported; the head's last layer is not part
+    of the embedding network).
+    """
+    from .checkpoint import load_weights
+    from .model import create_network
+
+    net = create_network(pretrained=False, include_top=False, device_target=device_target)
+    path = None
+    if checkpoint is not None:
+        path = os.fspath(checkpoint)
+    elif pretrained:
+        from .download import fetch
+
+        path = os.fspath(fetch(None if pretrained is True else pretrained))
+    if path is None:
+        LOG.warning("exporting random weights (no checkpoint and pretrained=False)")
+    else:
+        report = load_weights(net, path)
+        if num_classes is not None and report.file_num_classes not in (None, num_classes):
+            raise CheckpointError(f"{path!r} has a head of {report.file_num_classes} identities, not "
+                                  f"--num-classes {num_classes}: is it the checkpoint you meant to export?")
+    net.set_train(False)
+    return net
+
+
+def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR",
+                     checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
+                     num_classes: Optional[int] = None, image_size: int = 384, batch_size: int = 1,
+                     device_target: Optional[str] = None) -> Path:
+    """Write the embedding network for a fixed (batch_size, 3, S, S) float32 input; returns the file's path.
+
+    MindSpore appends the format's suffix (``.mindir`` / ``.onnx``) when ``out`` lacks
+    it; the returned path is the file actually written.
+    """
+    import mindspore as ms
+
+    fmt = file_format.upper()
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {file_format!r}")
+    if image_size < 32 or batch_size < 1:
+        raise UsageError(f"image size must be >= 32 and batch size >= 1, got {image_size}, {batch_size}")
+    net = build_embedding_network(checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
+                                  device_target=device_target)
+    out = Path(out)
+    if out.suffix.lower() != _SUFFIX[fmt]:
+        out = out.with_name(out.name + _SUFFIX[fmt])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = ms.Tensor(np.zeros((batch_size, 3, image_size, image_size), np.float32))
+    # MindSpore adds the suffix itself, so it gets the name without it.
+    ms.export(net, example, file_name=str(out.with_suffix("")), file_format=fmt)
+    if not out.is_file():
+        raise RuntimeError(f"mindspore.export reported success but {out} was not written")
+    LOG.info("exported %s (%s, input %dx3x%dx%d)", out, fmt, batch_size, image_size, image_size)
+    return out

@@ -1,0 +1,600 @@
+"""Fine-tuning VehicleNet: the pieces a training script composes, and :func:`finetune`.
+
+Every piece is usable alone::
+
+    import vehiclenet
+    from vehiclenet import finetune as ft
+
+    data = ft.scan_training_data("my_vehicles/")          # ROOT/<id>/*.jpg or VeRi image_train/
+    ft.save_label_map(data, "runs/exp1")                  # runs/exp1/labels.json: id -> label
+    dataset = ft.build_train_dataset(data, batch_size=24, image_size=384)
+    net = vehiclenet.create_network(num_classes=data.num_classes)   # published backbone, new last layer
+    lr = ft.lr_schedule(0.02, dataset.get_dataset_size(), epochs=40)
+    optimizer = ft.create_optimizer(net, lr)              # head at lr, the rest at 0.1x; SGD 0.9, wd 1e-4
+    step = ft.build_train_step(net, optimizer)
+    saver = ft.CheckpointSaver("runs/exp1", keep_max=5)
+    for epoch in range(40):
+        for images, labels in dataset.create_tuple_iterator():
+            loss = step(images, labels)
+        saver.save(step, epoch=epoch + 1, step=optimizer.global_step.asnumpy().item())
+
+or in one call: ``ft.finetune("my_vehicles/", "runs/exp1", epochs=40)`` (what
+``vehiclenet finetune`` runs). Checkpoints hold the network, the SGD state and
+``epoch_num``/``step_num``; ``create_network(checkpoint=..., num_classes=N)``
+loads them and :func:`resume_training` continues from them.
+
+Data-parallel: under ``msrun`` (or any launcher that sets ``MS_WORKER_NUM`` /
+``RANK_SIZE``) :func:`init_data_parallel` joins the collective group, gradients are
+averaged across workers, each worker reads its shard of the data and only rank 0
+writes files.
+"""
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import CheckpointError, DataError
+
+LOG = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+LABELS_FILE = "labels.json"
+CHECKPOINT_PREFIX = "vehiclenet"
+HEAD_PREFIX = "classifier."
+BACKBONE_LR_FACTOR = 0.1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+_VERI_NAME = re.compile(r"^(\d+)_c(\d+)_.*\.(jpe?g|png|bmp)$", re.IGNORECASE)
+_CKPT_NAME = re.compile(r"^" + CHECKPOINT_PREFIX + r"-e(\d+)\.ckpt$")
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainingData:
+    """Images with labels 0..N-1 and the identity each label stands for."""
+
+    root: str
+    layout: str  # "folders" (ROOT/<id>/*.jpg) or "veri" (image_train/VVVV_cCCC_...jpg)
+    paths: List[str]
+    labels: np.ndarray = field(repr=False)
+    identities: List[str] = field(repr=False)  # identities[label] = original id
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.identities)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _sort_ids(ids) -> List[str]:
+    ids = list(ids)
+    if all(i.isdigit() for i in ids):
+        return sorted(ids, key=int)
+    return sorted(ids)
+
+
+def _check_decodable(paths: Sequence[str]) -> None:
+    """Reject files that are not images before training starts (header check, cheap)."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.size  # noqa: B018 - parsing the header is the check
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            bad.append(f"{p} ({type(exc).__name__})")
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DataError(f"{len(bad)} training image(s) cannot be decoded: {shown}. "
+                        "Remove or replace them (only JPEG/PNG/BMP images belong in the data folder).")
+
+
+def scan_training_data(root: PathLike, *, check_images: bool = True) -> TrainingData:
+    """Find training images and map their identities to labels 0..N-1.
+
+    Layouts: ``ROOT/<id>/*.jpg`` (one folder per identity), or VeRi-776
+    (``ROOT/image_train/VVVV_cCCC_...jpg`` or those files directly in ``ROOT``;
+    id = int(VVVV)). Identities are sorted (numerically when all are numbers).
+
+    Raises DataError for a missing or empty folder, fewer than two identities, or
+    files that are not images.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"training data folder {root!r} does not exist or is not a folder; give --data the "
+                        "folder holding one sub-folder per identity (ROOT/<id>/*.jpg) or VeRi-776's image_train/")
+    veri_dir = os.path.join(root, "image_train")
+    if os.path.isdir(veri_dir):
+        layout, image_dir = "veri", veri_dir
+    else:
+        image_dir = root
+        top = [n for n in os.listdir(root) if _is_image(n)]
+        layout = "veri" if top and all(_VERI_NAME.match(n) for n in top) else "folders"
+
+    per_id: Dict[str, List[str]] = {}
+    if layout == "veri":
+        for name in sorted(os.listdir(image_dir)):
+            if not _is_image(name):
+                continue
+            match = _VERI_NAME.match(name)
+            if match is None:
+                raise DataError(f"{os.path.join(image_dir, name)!r} is not named like a VeRi-776 training image "
+                                "('VVVV_cCCC_....jpg'); rename it or use the ROOT/<id>/*.jpg layout")
+            per_id.setdefault(str(int(match.group(1))), []).append(os.path.join(image_dir, name))
+    else:
+        for name in sorted(os.listdir(root)):
+            folder = os.path.join(root, name)
+            if os.path.isdir(folder) and not name.startswith("."):
+                images = sorted(os.path.join(folder, n) for n in os.listdir(folder) if _is_image(n))
+                if images:
+                    per_id[name] = images
+    if not per_id:
+        raise DataError(f"no training images found in {root!r}: expected ROOT/<id>/*.jpg (one folder per identity) "
+                        "or VeRi-776's image_train/ with VVVV_cCCC_*.jpg files")
+    if len(per_id) < 2:
+        only = next(iter(per_id))
+        raise DataError(f"{root!r} holds a single identity ({only!r}); classification fine-tuning needs at least "
+                        "two identities (one sub-folder per identity)")
+    identities = _sort_ids(per_id)
+    paths, labels = [], []
+    for label, ident in enumerate(identities):
+        paths += per_id[ident]
+        labels += [label] * len(per_id[ident])
+    if check_images:
+        _check_decodable(paths)
+    LOG.info("training data %s (%s layout): %d images, %d identities", root, layout, len(paths), len(identities))
+    return TrainingData(root, layout, paths, np.asarray(labels, np.int32), identities)
+
+
+def save_label_map(data: TrainingData, out_dir: PathLike) -> Path:
+    """Write ``labels.json`` (label -> original identity) into ``out_dir``; returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LABELS_FILE
+    doc = {"num_classes": data.num_classes, "layout": data.layout, "root": os.path.abspath(data.root),
+           "identities": data.identities, "label_of": {ident: i for i, ident in enumerate(data.identities)}}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_label_map(path: PathLike) -> List[str]:
+    """The identities of a ``labels.json`` (or the folder holding it), indexed by label."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LABELS_FILE
+    try:
+        doc = json.loads(path.read_text())
+        return [str(i) for i in doc["identities"]]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read the label map {str(path)!r}: {exc}") from exc
+
+
+class _ImageSource:
+    """Random-access source for GeneratorDataset: (HWC uint8 RGB, int32 label)."""
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray) -> None:
+        self.paths = list(paths)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except Exception as exc:
+            # The pipeline wraps this; the marker lets the training loop turn it back into a DataError.
+            raise RuntimeError(f"VEHICLENET_DECODE_ERROR {path}: {exc}") from None
+        return image, np.int32(self.labels[index])
+
+
+def build_train_dataset(data: TrainingData, *, batch_size: int = 24, image_size=384, num_workers: int = 2,
+                        shuffle: bool = True, augment: bool = True, rank: int = 0, group_size: int = 1,
+                        seed: Optional[int] = None):
+    """A batched ``mindspore.dataset`` of (image CHW float32, label int32) with the reference augmentations.
+
+    With ``group_size > 1`` each rank reads its own shard. The last incomplete batch is
+    dropped (BatchNorm needs more than one sample, and a fixed shape avoids recompiling).
+    """
+    import mindspore.dataset as ds
+
+    from .augment import eval_transforms, train_transforms
+
+    per_rank = len(data) // group_size
+    if per_rank < batch_size:
+        raise DataError(f"{data.root!r} has {len(data)} images, {per_rank} per worker: fewer than one batch of "
+                        f"{batch_size}; lower --batch-size or add images")
+    if seed is not None:
+        ds.config.set_seed(seed)
+    shard = {"num_shards": group_size, "shard_id": rank} if group_size > 1 else {}
+    dataset = ds.GeneratorDataset(_ImageSource(data.paths, data.labels), ["image", "label"], shuffle=shuffle,
+                                  num_parallel_workers=1, python_multiprocessing=False, **shard)
+    ops = train_transforms(image_size) if augment else eval_transforms(image_size)
+    dataset = dataset.map(ops, input_columns="image", num_parallel_workers=max(1, num_workers))
+    return dataset.batch(batch_size, drop_remainder=True)
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def param_groups(net, lr, *, backbone_factor: float = BACKBONE_LR_FACTOR,
+                 weight_decay: float = WEIGHT_DECAY) -> List[Dict]:
+    """Two SGD groups: everything but the head at ``backbone_factor * lr``, the head at ``lr``.
+
+    ``lr`` is a float or a per-step array. Group 0 is the backbone (``model.*``),
+    group 1 the head (``classifier.*``), the order of the published checkpoint's
+    ``learning_rate_group_0/1``.
+    """
+    params = net.trainable_params()
+    head = [p for p in params if p.name.startswith(HEAD_PREFIX)]
+    rest = [p for p in params if not p.name.startswith(HEAD_PREFIX)]
+    if not head:
+        raise ValueError("no head parameters (classifier.*) found: is this a VehicleNet network?")
+    if isinstance(lr, (int, float)):
+        low, high = float(lr) * backbone_factor, float(lr)
+    else:
+        high = np.asarray(lr, np.float32)
+        low = (high * backbone_factor).astype(np.float32)
+        low, high = low.tolist(), high.tolist()
+    return [{"params": rest, "lr": low, "weight_decay": weight_decay},
+            {"params": head, "lr": high, "weight_decay": weight_decay}]
+
+
+def lr_schedule(base_lr: float, steps_per_epoch: int, epochs: int, *, warmup_epochs: Optional[float] = None,
+                decay_epochs: Optional[Sequence[int]] = None, gamma: float = 0.1,
+                warmup_start: float = 0.1) -> np.ndarray:
+    """Per-step learning rate: linear warm-up from ``warmup_start * base_lr``, then step decay.
+
+    Defaults scale with the run: warm-up ``min(5, epochs // 8)`` epochs, one decay by
+    ``gamma`` at 3/4 of the epochs (40 epochs: warm-up 5, decay at 30).
+    """
+    if steps_per_epoch < 1 or epochs < 1:
+        raise ValueError(f"steps_per_epoch and epochs must be >= 1, got {steps_per_epoch}, {epochs}")
+    if warmup_epochs is None:
+        warmup_epochs = min(5, epochs // 8)
+    if decay_epochs is None:
+        decay_epochs = [max(1, (3 * epochs) // 4)] if epochs >= 4 else []
+    total = steps_per_epoch * epochs
+    step = np.arange(total, dtype=np.float64)
+    epoch = step / steps_per_epoch
+    lr = base_lr * gamma ** np.searchsorted(sorted(decay_epochs), epoch, side="right")
+    warm = int(round(warmup_epochs * steps_per_epoch))
+    if warm > 0:
+        ramp = warmup_start + (1 - warmup_start) * np.minimum(step / warm, 1.0)
+        lr = np.where(step < warm, lr * ramp, lr)
+    return lr.astype(np.float32)
+
+
+def create_optimizer(net, lr, *, momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY,
+                     backbone_factor: float = BACKBONE_LR_FACTOR):
+    """``nn.SGD`` (momentum 0.9, weight decay 1e-4) over :func:`param_groups`."""
+    import mindspore.nn as nn
+
+    groups = param_groups(net, lr, backbone_factor=backbone_factor, weight_decay=weight_decay)
+    return nn.SGD(groups, learning_rate=groups[1]["lr"], momentum=momentum, weight_decay=weight_decay)
+
+
+def build_train_step(net, optimizer):
+    """Softmax cross-entropy + one optimizer step, as a cell: ``loss = step(images, labels)``.
+
+    Sets the network to training mode. Under data-parallel mode (see
+    :func:`init_data_parallel`) the gradients are all-reduced and averaged.
+    """
+    import mindspore.nn as nn
+
+    net.set_train(True)
+    loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    step = nn.TrainOneStepCell(nn.WithLossCell(net, loss), optimizer)
+    step.set_train(True)
+    return step
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def distributed_env() -> bool:
+    """True when a launcher (msrun, mpirun, rank tables) started this process as one of several workers."""
+    for key in ("MS_WORKER_NUM", "RANK_SIZE"):
+        try:
+            if int(os.environ.get(key, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def init_data_parallel(device_target: Optional[str] = None) -> Tuple[int, int]:
+    """Join the collective group and switch MindSpore to data-parallel mode with averaged gradients.
+
+    Returns ``(rank, group_size)``. Call it before building the train step. On CPU
+    MindSpore uses its "mccl" backend; under msrun nothing needs configuring.
+    """
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    from .device import configure
+
+    configure(device_target)
+    init()
+    rank, size = get_rank(), get_group_size()
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=size)
+    LOG.info("data-parallel: rank %d of %d", rank, size)
+    return rank, size
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointSaver:
+    """Writes ``vehiclenet-eNNN.ckpt`` (network + SGD state + epoch/step) and keeps the newest ``keep_max``."""
+
+    def __init__(self, out_dir: PathLike, keep_max: int = 5, *, enabled: bool = True) -> None:
+        if keep_max < 1:
+            raise ValueError(f"keep_max must be >= 1, got {keep_max}")
+        self.out_dir = Path(out_dir)
+        self.keep_max = keep_max
+        self.enabled = enabled  # False on ranks other than 0
+
+    def existing(self) -> List[Path]:
+        """Checkpoints of this saver's naming in ``out_dir``, oldest epoch first."""
+        if not self.out_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.out_dir.iterdir() if (m := _CKPT_NAME.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save(self, train_step, *, epoch: int, step: int) -> Optional[Path]:
+        """Save ``train_step``'s parameters (network and optimizer) after ``epoch`` epochs / ``step`` steps."""
+        import mindspore as ms
+
+        if not self.enabled:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{CHECKPOINT_PREFIX}-e{epoch:03d}.ckpt"
+        tmp = self.out_dir / f".tmp-{path.name}"  # save_checkpoint insists on a .ckpt suffix
+        # Written then renamed, so a crash never leaves a half-written file under the final name.
+        ms.save_checkpoint(train_step, str(tmp), append_dict={"epoch_num": int(epoch), "step_num": int(step)})
+        os.replace(tmp, path)
+        for old in self.existing()[:-self.keep_max]:
+            old.unlink()
+        LOG.info("saved %s", path)
+        return path
+
+
+def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
+    """The newest ``vehiclenet-eNNN.ckpt`` in ``out_dir``, or None."""
+    found = CheckpointSaver(out_dir).existing()
+    return found[-1] if found else None
+
+
+def resume_training(train_step, optimizer, path: PathLike) -> Tuple[int, int]:
+    """Load network weights, SGD state and the position from a fine-tuning checkpoint.
+
+    Returns ``(epoch, step)`` it was saved at. Raises CheckpointError when the file is
+    of another model (network entries missing or of other shapes, another number of
+    identities) or holds no optimizer state / epoch (e.g. the published weights: use
+    them with ``checkpoint=`` / ``--checkpoint`` instead).
+    """
+    import mindspore as ms
+
+    from .checkpoint import load_weights, read_checkpoint
+
+    path = os.fspath(path)
+    net = train_step.network.backbone_network  # TrainOneStepCell -> WithLossCell -> VehicleNet
+    params = read_checkpoint(path, keep_training_state=True)
+    params.pop("__training_state__", None)
+    if "epoch_num" not in params or "step_num" not in params:
+        raise CheckpointError(f"{path!r} holds no epoch_num/step_num: it was not written by VehicleNet fine-tuning, "
+                              "so there is nothing to resume. Start from its weights with --checkpoint instead.")
+    report = load_weights(net, path)
+    if report.reinitialized:
+        raise CheckpointError(f"cannot resume from {path!r}: its head has {report.file_num_classes} identities, the "
+                              f"training data {net.num_classes}. Resume with the data it was trained on, or start "
+                              "from its weights with --checkpoint.")
+    state = {}
+    problems = []
+    for p in optimizer.get_parameters():
+        if p.name.startswith("learning_rate") or p.name == "momentum":
+            continue  # rebuilt from the arguments of this run
+        if p.name not in params:
+            problems.append(f"{p.name} missing")
+        elif tuple(params[p.name].shape) != tuple(p.shape):
+            problems.append(f"{p.name}: file {tuple(params[p.name].shape)} vs {tuple(p.shape)}")
+        else:
+            state[p.name] = params[p.name]
+    if problems:
+        shown = ", ".join(problems[:4]) + (f", ... ({len(problems) - 4} more)" if len(problems) > 4 else "")
+        raise CheckpointError(f"{path!r} does not hold this optimizer's state ({shown}); resume needs a checkpoint "
+                              "written by `vehiclenet finetune`. Use --checkpoint to start from its weights.")
+    not_loaded, _ = ms.load_param_into_net(optimizer, state, strict_load=True)
+    if not_loaded:
+        raise CheckpointError(f"MindSpore did not load {not_loaded[:4]} from {path!r}")
+    epoch = int(np.asarray(params["epoch_num"].asnumpy()).reshape(-1)[0])
+    step = int(np.asarray(params["step_num"].asnumpy()).reshape(-1)[0])
+    LOG.info("resumed from %s: epoch %d, step %d", path, epoch, step)
+    return epoch, step
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_query_gallery(net, root: PathLike, *, image_size=384, batch_size: int = 16) -> Dict[str, float]:
+    """mAP / rank-1 of ``net``'s embedding on a VeRi-style query/gallery split (no re-ranking).
+
+    ``root`` holds ``image_query/`` and ``image_test/`` (names ``VVVV_cCCC_...jpg``).
+    Features: embedding of the image plus its flip, L2-normalised. ``net`` is put in
+    inference mode for the evaluation and back in training mode afterwards.
+    """
+    import mindspore as ms
+    from PIL import Image
+
+    import mindspore.dataset.transforms as T
+
+    from .augment import eval_transforms
+    from .evaluation import cosine_distance, evaluate, read_veri
+
+    query, gallery = read_veri(os.fspath(root))
+    chain = T.Compose(eval_transforms(image_size))
+    embed = net.model, net.classifier
+
+    def features(paths):
+        out = []
+        for start in range(0, len(paths), batch_size):
+            batch = []
+            for p in paths[start:start + batch_size]:
+                with Image.open(p) as im:
+                    batch.append(chain(np.asarray(im.convert("RGB"))))
+            x = np.stack(batch).astype(np.float32)
+            f = 0
+            for view in (x, x[..., ::-1].copy()):
+                pooled = embed[0](ms.Tensor(view))
+                f = f + embed[1].bn1(embed[1].dense(pooled)).asnumpy()
+            out.append(f / np.linalg.norm(f, axis=1, keepdims=True).clip(1e-12))
+        return np.concatenate(out)
+
+    net.set_train(False)
+    try:
+        qf, gf = features(query.paths), features(gallery.paths)
+    finally:
+        net.set_train(True)
+    result = evaluate(cosine_distance(qf, gf), query.ids, gallery.ids, query.cams, gallery.cams)
+    return {"mAP": float(result.mAP), "rank1": result.rank(1)}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class EpochStats:
+    """Figures of one epoch (images/s counts every worker's images)."""
+
+    epoch: int
+    step: int
+    loss: float
+    images_per_second: float
+    seconds: float
+    checkpoint: Optional[str] = None
+    evaluation: Optional[Dict[str, float]] = None
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did."""
+
+    out_dir: str
+    num_classes: int
+    start_epoch: int
+    history: List[EpochStats]
+    checkpoints: List[str]
+    labels_file: Optional[str]
+    rank: int = 0
+    group_size: int = 1
+
+
+def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int = 24, lr: float = 0.02,
+             image_size=384, pretrained: Union[bool, str] = True, checkpoint: Optional[PathLike] = None,
+             resume: Optional[PathLike] = None, num_workers: int = 2, save_every: int = 1, keep_max: int = 5,
+             warmup_epochs: Optional[float] = None, decay_epochs: Optional[Sequence[int]] = None,
+             eval_data: Optional[PathLike] = None, eval_every: int = 0, distributed: Optional[bool] = None,
+             max_steps_per_epoch: Optional[int] = None, seed: Optional[int] = None, device_target: Optional[str] = None,
+             on_epoch: Optional[Callable[[EpochStats], None]] = None) -> FinetuneResult:
+    """Fine-tune VehicleNet on ``data``, writing ``labels.json`` and checkpoints into ``out``.
+
+    Starts from the published weights (``pretrained=True``), a local ``checkpoint``,
+    random weights (``pretrained=False``), or continues a previous run (``resume``:
+    weights, SGD state, epoch and step). ``distributed=None`` turns data-parallel on
+    when a launcher such as msrun started several workers. ``on_epoch`` is called
+    with each epoch's :class:`EpochStats` (rank 0 only).
+    """
+    import mindspore as ms
+
+    from .model import create_network
+
+    if epochs < 1 or batch_size < 1 or save_every < 1:
+        raise ValueError("epochs, batch_size and save_every must be >= 1")
+    if resume is not None and not os.path.isfile(resume):
+        raise CheckpointError(f"--resume file {os.fspath(resume)!r} does not exist; give a vehiclenet-eNNN.ckpt "
+                              f"written by an earlier run (see {os.fspath(out)!r})")
+    training = scan_training_data(data)
+    rank, size = 0, 1
+    if distributed or (distributed is None and distributed_env()):
+        rank, size = init_data_parallel(device_target)
+    if seed is not None:
+        ms.set_seed(seed)
+    labels_file = save_label_map(training, out) if rank == 0 else None
+    dataset = build_train_dataset(training, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
+                                  rank=rank, group_size=size, seed=seed)
+    if max_steps_per_epoch:
+        dataset = dataset.take(max_steps_per_epoch)
+    steps_per_epoch = dataset.get_dataset_size()
+
+    net = create_network(pretrained=False if resume else pretrained, checkpoint=None if resume else checkpoint,
+                         num_classes=training.num_classes, device_target=device_target)
+    schedule = lr_schedule(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
+    optimizer = create_optimizer(net, schedule)
+    step_cell = build_train_step(net, optimizer)
+    start_epoch, global_step = 0, 0
+    if resume is not None:
+        start_epoch, global_step = resume_training(step_cell, optimizer, resume)
+        if start_epoch >= epochs:
+            raise CheckpointError(f"{os.fspath(resume)!r} was saved after epoch {start_epoch}; --epochs {epochs} "
+                                  "leaves nothing to train. Raise --epochs.")
+    saver = CheckpointSaver(out, keep_max, enabled=rank == 0)
+    result = FinetuneResult(os.fspath(out), training.num_classes, start_epoch, [], [],
+                            str(labels_file) if labels_file else None, rank, size)
+
+    iterator = dataset.create_tuple_iterator(num_epochs=epochs - start_epoch)
+    for epoch in range(start_epoch, epochs):
+        losses, seen, started = [], 0, time.perf_counter()
+        try:
+            for images, labels in iterator:
+                losses.append(step_cell(images, labels))
+                seen += images.shape[0]
+                global_step += 1
+        except RuntimeError as exc:
+            message = str(exc)
+            marker = message.find("VEHICLENET_DECODE_ERROR ")
+            if marker >= 0:
+                detail = message[marker + len("VEHICLENET_DECODE_ERROR "):].splitlines()[0]
+                raise DataError(f"cannot decode training image {detail}; remove or replace it") from None
+            raise
+        mean_loss = float(np.mean([float(v.asnumpy()) for v in losses]))
+        seconds = time.perf_counter() - started
+        stats = EpochStats(epoch + 1, global_step, mean_loss, seen * size / seconds, seconds)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}; lower --lr")
+        done = epoch + 1
+        if done % save_every == 0 or done == epochs:
+            path = saver.save(step_cell, epoch=done, step=global_step)
+            stats.checkpoint = str(path) if path else None
+            if path:
+                result.checkpoints.append(str(path))
+        if eval_data is not None and eval_every and (done % eval_every == 0 or done == epochs) and rank == 0:
+            stats.evaluation = evaluate_query_gallery(net, eval_data, image_size=image_size)
+        result.history.append(stats)
+        if on_epoch is not None and rank == 0:
+            on_epoch(stats)
+    return result
