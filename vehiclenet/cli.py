@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Each concern registers its own sub-commands below.
     _add_asset_commands(sub)
     _add_evaluate_command(sub)
+    _add_embed_command(sub)
+    _add_rank_command(sub)
     return parser
 
 
@@ -293,6 +295,168 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     return 0
 
+
+# --------------------------------------------------------------------------- embed / rank
+# Both build the network, so their handlers import mindspore (lazily, via the library).
+
+
+def _add_network_args(p: argparse.ArgumentParser, batch_default: int = 16) -> None:
+    p.add_argument("--checkpoint", metavar="PATH", help="weights to load (default: the published checkpoint)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random weights, nothing downloaded (for tests and timing only)")
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontal-flip feature sum (2x faster)")
+    p.add_argument("--batch-size", type=int, default=batch_default,
+                   help=f"images per network call (default {batch_default})")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip missing, corrupt or non-image files (listed on stderr) instead of failing")
+
+
+def _add_embed_command(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "embed",
+        help="512-d L2-normalised embeddings of images into an .npz",
+        description="Embed image files and folders (recursively, sorted) with the published pre-processing "
+        "and flip-sum. Writes an .npz with `features` (float32 N x 512) and `paths`. Exit codes: 0 success, "
+        "1 bad input (the message names the file) or weights problem, 2 usage.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("--out", "-o", required=True, metavar="FEATS.npz", help="output file")
+    _add_network_args(p)
+    p.set_defaults(func=_cmd_embed)
+
+
+def _add_rank_command(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "rank",
+        help="top-k gallery images for a query image, printed and drawn",
+        description="Rank a gallery (a folder of images, or an .npz from `vehiclenet embed`) by cosine distance "
+        "(1 - cos) to a query image; print rank, distance, path and write a picture of the query beside its "
+        "top-k matches (green/red frames when VeRi file names give the vehicle ids). The query file itself "
+        "is left out of the gallery.",
+    )
+    p.add_argument("--query", required=True, metavar="IMG", help="query image file")
+    p.add_argument("--gallery", required=True, metavar="DIR|FEATS.npz", help="gallery folder or features file")
+    p.add_argument("--top-k", type=int, default=10, help="matches to show (default 10)")
+    p.add_argument("--out", "-o", default="ranked.png", metavar="PNG", help="picture to write (default ranked.png)")
+    p.add_argument("--no-picture", action="store_true", help="print the ranking only")
+    p.add_argument("--thumb", type=int, default=128, help="thumbnail side in pixels (default 128)")
+    _add_network_args(p)
+    p.set_defaults(func=_cmd_rank)
+
+
+def _check_network_args(args: argparse.Namespace) -> None:
+    from .errors import UsageError
+
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    if args.checkpoint and args.no_pretrained:
+        raise UsageError("--checkpoint and --no-pretrained exclude each other")
+
+
+def _embedding_network(args: argparse.Namespace):
+    import os
+
+    # MindSpore logs a warning per missing device plugin; our own log says which device is used.
+    # GLOG_v is read when mindspore is first imported, so set it before importing the model.
+    os.environ.setdefault("GLOG_v", "3")
+    from .model import create_network
+
+    if args.no_pretrained:
+        logging.getLogger("vehiclenet").warning("--no-pretrained: random weights, the features mean nothing")
+    return create_network(pretrained=not args.no_pretrained, checkpoint=args.checkpoint, include_top=False)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .features import embed, save_features
+
+    _check_network_args(args)
+    net = _embedding_network(args)
+    res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
+    out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
+    n = len(res)
+    skipped = f"skipped {len(res.skipped)}" + (
+        f" ({', '.join(p for p, _ in res.skipped[:5])}{', ...' if len(res.skipped) > 5 else ''})" if res.skipped else ""
+    )
+    print(f"embedded {n} image(s) -> {out} ({res.features.shape[1]}-d, flip {'on' if not args.no_flip else 'off'}); "
+          f"{skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
+    return 0
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+
+    from .errors import DataError, UsageError
+    from .evaluation import parse_veri_name
+    from .features import FeatureResult, embed, load_features
+    from .preprocessing import load_image
+    from .visualize import draw_ranking
+
+    _check_network_args(args)
+    if args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if args.thumb < 16:
+        raise UsageError("--thumb must be >= 16")
+    if not os.path.isfile(args.query):
+        raise DataError(f"{args.query}: query image not found")
+    log = logging.getLogger("vehiclenet")
+    flip = not args.no_flip
+    gallery_is_npz = os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz")
+    if gallery_is_npz:
+        gallery = load_features(args.gallery)
+        stored = gallery.extra.get("flip")
+        if stored is not None and bool(stored) != flip:
+            log.warning("%s was embedded with flip %s but the query uses flip %s; distances mix the two",
+                        args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
+    elif os.path.isdir(args.gallery):
+        gallery = None
+    else:
+        raise DataError(f"{args.gallery}: neither a folder nor an .npz features file")
+
+    load_image(args.query)  # a bad query fails here, before the network is built
+    net = _embedding_network(args)
+    if gallery is None:
+        # Query and gallery in one run: one batch shape, so the graph compiles once. Skipped
+        # files are logged (WARNING) by embed.
+        both = embed(net, [args.query, args.gallery], batch_size=args.batch_size, flip=flip,
+                     skip_bad=args.skip_bad)
+        query = FeatureResult(both.features[:1], both.paths[:1])
+        gallery = FeatureResult(both.features[1:], both.paths[1:])
+    else:
+        query = embed(net, [args.query], batch_size=1, flip=flip)
+    if gallery.features.shape[1] != query.features.shape[1]:
+        raise DataError(f"{args.gallery}: features are {gallery.features.shape[1]}-d, the network gives "
+                        f"{query.features.shape[1]}-d")
+    # The query file itself would be a perfect first match; leave it out of its own gallery.
+    qreal = os.path.realpath(args.query)
+    keep = [i for i, p in enumerate(gallery.paths) if os.path.realpath(p) != qreal]
+    if not keep:
+        raise DataError(f"{args.gallery}: no gallery image besides the query")
+    feats = gallery.features[keep]
+    paths = [gallery.paths[i] for i in keep]
+    sims = feats @ query.features[0]
+    order = np.argsort(-sims, kind="stable")[: args.top_k]
+    dists = [float(1.0 - sims[i]) for i in order]
+    ranked = [paths[i] for i in order]
+
+    def vid(path: str):
+        try:
+            return parse_veri_name(path)[0]
+        except DataError:
+            return None
+
+    qid = vid(args.query)
+    ids = [vid(p) for p in ranked]
+    print(f"query {args.query}" + (f" (id {qid})" if qid is not None else "")
+          + f": top {len(ranked)} of {len(paths)} gallery images, cosine distance 1 - cos")
+    for r, (d, p, g) in enumerate(zip(dists, ranked, ids), 1):
+        mark = "" if qid is None or g is None else ("  same id" if g == qid else "  other id")
+        print(f"{r:4d}  {d:.4f}  {p}{mark}")
+    if not args.no_picture:
+        out = draw_ranking(args.query, ranked, dists, args.out, query_id=qid, ids=ids, thumb=args.thumb)
+        print(f"picture: {out}")
+    return 0
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
