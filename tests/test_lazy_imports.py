@@ -1,0 +1,28 @@
+"""Commands that need no network graph never import MindSpore (they start in milliseconds)."""
+import hashlib
+import subprocess
+import sys
+
+from http_fixture import Route, http_server, subprocess_env, write_manifest  # noqa: F401 (fixture)
+
+
+def _modules_after(argv, env):
+    script = ("import sys\nfrom vehiclenet.cli import main\n"
+              f"rc = main({argv!r})\n"
+              "print('RC', rc, 'MS', 'mindspore' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_download_and_info_do_not_import_mindspore(tmp_path, http_server):
+    data = b"checkpoint bytes " * 4096
+    url = http_server.add("/w.ckpt", Route(body=data))
+    manifest = write_manifest(tmp_path, [{"name": "w", "file": "w.ckpt", "urls": [url],
+                                          "sha256": hashlib.sha256(data).hexdigest()}])
+    env = subprocess_env(VEHICLENET_ASSETS=str(manifest), VEHICLENET_HOME=str(tmp_path / "home"))
+    assert _modules_after(["download", "--quiet"], env) == "RC 0 MS False"   # network fetch
+    assert _modules_after(["download", "--quiet"], env) == "RC 0 MS False"   # cache hit
+    assert _modules_after(["verify", "--quiet"], env) == "RC 0 MS False"
+    assert _modules_after(["info", "--no-device"], env) == "RC 0 MS False"
+    # `info` without --no-device reports the device, for which it does import MindSpore:
+    assert _modules_after(["info"], env) == "RC 0 MS True"
