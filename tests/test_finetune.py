@@ -1,0 +1,232 @@
+"""Fine-tuning: data scanning, schedule, a real short training run, checkpoints, resume, CLI, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vehiclenet.errors import CheckpointError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(batch_size=6, image_size=64, lr=0.003, pretrained=False, num_workers=1, seed=0)
+
+
+def make_dataset(root: Path, *, n_ids: int = 3, per_id: int = 8, size: int = 64, seed: int = 0,
+                 veri: bool = False) -> Path:
+    """Identities that differ by colour, so a network can learn them in a few steps."""
+    rng = np.random.default_rng(seed)
+    for i in range(n_ids):
+        base = rng.integers(0, 256, 3)
+        folder = root / "image_train" if veri else root / f"{i + 1:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_id):
+            img = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            name = f"{i + 1:04d}_c{j % 3 + 1:03d}_{j:08d}_0.jpg" if veri else f"{j}.jpg"
+            Image.fromarray(img).save(folder / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "vehicles")
+
+
+def _entry(path, name):
+    from vehiclenet.checkpoint import read_checkpoint
+
+    return read_checkpoint(path, keep_training_state=True)[name].asnumpy()
+
+
+def test_finetune_loss_falls_checkpoints_reload_and_resume(tiny_data, tmp_path):
+    from vehiclenet import create_network
+    from vehiclenet import finetune as ft
+    from vehiclenet.checkpoint import load_weights
+    from vehiclenet.network import VehicleNet
+
+    out = tmp_path / "run"
+    first = ft.finetune(tiny_data, out, epochs=4, keep_max=2, **TINY)
+    losses = [s.loss for s in first.history]
+    assert [s.epoch for s in first.history] == [1, 2, 3, 4]
+    assert [s.step for s in first.history] == [4, 8, 12, 16]  # 24 images / batch 6
+    assert losses[0] > 0.9  # ~ln 3 from random weights
+    assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+    assert all(s.images_per_second > 0 for s in first.history)
+
+    # keep_max=2: only the newest two survive; labels.json sits next to them.
+    assert sorted(p.name for p in out.glob("*.ckpt")) == ["vehiclenet-e003.ckpt", "vehiclenet-e004.ckpt"]
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["identities"] == ["0001", "0002", "0003"] and labels["num_classes"] == 3
+    last = out / "vehiclenet-e004.ckpt"
+    assert int(_entry(last, "epoch_num")) == 4 and int(_entry(last, "step_num")) == 16
+    assert int(_entry(last, "global_step").reshape(-1)[0]) == 16
+
+    # The checkpoint loads into a fresh 3-class network with nothing missing or re-initialised.
+    report = load_weights(VehicleNet(num_classes=3), last)
+    net_names = {p.name for p in VehicleNet(num_classes=3).get_parameters()}
+    assert set(report.loaded) == net_names and not report.reinitialized and not report.unused
+    assert any(n.startswith("accum.") for n in report.training_state)
+    net = create_network(checkpoint=last, num_classes=3)
+    np.testing.assert_array_equal(net.classifier.classifier.weight.asnumpy(),
+                                  _entry(last, "classifier.classifier.weight"))
+    # Training moved the weights between epochs 3 and 4.
+    assert not np.allclose(_entry(out / "vehiclenet-e003.ckpt", "classifier.dense.weight"),
+                           _entry(last, "classifier.dense.weight"))
+
+    # resume_training restores weights, SGD state and position into a fresh train step.
+    data = ft.scan_training_data(tiny_data)
+    fresh = VehicleNet(num_classes=3)
+    opt = ft.create_optimizer(fresh, ft.lr_schedule(0.003, 4, 6))
+    step = ft.build_train_step(fresh, opt)
+    assert ft.resume_training(step, opt, last) == (4, 16)
+    assert int(opt.global_step.asnumpy().reshape(-1)[0]) == 16
+    accum = {p.name: p for p in opt.get_parameters()}["accum.classifier.dense.weight"].asnumpy()
+    np.testing.assert_array_equal(accum, _entry(last, "accum.classifier.dense.weight"))
+    assert np.abs(accum).max() > 0
+    assert data.num_classes == 3
+
+    # Resuming continues at epoch 5, step 17, from the trained weights (loss already low).
+    second = ft.finetune(tiny_data, out, epochs=6, keep_max=2, resume=last, **TINY)
+    assert second.start_epoch == 4
+    assert [(s.epoch, s.step) for s in second.history] == [(5, 20), (6, 24)]
+    assert second.history[0].loss < 0.8 * losses[0]
+    final = out / "vehiclenet-e006.ckpt"
+    assert int(_entry(final, "epoch_num")) == 6 and int(_entry(final, "step_num")) == 24
+    assert sorted(p.name for p in out.glob("*.ckpt")) == ["vehiclenet-e005.ckpt", "vehiclenet-e006.ckpt"]
+
+
+def test_scan_layouts_and_label_map(tmp_path):
+    from vehiclenet import finetune as ft
+
+    folders = ft.scan_training_data(make_dataset(tmp_path / "f", n_ids=3, per_id=2, size=40))
+    assert folders.layout == "folders" and folders.identities == ["0001", "0002", "0003"]
+    assert list(folders.labels) == [0, 0, 1, 1, 2, 2]
+    veri = ft.scan_training_data(make_dataset(tmp_path / "v", n_ids=2, per_id=3, size=40, veri=True))
+    assert veri.layout == "veri" and veri.identities == ["1", "2"]  # id = int(VVVV)
+    assert list(veri.labels) == [0, 0, 0, 1, 1, 1]
+    path = ft.save_label_map(veri, tmp_path / "out")
+    assert path.name == "labels.json" and ft.load_label_map(tmp_path / "out") == ["1", "2"]
+
+
+def test_bad_training_data_raises_clear_errors(tmp_path):
+    from vehiclenet import finetune as ft
+
+    with pytest.raises(DataError, match="does not exist") as err:
+        ft.scan_training_data(tmp_path / "nowhere")
+    assert "nowhere" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no training images found"):
+        ft.scan_training_data(tmp_path / "empty")
+    one = make_dataset(tmp_path / "one", n_ids=1, per_id=2, size=40)
+    with pytest.raises(DataError, match="single identity.*at least two"):
+        ft.scan_training_data(one)
+    bad = make_dataset(tmp_path / "bad", n_ids=2, per_id=2, size=40)
+    (bad / "0002" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(DataError, match="cannot be decoded") as err:
+        ft.scan_training_data(bad)
+    assert str(bad / "0002" / "broken.jpg") in str(err.value)
+    few = ft.scan_training_data(make_dataset(tmp_path / "few", n_ids=2, per_id=2, size=40))
+    with pytest.raises(DataError, match="fewer than one batch"):
+        ft.build_train_dataset(few, batch_size=8, image_size=64)
+
+
+def test_truncated_image_during_training_is_a_data_error(tmp_path):
+    from vehiclenet import finetune as ft
+
+    data = make_dataset(tmp_path / "trunc", n_ids=2, per_id=6, size=64)
+    for jpg in (data / "0002").glob("*.jpg"):  # header intact, pixel data cut: passes the header check
+        raw = jpg.read_bytes()
+        jpg.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="cannot decode training image") as err:
+        ft.finetune(data, tmp_path / "out", epochs=1, batch_size=12, image_size=64, pretrained=False, num_workers=1)
+    assert str(data / "0002") in str(err.value)
+
+
+def test_lr_schedule_param_groups_and_augmentations():
+    from vehiclenet import finetune as ft
+    from vehiclenet.augment import train_transforms
+    from vehiclenet.network import VehicleNet
+
+    lr = ft.lr_schedule(0.02, steps_per_epoch=10, epochs=40)  # warm-up 5 epochs, decay at 30
+    assert lr.shape == (400,)
+    assert lr[0] == pytest.approx(0.002) and lr[25] < lr[49] and lr[50] == pytest.approx(0.02)
+    assert lr[299] == pytest.approx(0.02) and lr[300] == pytest.approx(0.002)
+
+    groups = ft.param_groups(VehicleNet(num_classes=5), 0.02)
+    assert {p.name for p in groups[1]["params"]} == {
+        "classifier.dense.weight", "classifier.dense.bias", "classifier.bn1.gamma", "classifier.bn1.beta",
+        "classifier.classifier.weight", "classifier.classifier.bias"}
+    assert all(p.name.startswith("model.") for p in groups[0]["params"])
+    assert groups[0]["lr"] == pytest.approx(0.002) and groups[1]["lr"] == pytest.approx(0.02)
+    assert groups[0]["weight_decay"] == groups[1]["weight_decay"] == pytest.approx(1e-4)
+    opt = ft.create_optimizer(VehicleNet(num_classes=5), lr)
+    assert float(opt.momentum.asnumpy()) == pytest.approx(0.9)
+
+    import mindspore.dataset.transforms as T
+
+    chain = T.Compose(train_transforms(96))
+    image = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
+    out = chain(image)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == (3, 96, 96) and out.dtype == np.float32
+    assert -3 < out.min() and out.max() < 3  # ImageNet-normalised
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, GLOG_v="3")
+    return subprocess.run([sys.executable, "-m", "vehiclenet", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_cli_finetune_prints_progress_and_writes_loadable_checkpoints(tiny_data, tmp_path):
+    from vehiclenet.checkpoint import load_weights
+    from vehiclenet.network import VehicleNet
+
+    out = tmp_path / "cli"
+    proc = _cli("finetune", "--data", tiny_data, "--out", out, "--epochs", 2, "--batch-size", 6, "--image-size", 64,
+                "--no-pretrained", "--lr", 0.003, "--num-workers", 1, "--max-steps-per-epoch", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: loss ") and "images/s" in lines[1]
+    assert proc.stdout.splitlines()[-1] == str(out / "vehiclenet-e002.ckpt")
+    report = load_weights(VehicleNet(num_classes=3), out / "vehiclenet-e002.ckpt")
+    assert not report.reinitialized and len(report.loaded) == len(list(VehicleNet(num_classes=3).get_parameters()))
+
+
+def test_cli_finetune_bad_input_exit_codes(tiny_data, tmp_path, published_ckpt):
+    import mindspore as ms
+    import mindspore.nn as nn
+
+    proc = _cli("finetune", "--data", tmp_path / "missing", "--out", tmp_path / "o", "--no-pretrained")
+    assert proc.returncode == 1 and "missing" in proc.stderr and "does not exist" in proc.stderr
+
+    # The published layout has optimizer state but no epoch: nothing to resume, use --checkpoint.
+    proc = _cli("finetune", "--data", tiny_data, "--out", tmp_path / "o", "--resume", published_ckpt)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert str(published_ckpt) in proc.stderr and "--checkpoint" in proc.stderr
+
+    # A checkpoint of another model that looks like a fine-tuning checkpoint.
+    other = tmp_path / "other.ckpt"
+    ms.save_checkpoint(nn.Dense(4, 2), str(other), append_dict={"epoch_num": 1, "step_num": 3})
+    proc = _cli("finetune", "--data", tiny_data, "--out", tmp_path / "o", "--resume", other)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert str(other) in proc.stderr and "does not fit this VehicleNet network" in proc.stderr
+
+    proc = _cli("finetune", "--data", tiny_data, "--out", tmp_path / "o", "--epochs", 0)
+    assert proc.returncode == 2 and "--epochs must be >= 1" in proc.stderr
+
+
+def test_example_script_runs(tiny_data, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "finetune_own_script.py"), "--data", str(tiny_data),
+         "--out", str(tmp_path / "ex"), "--epochs", "2", "--batch-size", "6", "--image-size", "64",
+         "--no-pretrained", "--lr", "0.003"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, GLOG_v="3"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 2" in proc.stdout and "reloaded" in proc.stdout
+    assert (tmp_path / "ex" / "labels.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "ex").glob("*.ckpt")) == ["vehiclenet-e001.ckpt",
+                                                                          "vehiclenet-e002.ckpt"]
