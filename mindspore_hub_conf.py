@@ -17,5 +17,8 @@ from vehiclenet.model import create_network as _create_network  # noqa: E402
 
 def create_network(name: str = "vehiclenet", *args, **kwargs):
     """Return the VehicleNet ``nn.Cell`` for the hub; no download unless ``pretrained=True``."""
+    if args:
+        raise TypeError(f"mindspore_hub.load(..., {', '.join(map(repr, args))}): pass VehicleNet options by "
+                        "keyword, e.g. num_classes=..., include_top=False, last_stride=..., pretrained=True")
     kwargs.setdefault("pretrained", False)
     return _create_network(name, *args, **kwargs)

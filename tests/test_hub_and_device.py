@@ -59,6 +59,12 @@ def test_mindspore_hub_conf_loaded_by_path_like_the_hub(tmp_path, published_ckpt
         assert not_loaded == [], not_loaded
         emb = conf.create_network("vehiclenet", include_top=False)
         out = emb(ms.Tensor(ms.numpy.zeros((1, 3, 128, 128), ms.float32)))
+        try:
+            conf.create_network("vehiclenet", 10)
+        except TypeError as exc:
+            assert "by keyword" in str(exc), exc
+        else:
+            raise AssertionError("positional option accepted")
         print("OK", type(net).__name__, out.shape)
     """, cwd=tmp_path, env=env)
     assert "OK VehicleNet (1, 512)" in proc.stdout
