@@ -1,0 +1,78 @@
+"""Export of the embedding network: MindIR reloaded with GraphCell and ONNX under onnxruntime give the same features."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vehiclenet.errors import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 96
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "vehiclenet", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, GLOG_v="3"), cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def reference(published_ckpt):
+    """Features of the in-process embedding network (published-layout weights) for two random images."""
+    import mindspore as ms
+
+    from vehiclenet import create_network
+
+    net = create_network(checkpoint=published_ckpt, include_top=False)
+    x = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    x2 = np.random.default_rng(1).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    feats = [net(ms.Tensor(v)).asnumpy() for v in (x, x2)]
+    assert feats[0].shape == (1, 512) and np.abs(feats[0]).max() > 1e-2  # non-trivial features to compare
+    assert not np.allclose(feats[0], feats[1], atol=1e-3)
+    return (x, x2), feats
+
+
+def test_export_mindir_reloads_with_graphcell(published_ckpt, reference, tmp_path):
+    import mindspore as ms
+    import mindspore.nn as nn
+
+    proc = _cli("export", "--format", "mindir", "--out", tmp_path / "vn", "--checkpoint", published_ckpt,
+                "--num-classes", 575, "--image-size", SIZE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = Path(proc.stdout.splitlines()[-1])
+    assert path == tmp_path / "vn.mindir" and path.is_file()
+    graph = nn.GraphCell(ms.load(str(path)))
+    for x, ref in zip(*reference):
+        out = graph(ms.Tensor(x)).asnumpy()
+        assert out.shape == (1, 512)
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_export_onnx_runs_in_onnxruntime(published_ckpt, reference, tmp_path):
+    import onnxruntime as ort
+
+    from vehiclenet.export import export_embedding
+
+    path = export_embedding(tmp_path / "vn.onnx", file_format="onnx", checkpoint=published_ckpt, image_size=SIZE)
+    assert path == tmp_path / "vn.onnx" and path.is_file()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert list(inp.shape) == [1, 3, SIZE, SIZE]
+    for x, ref in zip(*reference):
+        (out,) = session.run(None, {inp.name: x})
+        assert out.shape == (1, 512)
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_export_rejects_wrong_num_classes_and_format(published_ckpt, tmp_path):
+    from vehiclenet.export import export_embedding
+
+    with pytest.raises(CheckpointError, match="575 identities, not --num-classes 10") as err:
+        export_embedding(tmp_path / "x", checkpoint=published_ckpt, num_classes=10, image_size=SIZE)
+    assert str(published_ckpt) in str(err.value)
+    proc = _cli("export", "--format", "TFLITE", "--out", tmp_path / "x")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = _cli("export", "--format", "ONNX", "--out", tmp_path / "x", "--checkpoint", tmp_path / "none.ckpt")
+    assert proc.returncode == 1 and "none.ckpt" in proc.stderr and "does not exist" in proc.stderr
