@@ -144,8 +144,9 @@ def _run_net(net, batch: np.ndarray, flip: bool):
     import mindspore as ms
 
     if flip:
-        # Flip along W of the preprocessed CHW input; original and flip share one graph call
-        # (one call of 2B measured faster than two of B on CPU, see benchmarks/embed_pipeline.py).
+        # Flip along W of the preprocessed CHW input; original and flip share one graph call:
+        # fewer, larger calls suit Ascend/GPU, and on this 2-core CPU one call of 2B and two of
+        # B were indistinguishable within noise (benchmarks/embed_pipeline.py --flip-layouts).
         both = np.concatenate([batch, batch[..., ::-1]], axis=0)
         out = net(ms.Tensor(both)).asnumpy().astype(np.float32)
         b = batch.shape[0]
