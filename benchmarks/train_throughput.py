@@ -1,0 +1,109 @@
+"""Training images/s of VehicleNet (fine-tuning step: forward, backward, SGD) on this machine.
+
+    python benchmarks/train_throughput.py [--image-size 384] [--batch-size 8] [--seconds 60] [--pipeline]
+
+The step is the one `vehiclenet finetune` runs (softmax cross-entropy, two SGD
+parameter groups, momentum 0.9, weight decay 1e-4, graph mode, fp32). Random
+weights and random inputs by default (throughput does not depend on them); the
+first step (graph compilation) is timed separately and excluded. ``--pipeline``
+also times the full loop with the training data pipeline (JPEG decode +
+augmentations) on generated images.
+
+Target on 2 cores: >= 2.0 img/s at 384x384, batch 8 (reference network on MindSpore
+2.8.0: 2.2; PyTorch eager: 1.3).
+"""
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _time_steps(step, batches, seconds: float, batch_size: int):
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < 3 * batch_size:
+        images, labels = next(batches)
+        step(images, labels).asnumpy()
+        done += batch_size
+    elapsed = time.perf_counter() - start
+    return done, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-classes", type=int, default=575)
+    parser.add_argument("--seconds", type=float, default=60.0, help="measuring time")
+    parser.add_argument("--pipeline", action="store_true", help="also time with the JPEG + augmentation pipeline")
+    args = parser.parse_args()
+
+    import mindspore as ms
+
+    from vehiclenet import create_network
+    from vehiclenet import finetune as ft
+
+    net = create_network(pretrained=False, num_classes=args.num_classes)
+    optimizer = ft.create_optimizer(net, ft.lr_schedule(0.02, 1000, 40))
+    step = ft.build_train_step(net, optimizer)
+    s, b = args.image_size, args.batch_size
+    print(f"mindspore {ms.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"graph mode, fp32, {s}x{s}, batch {b}, {args.num_classes} classes")
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal((b, 3, s, s), dtype=np.float32))
+    y = ms.Tensor(rng.integers(0, args.num_classes, b).astype(np.int32))
+
+    def fixed():
+        while True:
+            yield x, y
+
+    start = time.perf_counter()
+    step(x, y).asnumpy()
+    compile_s = time.perf_counter() - start
+    step(x, y).asnumpy()
+    done, elapsed = _time_steps(step, fixed(), args.seconds, b)
+    print(f"train step (tensors in memory): {done / elapsed:6.2f} img/s  ({elapsed / done * 1000:7.1f} ms/img, "
+          f"{done} images in {elapsed:.1f} s; first step incl. compile {compile_s:.1f} s)", flush=True)
+
+    # Same-run inference figure: the machine is shared, so the ratio says more than either number alone.
+    embed = create_network(pretrained=False, include_top=False)
+    embed(x).asnumpy()
+    done_e, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.seconds / 4 or done_e < 2 * b:
+        embed(x).asnumpy()
+        done_e += b
+    embed_rate = done_e / (time.perf_counter() - start)
+    print(f"inference (embedding) same run: {embed_rate:6.2f} img/s; training step costs "
+          f"{embed_rate / (done / elapsed):.1f}x an inference (load average {os.getloadavg()[0]:.1f})", flush=True)
+
+    if args.pipeline:
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(4):  # VeRi-like: vehicle crops of a few hundred pixels
+                os.makedirs(os.path.join(tmp, str(i)))
+                for j in range(2 * b):
+                    img = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+                    Image.fromarray(img).save(os.path.join(tmp, str(i), f"{j}.jpg"))
+            data = ft.scan_training_data(tmp)
+            dataset = ft.build_train_dataset(data, batch_size=b, image_size=s, num_workers=2)
+            it = dataset.create_tuple_iterator(num_epochs=-1)
+
+            def batches():
+                while True:
+                    for images, labels in it:
+                        yield images, labels
+
+            gen = batches()
+            done, elapsed = _time_steps(step, gen, args.seconds, b)
+            print(f"train loop with data pipeline:  {done / elapsed:6.2f} img/s  "
+                  f"({done} images in {elapsed:.1f} s; JPEG decode + augmentations, {args.image_size}x{s})")
+
+
+if __name__ == "__main__":
+    main()
