@@ -30,7 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["INPUT_SIZE", "MEAN", "STD", "ImageSource", "load_image", "preprocess", "preprocess_image", "to_rgb_uint8"]
+__all__ = ["IMAGE_EXTENSIONS", "INPUT_SIZE", "MEAN", "STD", "ImageSource", "is_image_path", "load_image", "preprocess",
+           "preprocess_image", "to_rgb_uint8"]
 
 INPUT_SIZE: Tuple[int, int] = (384, 384)  # (height, width) the published weights were evaluated at
 MEAN: Tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
