@@ -10,15 +10,11 @@ Example::
     ops = train_transforms(image_size=256)
     dataset = dataset.map(ops, input_columns="image")   # a mindspore.dataset of HWC uint8 RGB
 
-The evaluation pre-processing (no randomness) is in ``vehiclenet.preprocessing``;
-:func:`eval_transforms` here is the same chain for the optional evaluation during
-fine-tuning.
+The evaluation pre-processing (no randomness) is ``vehiclenet.preprocessing``.
 """
 from typing import List, Sequence, Tuple
 
-# ImageNet statistics on the 0-255 scale (the reference normalises uint8 images).
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from .preprocessing import MEAN, STD
 
 PAD = 15
 CROP_SCALE = (0.75, 1.0)
@@ -28,7 +24,8 @@ ERASE_AREA = (0.02, 0.4)
 ERASE_ASPECT = (0.3, 3.3)
 
 
-def _size(image_size) -> Tuple[int, int]:
+def size_pair(image_size) -> Tuple[int, int]:
+    """``384`` or ``(384, 384)`` -> (height, width), checked."""
     if isinstance(image_size, int):
         size = (image_size, image_size)
     else:
@@ -48,7 +45,7 @@ def train_transforms(image_size=384, *, pad: int = PAD, crop_scale: Sequence[flo
     import mindspore.dataset.vision as vision
     from mindspore.dataset.vision import Inter
 
-    size = _size(image_size)
+    size = size_pair(image_size)
     ops = [vision.Resize(size, Inter.BICUBIC)]
     if pad:
         ops.append(vision.Pad(pad))
@@ -64,10 +61,3 @@ def train_transforms(image_size=384, *, pad: int = PAD, crop_scale: Sequence[flo
         ops.append(vision.RandomErasing(prob=erase_prob, scale=ERASE_AREA, ratio=ERASE_ASPECT, value=0))
     return ops
 
-
-def eval_transforms(image_size=384) -> List:
-    """Deterministic chain for evaluation: bicubic resize, normalise, CHW float32."""
-    import mindspore.dataset.vision as vision
-    from mindspore.dataset.vision import Inter
-
-    return [vision.Resize(_size(image_size), Inter.BICUBIC), vision.Normalize(MEAN, STD), vision.HWC2CHW()]

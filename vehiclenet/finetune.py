@@ -223,7 +223,8 @@ def build_train_dataset(data: TrainingData, *, batch_size: int = 24, image_size=
     """
     import mindspore.dataset as ds
 
-    from .augment import eval_transforms, train_transforms
+    from .augment import size_pair, train_transforms
+    from .preprocessing import eval_transforms
 
     per_rank = len(data) // group_size
     if per_rank < batch_size:
@@ -234,7 +235,7 @@ def build_train_dataset(data: TrainingData, *, batch_size: int = 24, image_size=
     shard = {"num_shards": group_size, "shard_id": rank} if group_size > 1 else {}
     dataset = ds.GeneratorDataset(_ImageSource(data.paths, data.labels), ["image", "label"], shuffle=shuffle,
                                   num_parallel_workers=1, python_multiprocessing=False, **shard)
-    ops = train_transforms(image_size) if augment else eval_transforms(image_size)
+    ops = train_transforms(image_size) if augment else eval_transforms(size_pair(image_size))
     dataset = dataset.map(ops, input_columns="image", num_parallel_workers=max(1, num_workers))
     return dataset.batch(batch_size, drop_remainder=True)
 
@@ -448,39 +449,22 @@ def evaluate_query_gallery(net, root: PathLike, *, image_size=384, batch_size: i
     """mAP / rank-1 of ``net``'s embedding on a VeRi-style query/gallery split (no re-ranking).
 
     ``root`` holds ``image_query/`` and ``image_test/`` (names ``VVVV_cCCC_...jpg``).
-    Features: embedding of the image plus its flip, L2-normalised. ``net`` is put in
-    inference mode for the evaluation and back in training mode afterwards.
+    Features as in the published protocol (``vehiclenet.features``: image + flip,
+    L2-normalised). ``net`` is put in inference mode for the evaluation and back in
+    training mode afterwards.
     """
-    import mindspore as ms
-    from PIL import Image
-
-    import mindspore.dataset.transforms as T
-
-    from .augment import eval_transforms
+    from .augment import size_pair
     from .evaluation import cosine_distance, evaluate, read_veri
+    from .features import embed
+    from .network import Embedding
 
     query, gallery = read_veri(os.fspath(root))
-    chain = T.Compose(eval_transforms(image_size))
-    embed = net.model, net.classifier
-
-    def features(paths):
-        out = []
-        for start in range(0, len(paths), batch_size):
-            batch = []
-            for p in paths[start:start + batch_size]:
-                with Image.open(p) as im:
-                    batch.append(chain(np.asarray(im.convert("RGB"))))
-            x = np.stack(batch).astype(np.float32)
-            f = 0
-            for view in (x, x[..., ::-1].copy()):
-                pooled = embed[0](ms.Tensor(view))
-                f = f + embed[1].bn1(embed[1].dense(pooled)).asnumpy()
-            out.append(f / np.linalg.norm(f, axis=1, keepdims=True).clip(1e-12))
-        return np.concatenate(out)
-
+    size = size_pair(image_size)
+    embedding = Embedding(net)
     net.set_train(False)
     try:
-        qf, gf = features(query.paths), features(gallery.paths)
+        qf, gf = (embed(embedding, split.paths, batch_size=batch_size, size=size, progress=False).features
+                  for split in (query, gallery))
     finally:
         net.set_train(True)
     result = evaluate(cosine_distance(qf, gf), query.ids, gallery.ids, query.cams, gallery.cams)

@@ -140,3 +140,18 @@ class VehicleNet(nn.Cell):
 
     def construct(self, x):
         return self.classifier(self.model(x))
+
+
+class Embedding(nn.Cell):
+    """The 512-d embedding of a VehicleNet that has a classification head, sharing its parameters.
+
+    Lets a network being fine-tuned be evaluated for retrieval without a second copy.
+    """
+
+    def __init__(self, net: VehicleNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def construct(self, x):
+        head = self.net.classifier
+        return head.bn1(head.dense(self.net.model(x)))

@@ -30,8 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "INPUT_SIZE", "MEAN", "STD", "ImageSource", "is_image_path", "load_image", "preprocess",
-           "preprocess_image", "to_rgb_uint8"]
+__all__ = ["IMAGE_EXTENSIONS", "INPUT_SIZE", "MEAN", "STD", "ImageSource", "eval_transforms", "is_image_path",
+           "load_image", "preprocess", "preprocess_image", "to_rgb_uint8"]
 
 INPUT_SIZE: Tuple[int, int] = (384, 384)  # (height, width) the published weights were evaluated at
 MEAN: Tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -42,6 +42,17 @@ ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 _OPS = threading.local()
 
 
+def eval_transforms(size: Tuple[int, int] = INPUT_SIZE) -> list:
+    """The evaluation chain as ``mindspore.dataset`` transforms (HWC uint8 RGB -> CHW float32):
+    bicubic resize to ``size`` = (height, width), normalise, HWC to CHW."""
+    import mindspore.dataset.vision as vision
+    from mindspore.dataset.vision import Inter
+
+    return [vision.Resize(list(size), interpolation=Inter.BICUBIC),
+            vision.Normalize(mean=list(MEAN), std=list(STD)),
+            vision.HWC2CHW()]
+
+
 def _ops(size: Tuple[int, int]):
     # mindspore is imported on first use only; one op set per thread and size, because the
     # eager ops are cheap to build but we do not rely on them being shareable across threads.
@@ -50,14 +61,7 @@ def _ops(size: Tuple[int, int]):
         cache = _OPS.cache = {}
     ops = cache.get(size)
     if ops is None:
-        import mindspore.dataset.vision as vision
-        from mindspore.dataset.vision import Inter
-
-        ops = cache[size] = (
-            vision.Resize(list(size), interpolation=Inter.BICUBIC),
-            vision.Normalize(mean=list(MEAN), std=list(STD)),
-            vision.HWC2CHW(),
-        )
+        ops = cache[size] = tuple(eval_transforms(size))
     return ops
 
 
