@@ -238,15 +238,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import evaluation
-    from .errors import DataError
-
-    class _ParameterError(DataError):
-        exit_code = 2
+    from .errors import UsageError
 
     if args.data is None and (args.save_features or args.checkpoint or args.no_flip):
-        raise _ParameterError("--save-features, --checkpoint and --no-flip apply to --data only")
+        raise UsageError("--save-features, --checkpoint and --no-flip apply to --data only")
     if args.batch_size < 1:
-        raise _ParameterError("--batch-size must be >= 1")
+        raise UsageError("--batch-size must be >= 1")
     timings = {}
     t0 = time.perf_counter()
     if args.features is not None:
@@ -275,7 +272,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             dist = re_rank(fs.query_features, fs.gallery_features, k1=args.k1, k2=args.k2,
                            lambda_value=args.lambda_value)
         except ValueError as exc:
-            raise _ParameterError(f"re-ranking: {exc}") from None
+            raise UsageError(f"re-ranking: {exc}") from None
     else:
         dist = evaluation.cosine_distance(fs.query_features, fs.gallery_features)
     timings["distance_s"] = time.perf_counter() - t0
