@@ -1,6 +1,7 @@
 """Images/s of the VehicleNet embedding network at 384x384, fp32, on this machine.
 
     python benchmarks/embed_throughput.py [--batch-sizes 1 8] [--seconds 15] [--mode graph]
+                                          [--torch-python /path/to/python-with-torch]
 
 Random weights (throughput does not depend on them) and random inputs; the first
 call (graph compilation) is timed separately and excluded.
@@ -8,6 +9,7 @@ call (graph compilation) is timed separately and excluded.
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -22,6 +24,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=384)
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per batch size")
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    parser.add_argument("--torch-python", metavar="PYTHON",
+                        help="also run benchmarks/torch_baseline.py with this interpreter (same run, same machine)")
     args = parser.parse_args()
 
     import mindspore as ms
@@ -46,6 +50,12 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         print(f"batch {batch:3d}: {done / elapsed:6.2f} img/s  ({elapsed / done * 1000:7.1f} ms/img, "
               f"{done} images in {elapsed:.1f} s; first call incl. compile {first:.1f} s)")
+
+    if args.torch_python:
+        # After our measurement, so the two never compete for the 2 cores.
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_baseline.py")
+        subprocess.run([args.torch_python, script, "--seconds", str(args.seconds), "--image-size",
+                        str(args.image_size), "--batch-sizes", *map(str, args.batch_sizes)], check=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""PyTorch eager fp32 baseline of the same network (ResNet-50 + 512-d bottleneck), for
+side-by-side figures: run with a Python that has torch (``pip install torch==2.13.0``
+in a separate environment), or through ``embed_throughput.py --torch-python PATH``.
+
+    python benchmarks/torch_baseline.py [--batch-sizes 1 8] [--seconds 15]
+"""
+import argparse
+import time
+
+import torch
+from torch import nn
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, mid: int, stride: int, down: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid * 4, 1, bias=False), nn.BatchNorm2d(mid * 4))
+        self.down = nn.Sequential(nn.Conv2d(cin, mid * 4, 1, stride, bias=False), nn.BatchNorm2d(mid * 4)) \
+            if down else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.down(x))
+
+
+def embedding_net() -> nn.Module:
+    layers, cin = [], 64
+    for mid, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        layers += [Bottleneck(cin, mid, stride, True)] + [Bottleneck(mid * 4, mid, 1, False) for _ in range(blocks - 1)]
+        cin = mid * 4
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 512), nn.BatchNorm1d(512)).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    args = parser.parse_args()
+    net = embedding_net()
+    print(f"torch {torch.__version__}, eager fp32, {torch.get_num_threads()} threads")
+    with torch.inference_mode():
+        for batch in args.batch_sizes:
+            x = torch.randn(batch, 3, args.image_size, args.image_size)
+            net(x)
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.seconds or done < 3 * batch:
+                assert net(x).shape == (batch, 512)
+                done += batch
+            elapsed = time.perf_counter() - start
+            print(f"batch {batch:3d}: {done / elapsed:6.2f} img/s  (torch eager, {done} images in {elapsed:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
