@@ -16,6 +16,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# Importing mindspore points LD_LIBRARY_PATH at its own libraries, which leaves a child
+# PyTorch with one thread: the baseline gets the environment from before the import.
+ENV_BEFORE_MINDSPORE = dict(os.environ)
 
 
 def main() -> None:
@@ -55,7 +58,8 @@ def main() -> None:
         # After our measurement, so the two never compete for the 2 cores.
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_baseline.py")
         subprocess.run([args.torch_python, script, "--seconds", str(args.seconds), "--image-size",
-                        str(args.image_size), "--batch-sizes", *map(str, args.batch_sizes)], check=True)
+                        str(args.image_size), "--batch-sizes", *map(str, args.batch_sizes)],
+                       check=True, env=ENV_BEFORE_MINDSPORE)
 
 
 if __name__ == "__main__":
