@@ -2,7 +2,10 @@
 side-by-side figures: run with a Python that has torch (``pip install torch==2.13.0``
 in a separate environment), or through ``embed_throughput.py --torch-python PATH``.
 
-    python benchmarks/torch_baseline.py [--batch-sizes 1 8] [--seconds 15]
+    python benchmarks/torch_baseline.py [--batch-sizes 1 8] [--seconds 15] [--train]
+
+``--train`` times a training step instead (575-class head, cross-entropy, SGD
+momentum 0.9, weight decay 1e-4), the counterpart of train_throughput.py.
 """
 import argparse
 import time
@@ -40,7 +43,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--image-size", type=int, default=384)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--train", action="store_true", help="time a training step instead of inference")
     args = parser.parse_args()
+    if args.train:
+        return train(args)
     net = embedding_net()
     print(f"torch {torch.__version__}, eager fp32, {torch.get_num_threads()} threads")
     with torch.inference_mode():
@@ -53,6 +59,29 @@ def main() -> None:
                 done += batch
             elapsed = time.perf_counter() - start
             print(f"batch {batch:3d}: {done / elapsed:6.2f} img/s  (torch eager, {done} images in {elapsed:.1f} s)")
+
+
+def train(args: argparse.Namespace) -> None:
+    net = nn.Sequential(embedding_net(), nn.Dropout(0.5), nn.Linear(512, 575)).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.002, momentum=0.9, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    print(f"torch {torch.__version__}, eager fp32 training, {torch.get_num_threads()} threads")
+    for batch in args.batch_sizes:
+        x = torch.randn(batch, 3, args.image_size, args.image_size)
+        y = torch.randint(0, 575, (batch,))
+
+        def step() -> None:
+            opt.zero_grad()
+            loss_fn(net(x), y).backward()
+            opt.step()
+
+        step()
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.seconds or done < 3 * batch:
+            step()
+            done += batch
+        elapsed = time.perf_counter() - start
+        print(f"batch {batch:3d}: {done / elapsed:6.2f} img/s  (torch eager training, {done} images in {elapsed:.1f} s)")
 
 
 if __name__ == "__main__":

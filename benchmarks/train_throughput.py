@@ -15,6 +15,7 @@ Target on 2 cores: >= 2.0 img/s at 384x384, batch 8 (reference network on MindSp
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ENV_BEFORE_MINDSPORE = dict(os.environ)  # for the PyTorch child (see embed_throughput.py)
 
 
 def _time_steps(step, batches, seconds: float, batch_size: int):
@@ -41,6 +43,8 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=575)
     parser.add_argument("--seconds", type=float, default=60.0, help="measuring time")
     parser.add_argument("--pipeline", action="store_true", help="also time with the JPEG + augmentation pipeline")
+    parser.add_argument("--torch-python", metavar="PYTHON",
+                        help="also time the same step in PyTorch eager (benchmarks/torch_baseline.py --train)")
     args = parser.parse_args()
 
     import mindspore as ms
@@ -103,6 +107,11 @@ def main() -> None:
             done, elapsed = _time_steps(step, gen, args.seconds, b)
             print(f"train loop with data pipeline:  {done / elapsed:6.2f} img/s  "
                   f"({done} images in {elapsed:.1f} s; JPEG decode + augmentations, {args.image_size}x{s})")
+
+    if args.torch_python:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_baseline.py")
+        subprocess.run([args.torch_python, script, "--train", "--seconds", str(args.seconds), "--image-size",
+                        str(s), "--batch-sizes", str(b)], check=True, env=ENV_BEFORE_MINDSPORE)
 
 
 if __name__ == "__main__":
