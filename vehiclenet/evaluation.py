@@ -28,6 +28,7 @@ about 1 s in the worst case of random distances, where whole rows get sorted
 """
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -321,9 +322,8 @@ def evaluate(
         raise ValueError("distmat contains NaN")
 
     unlabeled = gi == -1
-    hit_q: List[np.ndarray] = []
-    hit_p: List[np.ndarray] = []
-    for start in range(0, num_q, block_rows):
+
+    def block(start: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         stop = min(start + block_rows, num_q)
         x = dist[start:stop]
         same_id = gi[None, :] == qi[start:stop, None]
@@ -332,10 +332,21 @@ def evaluate(
         junk |= unlabeled[None, :]
         good = same_id & ~junk
         if not good.any():
-            continue
+            return None
         rows, pos = _hit_positions(x, good, ~junk)
-        hit_q.append(rows + start)
-        hit_p.append(pos)
+        return rows + start, pos
+
+    # Blocks are independent and numpy's sorts and element-wise passes release the GIL,
+    # so threads use every core; map() keeps the block order.
+    starts = range(0, num_q, block_rows)
+    workers = min(len(starts), os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            found = [r for r in pool.map(block, starts) if r is not None]
+    else:
+        found = [r for r in map(block, starts) if r is not None]
+    hit_q = [r[0] for r in found]
+    hit_p = [r[1] for r in found]
 
     n_rank = max(max_rank, 10)
     cmc = np.zeros(n_rank, dtype=np.float64)
