@@ -44,14 +44,12 @@ from .errors import CheckpointError, DataError
 
 LOG = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 LABELS_FILE = "labels.json"
 CHECKPOINT_PREFIX = "vehiclenet"
 HEAD_PREFIX = "classifier."
 BACKBONE_LR_FACTOR = 0.1
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
-_VERI_NAME = re.compile(r"^(\d+)_c(\d+)_.*\.(jpe?g|png|bmp)$", re.IGNORECASE)
 # Built at run time so the traceback line MindSpore quotes never contains the marker itself.
 _DECODE_MARK = "VEHICLENET" + "_DECODE_ERROR"
 _CKPT_NAME = re.compile(r"^" + CHECKPOINT_PREFIX + r"-e(\d+)\.ckpt$")
@@ -81,7 +79,19 @@ class TrainingData:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    from .preprocessing import is_image_path
+
+    return not name.startswith(".") and is_image_path(name)
+
+
+def _veri_id(name: str) -> Optional[int]:
+    """Vehicle id of a VeRi-776 file name, None for other names."""
+    from .evaluation import parse_veri_name
+
+    try:
+        return parse_veri_name(name)[0]
+    except DataError:
+        return None
 
 
 def _sort_ids(ids) -> List[str]:
@@ -105,7 +115,7 @@ def _check_decodable(paths: Sequence[str]) -> None:
     if bad:
         shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise DataError(f"{len(bad)} training image(s) cannot be decoded: {shown}. "
-                        "Remove or replace them (only JPEG/PNG/BMP images belong in the data folder).")
+                        "Remove or replace them (only images belong in the data folder).")
 
 
 def scan_training_data(root: PathLike, *, check_images: bool = True) -> TrainingData:
@@ -128,18 +138,18 @@ def scan_training_data(root: PathLike, *, check_images: bool = True) -> Training
     else:
         image_dir = root
         top = [n for n in os.listdir(root) if _is_image(n)]
-        layout = "veri" if top and all(_VERI_NAME.match(n) for n in top) else "folders"
+        layout = "veri" if top and all(_veri_id(n) is not None for n in top) else "folders"
 
     per_id: Dict[str, List[str]] = {}
     if layout == "veri":
         for name in sorted(os.listdir(image_dir)):
             if not _is_image(name):
                 continue
-            match = _VERI_NAME.match(name)
-            if match is None:
+            vid = _veri_id(name)
+            if vid is None:
                 raise DataError(f"{os.path.join(image_dir, name)!r} is not named like a VeRi-776 training image "
                                 "('VVVV_cCCC_....jpg'); rename it or use the ROOT/<id>/*.jpg layout")
-            per_id.setdefault(str(int(match.group(1))), []).append(os.path.join(image_dir, name))
+            per_id.setdefault(str(vid), []).append(os.path.join(image_dir, name))
     else:
         for name in sorted(os.listdir(root)):
             folder = os.path.join(root, name)
