@@ -335,7 +335,7 @@ def distributed_env() -> bool:
             if int(os.environ.get(key, "1")) > 1:
                 return True
         except ValueError:
-            pass
+            continue  # not a count, so no launcher set it for us
     return False
 
 
