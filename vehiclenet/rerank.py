@@ -28,9 +28,10 @@ summation order differs).
 
 Measured on the 2-core test machine at VeRi scale (1,678 + 11,579 synthetic 512-d
 features clustered round 200 ids, k1=100, k2=15; ``benchmarks/eval_speed.py``):
-about 10-12 s, and about 360 MB peak RSS for the whole process (136 MB of it is
-Python + numpy + scipy + the features). The Jaccard step grows with the number of
-co-occurring non-zeros of V: looser clusters (noise 2.5) take about 15 s.
+6.2 s and 400 MB peak RSS for the whole process with tight clusters (noise 2.0),
+12.2 s / 590 MB at noise 2.5 and 13.7 s / 550 MB at noise 3.0 (plain mAP 0.28),
+136 MB of it Python + numpy + scipy + the features. The Jaccard step dominates and
+grows with the number of co-occurring non-zeros of V (looser clusters, more).
 Peak working memory is bounded by ``block_rows`` x N float32/int64 blocks in the
 neighbour pass and by one query's co-occurring non-zeros per thread in the
 Jaccard pass; the (Q, G) float32 result is 78 MB.
@@ -231,14 +232,21 @@ def re_rank(
     original: Optional[np.ndarray] = None
     if lambda_value != 0.0:
         original = np.empty((num_query, n - num_query), dtype=np.float32)
-    for start in range(0, n, block_rows):
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+
+    def neighbours(start: int) -> None:
         stop = min(start + block_rows, n)
         dist, col_max[start:stop] = _row_distance(feats, start, stop)
         top[start:stop] = _top_neighbours(dist, k1 + 1)
         if original is not None and start < num_query:
             qs = min(stop, num_query)
             original[start:qs] = dist[: qs - start, num_query:]
-        del dist
+
+    # Row blocks are independent; argpartition and the element-wise passes release the
+    # GIL, so a thread per core overlaps them (at most `workers` blocks alive at once).
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(neighbours, range(0, n, block_rows)))
 
     pattern = _expanded_sets(top, k1)
     v = _weights(feats, pattern, col_max, block_rows)
@@ -246,8 +254,6 @@ def re_rank(
     if k2 != 1:
         v = _query_expansion(v, top, k2)
     del top
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
     final = _jaccard(v, num_query, workers)
     if original is not None:
         final *= np.float32(1.0 - lambda_value)
