@@ -57,6 +57,7 @@ def test_export_onnx_runs_in_onnxruntime(published_ckpt, reference, tmp_path):
 
     path = export_embedding(tmp_path / "vn.onnx", file_format="onnx", checkpoint=published_ckpt, image_size=SIZE)
     assert path == tmp_path / "vn.onnx" and path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vn.onnx"]  # no temporary file left behind
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (inp,) = session.get_inputs()
     assert list(inp.shape) == [1, 3, SIZE, SIZE]

@@ -80,9 +80,16 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
         out = out.with_name(out.name + _SUFFIX[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     example = ms.Tensor(np.zeros((batch_size, 3, image_size, image_size), np.float32))
-    # MindSpore adds the suffix itself, so it gets the name without it.
-    ms.export(net, example, file_name=str(out.with_suffix("")), file_format=fmt)
-    if not out.is_file():
-        raise RuntimeError(f"mindspore.export reported success but {out} was not written")
+    # Written under a temporary name and renamed, so an interrupted export never leaves a
+    # truncated model under the name a deployment would load. MindSpore adds the suffix itself.
+    tmp_stem = out.parent / f".{out.stem}.{os.getpid()}.partial"
+    tmp = tmp_stem.with_name(tmp_stem.name + _SUFFIX[fmt])
+    try:
+        ms.export(net, example, file_name=str(tmp_stem), file_format=fmt)
+        if not tmp.is_file():
+            raise RuntimeError(f"mindspore.export reported success but {tmp} was not written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     LOG.info("exported %s (%s, input %dx3x%dx%d)", out, fmt, batch_size, image_size, image_size)
     return out
