@@ -446,5 +446,11 @@ def load_features_npz(path: str) -> FeatureSet:
 
 
 def save_features_npz(path: str, features: FeatureSet) -> None:
-    """Write a features file readable by :func:`load_features_npz` (``evaluate --features``)."""
-    np.savez(path, **{k: getattr(features, k) for k in FEATURE_KEYS})
+    """Write a features file readable by :func:`load_features_npz` (``evaluate --features``).
+
+    Written atomically, under exactly the name given (no ``.npz`` appended).
+    """
+    from .fileio import atomic_write
+
+    with atomic_write(path) as handle:
+        np.savez(handle, **{k: getattr(features, k) for k in FEATURE_KEYS})

@@ -22,7 +22,6 @@ stops the run when its turn comes (earlier batches have already gone through the
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .fileio import atomic_write
 from .preprocessing import INPUT_SIZE, ImageSource, is_image_path, load_image, preprocess
 
 __all__ = ["FeatureResult", "embed", "extract_features", "list_images", "load_features", "save_features"]
@@ -318,17 +318,9 @@ def save_features(path: Union[str, os.PathLike], features: np.ndarray, paths: Se
     for key in ("features", "paths"):
         if key in extra:
             raise ValueError(f"extra key {key!r} is reserved")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, features=feats, paths=names, **{k: np.asarray(v) for k, v in extra.items()})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    with atomic_write(path) as fh:
+        np.savez(fh, features=feats, paths=names, **{k: np.asarray(v) for k, v in extra.items()})
+    return Path(path)
 
 
 def load_features(path: Union[str, os.PathLike]) -> FeatureResult:

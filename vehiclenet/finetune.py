@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import CheckpointError, DataError
+from .fileio import atomic_write
 
 LOG = logging.getLogger(__name__)
 
@@ -182,9 +183,8 @@ def save_label_map(data: TrainingData, out_dir: PathLike) -> Path:
     path = out / LABELS_FILE
     doc = {"num_classes": data.num_classes, "layout": data.layout, "root": os.path.abspath(data.root),
            "identities": data.identities, "label_of": {ident: i for i, ident in enumerate(data.identities)}}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as handle:
+        json.dump(doc, handle, indent=1)
     return path
 
 
