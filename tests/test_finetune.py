@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vehiclenet.errors import CheckpointError, DataError
+from vehiclenet.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(batch_size=6, image_size=64, lr=0.003, pretrained=False, num_workers=1, seed=0)

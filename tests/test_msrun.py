@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import write_published_layout
 from test_finetune import make_dataset

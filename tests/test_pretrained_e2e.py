@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from http_fixture import Route, http_server, subprocess_env, write_manifest  # noqa: F401 (fixture)
+from http_fixture import Route, http_server, write_manifest  # noqa: F401 (fixture)
 from vehiclenet import create_network
 from vehiclenet.download import cached_path
 from vehiclenet.errors import ChecksumError, DownloadError

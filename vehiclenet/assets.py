@@ -181,7 +181,7 @@ def _parse_asset(entry: Any, index: int, where: Path) -> Asset:
         raise ManifestError(f"manifest {where}: {label} must be a JSON object, got {type(entry).__name__}")
     for key in ("name", "file", "sha256", "urls"):
         if key not in entry:
-            raise bad(key, "is missing", f"every asset needs name, file, sha256 and urls")
+            raise bad(key, "is missing", "every asset needs name, file, sha256 and urls")
 
     name = entry["name"]
     if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):

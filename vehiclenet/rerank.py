@@ -253,7 +253,6 @@ def re_rank(
     del pattern
     if k2 != 1:
         v = _query_expansion(v, top, k2)
-    del top
     final = _jaccard(v, num_query, workers)
     if original is not None:
         final *= np.float32(1.0 - lambda_value)
