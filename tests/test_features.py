@@ -179,3 +179,12 @@ def test_npz_round_trip_and_errors(tmp_path):
     (tmp_path / "junk.npz").write_text("junk")
     with pytest.raises(DataError, match="junk.npz"):
         load_features(tmp_path / "junk.npz")
+
+
+def test_nearest_orders_by_cosine_distance_and_keeps_ties_in_gallery_order():
+    from vehiclenet.features import nearest
+
+    gallery = np.array([[1, 0], [0, 1], [0.6, 0.8], [0, 1], [-1, 0]], np.float32)
+    order, dist = nearest(np.array([0, 1], np.float32), gallery, k=4)
+    assert order.tolist() == [1, 3, 2, 0]  # the tie (rows 1 and 3) keeps gallery order
+    np.testing.assert_allclose(dist, [0.0, 0.0, 0.2, 1.0], atol=1e-6)

@@ -384,11 +384,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_rank(args: argparse.Namespace) -> int:
     import os
 
-    import numpy as np
-
     from .errors import DataError, UsageError
     from .evaluation import parse_veri_name
-    from .features import FeatureResult, embed, load_features
+    from .features import FeatureResult, embed, load_features, nearest
     from .preprocessing import load_image
     from .visualize import draw_ranking
 
@@ -434,9 +432,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         raise DataError(f"{args.gallery}: no gallery image besides the query")
     feats = gallery.features[keep]
     paths = [gallery.paths[i] for i in keep]
-    sims = feats @ query.features[0]
-    order = np.argsort(-sims, kind="stable")[: args.top_k]
-    dists = [float(1.0 - sims[i]) for i in order]
+    order, distances = nearest(query.features[0], feats, args.top_k)
+    dists = [float(d) for d in distances]
     ranked = [paths[i] for i in order]
 
     def vid(path: str):
