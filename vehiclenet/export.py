@@ -36,16 +36,10 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
     of the embedding network).
     """
     from .checkpoint import load_weights
-    from .model import create_network
+    from .model import create_network, weights_path
 
     net = create_network(pretrained=False, include_top=False, device_target=device_target)
-    path = None
-    if checkpoint is not None:
-        path = os.fspath(checkpoint)
-    elif pretrained:
-        from .download import fetch
-
-        path = os.fspath(fetch(None if pretrained is True else pretrained))
+    path = weights_path(checkpoint, pretrained)
     if path is None:
         LOG.warning("exporting random weights (no checkpoint and pretrained=False)")
     else:

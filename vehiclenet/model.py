@@ -65,7 +65,7 @@ def create_network(
     target = device_mod.configure(device_target, mode)
 
     net = VehicleNet(num_classes=num_classes, include_top=include_top, last_stride=last_stride)
-    weights = _weights_path(checkpoint, pretrained)
+    weights = weights_path(checkpoint, pretrained)
     if weights is not None:
         from .checkpoint import load_weights
 
@@ -85,7 +85,9 @@ def create_network(
     return net
 
 
-def _weights_path(checkpoint, pretrained) -> Optional[str]:
+def weights_path(checkpoint=None, pretrained: Union[bool, str] = True) -> Optional[str]:
+    """The file to load: ``checkpoint`` if given, else the verified download of the
+    ``pretrained`` asset (True = the default one), else None (random weights)."""
     if checkpoint is not None:
         return os.fspath(checkpoint)
     if pretrained is False or pretrained is None:
