@@ -117,6 +117,26 @@ def test_device_set_by_the_process_is_respected():
     assert "device: CPU (set by the process)" in proc.stderr
 
 
+def test_device_of_operations_run_before_is_respected():
+    """MindSpore refuses set_device once kernels ran; create_network must go along, not crash."""
+    proc = _run("""
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        import mindspore as ms
+        import numpy as np
+        assert ms.Tensor(np.ones(3, np.float32)).sum().asnumpy() == 3
+        from vehiclenet import create_network
+        net = create_network(pretrained=False, include_top=False, mode="pynative")
+        out = net(ms.Tensor(np.zeros((1, 3, 64, 64), np.float32)))
+        assert out.shape == (1, 512)
+        net = create_network(pretrained=False, include_top=False)  # and again, now in graph mode
+        assert ms.get_context("mode") == ms.GRAPH_MODE
+        print("OK")
+    """, cwd=REPO)
+    assert "OK" in proc.stdout
+    assert proc.stderr.count("device: CPU (set by the process)") == 2
+
+
 def test_pretrained_without_download_source_fails_clearly(monkeypatch, tmp_path):
     """Offline with an empty cache: an error that says how to get the weights, never random weights."""
     from vehiclenet import create_network

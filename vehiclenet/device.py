@@ -44,13 +44,25 @@ def _usable(target: str) -> bool:
 
 
 def device_already_set() -> Optional[str]:
-    """The device the process already chose with ``mindspore.set_device``, else None."""
+    """The device this process already uses, else None.
+
+    That is the one chosen with ``mindspore.set_device``, or, when the process ran
+    MindSpore operations before choosing, the device whose runtime they started:
+    MindSpore refuses ``set_device`` after that, so we must go along with it.
+    """
     try:
-        from mindspore._c_expression import DeviceManagerConf
+        from mindspore._c_expression import DeviceContextManager, DeviceManagerConf
     except ImportError:  # private API; without it we cannot tell, so we choose ourselves
         return None
     conf = DeviceManagerConf.get_instance()
-    return conf.get_device_target() if conf.is_device_enable() else None
+    if conf.is_device_enable():
+        return conf.get_device_target()
+    contexts = DeviceContextManager.get_instance()
+    for target in TARGETS:  # an Ascend or GPU run also starts the CPU runtime for host work
+        context = contexts.get_device_context(target)
+        if context is not None and context.initialized():
+            return target
+    return None
 
 
 def choose_device(device_target: Optional[str] = None) -> str:
@@ -69,9 +81,9 @@ def choose_device(device_target: Optional[str] = None) -> str:
 def configure(device_target: Optional[str] = None, mode: str = "graph") -> str:
     """Set MindSpore's device and execution mode; returns the device target in use.
 
-    A device the process already set with ``mindspore.set_device`` is respected; an
-    explicit ``device_target`` that differs from it raises, because MindSpore cannot
-    switch devices once set.
+    A device the process already uses (``mindspore.set_device``, or operations run
+    before this call) is respected; an explicit ``device_target`` that differs from it
+    raises, because MindSpore cannot switch devices once set.
     """
     import mindspore as ms
 
@@ -81,7 +93,8 @@ def configure(device_target: Optional[str] = None, mode: str = "graph") -> str:
     target = choose_device(device_target)
     if already and already != target:
         raise ValueError(f"device_target={device_target!r} asked for, but this process already set "
-                         f"{already!r} with mindspore.set_device, which cannot change; "
+                         f"{already!r} (mindspore.set_device, or MindSpore operations run before), "
+                         "which cannot change; "
                          "drop device_target or start a new process")
     if not already:
         ms.set_device(target)
