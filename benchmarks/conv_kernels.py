@@ -1,0 +1,189 @@
+"""Where VehicleNet's time goes on this CPU: its convolutions, timed one by one, against the whole network.
+
+    python benchmarks/conv_kernels.py [--batch-size 8] [--image-size 384] [--seconds 1.5]
+                                      [--no-train] [--no-network]
+
+Every distinct Conv2D of the real network (found by walking it once in PyNative mode, with
+the input size each one sees) is timed on its own in graph mode with MindSpore's CPU
+kernel: forward, and for training the backward to its input and to its weights. Added up
+with each shape's multiplicity, that is what the convolutions alone cost. The whole
+network is timed in the same run: when it runs at about the rate of its convolutions
+alone, nothing outside them (BatchNorm, ReLU, additions, pooling, head, graph overhead)
+is worth optimising, and only faster convolution kernels would move the figure. numpy's
+fp32 matrix multiply (OpenBLAS sgemm) gives the machine's practical fp32 rate.
+
+The targets of embed_throughput.py (7 img/s at batch 8) and train_throughput.py
+(2 img/s) are printed against these figures.
+"""
+import argparse
+import collections
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+EMBED_TARGET, TRAIN_TARGET = 7.0, 2.0
+
+
+def sgemm_gflops(n: int = 2048, seconds: float = 2.0) -> float:
+    """fp32 matrix-multiply rate of numpy's BLAS on this machine, in GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    a @ b
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    return 2 * n ** 3 * done / (time.perf_counter() - start) / 1e9
+
+
+def conv_shapes(image_size: int):
+    """(in, out, kernel, stride, input H, input W) of every Conv2D in the network, in call order."""
+    import mindspore as ms
+    import mindspore.nn as nn
+
+    from vehiclenet.network import VehicleNet
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    net = VehicleNet(include_top=False)
+    seen = []
+
+    def hook(cell, inputs):
+        # Hooks run in PyNative only; they see the real input each convolution gets.
+        _, _, h, w = inputs[0].shape
+        seen.append((cell.in_channels, cell.out_channels, cell.kernel_size[0], cell.stride[0], h, w))
+
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, nn.Conv2d):
+            cell.register_forward_pre_hook(hook)
+    net(ms.Tensor(np.zeros((1, 3, image_size, image_size), np.float32)))
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return seen
+
+
+def _rate(run, seconds: float) -> float:
+    """Seconds per call; outputs are synchronised once per call so queued work is counted."""
+    run(), run()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < 3:
+        run()
+        done += 1
+    return (time.perf_counter() - start) / done
+
+
+def time_conv(shape, batch: int, seconds: float, backward: bool):
+    import mindspore as ms
+    import mindspore.nn as nn
+    import mindspore.ops as ops
+
+    cin, cout, k, stride, h, w = shape
+    conv = nn.Conv2d(cin, cout, k, stride=stride, pad_mode="same", has_bias=False)
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal((batch, cin, h, w), dtype=np.float32))
+    y = conv(x)
+    fwd = _rate(lambda: conv(x).asnumpy(), seconds)
+    if not backward:
+        return fwd, None
+
+    # The network never needs the gradient of the image, so the stem only gets its weight gradient.
+    first = cin == 3
+
+    class Grad(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv
+            self.weights = ms.ParameterTuple(conv.trainable_params())
+            self.grad = ops.GradOperation(get_all=not first, get_by_list=True, sens_param=True)
+
+        def construct(self, inp, sens):
+            return self.grad(self.conv, self.weights)(inp, sens)
+
+    grad, sens = Grad(), ms.Tensor(rng.standard_normal(y.shape, dtype=np.float32))
+
+    def run_grad():
+        out = grad(x, sens)
+        for t in out[1] if not first else out:
+            t.asnumpy()
+        if not first:
+            out[0][0].asnumpy()
+
+    return fwd, _rate(run_grad, seconds)
+
+
+def time_network(batch: int, image_size: int, seconds: float, train: bool):
+    import mindspore as ms
+
+    from vehiclenet import create_network
+    from vehiclenet import finetune as ft
+
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32))
+    embed = create_network(pretrained=False, include_top=False)
+    infer = _rate(lambda: embed(x).asnumpy(), seconds)
+    if not train:
+        return infer, None
+    net = create_network(pretrained=False)
+    step = ft.build_train_step(net, ft.create_optimizer(net, ft.lr_schedule(0.02, 1000, 40)))
+    y = ms.Tensor(rng.integers(0, 575, batch).astype(np.int32))
+    return infer, _rate(lambda: step(x, y).asnumpy(), 4 * seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--seconds", type=float, default=1.5, help="measuring time per convolution shape")
+    parser.add_argument("--no-train", action="store_true", help="forward only")
+    parser.add_argument("--no-network", action="store_true", help="skip timing the whole network")
+    args = parser.parse_args()
+    train, b = not args.no_train, args.batch_size
+
+    import mindspore as ms
+
+    peak = sgemm_gflops()
+    shapes = collections.Counter(conv_shapes(args.image_size))
+    print(f"mindspore {ms.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"fp32, {args.image_size}x{args.image_size}, batch {b}: {sum(shapes.values())} convolutions, "
+          f"{len(shapes)} distinct shapes")
+    print(f"numpy sgemm (OpenBLAS, 2048^3): {peak:.0f} GFLOP/s")
+    print(f"{'in':>5} {'out':>5} k s {'input':>7} {'n':>2} | {'fwd ms':>7} {'GFLOP/s':>7}"
+          + (f" | {'bwd ms':>7} {'GFLOP/s':>7}" if train else ""))
+    tot_fwd = tot_bwd = flops = 0.0
+    for shape, count in shapes.items():
+        cin, cout, k, stride, h, w = shape
+        fwd_flops = 2 * b * cin * cout * k * k * -(-h // stride) * -(-w // stride)
+        fwd, bwd = time_conv(shape, b, args.seconds, train)
+        tot_fwd += count * fwd
+        flops += count * fwd_flops
+        line = f"{cin:5d} {cout:5d} {k} {stride} {h:3d}x{w:<3d} {count:2d} | {fwd * 1e3:7.1f} {fwd_flops / fwd / 1e9:7.0f}"
+        if train:
+            bwd_flops = fwd_flops * (1 if cin == 3 else 2)
+            tot_bwd += count * bwd
+            line += f" | {bwd * 1e3:7.1f} {bwd_flops / bwd / 1e9:7.0f}"
+        print(line, flush=True)
+
+    per_image = flops / b / 1e9
+    conv_rate = b / tot_fwd
+    print(f"\nforward: {per_image:.1f} GFLOP/image; convolutions alone {tot_fwd * 1e3:.0f} ms per batch = "
+          f"{flops / tot_fwd / 1e9:.0f} GFLOP/s ({flops / tot_fwd / 1e9 / peak:.0%} of sgemm)")
+    targets = (b, args.image_size) == (8, 384)  # the targets are stated for this setting only
+    print(f"inference, convolutions alone: {conv_rate:.2f} img/s" + (
+        f"; the {EMBED_TARGET} img/s target needs {EMBED_TARGET * per_image:.0f} GFLOP/s sustained "
+        f"({EMBED_TARGET * per_image / peak:.0%} of sgemm)" if targets else ""))
+    if train:
+        train_rate = b / (tot_fwd + tot_bwd)
+        print(f"training, convolutions alone (forward + backward): {train_rate:.2f} img/s"
+              + (f"; target {TRAIN_TARGET} img/s" if targets else ""))
+    if not args.no_network:
+        infer, step = time_network(b, args.image_size, 4 * args.seconds, train)
+        print(f"whole network, same run: inference {b / infer:.2f} img/s ({b / infer / conv_rate:.0%} of the "
+              "rate of its convolutions alone)"
+              + (f", training {b / step:.2f} img/s ({b / step / train_rate:.0%})" if train else ""))
+
+
+if __name__ == "__main__":
+    main()
