@@ -1,5 +1,6 @@
 """Fine-tuning: data scanning, schedule, a real short training run, checkpoints, resume, CLI, bad input."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def _entry(path, name):
     return read_checkpoint(path, keep_training_state=True)[name].asnumpy()
 
 
-def test_finetune_loss_falls_checkpoints_reload_and_resume(tiny_data, tmp_path):
+def test_finetune_loss_falls_checkpoints_reload_and_resume(tiny_data, tmp_path, caplog):
     from vehiclenet import create_network
     from vehiclenet import finetune as ft
     from vehiclenet.checkpoint import load_weights
@@ -81,12 +82,23 @@ def test_finetune_loss_falls_checkpoints_reload_and_resume(tiny_data, tmp_path):
     fresh = VehicleNet(num_classes=3)
     opt = ft.create_optimizer(fresh, ft.lr_schedule(0.003, 4, 6))
     step = ft.build_train_step(fresh, opt)
-    assert ft.resume_training(step, opt, last) == (4, 16)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vehiclenet"):
+        assert ft.resume_training(step, opt, last) == (4, 16)
+    assert not caplog.records  # same lr: the saved and the rebuilt schedule agree at step 16
     assert int(opt.global_step.asnumpy().reshape(-1)[0]) == 16
     accum = {p.name: p for p in opt.get_parameters()}["accum.classifier.dense.weight"].asnumpy()
     np.testing.assert_array_equal(accum, _entry(last, "accum.classifier.dense.weight"))
     assert np.abs(accum).max() > 0
     assert data.num_classes == 3
+
+    # Another base lr: resuming still works, and says that the schedule changed, with both rates.
+    other = ft.create_optimizer(fresh, ft.lr_schedule(0.03, 4, 6))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vehiclenet"):
+        ft.resume_training(ft.build_train_step(fresh, other), other, last)
+    assert "learning_rate_group_1 at step 16 was 0.0003, this run's schedule gives 0.003" in caplog.text
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
 
     # Resuming continues at epoch 5, step 17, from the trained weights (loss already low).
     second = ft.finetune(tiny_data, out, epochs=6, keep_max=2, resume=last, **TINY)

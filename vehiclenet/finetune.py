@@ -410,6 +410,10 @@ def resume_training(train_step, optimizer, path: PathLike) -> Tuple[int, int]:
     of another model (network entries missing or of other shapes, another number of
     identities) or holds no optimizer state / epoch (e.g. the published weights: use
     them with ``checkpoint=`` / ``--checkpoint`` instead).
+
+    The learning-rate schedule stays the one ``optimizer`` was built with, so a run
+    can be extended with more epochs; when its rate at the resume step differs from
+    the saved run's, a warning gives both.
     """
     import mindspore as ms
 
@@ -448,8 +452,25 @@ def resume_training(train_step, optimizer, path: PathLike) -> Tuple[int, int]:
         raise CheckpointError(f"MindSpore did not load {not_loaded[:4]} from {path!r}")
     epoch = int(np.asarray(params["epoch_num"].asnumpy()).reshape(-1)[0])
     step = int(np.asarray(params["step_num"].asnumpy()).reshape(-1)[0])
+    _warn_if_schedule_changed(optimizer, params, path, step)
     LOG.info("resumed from %s: epoch %d, step %d", path, epoch, step)
     return epoch, step
+
+
+def _lr_at(values: np.ndarray, step: int) -> float:
+    values = np.asarray(values, np.float64).reshape(-1)
+    return float(values[min(step, values.size - 1)])  # MindSpore holds the last rate past the end
+
+
+def _warn_if_schedule_changed(optimizer, saved: Dict, path: str, step: int) -> None:
+    for p in optimizer.get_parameters():
+        if not p.name.startswith("learning_rate") or p.name not in saved:
+            continue
+        before, now = _lr_at(saved[p.name].asnumpy(), step), _lr_at(p.asnumpy(), step)
+        if not np.isclose(before, now, rtol=1e-5, atol=0.0):
+            LOG.warning("%s: the saved run's %s at step %d was %.6g, this run's schedule gives %.6g (--lr, --epochs "
+                        "or the schedule differ); training continues with this run's schedule",
+                        path, p.name, step, before, now)
 
 
 # --------------------------------------------------------------------------- evaluation
