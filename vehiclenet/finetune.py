@@ -435,7 +435,10 @@ def resume_training(train_step, optimizer, path: PathLike) -> Tuple[int, int]:
     problems = []
     for p in optimizer.get_parameters():
         if p.name.startswith("learning_rate") or p.name == "momentum":
-            continue  # rebuilt from the arguments of this run
+            # Rebuilt from the arguments of this run; given its own value so that MindSpore
+            # does not warn that they were "not loaded".
+            state[p.name] = ms.Parameter(p.value().copy(), name=p.name)
+            continue
         if p.name not in params:
             problems.append(f"{p.name} missing")
         elif tuple(params[p.name].shape) != tuple(p.shape):
@@ -447,7 +450,6 @@ def resume_training(train_step, optimizer, path: PathLike) -> Tuple[int, int]:
         raise CheckpointError(f"{path!r} does not hold this optimizer's state ({shown}); resume needs a checkpoint "
                               "written by `vehiclenet finetune`. Use --checkpoint to start from its weights.")
     not_loaded, _ = ms.load_param_into_net(optimizer, state, strict_load=True)
-    not_loaded = [n for n in not_loaded if not (n.startswith("learning_rate") or n == "momentum")]
     if not_loaded:
         raise CheckpointError(f"MindSpore did not load {not_loaded[:4]} from {path!r}")
     epoch = int(np.asarray(params["epoch_num"].asnumpy()).reshape(-1)[0])
