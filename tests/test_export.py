@@ -77,3 +77,36 @@ def test_export_rejects_wrong_num_classes_and_format(published_ckpt, tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = _cli("export", "--format", "ONNX", "--out", tmp_path / "x", "--checkpoint", tmp_path / "none.ckpt")
     assert proc.returncode == 1 and "none.ckpt" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_export_ckpt_keeps_network_weights_only(published_ckpt, tmp_path):
+    """CKPT: the 273 network entries (head included), no SGD state; loads like the original."""
+    import mindspore as ms
+
+    from vehiclenet import create_network
+    from vehiclenet.checkpoint import read_checkpoint
+
+    proc = _cli("export", "--format", "ckpt", "--out", tmp_path / "weights", "--checkpoint", published_ckpt,
+                "--num-classes", 575)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = Path(proc.stdout.splitlines()[-1])
+    assert path == tmp_path / "weights.ckpt" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.ckpt"]
+    assert "no training state" in proc.stdout
+    entries = ms.load_checkpoint(str(path))
+    source = read_checkpoint(published_ckpt, keep_training_state=True)
+    source.pop("__training_state__")
+    network = {n for n in source if not n.startswith(("accum.", "stat.", "learning_rate", "momentum", "global_step"))}
+    assert len(network) == 273 and set(entries) == network
+    for name in ("model.conv1.weight", "model.layer4.2.bn3.moving_variance", "classifier.classifier.bias"):
+        np.testing.assert_array_equal(entries[name].asnumpy(), source[name].asnumpy())
+    assert path.stat().st_size < 0.4 * published_ckpt.stat().st_size
+
+    net = create_network(checkpoint=path, num_classes=575)
+    np.testing.assert_array_equal(net.classifier.dense.weight.asnumpy(), source["classifier.dense.weight"].asnumpy())
+
+    # A file that is not a whole VehicleNet is refused before anything is written.
+    partial = tmp_path / "partial.ckpt"
+    ms.save_checkpoint([{"name": "model.conv1.weight", "data": source["model.conv1.weight"]}], str(partial))
+    proc = _cli("export", "--format", "CKPT", "--out", tmp_path / "bad", "--checkpoint", partial)
+    assert proc.returncode == 1 and "partial.ckpt" in proc.stderr and "missing" in proc.stderr
+    assert not (tmp_path / "bad.ckpt").exists()

@@ -532,12 +532,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _add_export_command(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "export",
-        help="export the embedding network (image -> 512-d) to MindIR or ONNX",
+        help="export the embedding network (image -> 512-d) to MindIR or ONNX, or a checkpoint's weights alone",
         description="Export the embedding network for a fixed input (B x 3 x S x S float32, pre-processed) to "
-        "MindIR (reload with mindspore.load + nn.GraphCell) or ONNX (onnxruntime). The last line of stdout "
-        "is the file written.",
+        "MindIR (reload with mindspore.load + nn.GraphCell) or ONNX (onnxruntime). CKPT writes the network "
+        "weights of --checkpoint (head included) without the optimizer state of a fine-tuning checkpoint, a "
+        "third of its size, for create_network(checkpoint=..., num_classes=N); --image-size and --batch-size "
+        "do not apply to it. The last line of stdout is the file written.",
     )
-    p.add_argument("--format", required=True, type=str.upper, choices=["MINDIR", "ONNX"], help="MINDIR or ONNX")
+    p.add_argument("--format", required=True, type=str.upper, choices=["MINDIR", "ONNX", "CKPT"],
+                   help="MINDIR, ONNX or CKPT")
     p.add_argument("--out", required=True, metavar="FILE", help="output file (the format's suffix is added if absent)")
     p.add_argument("--checkpoint", metavar="PATH", help="weights to export (default: the published checkpoint)")
     p.add_argument("--num-classes", type=int, default=None, metavar="N",
@@ -554,8 +557,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     path = export_embedding(args.out, file_format=args.format, checkpoint=args.checkpoint,
                             pretrained=not args.no_pretrained, num_classes=args.num_classes,
                             image_size=args.image_size, batch_size=args.batch_size)
-    print(f"{args.format}: embedding network, input {args.batch_size}x3x{args.image_size}x{args.image_size} "
-          "float32 -> 512-d")
+    if args.format == "CKPT":
+        print(f"CKPT: network weights, no training state ({path.stat().st_size / 2 ** 20:.1f} MiB)")
+    else:
+        print(f"{args.format}: embedding network, input {args.batch_size}x3x{args.image_size}x{args.image_size} "
+              "float32 -> 512-d")
     print(path)
     return 0
 

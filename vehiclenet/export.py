@@ -1,4 +1,5 @@
-"""Export the VehicleNet embedding network (image -> 512-d ``bn1`` output) to MindIR or ONNX.
+"""Export the VehicleNet embedding network (image -> 512-d ``bn1`` output) to MindIR or ONNX,
+or a checkpoint's network weights alone (CKPT).
 
 Example::
 
@@ -11,6 +12,10 @@ Example::
 
 The input size is fixed at export time (``batch_size`` x 3 x S x S, float32,
 pre-processed as in :mod:`vehiclenet.preprocessing`); features are not normalised.
+
+``export_weights`` keeps a checkpoint's network (head included) and drops the SGD
+state and position a fine-tuning checkpoint carries, a third of the size; it loads
+with ``create_network(checkpoint=..., num_classes=N)`` like the original.
 """
 import logging
 import os
@@ -23,8 +28,13 @@ from .errors import CheckpointError, UsageError
 
 LOG = logging.getLogger(__name__)
 
-FORMATS = ("MINDIR", "ONNX")
-_SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx"}
+FORMATS = ("MINDIR", "ONNX", "CKPT")
+_SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx", "CKPT": ".ckpt"}
+
+
+def _with_suffix(out: Union[str, os.PathLike], fmt: str) -> Path:
+    out = Path(out)
+    return out if out.suffix.lower() == _SUFFIX[fmt] else out.with_name(out.name + _SUFFIX[fmt])
 
 
 def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
@@ -65,13 +75,13 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
     fmt = file_format.upper()
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {file_format!r}")
+    if fmt == "CKPT":
+        return export_weights(out, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes)
     if image_size < 32 or batch_size < 1:
         raise UsageError(f"image size must be >= 32 and batch size >= 1, got {image_size}, {batch_size}")
     net = build_embedding_network(checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                                   device_target=device_target)
-    out = Path(out)
-    if out.suffix.lower() != _SUFFIX[fmt]:
-        out = out.with_name(out.name + _SUFFIX[fmt])
+    out = _with_suffix(out, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = ms.Tensor(np.zeros((batch_size, 3, image_size, image_size), np.float32))
     # Written under a temporary name and renamed, so an interrupted export never leaves a
@@ -86,4 +96,40 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
     finally:
         tmp.unlink(missing_ok=True)
     LOG.info("exported %s (%s, input %dx3x%dx%d)", out, fmt, batch_size, image_size, image_size)
+    return out
+
+
+def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[str, os.PathLike]] = None,
+                   pretrained: Union[bool, str] = True, num_classes: Optional[int] = None) -> Path:
+    """Write the network weights of ``checkpoint`` (or the published file) without training state.
+
+    The file is checked to be a complete VehicleNet (head included) before anything is
+    written; ``num_classes``, when given, must match its head. Returns the path written
+    (``.ckpt`` appended when ``out`` lacks it).
+    """
+    import mindspore as ms
+
+    from .checkpoint import load_weights, read_checkpoint
+    from .model import weights_path
+    from .network import VehicleNet
+
+    path = weights_path(checkpoint, pretrained)
+    if path is None:
+        raise UsageError("nothing to export: give --checkpoint, or leave pretrained on for the published weights")
+    head = read_checkpoint(path).get("classifier.classifier.weight")
+    classes = None if head is None else int(head.shape[0])
+    if num_classes is not None and classes != num_classes:
+        raise CheckpointError(f"{path!r} has a head of {classes} identities, not --num-classes {num_classes}: "
+                              "is it the checkpoint you meant to export?")
+    net = VehicleNet(num_classes=classes, include_top=classes is not None)
+    load_weights(net, path)  # every network entry present, with its shape, or CheckpointError
+    out = _with_suffix(out, "CKPT")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.stem}.{os.getpid()}.partial.ckpt"  # save_checkpoint insists on .ckpt
+    try:
+        ms.save_checkpoint(net, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    LOG.info("exported %s (network weights of %s, %s identities, no training state)", out, path, classes)
     return out
