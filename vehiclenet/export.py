@@ -37,6 +37,13 @@ def _with_suffix(out: Union[str, os.PathLike], fmt: str) -> Path:
     return out if out.suffix.lower() == _SUFFIX[fmt] else out.with_name(out.name + _SUFFIX[fmt])
 
 
+def _check_num_classes(path: str, file_classes: Optional[int], num_classes: Optional[int]) -> None:
+    """``num_classes`` (when given) must be the file's head size: a check that the right file is exported."""
+    if num_classes is not None and file_classes != num_classes:
+        raise CheckpointError(f"{path!r} has a head of {file_classes} identities, not --num-classes {num_classes}: "
+                              "is it the checkpoint you meant to export?")
+
+
 def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
                             num_classes: Optional[int] = None, device_target: Optional[str] = None):
     """The embedding network in inference mode, weights from ``checkpoint`` or the published file.
@@ -54,9 +61,8 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
         LOG.warning("exporting random weights (no checkpoint and pretrained=False)")
     else:
         report = load_weights(net, path)
-        if num_classes is not None and report.file_num_classes not in (None, num_classes):
-            raise CheckpointError(f"{path!r} has a head of {report.file_num_classes} identities, not "
-                                  f"--num-classes {num_classes}: is it the checkpoint you meant to export?")
+        if report.file_num_classes is not None:
+            _check_num_classes(path, report.file_num_classes, num_classes)
     net.set_train(False)
     return net
 
@@ -118,9 +124,7 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
         raise UsageError("nothing to export: give --checkpoint, or leave pretrained on for the published weights")
     head = read_checkpoint(path).get("classifier.classifier.weight")
     classes = None if head is None else int(head.shape[0])
-    if num_classes is not None and classes != num_classes:
-        raise CheckpointError(f"{path!r} has a head of {classes} identities, not --num-classes {num_classes}: "
-                              "is it the checkpoint you meant to export?")
+    _check_num_classes(path, classes, num_classes)
     net = VehicleNet(num_classes=classes, include_top=classes is not None)
     load_weights(net, path)  # every network entry present, with its shape, or CheckpointError
     out = _with_suffix(out, "CKPT")
