@@ -205,11 +205,15 @@ def test_cli_finetune_prints_progress_and_writes_loadable_checkpoints(tiny_data,
     from vehiclenet.network import VehicleNet
 
     out = tmp_path / "cli"
+    split = make_query_gallery(tmp_path / "split")
     proc = _cli("finetune", "--data", tiny_data, "--out", out, "--epochs", 2, "--batch-size", 6, "--image-size", 64,
-                "--no-pretrained", "--lr", 0.003, "--num-workers", 1, "--max-steps-per-epoch", 2)
+                "--no-pretrained", "--lr", 0.003, "--num-workers", 1, "--max-steps-per-epoch", 2,
+                "--eval-data", split, "--eval-every", 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ")]
     assert len(lines) == 2 and lines[0].startswith("epoch 1/2: loss ") and "images/s" in lines[1]
+    assert all(", mAP " in ln and ", rank-1 " in ln for ln in lines)
+    # The checkpoint written after an evaluation still loads by the network's own names.
     assert proc.stdout.splitlines()[-1] == str(out / "vehiclenet-e002.ckpt")
     report = load_weights(VehicleNet(num_classes=3), out / "vehiclenet-e002.ckpt")
     assert not report.reinitialized and len(report.loaded) == len(list(VehicleNet(num_classes=3).get_parameters()))
@@ -251,24 +255,33 @@ def test_example_script_runs(tiny_data, tmp_path):
                                                                           "vehiclenet-e002.ckpt"]
 
 
+def make_query_gallery(root: Path, *, seed: int = 3) -> Path:
+    """A VeRi-style image_query/ + image_test/ split of 3 identities that differ by colour."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (3, 3))
+    for split, cams in (("image_query", [1]), ("image_test", [2, 3])):
+        (root / split).mkdir(parents=True)
+        for vid, colour in enumerate(colours, 1):
+            for cam in cams:
+                img = np.clip(colour + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / f"{vid:04d}_c{cam:03d}_00000001_0.jpg")
+    return root
+
+
 def test_evaluation_on_query_gallery_split(tmp_path):
     from vehiclenet import finetune as ft
     from vehiclenet.device import configure
     from vehiclenet.network import VehicleNet
 
-    rng = np.random.default_rng(3)
-    colours = rng.integers(0, 256, (3, 3))
-    for split, cams in (("image_query", [1]), ("image_test", [2, 3])):
-        (tmp_path / split).mkdir()
-        for vid, colour in enumerate(colours, 1):
-            for cam in cams:
-                img = np.clip(colour + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(tmp_path / split / f"{vid:04d}_c{cam:03d}_00000001_0.jpg")
+    make_query_gallery(tmp_path)
     configure("CPU")
     net = VehicleNet(num_classes=3)
     net.set_train(True)
+    names = [p.name for p in net.get_parameters()]
     result = ft.evaluate_query_gallery(net, tmp_path, image_size=64, batch_size=4)
     assert set(result) == {"mAP", "rank1"} and 0.0 <= result["mAP"] <= 1.0
     # Identities differ only by colour: even random convolutional features separate them.
     assert result["mAP"] > 0.5
     assert net.training  # back in training mode for the next epoch
+    # Evaluating must not rename the training net's parameters (checkpoints are saved by name).
+    assert [p.name for p in net.get_parameters()] == names

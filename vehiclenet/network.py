@@ -149,7 +149,9 @@ class Embedding(nn.Cell):
     """
 
     def __init__(self, net: VehicleNet) -> None:
-        super().__init__()
+        # No prefix: MindSpore would rename the shared parameters to "net.model...", and every
+        # checkpoint the training net wrote afterwards would no longer match a VehicleNet.
+        super().__init__(auto_prefix=False)
         self.net = net
 
     def construct(self, x):
