@@ -127,6 +127,17 @@ def test_missing_manifest_file_mentions_env_var(tmp_path, monkeypatch):
     assert "VEHICLENET_ASSETS" in str(err.value) and "nope.json" in str(err.value)
 
 
+def test_non_utf8_manifest_is_a_manifest_error(tmp_path, monkeypatch):
+    path = tmp_path / "assets.json"
+    path.write_bytes(b"\xff\xfe{")  # e.g. saved as UTF-16 by an editor
+    monkeypatch.setenv("VEHICLENET_ASSETS", str(path))
+    with pytest.raises(ManifestError) as err:
+        load_manifest()
+    text = str(err.value)
+    assert str(path) in text and "VEHICLENET_ASSETS" in text and "UTF-8" in text
+    assert err.value.exit_code == 2
+
+
 def test_size_null_or_absent_means_unknown():
     a, b = parse_manifest({"assets": [entry(name="a", size=None), entry(name="b")]})
     assert a.size is None and b.size is None

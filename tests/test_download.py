@@ -293,6 +293,41 @@ def test_corrupted_cache_offline_is_set_aside_and_error(env, http_server, monkey
     assert not path.exists()
 
 
+def test_corrupted_cache_offline_does_not_claim_a_refetch(env, http_server, monkeypatch, caplog):
+    url = http_server.add("/m.ckpt", Route(body=PAYLOAD))
+    use_manifest(env, monkeypatch, [url])
+    path = dl.fetch(progress=False)
+    path.write_bytes(PAYLOAD[:-1])
+    dl._verified.clear()
+    n = len(http_server.requests)
+    monkeypatch.setenv("VEHICLENET_OFFLINE", "1")
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.download"):
+        with pytest.raises(OfflineError) as err:
+            dl.fetch(progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("corrupted" in m and "not fetching it again" in m and "VEHICLENET_OFFLINE" in m for m in messages)
+    assert not any("and fetching it again" in m for m in messages)
+    text = str(err.value)
+    assert str(path) + ".corrupt" in text and f"belongs at {path}" in text
+    assert len(http_server.requests) == n
+
+
+@pytest.mark.parametrize("force, offline", [(False, False), (True, False), (False, True)])
+def test_directory_at_cache_path_is_refused_before_download(env, http_server, monkeypatch, force, offline):
+    url = http_server.add("/m.ckpt", Route(body=PAYLOAD))
+    use_manifest(env, monkeypatch, [url])
+    folder = env / "cache" / FILE
+    folder.mkdir(parents=True)
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(DownloadError) as err:
+        dl.fetch(progress=False, force=force, offline=offline)
+    text = str(err.value)
+    assert str(folder) in text and "directory" in text and "remove or rename" in text
+    assert http_server.requests == []
+    assert cache_listing(env / "cache") == [FILE]  # no .part left
+    assert (folder / "keep.txt").read_text() == "mine"
+
+
 def test_force_downloads_again(env, http_server, monkeypatch):
     url = http_server.add("/m.ckpt", Route(body=PAYLOAD))
     use_manifest(env, monkeypatch, [url])

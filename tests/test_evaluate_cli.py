@@ -113,6 +113,20 @@ def test_not_an_npz_and_missing_file(tmp_path):
     assert proc.returncode == 1 and "absent.npz" in proc.stderr
 
 
+def test_truncated_npz_and_plain_npy_name_file_without_traceback(tmp_path, data):
+    path, (qf, *_rest) = data
+    blob = open(path, "rb").read()
+    trunc = tmp_path / "trunc.npz"
+    trunc.write_bytes(blob[: len(blob) // 2])
+    plain = tmp_path / "plain.npy"
+    np.save(plain, qf)
+    for bad in (trunc, plain):
+        proc = run_cli("--features", str(bad))
+        assert proc.returncode == 1
+        assert bad.name in proc.stderr and "evaluate --save-features" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_bad_parameters_exit_2(data):
     path, _ = data
     proc = run_cli("--features", path, "--rerank", "--k1", "1000")

@@ -4,6 +4,9 @@ bad inputs, input kinds, npz files.
 Most tests run at 128x128 (``embed(size=...)``) with a randomly initialised network: the
 semantics do not depend on the size, and it is ~9x cheaper than 384x384 on CPU.
 """
+import os
+import stat
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -179,6 +182,36 @@ def test_npz_round_trip_and_errors(tmp_path):
     (tmp_path / "junk.npz").write_text("junk")
     with pytest.raises(DataError, match="junk.npz"):
         load_features(tmp_path / "junk.npz")
+
+
+def test_truncated_npz_and_plain_npy_are_data_errors_naming_the_file(tmp_path):
+    feats = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+    good = save_features(tmp_path / "good.npz", feats, ["a", "b", "c", "d"])
+    data = good.read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(DataError) as err:
+        load_features(tmp_path / "trunc.npz")
+    assert "trunc.npz" in str(err.value) and "vehiclenet embed" in str(err.value)
+    with open(tmp_path / "plain.npz", "wb") as fh:  # np.save of one array, whatever the name
+        np.save(fh, feats)
+    np.save(tmp_path / "plain.npy", feats)
+    for name in ("plain.npz", "plain.npy"):
+        with pytest.raises(DataError) as err:
+            load_features(tmp_path / name)
+        assert name in str(err.value) and ".npy" in str(err.value) and "vehiclenet embed" in str(err.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_saved_file_gets_the_mode_of_a_plain_write(tmp_path, umask):
+    feats = np.zeros((1, 512), np.float32)
+    old = os.umask(umask)
+    try:
+        out = save_features(tmp_path / "feats.npz", feats, ["a"])
+    finally:
+        os.umask(old)
+    # tempfile.mkstemp's 0600 must not leak into the user's output through the rename.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.npz"]  # no temporary left
 
 
 def test_nearest_orders_by_cosine_distance_and_keeps_ties_in_gallery_order():

@@ -126,6 +126,12 @@ def load_manifest(path: Union[str, os.PathLike, None] = None) -> List[Asset]:
             f"manifest {where}{source} does not exist; point {ENV_ASSETS} at an existing assets.json "
             f"or unset it to use the packaged manifest"
         ) from None
+    except UnicodeDecodeError as exc:
+        # JSON is UTF-8 by definition; a UTF-16 or Latin-1 file is as unusable as bad syntax.
+        raise ManifestError(
+            f"manifest {where}{source} is not valid JSON: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+            f"at offset {exc.start}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ManifestError(f"cannot read manifest {where}{source}: {exc}") from None
     try:

@@ -26,6 +26,7 @@ Heavy imports (requests, filelock, tqdm) happen inside the functions that need t
 import hashlib
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -259,12 +260,14 @@ def check_cached(asset: Asset, path: Optional[Path] = None, *, full: bool = Fals
     return None
 
 
-def _set_aside(path: Path, problem: str) -> Path:
+def _set_aside(path: Path, problem: str, refetch: bool = True) -> Path:
     # Keep one copy for inspection rather than deleting: the user may want to know what
     # was there. Only one .corrupt per asset, so a 300 MB file cannot pile up.
     aside = path.with_name(path.name + CORRUPT_SUFFIX)
     os.replace(path, aside)
-    log.warning("cached file %s is corrupted (%s); moved it to %s and fetching it again", path, problem, aside)
+    # Offline nothing is fetched, so the log must not promise it (the OfflineError says what to do).
+    then = "fetching it again" if refetch else f"not fetching it again because {ENV_OFFLINE} is set"
+    log.warning("cached file %s is corrupted (%s); moved it to %s and %s", path, problem, aside, then)
     return aside
 
 
@@ -298,6 +301,7 @@ def fetch(
     if offline is None:
         offline = _env_bool(ENV_OFFLINE)
     path = cached_path(asset)
+    _refuse_non_file(asset, path)
 
     # Fast path without the lock: a finished file is only ever replaced by an atomic
     # rename, so reading it while another process works is safe.
@@ -312,7 +316,8 @@ def fetch(
                 f"--force needs the network but {ENV_OFFLINE} is set; unset it to download {asset.name} again"
             )
         if problem != "missing":
-            _with_lock(asset, path, DownloadSettings.from_env(lock_timeout=lock_timeout), _set_aside_if_bad)
+            _with_lock(asset, path, DownloadSettings.from_env(lock_timeout=lock_timeout),
+                       lambda asset, path: _set_aside_if_bad(asset, path, refetch=False))
         raise OfflineError(_offline_message(asset, path, problem))
 
     settings = DownloadSettings.from_env(timeout, retries, backoff, lock_timeout)
@@ -334,10 +339,32 @@ def fetch(
     return _with_lock(asset, path, settings, locked)
 
 
-def _set_aside_if_bad(asset: Asset, path: Path) -> None:
+def not_a_file_problem(path: Path) -> Optional[str]:
+    """What sits at ``path`` if it exists but is not a regular file (a folder, a socket...), else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # absent, or a dangling symlink the rename will simply replace
+    if stat.S_ISREG(mode):
+        return None
+    return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+
+
+def _refuse_non_file(asset: Asset, path: Path) -> None:
+    # Checked before any byte is fetched: the final rename onto a folder would fail only
+    # after the whole transfer. The folder may hold the user's data, so it is not removed.
+    what = not_a_file_problem(path)
+    if what is not None:
+        raise DownloadError(
+            f"{path} is {what}, but the cache keeps the file of {asset.name} under that name; "
+            f"remove or rename it, then run `vehiclenet download {asset.name}` again"
+        )
+
+
+def _set_aside_if_bad(asset: Asset, path: Path, refetch: bool = True) -> None:
     problem = check_cached(asset, path)
     if problem not in (None, "missing"):
-        _set_aside(path, problem)
+        _set_aside(path, problem, refetch)
 
 
 def _with_lock(asset: Asset, path: Path, settings: DownloadSettings, func: Any) -> Any:
@@ -362,10 +389,14 @@ def _with_lock(asset: Asset, path: Path, settings: DownloadSettings, func: Any) 
 
 
 def _offline_message(asset: Asset, path: Path, problem: Optional[str]) -> str:
-    state = "is not in the cache" if problem == "missing" else f"is in the cache but corrupted ({problem}); it was set aside"
+    if problem == "missing":
+        state = f"is not in the cache: {path}"
+    else:
+        aside = path.with_name(path.name + CORRUPT_SUFFIX)
+        state = f"is in the cache but corrupted ({problem}); it was moved to {aside}, a verified copy belongs at {path}"
     url = asset.urls[0]
     return (
-        f"{ENV_OFFLINE} is set and {asset.name} {state}: {path}\n"
+        f"{ENV_OFFLINE} is set and {asset.name} {state}\n"
         f"To fix: on a machine with network run `vehiclenet download {asset.name}` and copy the file to {path}, "
         f"or download {url} yourself and put it there (sha256 {asset.sha256}; "
         f"`vehiclenet verify {path}` checks it), or unset {ENV_OFFLINE} to let vehiclenet download it."

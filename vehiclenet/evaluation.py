@@ -28,6 +28,8 @@ about 1 s in the worst case of random distances, where whole rows get sorted
 """
 import os
 import re
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -407,8 +409,14 @@ class FeatureSet:
 
 def load_features_npz(path: str) -> FeatureSet:
     """Read and check a features file (keys in ``FEATURE_KEYS``); DataError names file and key."""
+    what = "a features .npz written by `vehiclenet evaluate --save-features`"
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            # np.load hands back a bare array for a .npy file, which has no ids or cameras.
+            raise DataError(f"{path}: a single-array .npy file, not {what} (keys {', '.join(FEATURE_KEYS)}); "
+                            "make one with `vehiclenet evaluate --data ... --save-features FILE`")
+        with loaded as npz:
             missing = [k for k in FEATURE_KEYS if k not in npz.files]
             if missing:
                 raise DataError(f"{path}: missing key(s) {', '.join(missing)}; a features file holds "
@@ -418,8 +426,10 @@ def load_features_npz(path: str) -> FeatureSet:
         raise
     except FileNotFoundError:
         raise DataError(f"features file {path!r} does not exist") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz features file ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy).
+        raise DataError(f"{path}: damaged or not {what} ({type(exc).__name__}: {exc}); write it again with "
+                        "`vehiclenet evaluate --data ... --save-features FILE`") from None
     for side in ("query", "gallery"):
         feats = arrays[f"{side}_features"]
         key = f"{side}_features"

@@ -23,6 +23,8 @@ import logging
 import os
 import sys
 import time
+import zipfile
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +62,10 @@ class FeatureResult:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+# Evaluation cannot skip images (its ids would no longer line up), so the advice names both ways.
+_BAD_IMAGE_ADVICE = "; replace or remove the file (embedding and ranking can skip it: skip_bad=True / --skip-bad)"
 
 
 def _walk_images(folder: str) -> List[str]:
@@ -205,7 +211,7 @@ def embed(
     start = time.perf_counter()
     items, skipped = _expand(images)
     if skipped and not skip_bad:
-        raise DataError(f"{skipped[0][0]}: {skipped[0][1]} (use skip_bad / --skip-bad to ignore it)")
+        raise DataError(f"{skipped[0][0]}: {skipped[0][1]}{_BAD_IMAGE_ADVICE}")
     if not items:
         raise DataError("no images to embed" + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     b = _batch_plan(len(items), batch_size)
@@ -252,7 +258,7 @@ def embed(
                     if not skip_bad:
                         for _, other in pending:
                             other.cancel()
-                        raise DataError(f"{exc} (use skip_bad / --skip-bad to skip bad images)") from None
+                        raise DataError(f"{exc}{_BAD_IMAGE_ADVICE}") from None
                     reason = str(exc)
                     prefix = f"{name}: "
                     skipped.append((name, reason[len(prefix):] if reason.startswith(prefix) else reason))
@@ -330,8 +336,14 @@ def load_features(path: Union[str, os.PathLike]) -> FeatureResult:
         DataError: missing file, not an .npz, keys ``features``/``paths`` missing or inconsistent.
     """
     name = os.fspath(path)
+    what = "a features .npz written by `vehiclenet embed`"
     try:
-        with np.load(name, allow_pickle=False) as npz:
+        loaded = np.load(name, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            # np.load hands back a bare array for a .npy file: it has no paths to rank by.
+            raise DataError(f"{name}: a single-array .npy file, not {what} (keys features, paths); "
+                            "run `vehiclenet embed` to make one")
+        with loaded as npz:
             missing = [k for k in ("features", "paths") if k not in npz.files]
             if missing:
                 raise DataError(f"{name}: missing key(s) {', '.join(missing)}; expected an embeddings file "
@@ -343,8 +355,10 @@ def load_features(path: Union[str, os.PathLike]) -> FeatureResult:
         raise DataError(f"{name}: no such features file") from None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{name}: not a readable .npz features file ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy).
+        raise DataError(f"{name}: damaged or not {what} ({type(exc).__name__}: {exc}); "
+                        "run `vehiclenet embed` again to rewrite it") from None
     if feats.ndim != 2 or feats.shape[0] != len(paths):
         raise DataError(f"{name}: features shape {feats.shape} does not match {len(paths)} paths")
     return FeatureResult(features=feats.astype(np.float32, copy=False), paths=paths, extra=extra)

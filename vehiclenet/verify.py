@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .assets import Asset, find_asset_for_file, load_manifest, manifest_path
-from .download import cache_dir, cached_path, sha256_file
+from .download import cache_dir, cached_path, not_a_file_problem, sha256_file
 from .errors import UsageError
 
 OK = "OK"
@@ -54,13 +54,22 @@ def check_file(
     expected_size = asset.size if asset else None
     try:
         size = path.stat().st_size
-        if not path.is_file():
-            raise IsADirectoryError("is not a regular file")
     except OSError as exc:
         reason = exc.strerror or str(exc)
         return VerifyResult(
             str(path), MISSING, expected, asset=name, expected_size=expected_size,
             message=f"cannot read: {reason}; {_remedy(asset, path)}",
+        )
+    what = not_a_file_problem(path)
+    if what is not None:
+        # `download --force` cannot replace a folder, so the usual remedy would fail too.
+        if asset is not None and _in_cache(path):
+            todo = f"remove or rename it, then run `vehiclenet download {asset.name}`"
+        else:
+            todo = "give the path of the file itself"
+        return VerifyResult(
+            str(path), MISSING, expected, asset=name, expected_size=expected_size,
+            message=f"cannot read: it is {what}; {todo}",
         )
     if expected_size is not None and size != expected_size:
         return VerifyResult(
@@ -84,10 +93,14 @@ def check_file(
     )
 
 
+def _in_cache(path: Path) -> bool:
+    return path.resolve().parent == cache_dir().resolve()
+
+
 def _remedy(asset: Optional[Asset], path: Path) -> str:
     if asset is None:
         return "obtain the file again from its source and check that --sha256 is right"
-    if path.resolve().parent == cache_dir().resolve():
+    if _in_cache(path):
         return f"run `vehiclenet download {asset.name} --force` to fetch a verified copy"
     return (
         f"delete it and run `vehiclenet download {asset.name}` (the verified copy goes to "
