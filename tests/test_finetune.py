@@ -152,6 +152,72 @@ def test_bad_training_data_raises_clear_errors(tmp_path):
         ft.build_train_dataset(few, batch_size=8, image_size=64)
 
 
+def test_an_earlier_run_is_never_overwritten_or_pruned(tiny_data, tmp_path):
+    from vehiclenet import finetune as ft
+    from vehiclenet.errors import CheckpointError, UsageError
+
+    out = tmp_path / "run"
+    ft.finetune(tiny_data, out, epochs=3, keep_max=5, max_steps_per_epoch=1, **TINY)
+    names = ["vehiclenet-e001.ckpt", "vehiclenet-e002.ckpt", "vehiclenet-e003.ckpt"]
+    assert sorted(p.name for p in out.glob("*.ckpt")) == names
+    labels = (out / "labels.json").read_bytes()
+
+    # A new run into that folder, or one that continues another folder's run: refused up front.
+    with pytest.raises(UsageError, match="already holds the checkpoints of a run") as err:
+        ft.finetune(tiny_data, out, epochs=1, keep_max=1, **TINY)
+    assert f"--resume {out / 'vehiclenet-e003.ckpt'}" in str(err.value)
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    elsewhere.write_bytes((out / "vehiclenet-e001.ckpt").read_bytes())
+    with pytest.raises(UsageError, match="already holds"):
+        ft.finetune(tiny_data, out, epochs=4, resume=elsewhere, **TINY)
+    # Continuing it with other identities: refused, naming the label map.
+    other = make_dataset(tmp_path / "other", n_ids=3, seed=7)
+    for i, folder in enumerate(sorted(p for p in other.iterdir()), 11):
+        folder.rename(other / f"{i:04d}")
+    with pytest.raises(DataError, match="other identities") as err:
+        ft.finetune(other, out, epochs=4, resume=out / "vehiclenet-e003.ckpt", **TINY)
+    assert str(out / "labels.json") in str(err.value)
+    # --resume naming the folder points at its newest checkpoint.
+    with pytest.raises(CheckpointError, match="is a folder") as err:
+        ft.finetune(tiny_data, out, epochs=4, resume=out, **TINY)
+    assert "vehiclenet-e003.ckpt" in str(err.value)
+    assert sorted(p.name for p in out.glob("*.ckpt")) == names and (out / "labels.json").read_bytes() == labels
+
+    # Resuming from an older checkpoint with keep_max=1: the file just written is the one kept.
+    result = ft.finetune(tiny_data, out, epochs=2, keep_max=1, max_steps_per_epoch=1,
+                         resume=out / "vehiclenet-e001.ckpt", **TINY)
+    assert result.checkpoints == [str(out / "vehiclenet-e002.ckpt")]
+    assert sorted(p.name for p in out.glob("*.ckpt")) == ["vehiclenet-e002.ckpt"]
+
+
+def test_bad_run_arguments_are_refused_before_anything_is_written(tiny_data, tmp_path):
+    from vehiclenet import finetune as ft
+    from vehiclenet.errors import UsageError
+
+    out = tmp_path / "out"
+    args = dict(TINY, epochs=4)
+    for change, message in ((dict(lr=-1.0), "--lr"), (dict(lr=float("nan")), "--lr"),
+                            (dict(warmup_epochs=-3), "--warmup-epochs"), (dict(decay_epochs=[0]), "--decay-epochs"),
+                            (dict(decay_epochs=[9]), "--decay-epochs"), (dict(image_size=16), "--image-size"),
+                            (dict(keep_max=0), "--keep-max")):
+        with pytest.raises(UsageError, match=message):
+            ft.finetune(tiny_data, out, **dict(args, **change))
+    with pytest.raises(DataError, match="nowhere"):
+        ft.finetune(tiny_data, out, eval_data=tmp_path / "nowhere", eval_every=1, **args)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        ft.finetune(tiny_data, tmp_path / "file", **args)
+    assert not out.exists()
+
+
+def test_diverging_training_is_a_clear_error(tiny_data, tmp_path):
+    from vehiclenet import finetune as ft
+    from vehiclenet.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="training diverged; lower --lr"):
+        ft.finetune(tiny_data, tmp_path / "out", epochs=2, **dict(TINY, lr=1e30))
+
+
 def test_truncated_image_during_training_is_a_data_error(tmp_path):
     from vehiclenet import finetune as ft
 

@@ -59,6 +59,10 @@ def _preview(names: List[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+_DAMAGED_ADVICE = ("A published file: fetch it again with `vehiclenet download --force` (`vehiclenet verify` "
+                   "checks it). A file of your own: write it again (save, fine-tune or export).")
+
+
 def read_checkpoint(path: Union[str, os.PathLike], *, keep_training_state: bool = False) -> Dict:
     """Read a MindSpore ``.ckpt`` file into ``{name: Parameter}``.
 
@@ -69,6 +73,8 @@ def read_checkpoint(path: Union[str, os.PathLike], *, keep_training_state: bool 
     import mindspore as ms
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file itself")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist; check the path, or use "
                               "pretrained=True / `vehiclenet download` for the published weights")
@@ -88,11 +94,9 @@ def read_checkpoint(path: Union[str, os.PathLike], *, keep_training_state: bool 
         else:
             raise CheckpointError(
                 f"{str(path)!r} is not a readable MindSpore checkpoint ({exc}); the file may be truncated or "
-                "of another format: download it again (`vehiclenet download --force`) or check it with "
-                "`vehiclenet verify FILE`") from exc
+                f"of another format. {_DAMAGED_ADVICE}") from exc
     except Exception as exc:  # MindSpore raises RuntimeError/TypeError for some damaged files
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}; download it again or check it "
-                              "with `vehiclenet verify FILE`") from exc
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}. {_DAMAGED_ADVICE}") from exc
     params = dict(params)
     params["__training_state__"] = skipped
     return params

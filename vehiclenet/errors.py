@@ -41,3 +41,7 @@ class UsageError(VehicleNetError):
     """A command-line or API argument is unusable (exit code 2)."""
 
     exit_code = 2
+
+
+class TrainingError(VehicleNetError):
+    """Fine-tuning cannot go on (e.g. the loss became NaN or infinite)."""

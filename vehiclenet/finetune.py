@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, TrainingError, UsageError
 from .fileio import atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -282,7 +282,8 @@ def lr_schedule(base_lr: float, steps_per_epoch: int, epochs: int, *, warmup_epo
     """Per-step learning rate: linear warm-up from ``warmup_start * base_lr``, then step decay.
 
     Defaults scale with the run: warm-up ``min(5, epochs // 8)`` epochs, one decay by
-    ``gamma`` at 3/4 of the epochs (40 epochs: warm-up 5, decay at 30).
+    ``gamma`` at epoch ``3 * epochs // 4`` (40 epochs: warm-up 5, decay at 30; runs
+    under 8 epochs have no warm-up, under 4 no decay).
     """
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"steps_per_epoch and epochs must be >= 1, got {steps_per_epoch}, {epochs}")
@@ -391,7 +392,9 @@ class CheckpointSaver:
         # Written then renamed, so a crash never leaves a half-written file under the final name.
         ms.save_checkpoint(train_step, str(tmp), append_dict={"epoch_num": int(epoch), "step_num": int(step)})
         os.replace(tmp, path)
-        for old in self.existing()[:-self.keep_max]:
+        # The file just written always stays, even when a resumed run left higher epoch numbers.
+        others = [p for p in self.existing() if p != path]
+        for old in others[:max(0, len(others) - (self.keep_max - 1))]:
             old.unlink()
         LOG.info("saved %s", path)
         return path
@@ -535,6 +538,54 @@ class FinetuneResult:
     group_size: int = 1
 
 
+def _check_run_arguments(*, epochs: int, batch_size: int, lr: float, image_size, save_every: int, keep_max: int,
+                         warmup_epochs: Optional[float], decay_epochs: Optional[Sequence[int]]) -> None:
+    from .augment import size_pair
+
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("save_every", save_every),
+                        ("keep_max", keep_max)):
+        if value < 1:
+            raise UsageError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"lr (--lr) must be a positive number, got {lr}")
+    if warmup_epochs is not None and not (math.isfinite(warmup_epochs) and 0 <= warmup_epochs <= epochs):
+        raise UsageError(f"warmup_epochs (--warmup-epochs) must be between 0 and epochs ({epochs}), got {warmup_epochs}")
+    bad = [e for e in decay_epochs or () if not 1 <= e <= epochs]
+    if bad:
+        raise UsageError(f"decay_epochs (--decay-epochs) must lie in 1..epochs ({epochs}), got {bad}")
+    try:
+        size_pair(image_size)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (--image-size)") from None
+
+
+def _check_out_dir(out: PathLike, resume: Optional[PathLike], training: TrainingData) -> None:
+    """``out`` may hold checkpoints only of the run ``resume`` continues, for the same identities."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a folder for labels.json and the checkpoints")
+    if resume is not None:
+        if os.path.isdir(resume):
+            newest = latest_checkpoint(resume)
+            hint = f" (the newest there is {str(newest)!r})" if newest else ""
+            raise CheckpointError(f"--resume {os.fspath(resume)!r} is a folder; give one of its "
+                                  f"{CHECKPOINT_PREFIX}-eNNN.ckpt files{hint}")
+        if not os.path.isfile(resume):
+            raise CheckpointError(f"--resume file {os.fspath(resume)!r} does not exist; give a vehiclenet-eNNN.ckpt "
+                                  f"written by an earlier run (see {os.fspath(out)!r})")
+    existing = CheckpointSaver(out).existing()
+    continuing = resume is not None and Path(resume).resolve().parent == out.resolve()
+    if existing and not continuing:
+        raise UsageError(f"--out {str(out)!r} already holds the checkpoints of a run ({existing[-1].name} and "
+                         f"{len(existing) - 1} more): continue it with --resume {existing[-1]}, or give another --out")
+    if continuing and (out / LABELS_FILE).is_file():
+        before = load_label_map(out)
+        if before != training.identities:
+            raise DataError(f"{str(out / LABELS_FILE)!r} lists other identities than --data "
+                            f"{os.fspath(training.root)!r} ({len(before)} vs {training.num_classes}): resume with "
+                            "the data the run was started on")
+
+
 def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int = 24, lr: float = 0.02,
              image_size=384, pretrained: Union[bool, str] = True, checkpoint: Optional[PathLike] = None,
              resume: Optional[PathLike] = None, num_workers: int = 2, save_every: int = 1, keep_max: int = 5,
@@ -554,18 +605,21 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
 
     from .model import create_network
 
-    if epochs < 1 or batch_size < 1 or save_every < 1:
-        raise ValueError("epochs, batch_size and save_every must be >= 1")
-    if resume is not None and not os.path.isfile(resume):
-        raise CheckpointError(f"--resume file {os.fspath(resume)!r} does not exist; give a vehiclenet-eNNN.ckpt "
-                              f"written by an earlier run (see {os.fspath(out)!r})")
+    # Everything is checked before anything is written into ``out``: a run that cannot
+    # start must not overwrite the labels.json or prune the checkpoints of an earlier one.
+    _check_run_arguments(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, save_every=save_every,
+                         keep_max=keep_max, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
     training = scan_training_data(data)
+    _check_out_dir(out, resume, training)
+    if eval_data is not None:
+        from .evaluation import read_veri
+
+        read_veri(os.fspath(eval_data))  # a wrong --eval-data fails now, not after the first epochs
     rank, size = 0, 1
     if distributed or (distributed is None and distributed_env()):
         rank, size = init_data_parallel(device_target)
     if seed is not None:
         ms.set_seed(seed)
-    labels_file = save_label_map(training, out) if rank == 0 else None
     dataset = build_train_dataset(training, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
                                   rank=rank, group_size=size, seed=seed)
     if max_steps_per_epoch:
@@ -583,6 +637,7 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
         if start_epoch >= epochs:
             raise CheckpointError(f"{os.fspath(resume)!r} was saved after epoch {start_epoch}; --epochs {epochs} "
                                   "leaves nothing to train. Raise --epochs.")
+    labels_file = save_label_map(training, out) if rank == 0 else None
     saver = CheckpointSaver(out, keep_max, enabled=rank == 0)
     result = FinetuneResult(os.fspath(out), training.num_classes, start_epoch, [], [],
                             str(labels_file) if labels_file else None, rank, size)
@@ -615,7 +670,9 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
         stats = EpochStats(epoch + 1, global_step, mean_loss, timed_images * size / timed_seconds, seconds,
                            compile_seconds=first_step[0] if first_step else None)
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}; lower --lr")
+            last = result.checkpoints[-1] if result.checkpoints else None
+            raise TrainingError(f"the loss became {mean_loss} in epoch {epoch + 1} (lr {lr:g}): training diverged; "
+                                "lower --lr" + (f" and --resume {last}" if last else ""))
         done = epoch + 1
         if done % save_every == 0 or done == epochs:
             path = saver.save(step_cell, epoch=done, step=global_step)
