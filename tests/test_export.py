@@ -79,6 +79,35 @@ def test_export_rejects_wrong_num_classes_and_format(published_ckpt, tmp_path):
     assert proc.returncode == 1 and "none.ckpt" in proc.stderr and "does not exist" in proc.stderr
 
 
+def test_export_checks_out_path_and_headless_files_before_work(published_ckpt, tmp_path):
+    import mindspore as ms
+
+    from vehiclenet.export import export_embedding, export_weights
+    from vehiclenet.network import VehicleNet
+
+    # --out naming a folder is refused up front, by name, for every format.
+    (tmp_path / "d.mindir").mkdir()
+    proc = _cli("export", "--format", "MINDIR", "--out", tmp_path / "d.mindir", "--checkpoint", published_ckpt)
+    assert proc.returncode == 2 and "d.mindir" in proc.stderr and "is a folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (tmp_path / "w.ckpt").mkdir()
+    proc = _cli("export", "--format", "CKPT", "--out", tmp_path / "w.ckpt", "--checkpoint", published_ckpt)
+    assert proc.returncode == 2 and "w.ckpt" in proc.stderr and "is a folder" in proc.stderr
+
+    # An embedding-only checkpoint has no head to check --num-classes against: said so, nothing written.
+    headless = tmp_path / "embedding_only.ckpt"
+    ms.save_checkpoint(VehicleNet(include_top=False), str(headless))
+    for export in (export_embedding, export_weights):
+        with pytest.raises(CheckpointError, match="no classification head") as err:
+            export(tmp_path / "out", checkpoint=headless, num_classes=575)
+        assert "embedding_only.ckpt" in str(err.value)
+    assert not list(tmp_path.glob("out*"))
+    # Without --num-classes it exports, and says what it holds.
+    proc = _cli("export", "--format", "CKPT", "--out", tmp_path / "emb", "--checkpoint", headless)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "embedding only" in proc.stderr + proc.stdout and "None" not in proc.stderr + proc.stdout
+
+
 def test_export_ckpt_keeps_network_weights_only(published_ckpt, tmp_path):
     """CKPT: the 273 network entries (head included), no SGD state; loads like the original."""
     import mindspore as ms

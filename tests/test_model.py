@@ -105,6 +105,10 @@ def test_other_num_classes_reinitialises_only_the_last_layer(published_ckpt, cap
     report = load_weights(net, published_ckpt)
     assert report.reinitialized == ["classifier.classifier.weight", "classifier.classifier.bias"]
     assert len(report.loaded) == 271
+    # The returned network carries the report of its own load.
+    assert net.load_report.reinitialized == report.reinitialized and len(net.load_report.loaded) == 271
+    assert net.load_report.file_num_classes == 575 and len(net.load_report.training_state) == 334
+    assert hub_conf.create_network(pretrained=False, include_top=False).load_report is None
 
 
 def test_wrong_shape_names_entry_and_file(tmp_path):

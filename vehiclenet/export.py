@@ -17,6 +17,7 @@ pre-processed as in :mod:`vehiclenet.preprocessing`); features are not normalise
 state and position a fine-tuning checkpoint carries, a third of the size; it loads
 with ``create_network(checkpoint=..., num_classes=N)`` like the original.
 """
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -39,9 +40,25 @@ def _with_suffix(out: Union[str, os.PathLike], fmt: str) -> Path:
 
 def _check_num_classes(path: str, file_classes: Optional[int], num_classes: Optional[int]) -> None:
     """``num_classes`` (when given) must be the file's head size: a check that the right file is exported."""
-    if num_classes is not None and file_classes != num_classes:
-        raise CheckpointError(f"{path!r} has a head of {file_classes} identities, not --num-classes {num_classes}: "
-                              "is it the checkpoint you meant to export?")
+    if num_classes is None or file_classes == num_classes:
+        return
+    if file_classes is None:
+        raise CheckpointError(f"{path!r} has no classification head (an embedding-only checkpoint), so "
+                              f"--num-classes {num_classes} cannot be checked: leave --num-classes out")
+    raise CheckpointError(f"{path!r} has a head of {file_classes} identities, not --num-classes {num_classes}: "
+                          "is it the checkpoint you meant to export?")
+
+
+def _output_path(out: Union[str, os.PathLike], fmt: str) -> Path:
+    """The file to write (suffix added), its folder created; checked before any work is done."""
+    out = _with_suffix(out, fmt)
+    if out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a folder: give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the folder of --out {str(out)!r}: {exc.strerror or exc}") from exc
+    return out
 
 
 def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
@@ -52,18 +69,14 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
     head (a check that the right file is exported; the head's last layer is not part
     of the embedding network).
     """
-    from .checkpoint import load_weights
     from .model import create_network, weights_path
 
-    net = create_network(pretrained=False, include_top=False, device_target=device_target)
     path = weights_path(checkpoint, pretrained)
     if path is None:
         LOG.warning("exporting random weights (no checkpoint and pretrained=False)")
-    else:
-        report = load_weights(net, path)
-        if report.file_num_classes is not None:
-            _check_num_classes(path, report.file_num_classes, num_classes)
-    net.set_train(False)
+    net = create_network(checkpoint=path, pretrained=False, include_top=False, device_target=device_target)
+    if net.load_report is not None:
+        _check_num_classes(path, net.load_report.file_num_classes, num_classes)
     return net
 
 
@@ -85,10 +98,9 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
         return export_weights(out, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes)
     if image_size < 32 or batch_size < 1:
         raise UsageError(f"image size must be >= 32 and batch size >= 1, got {image_size}, {batch_size}")
+    out = _output_path(out, fmt)
     net = build_embedding_network(checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                                   device_target=device_target)
-    out = _with_suffix(out, fmt)
-    out.parent.mkdir(parents=True, exist_ok=True)
     example = ms.Tensor(np.zeros((batch_size, 3, image_size, image_size), np.float32))
     # Written under a temporary name and renamed, so an interrupted export never leaves a
     # truncated model under the name a deployment would load. MindSpore adds the suffix itself.
@@ -100,7 +112,8 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
             raise RuntimeError(f"mindspore.export reported success but {tmp} was not written")
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # must not hide the error that got us here
+            tmp.unlink(missing_ok=True)
     LOG.info("exported %s (%s, input %dx3x%dx%d)", out, fmt, batch_size, image_size, image_size)
     return out
 
@@ -109,8 +122,8 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
                    pretrained: Union[bool, str] = True, num_classes: Optional[int] = None) -> Path:
     """Write the network weights of ``checkpoint`` (or the published file) without training state.
 
-    The file is checked to be a complete VehicleNet (head included) before anything is
-    written; ``num_classes``, when given, must match its head. Returns the path written
+    The file is checked to be a complete VehicleNet (with its head, or an embedding-only
+    file) before anything is written; ``num_classes``, when given, must match its head. Returns the path written
     (``.ckpt`` appended when ``out`` lacks it).
     """
     import mindspore as ms
@@ -119,6 +132,7 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
     from .model import weights_path
     from .network import VehicleNet
 
+    out = _output_path(out, "CKPT")
     path = weights_path(checkpoint, pretrained)
     if path is None:
         raise UsageError("nothing to export: give --checkpoint, or leave pretrained on for the published weights")
@@ -127,13 +141,13 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
     _check_num_classes(path, classes, num_classes)
     net = VehicleNet(num_classes=classes, include_top=classes is not None)
     load_weights(net, path)  # every network entry present, with its shape, or CheckpointError
-    out = _with_suffix(out, "CKPT")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.stem}.{os.getpid()}.partial.ckpt"  # save_checkpoint insists on .ckpt
     try:
         ms.save_checkpoint(net, str(tmp))
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
-    LOG.info("exported %s (network weights of %s, %s identities, no training state)", out, path, classes)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    LOG.info("exported %s (network weights of %s, %s, no training state)", out, path,
+             "embedding only" if classes is None else f"head of {classes} identities")
     return out

@@ -48,7 +48,8 @@ def create_network(
     Returns:
         A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
         uses its running statistics and dropout is off. Call ``net.set_train(True)``
-        before fine-tuning.
+        before fine-tuning. ``net.load_report`` is the :class:`~vehiclenet.checkpoint.LoadReport`
+        of the weights loaded (None for random weights).
 
     Raises:
         CheckpointError: the checkpoint is missing entries, has other shapes or is
@@ -66,12 +67,13 @@ def create_network(
 
     net = VehicleNet(num_classes=num_classes, include_top=include_top, last_stride=last_stride)
     weights = weights_path(checkpoint, pretrained)
+    report = None
     if weights is not None:
         from .checkpoint import load_weights
 
         if last_stride != 2:
             LOG.warning("last_stride=%d: the weights in %s were trained with layer4 stride 2", last_stride, weights)
-        load_weights(net, weights)
+        report = load_weights(net, weights)
     else:
         LOG.info("pretrained=False and no checkpoint: the network keeps its random initialisation")
 
@@ -81,6 +83,7 @@ def create_network(
 
         # O2 casts to float16 but keeps BatchNorm in float32, as the Ascend reference ran.
         net = ms.amp.auto_mixed_precision(net, amp_level)
+    net.load_report = report
     net.set_train(False)
     return net
 
