@@ -92,6 +92,37 @@ def test_embed_usage_errors_exit_2(tmp_path):
     assert res.returncode == 2 and "--batch-size" in res.stderr
 
 
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    """Unusable output paths are refused by name before weights are read (the checkpoint given does not
+    exist, so reaching it would give another error), and never as a traceback."""
+    img = tmp_path / "car.jpg"
+    draw_vehicle(COLOURS[1], 0).save(img)
+    (tmp_path / "folder.npz").mkdir()
+    missing = tmp_path / "missing.ckpt"
+    cases = [
+        (("embed", img, "--out", tmp_path / "folder.npz"), "folder.npz' is a folder"),
+        (("embed", img, "--out", img / "f.npz"), "is a file, not a folder"),
+        (("rank", "--query", img, "--gallery", tmp_path, "--out", tmp_path / "r.xyz"), "r.xyz"),
+        (("rank", "--query", img, "--gallery", tmp_path, "--out", tmp_path / "folder.npz"), "is a folder"),
+        (("rank", "--query", tmp_path, "--gallery", tmp_path, "--no-picture"), "give one image file"),
+        (("evaluate", "--data", tmp_path, "--save-features", tmp_path / "folder.npz"), "is a folder"),
+    ]
+    for args, message in cases:
+        res = run_cli(*args, "--checkpoint", missing, cwd=tmp_path)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr[-2000:])
+        assert "missing.ckpt" not in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["car.jpg", "folder.npz"]
+
+
+def test_system_level_write_failure_is_named_not_a_traceback(tmp_path, small_ckpt):
+    img = tmp_path / "car.jpg"
+    draw_vehicle(COLOURS[1], 0).save(img)
+    res = run_cli("embed", img, "--out", "/proc/vehiclenet-features.npz", "--checkpoint", small_ckpt, "--no-flip",
+                  cwd=tmp_path)  # /proc exists as a folder but takes no new files, not even from root
+    assert res.returncode == 1 and "error: /proc/" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
 def _pixel(png: Image.Image, box, where="top"):
     left, top, right, bottom = box
     x = (left + right) // 2

@@ -129,6 +129,35 @@ def test_verify_manifest_error_exit_2(setup):
     assert str(bad) in r.stderr and "'file'" in r.stderr
 
 
+def test_info_with_non_utf8_manifest_exit_2(setup):
+    tmp, cache, env = setup
+    bad = tmp / "utf16.json"
+    bad.write_bytes(b"\xff\xfe{")
+    r = run(dict(env, VEHICLENET_ASSETS=str(bad)), "info", "--no-device")
+    assert r.returncode == 2
+    assert str(bad) in r.stderr and "UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_directory_at_cache_path(setup, http_server):
+    tmp, cache, env = setup
+    url = http_server.add("/" + FILE, Route(body=DATA))
+    env = dict(env, VEHICLENET_ASSETS=str(write_manifest(tmp, [asset_entry("cli", FILE, DATA, [url])])))
+    (cache / FILE).mkdir()
+    (cache / FILE / "notes.txt").write_text("the user's")
+    r = run(env, "verify")
+    assert r.returncode == 1 and "directory" in r.stderr and "remove or rename" in r.stderr
+    assert "--force" not in r.stderr  # `download --force` cannot replace a folder either
+    for args in (["download", "cli"], ["download", "cli", "--force"]):
+        r = run(env, *args)
+        assert r.returncode == 1, r.stderr
+        assert str(cache / FILE) in r.stderr and "remove or rename" in r.stderr and "Traceback" not in r.stderr
+    assert http_server.requests == []  # refused before any byte was fetched
+    assert sorted(p.name for p in cache.iterdir() if p.name != ".locks") == [FILE]  # no .part
+    assert (cache / FILE / "notes.txt").read_text() == "the user's"  # the folder is left alone
+    r = run(env, "info", "--no-device")
+    assert r.returncode == 0 and "cli (default): FAILED:" in r.stdout and "None bytes" not in r.stdout, r.stdout
+
+
 def test_verify_does_not_import_mindspore_or_requests(setup):
     tmp, cache, env = setup
     good = tmp / FILE

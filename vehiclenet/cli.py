@@ -195,7 +195,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("assets:")
     for a in assets:
         state = "not cached"
-        if a["cached"]:
+        if a["cached"] and a["size"] is None:  # something that is not a file sits at the cache path
+            state = f"FAILED: {a['problem']}"
+        elif a["cached"]:
             state = f"cached, {a['size']} bytes, " + ("verified OK" if a["verified"] else f"FAILED: {a['problem']}")
         print(f"  {a['name']}{' (default)' if a['default'] else ''}: {state}")
         print(f"    {a['path']}")
@@ -244,6 +246,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("--save-features, --checkpoint and --no-flip apply to --data only")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    if args.save_features:
+        _check_out_file(args.save_features, "--save-features")
     timings = {}
     t0 = time.perf_counter()
     if args.features is not None:
@@ -343,6 +347,21 @@ def _add_rank_command(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_cmd_rank)
 
 
+def _check_out_file(path: str, option: str) -> None:
+    """Refuse an output file that cannot be created, before any work is done."""
+    import os
+
+    from .errors import UsageError
+
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a folder: give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path!r}: {parent!r} is a file, not a folder")
+
+
 def _check_network_args(args: argparse.Namespace) -> None:
     from .errors import UsageError
 
@@ -369,6 +388,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .features import embed, save_features
 
     _check_network_args(args)
+    _check_out_file(args.out, "--out")
     net = _embedding_network(args)
     res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
     out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
@@ -388,13 +408,18 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     from .evaluation import parse_veri_name
     from .features import FeatureResult, embed, load_features, nearest
     from .preprocessing import load_image
-    from .visualize import draw_ranking
+    from .visualize import draw_ranking, picture_format
 
     _check_network_args(args)
     if args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
     if args.thumb < 16:
         raise UsageError("--thumb must be >= 16")
+    if not args.no_picture:
+        _check_out_file(args.out, "--out")
+        picture_format(args.out)
+    if os.path.isdir(args.query):
+        raise UsageError(f"--query {args.query!r} is a folder: give one image file (the gallery can be a folder)")
     if not os.path.isfile(args.query):
         raise DataError(f"{args.query}: query image not found")
     log = logging.getLogger("vehiclenet")
@@ -478,7 +503,7 @@ def _add_finetune_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--num-workers", type=int, default=2, help="data pre-processing threads (default 2)")
     p.add_argument("--save-every", type=int, default=1, metavar="E", help="checkpoint every E epochs (default 1)")
     p.add_argument("--keep-max", type=int, default=5, metavar="K", help="keep the newest K checkpoints (default 5)")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default min(5, epochs/8))")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up epochs (default min(5, epochs // 8): none below 8 epochs)")
     p.add_argument("--decay-epochs", type=int, nargs="*", default=None, metavar="E",
                    help="epochs where the lr drops 10x (default 3/4 of --epochs)")
     p.add_argument("--eval-data", metavar="DIR", help="VeRi-style folder with image_query/ and image_test/")
@@ -491,7 +516,7 @@ def _add_finetune_command(sub: "argparse._SubParsersAction") -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .errors import UsageError
 
-    for name in ("epochs", "batch_size", "image_size", "num_workers", "save_every", "keep_max"):
+    for name in ("epochs", "batch_size", "num_workers", "save_every", "keep_max"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.image_size < 32:
@@ -579,6 +604,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except VehicleNetError as exc:
         print(f"vehiclenet {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # A file the command reads or writes failed at the system level (a folder where a
+        # file should be, a read-only folder, a full disk): name it rather than dump a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"vehiclenet {args.command}: error: {where}{exc.strerror or exc} "
+              "(check the path, its permissions and the free space)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["GREEN", "RED", "QUERY_BLUE", "NEUTRAL", "draw_ranking", "ranking_layout"]
+from .errors import UsageError
+from .fileio import atomic_write
+
+__all__ = ["GREEN", "RED", "QUERY_BLUE", "NEUTRAL", "draw_ranking", "picture_format", "ranking_layout"]
 
 MARGIN = 12
 BORDER = 5
@@ -104,6 +107,7 @@ def draw_ranking(
         raise ValueError(f"{len(ranked_paths)} paths but {len(distances)} distances")
     if ids is not None and len(ids) != len(ranked_paths):
         raise ValueError(f"{len(ranked_paths)} paths but {len(ids)} ids")
+    fmt = picture_format(out_path)  # before any drawing: an unknown suffix is a usage error
     layout = ranking_layout(len(ranked_paths), thumb)
     canvas = Image.new("RGB", layout["size"], _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -127,6 +131,16 @@ def draw_ranking(
         place(path, box, colour, [f"#{i + 1}  {float(dist):.3f}"] + ([f"id {gid}"] if gid is not None else []))
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    with atomic_write(out) as handle:  # a full disk must not leave a truncated picture under the name
+        canvas.save(handle, format=fmt)
     return out
+
+
+def picture_format(path: Union[str, os.PathLike]) -> str:
+    """Pillow's format for the suffix of ``path`` (``.png`` -> ``PNG``); UsageError if it cannot write one."""
+    Image.init()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{os.fspath(path)!r}: the picture's format comes from its suffix; "
+                        "use .png or .jpg (Pillow cannot write this one)")
+    return fmt
