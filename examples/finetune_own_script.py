@@ -1,6 +1,6 @@
 """Fine-tune VehicleNet in your own training script, with the package's public pieces.
 
-    python examples/finetune_own_script.py --data my_vehicles/ --out runs/exp1 --epochs 40
+    python examples/finetune_own_script.py --data my_vehicles/ --out runs/exp2 --epochs 40
 
 ``my_vehicles/`` holds one folder per vehicle identity (``my_vehicles/<id>/*.jpg``)
 or is a VeRi-776 folder (``image_train/``). The script starts from the published
