@@ -348,18 +348,9 @@ def _add_rank_command(sub: "argparse._SubParsersAction") -> None:
 
 
 def _check_out_file(path: str, option: str) -> None:
-    """Refuse an output file that cannot be created, before any work is done."""
-    import os
+    from .fileio import check_output_file
 
-    from .errors import UsageError
-
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path!r} is a folder: give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"{option} {path!r}: {parent!r} is a file, not a folder")
+    check_output_file(path, option)
 
 
 def _check_network_args(args: argparse.Namespace) -> None:
@@ -516,11 +507,9 @@ def _add_finetune_command(sub: "argparse._SubParsersAction") -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .errors import UsageError
 
-    for name in ("epochs", "batch_size", "num_workers", "save_every", "keep_max"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.image_size < 32:
-        raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
+    # Epochs, sizes, lr and the schedule are checked by finetune() itself, before it writes anything.
+    if args.num_workers < 1:
+        raise UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
     if args.eval_every and not args.eval_data:
         raise UsageError("--eval-every needs --eval-data")
     if args.resume and args.checkpoint:

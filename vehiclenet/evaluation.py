@@ -28,8 +28,6 @@ about 1 s in the worst case of random distances, where whole rows get sorted
 """
 import os
 import re
-import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import DataError
+from .fileio import atomic_write, read_npz
 
 __all__ = [
     "VeriSplit",
@@ -409,27 +408,8 @@ class FeatureSet:
 
 def load_features_npz(path: str) -> FeatureSet:
     """Read and check a features file (keys in ``FEATURE_KEYS``); DataError names file and key."""
-    what = "a features .npz written by `vehiclenet evaluate --save-features`"
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            # np.load hands back a bare array for a .npy file, which has no ids or cameras.
-            raise DataError(f"{path}: a single-array .npy file, not {what} (keys {', '.join(FEATURE_KEYS)}); "
-                            "make one with `vehiclenet evaluate --data ... --save-features FILE`")
-        with loaded as npz:
-            missing = [k for k in FEATURE_KEYS if k not in npz.files]
-            if missing:
-                raise DataError(f"{path}: missing key(s) {', '.join(missing)}; a features file holds "
-                                f"{', '.join(FEATURE_KEYS)}")
-            arrays = {k: npz[k] for k in FEATURE_KEYS}
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"features file {path!r} does not exist") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy).
-        raise DataError(f"{path}: damaged or not {what} ({type(exc).__name__}: {exc}); write it again with "
-                        "`vehiclenet evaluate --data ... --save-features FILE`") from None
+    arrays = read_npz(path, FEATURE_KEYS, "a features .npz written by `vehiclenet evaluate --save-features`",
+                      "write it with `vehiclenet evaluate --data ... --save-features FILE`")
     for side in ("query", "gallery"):
         feats = arrays[f"{side}_features"]
         key = f"{side}_features"
@@ -452,7 +432,7 @@ def load_features_npz(path: str) -> FeatureSet:
     if arrays["query_features"].shape[1] != arrays["gallery_features"].shape[1]:
         raise DataError(f"{path}: query_features and gallery_features have different widths "
                         f"({arrays['query_features'].shape[1]} vs {arrays['gallery_features'].shape[1]})")
-    return FeatureSet(**arrays)
+    return FeatureSet(**{k: arrays[k] for k in FEATURE_KEYS})
 
 
 def save_features_npz(path: str, features: FeatureSet) -> None:
@@ -460,7 +440,5 @@ def save_features_npz(path: str, features: FeatureSet) -> None:
 
     Written atomically, under exactly the name given (no ``.npz`` appended).
     """
-    from .fileio import atomic_write
-
     with atomic_write(path) as handle:
         np.savez(handle, **{k: getattr(features, k) for k in FEATURE_KEYS})

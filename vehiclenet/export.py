@@ -26,6 +26,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .errors import CheckpointError, UsageError
+from .fileio import check_output_file
 
 LOG = logging.getLogger(__name__)
 
@@ -52,12 +53,8 @@ def _check_num_classes(path: str, file_classes: Optional[int], num_classes: Opti
 def _output_path(out: Union[str, os.PathLike], fmt: str) -> Path:
     """The file to write (suffix added), its folder created; checked before any work is done."""
     out = _with_suffix(out, fmt)
-    if out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a folder: give a file name")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create the folder of --out {str(out)!r}: {exc.strerror or exc}") from exc
+    check_output_file(out, "--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 

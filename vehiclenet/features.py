@@ -23,8 +23,6 @@ import logging
 import os
 import sys
 import time
-import zipfile
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_npz
 from .preprocessing import INPUT_SIZE, ImageSource, is_image_path, load_image, preprocess
 
 __all__ = ["FeatureResult", "embed", "extract_features", "list_images", "load_features", "save_features"]
@@ -336,29 +334,11 @@ def load_features(path: Union[str, os.PathLike]) -> FeatureResult:
         DataError: missing file, not an .npz, keys ``features``/``paths`` missing or inconsistent.
     """
     name = os.fspath(path)
-    what = "a features .npz written by `vehiclenet embed`"
-    try:
-        loaded = np.load(name, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            # np.load hands back a bare array for a .npy file: it has no paths to rank by.
-            raise DataError(f"{name}: a single-array .npy file, not {what} (keys features, paths); "
-                            "run `vehiclenet embed` to make one")
-        with loaded as npz:
-            missing = [k for k in ("features", "paths") if k not in npz.files]
-            if missing:
-                raise DataError(f"{name}: missing key(s) {', '.join(missing)}; expected an embeddings file "
-                                "from `vehiclenet embed` (keys features, paths)")
-            feats = npz["features"]
-            paths = [str(p) for p in npz["paths"].tolist()]
-            extra = {k: npz[k] for k in npz.files if k not in ("features", "paths")}
-    except FileNotFoundError:
-        raise DataError(f"{name}: no such features file") from None
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy).
-        raise DataError(f"{name}: damaged or not {what} ({type(exc).__name__}: {exc}); "
-                        "run `vehiclenet embed` again to rewrite it") from None
+    arrays = read_npz(name, ("features", "paths"), "a features .npz written by `vehiclenet embed`",
+                      "run `vehiclenet embed` to write it")
+    feats = arrays.pop("features")
+    paths = [str(p) for p in arrays.pop("paths").tolist()]
+    extra = arrays
     if feats.ndim != 2 or feats.shape[0] != len(paths):
         raise DataError(f"{name}: features shape {feats.shape} does not match {len(paths)} paths")
     return FeatureResult(features=feats.astype(np.float32, copy=False), paths=paths, extra=extra)

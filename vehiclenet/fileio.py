@@ -2,7 +2,7 @@
 import contextlib
 import os
 from pathlib import Path
-from typing import IO, Iterator, Tuple, Union
+from typing import IO, Any, Dict, Iterator, Sequence, Tuple, Union
 
 
 def _create_temp(folder: Path, name: str) -> Tuple[int, Path]:
@@ -39,3 +39,50 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_output_file(path: Union[str, os.PathLike], option: str) -> None:
+    """Refuse an output file that cannot be created (a folder by that name, a file where one of
+    its folders should be) before any work is done; ``option`` names it in the error."""
+    from .errors import UsageError
+
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise UsageError(f"{option} {os.fspath(path)!r} is a folder: give a file name")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {os.fspath(path)!r}: {str(parent)!r} is a file, not a folder")
+
+
+def read_npz(path: Union[str, os.PathLike], keys: Sequence[str], what: str, remedy: str) -> Dict[str, Any]:
+    """All arrays of the ``.npz`` at ``path``, which must hold ``keys``.
+
+    Any way the file can be unusable (missing, a plain ``.npy``, truncated, damaged,
+    keys missing) is a DataError naming the file, ``what`` it should be and ``remedy``.
+    """
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    from .errors import DataError
+
+    name = os.fspath(path)
+    try:
+        loaded = np.load(name, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # np.load returns a bare array for a .npy file
+            raise DataError(f"{name}: a single-array .npy file, not {what} (keys {', '.join(keys)}); {remedy}")
+        with loaded as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise DataError(f"{name}: missing key(s) {', '.join(missing)}; {what} holds {', '.join(keys)}")
+            return {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise DataError(f"{name}: no such features file (it does not exist)") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy).
+        raise DataError(f"{name}: damaged or not {what} ({type(exc).__name__}: {exc}); {remedy}") from None

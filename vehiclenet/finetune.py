@@ -545,14 +545,14 @@ def _check_run_arguments(*, epochs: int, batch_size: int, lr: float, image_size,
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("save_every", save_every),
                         ("keep_max", keep_max)):
         if value < 1:
-            raise UsageError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
+            raise UsageError(f"{name} / --{name.replace('_', '-')} must be >= 1, got {value}")
     if not (math.isfinite(lr) and lr > 0):
-        raise UsageError(f"lr (--lr) must be a positive number, got {lr}")
+        raise UsageError(f"lr / --lr must be a positive number, got {lr}")
     if warmup_epochs is not None and not (math.isfinite(warmup_epochs) and 0 <= warmup_epochs <= epochs):
-        raise UsageError(f"warmup_epochs (--warmup-epochs) must be between 0 and epochs ({epochs}), got {warmup_epochs}")
+        raise UsageError(f"warmup_epochs / --warmup-epochs must be between 0 and epochs ({epochs}), got {warmup_epochs}")
     bad = [e for e in decay_epochs or () if not 1 <= e <= epochs]
     if bad:
-        raise UsageError(f"decay_epochs (--decay-epochs) must lie in 1..epochs ({epochs}), got {bad}")
+        raise UsageError(f"decay_epochs / --decay-epochs must lie in 1..epochs ({epochs}), got {bad}")
     try:
         size_pair(image_size)
     except ValueError as exc:
