@@ -247,7 +247,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if args.save_features:
-        _check_out_file(args.save_features, "--save-features")
+        from .fileio import check_output_file
+
+        check_output_file(args.save_features, "--save-features")
     timings = {}
     t0 = time.perf_counter()
     if args.features is not None:
@@ -347,12 +349,6 @@ def _add_rank_command(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_cmd_rank)
 
 
-def _check_out_file(path: str, option: str) -> None:
-    from .fileio import check_output_file
-
-    check_output_file(path, option)
-
-
 def _check_network_args(args: argparse.Namespace) -> None:
     from .errors import UsageError
 
@@ -377,9 +373,10 @@ def _embedding_network(args: argparse.Namespace):
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .features import embed, save_features
+    from .fileio import check_output_file
 
     _check_network_args(args)
-    _check_out_file(args.out, "--out")
+    check_output_file(args.out, "--out")
     net = _embedding_network(args)
     res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
     out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
@@ -398,6 +395,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     from .errors import DataError, UsageError
     from .evaluation import parse_veri_name
     from .features import FeatureResult, embed, load_features, nearest
+    from .fileio import check_output_file
     from .preprocessing import load_image
     from .visualize import draw_ranking, picture_format
 
@@ -407,7 +405,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     if args.thumb < 16:
         raise UsageError("--thumb must be >= 16")
     if not args.no_picture:
-        _check_out_file(args.out, "--out")
+        check_output_file(args.out, "--out")
         picture_format(args.out)
     if os.path.isdir(args.query):
         raise UsageError(f"--query {args.query!r} is a folder: give one image file (the gallery can be a folder)")
