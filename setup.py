@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["vehiclenet", "vehiclenet.*"]),
     # vehiclenet/assets.json is a link to the top-level manifest; the wheel gets a copy.
-    package_data={"vehiclenet": ["assets.json"]},
+    package_data={"vehiclenet": ["assets.json", "csrc/*.cc"]},
     py_modules=["hub_conf", "mindspore_hub_conf"],
     install_requires=[
         # Pinned: from 2.9.0 on the CPU kernel for 3x3/7x7 Conv2D runs ~60x slower
@@ -31,6 +31,11 @@ setup(
         "platformdirs>=3.0",
         "Pillow>=9.0",
         "scipy>=1.9",
+        # oneDNN 3 for the CPU inference kernels (vehiclenet/cpu_kernels.py), compiled on first
+        # use against these headers. 2023.2.0 is the last wheel built on GNU OpenMP; the newer
+        # "onednn" wheels need Intel's SYCL and OpenCL runtimes. Elsewhere MindSpore's own kernels run.
+        "onednn-cpu-gomp==2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
+        "onednn-devel-cpu-gomp==2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "test": ["pytest>=7", "onnxruntime>=1.16", "psutil>=5.9"],

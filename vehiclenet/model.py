@@ -48,7 +48,9 @@ def create_network(
     Returns:
         A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
         uses its running statistics and dropout is off. Call ``net.set_train(True)``
-        before fine-tuning. ``net.load_report`` is the :class:`~vehiclenet.checkpoint.LoadReport`
+        before fine-tuning. On x86-64 CPUs inference runs through oneDNN 3 kernels
+        (:mod:`vehiclenet.cpu_kernels`; ``VEHICLENET_CPU_KERNELS=0`` turns them off).
+        ``net.load_report`` is the :class:`~vehiclenet.checkpoint.LoadReport`
         of the weights loaded (None for random weights).
 
     Raises:
@@ -78,6 +80,11 @@ def create_network(
         LOG.info("pretrained=False and no checkpoint: the network keeps its random initialisation")
 
     amp_level = amp_level or device_mod.default_amp_level(target)
+    if target == "CPU" and amp_level == "O0":
+        from .cpu_kernels import library_path
+
+        # Inference only, and only before the first call compiles the graph; see cpu_kernels.py.
+        net.model.use_cpu_kernels(library_path())
     if amp_level != "O0":
         import mindspore as ms
 

@@ -28,6 +28,13 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     )
 
 
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    """``conv`` followed by inference-mode ``bn`` as one convolution: its weights, the
+    per-output-channel scale to multiply them by, and its bias."""
+    scale = bn.gamma / ops.sqrt(bn.moving_variance + bn.eps)
+    return conv.weight, scale, bn.beta - bn.moving_mean * scale
+
+
 def _bn(channels: int, zero_gamma: bool = False) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(
         channels, eps=BN_EPS, momentum=BN_MOMENTUM,
@@ -54,6 +61,8 @@ class Bottleneck(nn.Cell):
         self.down_sample = down_sample
         if down_sample:
             self.down_sample_layer = nn.SequentialCell([_conv(in_ch, out_ch, 1, stride), _bn(out_ch)])
+        self.stride = stride
+        self.nhwc_ops = None  # set by ResNet50.use_cpu_kernels
 
     def construct(self, x):
         identity = x
@@ -63,6 +72,16 @@ class Bottleneck(nn.Cell):
         if self.down_sample:
             identity = self.down_sample_layer(x)
         return self.relu(out + identity)
+
+    def construct_nhwc(self, x):
+        """Inference forward on NHWC tensors with the oneDNN kernels (see cpu_kernels.py)."""
+        conv_relu, conv_s_relu, conv_s, conv_add_relu = self.nhwc_ops
+        out = conv_relu(x, *_folded(self.conv1, self.bn1))
+        out = conv_s_relu(out, *_folded(self.conv2, self.bn2))
+        identity = x
+        if self.down_sample:
+            identity = conv_s(x, *_folded(self.down_sample_layer[0], self.down_sample_layer[1]))
+        return conv_add_relu(out, *_folded(self.conv3, self.bn3), identity)
 
 
 class ResNet50(nn.Cell):
@@ -80,6 +99,25 @@ class ResNet50(nn.Cell):
         self.layer2 = self._make_layer(256, 128, 4, 2)
         self.layer3 = self._make_layer(512, 256, 6, 2)
         self.layer4 = self._make_layer(1024, 512, 3, last_stride)
+        self.nhwc_ops = None
+
+    def use_cpu_kernels(self, library: Optional[str]) -> None:
+        """Run inference through the oneDNN kernels of ``library`` (see cpu_kernels.py), or
+        MindSpore's own convolutions with None. Takes effect in graph mode only before the
+        first call compiles the network; training always uses MindSpore's convolutions."""
+        blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, Bottleneck)]
+        if library is None:
+            self.nhwc_ops = None
+            for block in blocks:
+                block.nhwc_ops = None
+            return
+        from .cpu_kernels import make_ops
+
+        k = make_ops(library)
+        self.nhwc_ops = (k["conv", 2, True], k["max_pool"])
+        for block in blocks:
+            s = block.stride
+            block.nhwc_ops = (k["conv", 1, True], k["conv", s, True], k["conv", s, False], k["conv_add"])
 
     @staticmethod
     def _make_layer(in_ch: int, mid_ch: int, blocks: int, stride: int) -> nn.SequentialCell:
@@ -93,7 +131,17 @@ class ResNet50(nn.Cell):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def construct(self, x):
+        if self.nhwc_ops is not None and not self.training:
+            return self.construct_nhwc(x)
         return ops.mean(self.feature_map(x), (2, 3))
+
+    def construct_nhwc(self, x):
+        conv_relu, max_pool = self.nhwc_ops
+        x = max_pool(conv_relu(ops.transpose(x, (0, 2, 3, 1)), *_folded(self.conv1, self.bn1)))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x = block.construct_nhwc(x)
+        return ops.mean(x, (1, 2))
 
 
 class Head(nn.Cell):

@@ -1,0 +1,160 @@
+"""Faster CPU inference: oneDNN 3 convolutions on channels-last tensors as MindSpore custom ops.
+
+MindSpore 2.8.0's CPU Conv2D runs its bundled oneDNN 2.2 on plain NCHW tensors, which
+picks im2col + GEMM. The same convolutions through oneDNN 3's brgemm kernels on NHWC
+tensors take about two thirds of the time on AVX-512 machines, so on x86-64 Linux
+:func:`vehiclenet.create_network` switches the backbone's inference forward to
+``csrc/cpu_kernels.cc`` (BatchNorm folded into the convolutions, ReLU and the residual
+addition fused). Training, ``feature_map``, export, other devices and AMP keep the plain
+MindSpore graph; the weights are the same Parameters either way.
+
+The kernel library is compiled once per machine (about 2 s, with ``$CXX`` or ``c++``)
+against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels and kept in the user
+cache folder. When anything is missing, the network logs why and runs MindSpore's own
+kernels. ``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
+"""
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+LOG = logging.getLogger(__name__)
+
+ENV_SWITCH = "VEHICLENET_CPU_KERNELS"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
+ONEDNN_RUNTIME, ONEDNN_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
+CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+
+
+class KernelsUnavailable(RuntimeError):
+    """Why the oneDNN kernels cannot be used here (the network then runs MindSpore's own)."""
+
+
+def enabled_by_environment() -> bool:
+    """False when ``$VEHICLENET_CPU_KERNELS`` is 0/false/no/off."""
+    return os.environ.get(ENV_SWITCH, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def default_build_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("vehiclenet", appauthor=False)) / "kernels"
+
+
+def _file_of(distribution: str, suffix: str) -> Path:
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise KernelsUnavailable(f"the {distribution} package is not installed "
+                                 f"(pip install {distribution}==2023.2.0)") from None
+    for entry in files:
+        if ("/" + str(entry).replace("\\", "/")).endswith(suffix):
+            return Path(entry.locate()).resolve()
+    raise KernelsUnavailable(f"the {distribution} package has no {suffix}; reinstall it")
+
+
+def build_library(build_dir: Optional[Path] = None) -> Path:
+    """Compile ``csrc/cpu_kernels.cc`` (once: the result is keyed by source, compiler and
+    oneDNN) and return the shared library's path.
+
+    Raises:
+        KernelsUnavailable: not x86-64 Linux, oneDNN wheels or compiler missing, the
+            compile failed, or the build folder is not writable.
+    """
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelsUnavailable(f"the oneDNN kernels are built for x86-64 Linux, not {sys.platform}/{platform.machine()}")
+    library = _file_of(ONEDNN_RUNTIME, "/libdnnl.so.3")
+    include = _file_of(ONEDNN_HEADERS, "/oneapi/dnnl/dnnl.hpp").parents[2]
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise KernelsUnavailable(f"no C++ compiler {compiler!r} on PATH (install g++ or set $CXX)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, str(library), str(include),
+                                    *CXX_FLAGS]).encode()).hexdigest()[:16]
+    build_dir = Path(build_dir) if build_dir is not None else default_build_dir()
+    target = build_dir / f"cpu_kernels-{key}.so"
+    if target.is_file():
+        return target
+    from filelock import FileLock
+
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if target.is_file():  # another process built it while we waited
+                return target
+            fd, partial = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so.part", dir=build_dir)
+            os.close(fd)
+            try:
+                command = [compiler, *CXX_FLAGS, str(SOURCE), f"-I{include}", str(library),
+                           f"-Wl,-rpath,{library.parent}", "-o", partial]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise KernelsUnavailable(f"compiling {SOURCE} failed ({' '.join(command)}):\n"
+                                             f"{done.stderr.strip()[-2000:]}")
+                os.replace(partial, target)  # a half-written library never has the final name
+            finally:
+                if os.path.exists(partial):
+                    os.unlink(partial)
+    except OSError as err:
+        raise KernelsUnavailable(f"cannot build the oneDNN kernels in {build_dir}: {err}") from err
+    LOG.info("built the oneDNN CPU kernels: %s", target)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def library_path() -> Optional[str]:
+    """The kernel library for this process, built if needed; None (logged once) when the
+    kernels are switched off or cannot be built here."""
+    if not enabled_by_environment():
+        LOG.info("%s=%s: using MindSpore's own CPU convolutions", ENV_SWITCH, os.environ[ENV_SWITCH])
+        return None
+    try:
+        path = build_library()
+        ctypes.CDLL(str(path))  # fails here, not inside a graph, if oneDNN cannot be loaded
+    except (KernelsUnavailable, OSError) as err:
+        LOG.warning("oneDNN CPU kernels unavailable, using MindSpore's own (slower) convolutions: %s", err)
+        return None
+    return str(path)
+
+
+def convolution_implementation(library: str, batch: int, height: int, width: int, in_channels: int,
+                               out_channels: int, kernel: int, stride: int) -> str:
+    """The oneDNN implementation that runs a convolution of this shape, e.g.
+    ``brgconv:avx512_core`` (what benchmarks print to show the fast path is taken)."""
+    lib = ctypes.CDLL(library)
+    buffer = ctypes.create_string_buffer(256)
+    args = [ctypes.c_int64(v) for v in (batch, height, width, in_channels, out_channels, kernel, stride)]
+    if lib.VnConvImplementation(*args, buffer, ctypes.c_int(len(buffer))) != 0:
+        raise KernelsUnavailable(buffer.value.decode(errors="replace"))
+    return buffer.value.decode()
+
+
+def make_ops(library: str) -> dict:
+    """MindSpore custom ops over ``library``: ``("conv", stride, relu)`` (stride 1 or 2),
+    ``"conv_add"`` (stride 1, residual added before the ReLU) and ``"max_pool"`` (3x3, stride 2).
+
+    Convolutions take (x NHWC, weights OIHW, per-output-channel scale, bias[, residual NHWC]).
+    """
+    from mindspore import ops
+
+    def custom(function: str, stride: int, channels_from_weights: bool):
+        def out_shape(x, *others):
+            channels = others[0][0] if channels_from_weights else x[3]
+            return [x[0], -(-x[1] // stride), -(-x[2] // stride), channels]
+
+        return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=lambda x, *_: x, func_type="aot")
+
+    made = {("conv", s, relu): custom(f"VnConvS{s}{'Relu' if relu else ''}", s, True)
+            for s in (1, 2) for relu in (False, True)}
+    made["conv_add"] = custom("VnConvAddS1Relu", 1, True)
+    made["max_pool"] = custom("VnMaxPool3x3S2", 2, False)
+    return made
