@@ -6,10 +6,11 @@
 Every distinct Conv2D of the real network (found by walking it once in PyNative mode, with
 the input size each one sees) is timed on its own in graph mode with MindSpore's CPU
 kernel: forward, and for training the backward to its input and to its weights. Added up
-with each shape's multiplicity, that is what the convolutions alone cost. The whole
-network is timed in the same run: when it runs at about the rate of its convolutions
-alone, nothing outside them (BatchNorm, ReLU, additions, pooling, head, graph overhead)
-is worth optimising, and only faster convolution kernels would move the figure. numpy's
+with each shape's multiplicity, that is what the convolutions alone cost. The forward is
+also timed on the oneDNN 3 kernel that inference uses on x86-64 (vehiclenet/cpu_kernels.py:
+NHWC, BatchNorm folded, ReLU fused). The whole network is timed in the same run, both
+ways: when it runs at about the rate of its convolutions alone, nothing outside them
+(BatchNorm, ReLU, additions, pooling, head, graph overhead) is worth optimising. numpy's
 fp32 matrix multiply (OpenBLAS sgemm) gives the machine's practical fp32 rate.
 
 The targets of embed_throughput.py (7 img/s at batch 8) and train_throughput.py
@@ -75,6 +76,27 @@ def _rate(run, seconds: float) -> float:
     return (time.perf_counter() - start) / done
 
 
+def time_onednn_conv(library: str, shape, batch: int, seconds: float) -> float:
+    """Seconds per forward call of the oneDNN kernel inference uses for this shape."""
+    import mindspore as ms
+    import mindspore.nn as nn
+
+    from vehiclenet.cpu_kernels import make_ops
+
+    cin, cout, k, stride, h, w = shape
+    op = make_ops(library)["conv", stride, True]
+
+    class Conv(nn.Cell):
+        def construct(self, x, weight, scale, bias):
+            return op(x, weight, scale, bias)
+
+    rng = np.random.default_rng(0)
+    args = [ms.Tensor(rng.standard_normal(s, dtype=np.float32))
+            for s in ((batch, h, w, cin), (cout, cin, k, k), (cout,), (cout,))]
+    conv = Conv()
+    return _rate(lambda: conv(*args).asnumpy(), seconds)
+
+
 def time_conv(shape, batch: int, seconds: float, backward: bool):
     import mindspore as ms
     import mindspore.nn as nn
@@ -122,14 +144,20 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
 
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32))
-    embed = create_network(pretrained=False, include_top=False)
-    infer = _rate(lambda: embed(x).asnumpy(), seconds)
+    rates = {}
+    for kernels in ("onednn", "mindspore"):
+        embed = create_network(pretrained=False, include_top=False)
+        if kernels == "mindspore":
+            embed.model.use_cpu_kernels(None)
+        elif embed.model.nhwc_ops is None:
+            continue
+        rates[kernels] = _rate(lambda: embed(x).asnumpy(), seconds)
     if not train:
-        return infer, None
+        return rates, None
     net = create_network(pretrained=False)
     step = ft.build_train_step(net, ft.create_optimizer(net, ft.lr_schedule(0.02, 1000, 40)))
     y = ms.Tensor(rng.integers(0, 575, batch).astype(np.int32))
-    return infer, _rate(lambda: step(x, y).asnumpy(), 4 * seconds)
+    return rates, _rate(lambda: step(x, y).asnumpy(), 4 * seconds)
 
 
 def main() -> None:
@@ -144,15 +172,20 @@ def main() -> None:
 
     import mindspore as ms
 
+    from vehiclenet.cpu_kernels import library_path
+
+    library = library_path()
     peak = sgemm_gflops()
     shapes = collections.Counter(conv_shapes(args.image_size))
     print(f"mindspore {ms.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"fp32, {args.image_size}x{args.image_size}, batch {b}: {sum(shapes.values())} convolutions, "
           f"{len(shapes)} distinct shapes")
     print(f"numpy sgemm (OpenBLAS, 2048^3): {peak:.0f} GFLOP/s")
+    print(f"{'':27} | MindSpore Conv2D" + (" " * 17 if train else "") + (" | oneDNN 3 NHWC" if library else ""))
     print(f"{'in':>5} {'out':>5} k s {'input':>7} {'n':>2} | {'fwd ms':>7} {'GFLOP/s':>7}"
-          + (f" | {'bwd ms':>7} {'GFLOP/s':>7}" if train else ""))
-    tot_fwd = tot_bwd = flops = 0.0
+          + (f" | {'bwd ms':>7} {'GFLOP/s':>7}" if train else "")
+          + (f" | {'fwd ms':>7} {'GFLOP/s':>7}" if library else ""))
+    tot_fwd = tot_bwd = tot_onednn = flops = 0.0
     for shape, count in shapes.items():
         cin, cout, k, stride, h, w = shape
         fwd_flops = 2 * b * cin * cout * k * k * -(-h // stride) * -(-w // stride)
@@ -164,25 +197,36 @@ def main() -> None:
             bwd_flops = fwd_flops * (1 if cin == 3 else 2)
             tot_bwd += count * bwd
             line += f" | {bwd * 1e3:7.1f} {bwd_flops / bwd / 1e9:7.0f}"
+        if library:
+            fast = time_onednn_conv(library, shape, b, args.seconds)
+            tot_onednn += count * fast
+            line += f" | {fast * 1e3:7.1f} {fwd_flops / fast / 1e9:7.0f}"
         print(line, flush=True)
 
     per_image = flops / b / 1e9
-    conv_rate = b / tot_fwd
-    print(f"\nforward: {per_image:.1f} GFLOP/image; convolutions alone {tot_fwd * 1e3:.0f} ms per batch = "
-          f"{flops / tot_fwd / 1e9:.0f} GFLOP/s ({flops / tot_fwd / 1e9 / peak:.0%} of sgemm)")
+    print(f"\nforward: {per_image:.1f} GFLOP/image")
     targets = (b, args.image_size) == (8, 384)  # the targets are stated for this setting only
-    print(f"inference, convolutions alone: {conv_rate:.2f} img/s" + (
-        f"; the {EMBED_TARGET} img/s target needs {EMBED_TARGET * per_image:.0f} GFLOP/s sustained "
-        f"({EMBED_TARGET * per_image / peak:.0%} of sgemm)" if targets else ""))
+    conv_rates = {"mindspore": b / tot_fwd}
+    if library:
+        conv_rates["onednn"] = b / tot_onednn
+    for name, total in (("MindSpore Conv2D", tot_fwd), ("oneDNN 3 NHWC", tot_onednn)):
+        if total:
+            print(f"{name}: convolutions alone {total * 1e3:.0f} ms per batch = {flops / total / 1e9:.0f} GFLOP/s "
+                  f"({flops / total / 1e9 / peak:.0%} of sgemm) = {b / total:.2f} img/s")
+    if targets:
+        print(f"the {EMBED_TARGET} img/s inference target needs {EMBED_TARGET * per_image:.0f} GFLOP/s sustained "
+              f"({EMBED_TARGET * per_image / peak:.0%} of sgemm)")
     if train:
         train_rate = b / (tot_fwd + tot_bwd)
-        print(f"training, convolutions alone (forward + backward): {train_rate:.2f} img/s"
+        print(f"training, MindSpore's convolutions alone (forward + backward): {train_rate:.2f} img/s"
               + (f"; target {TRAIN_TARGET} img/s" if targets else ""))
     if not args.no_network:
         infer, step = time_network(b, args.image_size, 4 * args.seconds, train)
-        print(f"whole network, same run: inference {b / infer:.2f} img/s ({b / infer / conv_rate:.0%} of the "
-              "rate of its convolutions alone)"
-              + (f", training {b / step:.2f} img/s ({b / step / train_rate:.0%})" if train else ""))
+        for name, rate in infer.items():
+            print(f"whole network, same run, {name} kernels: inference {b / rate:.2f} img/s "
+                  f"({b / rate / conv_rates[name]:.0%} of the rate of its convolutions alone)")
+        if train:
+            print(f"whole network, same run: training {b / step:.2f} img/s ({b / step / train_rate:.0%})")
 
 
 if __name__ == "__main__":
