@@ -12,8 +12,8 @@ In-memory inputs are named ``"<array i>"`` / ``"<image i>"`` / ``"<bytes i>"`` i
 
 Pipeline: a thread pool decodes and resizes the next batches while the network runs
 (Pillow releases the GIL while decoding). On a 2-core CPU pre-processing costs ~3-4 ms
-per image against ~0.3-0.6 s of network time per flipped image, so the pipeline runs at
-~95 % of the network-alone rate (benchmarks/embed_pipeline.py); the prefetch matters more
+per image against ~0.25-0.35 s of network time per flipped image, so the pipeline runs at
+95-98 % of the network-alone rate (benchmarks/embed_pipeline.py); the prefetch matters more
 on accelerators. Batches are all one shape, so the graph compiles once: the batch size is
 evened out over the run (20 images at batch 16 run as 2 x 10, not 16 + 4) and the last
 batch is padded with copies, whose outputs are dropped. Without ``skip_bad`` a bad file
