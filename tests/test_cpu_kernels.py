@@ -13,9 +13,9 @@ from vehiclenet.model import create_network
 @pytest.fixture
 def fresh_library_path():
     """library_path() decides once per process; these tests change what it sees."""
-    library_path.cache_clear()
+    cpu_kernels._library.cache_clear()
     yield
-    library_path.cache_clear()
+    cpu_kernels._library.cache_clear()
 
 
 def _randomise_batchnorm(net, seed: int) -> None:
@@ -105,6 +105,7 @@ def test_switched_off_by_environment(monkeypatch, caplog, fresh_library_path):
     monkeypatch.setenv("VEHICLENET_CPU_KERNELS", "0")
     assert library_path() is None
     assert "VEHICLENET_CPU_KERNELS=0" in caplog.text
+    assert cpu_kernels.status() == "MindSpore's Conv2D (VEHICLENET_CPU_KERNELS=0)"
     assert create_network(pretrained=False).model.nhwc_ops is None
 
 

@@ -209,5 +209,9 @@ def test_info_reports_cache_and_assets(setup):
     assert report["cache"] == str(cache)
     assert report["assets"][0]["cached"] is True and report["assets"][0]["verified"] is True
     assert report["versions"]["vehiclenet"]
+    assert report["cpu_kernels"].startswith("oneDNN 3 (") and report["cpu_kernels"].endswith(".so)")
     r = run(env, "info", "--no-device")
     assert r.returncode == 0 and "verified OK" in r.stdout and str(cache) in r.stdout
+    assert "cpu convolutions: oneDNN 3 (" in r.stdout
+    r = run(dict(env, VEHICLENET_CPU_KERNELS="0"), "info", "--no-device")
+    assert "cpu convolutions: MindSpore's Conv2D (VEHICLENET_CPU_KERNELS=0)" in r.stdout, r.stdout

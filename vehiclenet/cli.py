@@ -148,7 +148,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .verify import check_file
 
     versions = {"vehiclenet": __version__, "python": platform.python_version()}
-    for dist in ("mindspore", "numpy", "requests", "urllib3", "filelock", "platformdirs", "tqdm", "Pillow", "scipy"):
+    for dist in ("mindspore", "numpy", "requests", "urllib3", "filelock", "platformdirs", "tqdm", "Pillow", "scipy",
+                 "onednn-cpu-gomp"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -165,6 +166,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
             device = choose_device()
         except Exception as exc:  # info must report, not crash, on a broken install
             device = f"unknown ({type(exc).__name__}: {exc})"
+    # What CPU inference convolves with (builds the kernels once if needed; no mindspore import).
+    from .cpu_kernels import status as cpu_kernels_status
+
+    cpu_kernels = cpu_kernels_status()
     assets = []
     for i, asset in enumerate(load_manifest()):
         path = cached_path(asset)
@@ -176,6 +181,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     report = {
         "versions": versions,
         "device": device,
+        "cpu_kernels": cpu_kernels,
         "manifest": str(manifest_path()),
         "cache": str(cache_dir()),
         "cache_source": ENV_HOME if os.environ.get(ENV_HOME) else "platform user cache folder",
@@ -188,6 +194,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()))
     print(f"device:   {device}")
+    print(f"cpu convolutions: {cpu_kernels}")
     print(f"manifest: {report['manifest']}")
     print(f"cache:    {report['cache']} ({report['cache_source']})")
     print(f"network:  {'offline (' + ENV_OFFLINE + ')' if report['offline'] else 'online'}"

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 LOG = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def build_library(build_dir: Optional[Path] = None) -> Path:
     if shutil.which(compiler) is None:
         raise KernelsUnavailable(f"no C++ compiler {compiler!r} on PATH (install g++ or set $CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, str(library), str(include),
+    onednn = importlib.metadata.version(ONEDNN_RUNTIME)
+    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, onednn, str(library), str(include),
                                     *CXX_FLAGS]).encode()).hexdigest()[:16]
     build_dir = Path(build_dir) if build_dir is not None else default_build_dir()
     target = build_dir / f"cpu_kernels-{key}.so"
@@ -111,19 +112,30 @@ def build_library(build_dir: Optional[Path] = None) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def library_path() -> Optional[str]:
-    """The kernel library for this process, built if needed; None (logged once) when the
-    kernels are switched off or cannot be built here."""
+def _library() -> Tuple[Optional[str], str]:
     if not enabled_by_environment():
-        LOG.info("%s=%s: using MindSpore's own CPU convolutions", ENV_SWITCH, os.environ[ENV_SWITCH])
-        return None
+        reason = f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+        LOG.info("%s: using MindSpore's own CPU convolutions", reason)
+        return None, reason
     try:
         path = build_library()
         ctypes.CDLL(str(path))  # fails here, not inside a graph, if oneDNN cannot be loaded
     except (KernelsUnavailable, OSError) as err:
         LOG.warning("oneDNN CPU kernels unavailable, using MindSpore's own (slower) convolutions: %s", err)
-        return None
-    return str(path)
+        return None, str(err)
+    return str(path), ""
+
+
+def library_path() -> Optional[str]:
+    """The kernel library for this process, built if needed; None (logged once) when the
+    kernels are switched off or cannot be built here."""
+    return _library()[0]
+
+
+def status() -> str:
+    """One line for ``vehiclenet info``: the library in use, or why MindSpore's Conv2D runs."""
+    path, reason = _library()
+    return f"oneDNN 3 ({path})" if path else f"MindSpore's Conv2D ({reason})"
 
 
 def convolution_implementation(library: str, batch: int, height: int, width: int, in_channels: int,
