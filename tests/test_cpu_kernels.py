@@ -7,6 +7,7 @@ import pytest
 
 from vehiclenet import cpu_kernels
 from vehiclenet.cpu_kernels import KernelsUnavailable, build_library, convolution_implementation, library_path
+from vehiclenet.errors import UsageError
 from vehiclenet.model import create_network
 
 
@@ -107,6 +108,10 @@ def test_switched_off_by_environment(monkeypatch, caplog, fresh_library_path):
     assert "VEHICLENET_CPU_KERNELS=0" in caplog.text
     assert cpu_kernels.status() == "MindSpore's Conv2D (VEHICLENET_CPU_KERNELS=0)"
     assert create_network(pretrained=False).model.nhwc_ops is None
+    monkeypatch.setenv("VEHICLENET_CPU_KERNELS", "maybe")
+    cpu_kernels._library.cache_clear()
+    with pytest.raises(UsageError, match="VEHICLENET_CPU_KERNELS='maybe' is not understood"):
+        library_path()
 
 
 def test_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch, caplog, fresh_library_path):

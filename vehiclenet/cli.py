@@ -145,6 +145,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from .assets import load_manifest, manifest_path
     from .download import ENV_HOME, ENV_MIRROR, ENV_OFFLINE, cache_dir, cached_path
+    from .env import env_flag
     from .verify import check_file
 
     versions = {"vehiclenet": __version__, "python": platform.python_version()}
@@ -185,7 +186,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "manifest": str(manifest_path()),
         "cache": str(cache_dir()),
         "cache_source": ENV_HOME if os.environ.get(ENV_HOME) else "platform user cache folder",
-        "offline": os.environ.get(ENV_OFFLINE, "") not in ("", "0", "false", "no", "off"),
+        "offline": env_flag(ENV_OFFLINE),
         "mirror": os.environ.get(ENV_MIRROR) or None,
         "assets": assets,
     }

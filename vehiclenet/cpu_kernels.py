@@ -39,11 +39,6 @@ class KernelsUnavailable(RuntimeError):
     """Why the oneDNN kernels cannot be used here (the network then runs MindSpore's own)."""
 
 
-def enabled_by_environment() -> bool:
-    """False when ``$VEHICLENET_CPU_KERNELS`` is 0/false/no/off."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() not in ("0", "false", "no", "off")
-
-
 def default_build_dir() -> Path:
     import platformdirs
 
@@ -113,7 +108,9 @@ def build_library(build_dir: Optional[Path] = None) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> Tuple[Optional[str], str]:
-    if not enabled_by_environment():
+    from .env import env_flag
+
+    if not env_flag(ENV_SWITCH, default=True):
         reason = f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
         LOG.info("%s: using MindSpore's own CPU convolutions", reason)
         return None, reason

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from urllib.parse import quote, urljoin
 
 from .assets import Asset, get_asset, url_problem
+from .env import env_flag
 from .errors import DownloadChecksumError, DownloadError, OfflineError, UsageError
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,6 @@ _verified_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def _env_bool(name: str) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise UsageError(f"{name}={os.environ[name]!r} is not understood; use 1 or 0")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -299,7 +291,7 @@ def fetch(
     """
     asset = asset_or_name if isinstance(asset_or_name, Asset) else get_asset(asset_or_name)
     if offline is None:
-        offline = _env_bool(ENV_OFFLINE)
+        offline = env_flag(ENV_OFFLINE)
     path = cached_path(asset)
     _refuse_non_file(asset, path)
 
