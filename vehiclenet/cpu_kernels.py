@@ -1,14 +1,22 @@
-"""Faster CPU inference: oneDNN 3 convolutions on channels-last tensors as MindSpore custom ops.
+"""Faster CPU inference and training: oneDNN 3 kernels on channels-last tensors as MindSpore custom ops.
 
 MindSpore 2.8.0's CPU Conv2D runs its bundled oneDNN 2.2 on plain NCHW tensors, which
 picks im2col + GEMM. The same convolutions through oneDNN 3's brgemm kernels on NHWC
 tensors take about two thirds of the time on AVX-512 machines, so on x86-64 Linux
-:func:`vehiclenet.create_network` switches the backbone's inference forward to
-``csrc/cpu_kernels.cc`` (BatchNorm folded into the convolutions, ReLU and the residual
-addition fused). Training, ``feature_map``, export, other devices and AMP keep the plain
-MindSpore graph; the weights are the same Parameters either way.
+:func:`vehiclenet.create_network` switches the backbone to ``csrc/cpu_kernels.cc``:
 
-The kernel library is compiled once per machine (about 2 s, with ``$CXX`` or ``c++``)
+- inference (:func:`make_ops`): BatchNorm folded into the convolutions, ReLU and the
+  residual addition fused;
+- training (:func:`make_train_ops`): differentiable ops (convolution, BatchNorm with batch
+  statistics and MindSpore's running-statistics update, max-pool) whose gradients are
+  oneDNN's backward kernels. MindSpore 2.8.0 has no NHWC BatchNorm on CPU, hence BatchNorm
+  here too; its ReLU is fused.
+
+The Parameters, their names, checkpoints, optimizer and ``msrun`` data parallelism are
+unchanged: weights and their gradients stay OIHW. ``feature_map``, export, other devices
+and AMP keep the plain MindSpore graph.
+
+The kernel library is compiled once per machine (about 3 s, with ``$CXX`` or ``c++``)
 against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels and kept in the user
 cache folder. When anything is missing, the network logs why and runs MindSpore's own
 kernels. ``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
@@ -166,4 +174,95 @@ def make_ops(library: str) -> dict:
             for s in (1, 2) for relu in (False, True)}
     made["conv_add"] = custom("VnConvAddS1Relu", 1, True)
     made["max_pool"] = custom("VnMaxPool3x3S2", 2, False)
+    return made
+
+
+def make_train_ops(library: str) -> dict:
+    """Differentiable MindSpore custom ops over ``library`` for training on NHWC activations.
+
+    - ``("conv", stride, input_grad)``: (x NHWC, weights OIHW) -> y NHWC, no bias. Its
+      gradient is oneDNN's backward-to-input and backward-to-weights (OIHW, so it lands on
+      the same Parameter as MindSpore's Conv2D would); with ``input_grad=False`` (the first
+      layer, whose input is the image) the backward-to-input is skipped and returns zeros.
+    - ``"batch_norm"``: (x, gamma, beta, eps (1,)) -> (y, batch mean, biased batch variance);
+      ``"batch_norm_relu"`` applies a ReLU to y and ``"batch_norm_add_relu"`` (one more input,
+      the residual) adds it before the ReLU. Both also return the workspace (uint8) their
+      backward needs.
+    - ``"max_pool"``: 3x3, stride 2, x -> (y, uint8 positions of the maxima for the backward).
+    """
+    from mindspore import dtype as mstype
+    from mindspore import ops
+
+    def custom(function: str, out_shape, out_dtype, bprop=None):
+        return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
+                          bprop=bprop)
+
+    def halved(x, stride):
+        return [x[0], -(-x[1] // stride), -(-x[2] // stride)]
+
+    def conv(stride: int, input_grad: bool):
+        backward_data = custom(f"VnConvBackwardDataS{stride}", lambda dy, w, x: x, lambda dy, w, x: dy)
+        backward_weights = custom(f"VnConvBackwardWeightsS{stride}", lambda x, dy, w: w, lambda x, dy, w: dy)
+
+        def bprop(x, w, out, dout):
+            return backward_data(dout, w, x), backward_weights(x, dout, w)
+
+        def bprop_weights_only(x, w, out, dout):
+            return ops.zeros_like(x), backward_weights(x, dout, w)
+
+        name = f"VnConvTrainS{stride}" if input_grad else f"VnConvTrainNoInputGradS{stride}"
+        return custom(name, lambda x, w: halved(x, stride) + [w[0]], lambda x, w: x,
+                      bprop if input_grad else bprop_weights_only)
+
+    made = {("conv", s, g): conv(s, g) for s in (1, 2) for g in (True, False)}
+
+    workspace_bytes = ctypes.CDLL(library).VnBatchNormWorkspaceBytes
+    workspace_bytes.restype = ctypes.c_int64
+    workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
+
+    @functools.lru_cache(maxsize=None)
+    def workspace(n, h, w, c, fused):
+        size = workspace_bytes(n, h, w, c, fused)
+        if size < 0:
+            raise KernelsUnavailable(f"oneDNN has no fused batch-norm for NHWC {n}x{h}x{w}x{c}")
+        return size
+
+    def batch_norm(name: str, fused: int):
+        # fused: 0 none, 1 ReLU, 2 residual addition and ReLU (csrc/cpu_kernels.cc, enum Fused).
+        def shapes(x, gamma, *_):
+            return [x, gamma, gamma] + ([[workspace(*x, fused)]] if fused else [])
+
+        def dtypes(x, *_):
+            return [x, x, x] + ([mstype.uint8] if fused else [])
+
+        def backward_shapes(dy, x, mean, var, gamma, *_):
+            return [x, gamma, gamma] + ([x] if fused == 2 else [])
+
+        backward = custom(f"VnBatchNorm{name}Backward", backward_shapes, lambda dy, *_: [dy] * (4 if fused == 2 else 3))
+
+        def bprop(x, gamma, beta, eps, out, dout):
+            dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps)
+            return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+        def bprop_relu(x, gamma, beta, eps, out, dout):
+            dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps, out[3])
+            return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+        def bprop_add_relu(x, gamma, beta, eps, residual, out, dout):
+            dx, dgamma, dbeta, dresidual = backward(dout[0], x, out[1], out[2], gamma, eps, out[3])
+            return dx, dgamma, dbeta, ops.zeros_like(eps), dresidual
+
+        return custom(f"VnBatchNorm{name}Train", shapes, dtypes, (bprop, bprop_relu, bprop_add_relu)[fused])
+
+    made["batch_norm"] = batch_norm("", 0)
+    made["batch_norm_relu"] = batch_norm("Relu", 1)
+    made["batch_norm_add_relu"] = batch_norm("AddRelu", 2)
+
+    pool_backward = custom("VnMaxPoolBackward3x3S2", lambda dy, where, x: x, lambda dy, where, x: dy)
+
+    def pool_bprop(x, out, dout):
+        return (pool_backward(dout[0], out[1], x),)
+
+    made["max_pool"] = custom("VnMaxPoolTrain3x3S2", lambda x: [halved(x, 2) + [x[3]]] * 2,
+                              lambda x: [x, mstype.uint8], pool_bprop)
     return made

@@ -48,8 +48,8 @@ def create_network(
     Returns:
         A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
         uses its running statistics and dropout is off. Call ``net.set_train(True)``
-        before fine-tuning. On x86-64 CPUs inference runs through oneDNN 3 kernels
-        (:mod:`vehiclenet.cpu_kernels`; ``VEHICLENET_CPU_KERNELS=0`` turns them off).
+        before fine-tuning. On x86-64 CPUs inference and training run through oneDNN 3
+        kernels (:mod:`vehiclenet.cpu_kernels`; ``VEHICLENET_CPU_KERNELS=0`` turns them off).
         ``net.load_report`` is the :class:`~vehiclenet.checkpoint.LoadReport`
         of the weights loaded (None for random weights).
 
@@ -83,7 +83,7 @@ def create_network(
     if target == "CPU" and amp_level == "O0":
         from .cpu_kernels import library_path
 
-        # Inference only, and only before the first call compiles the graph; see cpu_kernels.py.
+        # Only before the first call compiles the graph; see cpu_kernels.py.
         net.model.use_cpu_kernels(library_path())
     if amp_level != "O0":
         import mindspore as ms

@@ -35,6 +35,19 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     return conv.weight, scale, bn.beta - bn.moving_mean * scale
 
 
+def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps):
+    """``bn`` with batch statistics on NHWC ``x`` through the oneDNN op ``batch_norm`` (which
+    may fuse a ReLU), updating the running statistics exactly as MindSpore's BatchNorm2d
+    does: ``bn.momentum`` is the batch's weight and the running variance takes the unbiased
+    batch variance."""
+    outputs = batch_norm(x, bn.gamma, bn.beta, eps)
+    y, mean, var = outputs[0], ops.stop_gradient(outputs[1]), ops.stop_gradient(outputs[2])
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    m = bn.momentum
+    y = ops.depend(y, ops.assign(bn.moving_mean, bn.moving_mean * (1 - m) + mean * m))
+    return ops.depend(y, ops.assign(bn.moving_variance, bn.moving_variance * (1 - m) + var * (m * n / max(n - 1, 1))))
+
+
 def _bn(channels: int, zero_gamma: bool = False) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(
         channels, eps=BN_EPS, momentum=BN_MOMENTUM,
@@ -63,6 +76,7 @@ class Bottleneck(nn.Cell):
             self.down_sample_layer = nn.SequentialCell([_conv(in_ch, out_ch, 1, stride), _bn(out_ch)])
         self.stride = stride
         self.nhwc_ops = None  # set by ResNet50.use_cpu_kernels
+        self.train_ops = None
 
     def construct(self, x):
         identity = x
@@ -83,6 +97,17 @@ class Bottleneck(nn.Cell):
             identity = conv_s(x, *_folded(self.down_sample_layer[0], self.down_sample_layer[1]))
         return conv_add_relu(out, *_folded(self.conv3, self.bn3), identity)
 
+    def construct_nhwc_train(self, x):
+        """Training forward on NHWC tensors with the differentiable oneDNN ops (batch statistics)."""
+        conv, conv_s, batch_norm, batch_norm_relu, eps = self.train_ops
+        out = _bn_train(batch_norm_relu, conv(x, self.conv1.weight), self.bn1, eps)
+        out = _bn_train(batch_norm_relu, conv_s(out, self.conv2.weight), self.bn2, eps)
+        identity = x
+        if self.down_sample:
+            down, down_bn = self.down_sample_layer[0], self.down_sample_layer[1]
+            identity = _bn_train(batch_norm, conv_s(x, down.weight), down_bn, eps)
+        return self.relu(_bn_train(batch_norm, conv(out, self.conv3.weight), self.bn3, eps) + identity)
+
 
 class ResNet50(nn.Cell):
     """ResNet-50 backbone ([3, 4, 6, 3] bottlenecks) returning pooled (N, 2048) features."""
@@ -100,24 +125,30 @@ class ResNet50(nn.Cell):
         self.layer3 = self._make_layer(512, 256, 6, 2)
         self.layer4 = self._make_layer(1024, 512, 3, last_stride)
         self.nhwc_ops = None
+        self.train_ops = None
 
     def use_cpu_kernels(self, library: Optional[str]) -> None:
-        """Run inference through the oneDNN kernels of ``library`` (see cpu_kernels.py), or
-        MindSpore's own convolutions with None. Takes effect in graph mode only before the
-        first call compiles the network; training always uses MindSpore's convolutions."""
+        """Run inference and training through the oneDNN kernels of ``library`` (see
+        cpu_kernels.py), or MindSpore's own operators with None. Takes effect in graph mode
+        only before the first call compiles the network."""
         blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, Bottleneck)]
         if library is None:
-            self.nhwc_ops = None
+            self.nhwc_ops = self.train_ops = None
             for block in blocks:
-                block.nhwc_ops = None
+                block.nhwc_ops = block.train_ops = None
             return
-        from .cpu_kernels import make_ops
+        import mindspore as ms
 
-        k = make_ops(library)
+        from .cpu_kernels import make_ops, make_train_ops
+
+        k, t = make_ops(library), make_train_ops(library)
+        eps = ms.Tensor([BN_EPS], ms.float32)
         self.nhwc_ops = (k["conv", 2, True], k["max_pool"])
+        self.train_ops = (t["conv", 2, False], t["max_pool"], t["batch_norm_relu"], eps)
         for block in blocks:
             s = block.stride
             block.nhwc_ops = (k["conv", 1, True], k["conv", s, True], k["conv", s, False], k["conv_add"])
+            block.train_ops = (t["conv", 1, True], t["conv", s, True], t["batch_norm"], t["batch_norm_relu"], eps)
 
     @staticmethod
     def _make_layer(in_ch: int, mid_ch: int, blocks: int, stride: int) -> nn.SequentialCell:
@@ -131,7 +162,9 @@ class ResNet50(nn.Cell):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def construct(self, x):
-        if self.nhwc_ops is not None and not self.training:
+        if self.nhwc_ops is not None:
+            if self.training:
+                return self.construct_nhwc_train(x)
             return self.construct_nhwc(x)
         return ops.mean(self.feature_map(x), (2, 3))
 
@@ -141,6 +174,15 @@ class ResNet50(nn.Cell):
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = block.construct_nhwc(x)
+        return ops.mean(x, (1, 2))
+
+    def construct_nhwc_train(self, x):
+        conv, max_pool, batch_norm_relu, eps = self.train_ops
+        x = conv(ops.transpose(x, (0, 2, 3, 1)), self.conv1.weight)
+        x, _ = max_pool(_bn_train(batch_norm_relu, x, self.bn1, eps))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x = block.construct_nhwc_train(x)
         return ops.mean(x, (1, 2))
 
 

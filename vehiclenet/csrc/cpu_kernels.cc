@@ -1,5 +1,6 @@
-// oneDNN 3.x convolution and max-pool kernels for VehicleNet inference on x86-64 CPUs,
-// called by MindSpore as AOT custom operators (see vehiclenet/cpu_kernels.py).
+// oneDNN 3.x convolution, batch-norm and max-pool kernels for VehicleNet inference and
+// training on x86-64 CPUs, called by MindSpore as AOT custom operators (see
+// vehiclenet/cpu_kernels.py).
 //
 // Why: MindSpore 2.8.0's CPU Conv2D hands its bundled oneDNN 2.2 plain NCHW tensors, which
 // selects the im2col + GEMM path. oneDNN 3.x's brgemm convolutions on channels-last (NHWC)
@@ -16,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -60,12 +62,6 @@ struct ConvPlan {
   memory::desc scratchpad;
   std::vector<uint8_t> scratch;
   std::string implementation;
-};
-
-struct PoolPlan {
-  dnnl::pooling_forward pool;
-  memory::desc src, dst, scratchpad;
-  std::vector<uint8_t> scratch;
 };
 
 std::string key_of(const std::vector<int64_t> &values) {
@@ -179,6 +175,364 @@ int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char
   return 0;
 }
 
+
+// ----------------------------------------------------------------------------- training
+// Fine-tuning on CPU: convolution forward / backward-to-input / backward-to-weights, BatchNorm
+// with batch statistics and its backward, and max-pool with its backward, all on NHWC
+// activations. Weights and their gradients stay OIHW, so MindSpore's Parameters, optimizer
+// and checkpoints see exactly what the plain network has. MindSpore 2.8.0 cannot run
+// BatchNorm on NHWC on CPU, hence BatchNorm here too.
+
+// A weight layout chosen by a primitive, and the reorder between it and MindSpore's OIHW.
+struct Reordered {
+  memory::desc desc;
+  dnnl::reorder reorder;
+  std::unique_ptr<memory> buffer;
+  bool needed = false;
+
+  Reordered() = default;
+  Reordered(const memory::desc &user, const memory::desc &wanted, bool to_user) : desc(wanted) {
+    needed = user != wanted;
+    if (!needed) return;
+    buffer = std::make_unique<memory>(wanted, cpu_engine());
+    reorder = to_user ? dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), wanted, cpu_engine(), user))
+                      : dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), user, cpu_engine(), wanted));
+  }
+};
+
+struct Scratch {
+  memory::desc desc;
+  std::vector<uint8_t> bytes;
+  void fit(const memory::desc &d) {
+    if (d.get_size() > bytes.size()) {
+      desc = d;
+      bytes.resize(d.get_size());
+    }
+  }
+  memory at(const memory::desc &d) { return memory(d, cpu_engine(), bytes.data()); }
+};
+
+struct TrainConvPlan {
+  memory::desc src, dst, user_weights;
+  dnnl::convolution_forward fwd;
+  dnnl::convolution_backward_data bwd_data;
+  dnnl::convolution_backward_weights bwd_weights;
+  memory::desc fwd_scratch, data_scratch, weights_scratch;
+  Reordered fwd_w, data_w, diff_w;
+  Scratch scratch;
+};
+
+TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
+  static std::unordered_map<std::string, std::unique_ptr<TrainConvPlan>> plans;
+  std::string key = key_of({n, h, w, cin, cout, k, stride});
+  auto found = plans.find(key);
+  if (found != plans.end()) return *found->second;
+
+  auto plan = std::make_unique<TrainConvPlan>();
+  const int64_t oh = (h + stride - 1) / stride, ow = (w + stride - 1) / stride;
+  int64_t top, bottom, left, right;
+  same_padding(h, k, stride, oh, &top, &bottom);
+  same_padding(w, k, stride, ow, &left, &right);
+  plan->src = memory::desc({n, cin, h, w}, dt::f32, tag::nhwc);
+  plan->dst = memory::desc({n, cout, oh, ow}, dt::f32, tag::nhwc);
+  plan->user_weights = memory::desc({cout, cin, k, k}, dt::f32, tag::oihw);
+  memory::desc any_weights({cout, cin, k, k}, dt::f32, tag::any);
+  const memory::dims strides{stride, stride}, pad_l{top, left}, pad_r{bottom, right};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+
+  dnnl::convolution_forward::primitive_desc fwd(cpu_engine(), dnnl::prop_kind::forward_training,
+                                                dnnl::algorithm::convolution_direct, plan->src, any_weights,
+                                                plan->dst, strides, pad_l, pad_r, attr);
+  dnnl::convolution_backward_data::primitive_desc data(cpu_engine(), dnnl::algorithm::convolution_direct, plan->src,
+                                                       any_weights, plan->dst, strides, pad_l, pad_r, fwd, attr);
+  dnnl::convolution_backward_weights::primitive_desc weights(cpu_engine(), dnnl::algorithm::convolution_direct,
+                                                             plan->src, any_weights, plan->dst, strides, pad_l,
+                                                             pad_r, fwd, attr);
+  plan->fwd = dnnl::convolution_forward(fwd);
+  plan->bwd_data = dnnl::convolution_backward_data(data);
+  plan->bwd_weights = dnnl::convolution_backward_weights(weights);
+  plan->fwd_w = Reordered(plan->user_weights, fwd.weights_desc(), false);
+  plan->data_w = Reordered(plan->user_weights, data.weights_desc(), false);
+  plan->diff_w = Reordered(plan->user_weights, weights.diff_weights_desc(), true);
+  plan->fwd_scratch = fwd.scratchpad_desc();
+  plan->data_scratch = data.scratchpad_desc();
+  plan->weights_scratch = weights.scratchpad_desc();
+  for (const auto &d : {plan->fwd_scratch, plan->data_scratch, plan->weights_scratch}) plan->scratch.fit(d);
+  return *plans.emplace(key, std::move(plan)).first->second;
+}
+
+// OIHW weights as the primitive wants them: reordered into the plan's buffer, or used in place.
+memory weights_for(Reordered &r, const memory::desc &user, void *data, dnnl::stream &stream) {
+  memory given(user, cpu_engine(), data);
+  if (!r.needed) return given;
+  r.reorder.execute(stream, given, *r.buffer);
+  return *r.buffer;
+}
+
+enum class ConvPass { forward, backward_data, backward_weights };
+
+// Inputs and output per pass (all activations NHWC, weights OIHW):
+//   forward:          x (N, H, W, Cin), w (Cout, Cin, K, K)          -> y (N, OH, OW, Cout)
+//   backward_data:    dy (N, OH, OW, Cout), w, x (for its shape)     -> dx (N, H, W, Cin)
+//   backward_weights: x, dy, w (for its shape)                       -> dw (Cout, Cin, K, K)
+int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t stride,
+                   ConvPass pass) {
+  const int inputs = pass == ConvPass::forward ? 2 : 3;
+  if (nparam != inputs + 1) return fail("training convolution: wrong number of inputs");
+  for (int i = 0; i <= inputs; i++) {
+    if (!is_f32(dtypes[i]) || ndims[i] != 4) return fail("training convolution: tensors must be 4-d float32");
+  }
+  int x_at = 0, w_at = 1, dy_at = 0;
+  if (pass == ConvPass::backward_data) x_at = 2;
+  if (pass == ConvPass::backward_weights) dy_at = 1, w_at = 2;
+  const int64_t *x = shapes[x_at], *wt = shapes[w_at];
+  const int64_t oh = (x[1] + stride - 1) / stride, ow = (x[2] + stride - 1) / stride;
+  const int64_t y[4] = {x[0], oh, ow, wt[0]};
+  const int64_t *dy = pass == ConvPass::forward ? shapes[inputs] : shapes[dy_at];
+  const int64_t *result = shapes[inputs];
+  const int64_t *expected = pass == ConvPass::forward ? y : pass == ConvPass::backward_data ? x : wt;
+  bool ok = wt[1] == x[3] && wt[2] == wt[3] && stride >= 1;
+  for (int d = 0; d < 4; d++) ok = ok && dy[d] == y[d] && result[d] == expected[d];
+  if (!ok) {
+    char message[256];
+    std::snprintf(message, sizeof(message),
+                  "training convolution: shapes do not match: x %ldx%ldx%ldx%ld, weights %ldx%ldx%ldx%ld, stride %ld, "
+                  "output %ldx%ldx%ldx%ld", (long)x[0], (long)x[1], (long)x[2], (long)x[3], (long)wt[0], (long)wt[1],
+                  (long)wt[2], (long)wt[3], (long)stride, (long)dy[0], (long)dy[1], (long)dy[2], (long)dy[3]);
+    return fail(message);
+  }
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    TrainConvPlan &plan = train_conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride);
+    auto &engine = cpu_engine();
+    dnnl::stream stream(engine);
+    void *out = params[inputs];
+    if (pass == ConvPass::forward) {
+      memory weights = weights_for(plan.fwd_w, plan.user_weights, params[1], stream);
+      plan.fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
+                                {DNNL_ARG_WEIGHTS, weights},
+                                {DNNL_ARG_DST, memory(plan.dst, engine, out)},
+                                {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
+    } else if (pass == ConvPass::backward_data) {
+      memory weights = weights_for(plan.data_w, plan.user_weights, params[1], stream);
+      plan.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, memory(plan.dst, engine, params[0])},
+                                     {DNNL_ARG_WEIGHTS, weights},
+                                     {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, out)},
+                                     {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.data_scratch)}});
+    } else {
+      memory user(plan.user_weights, engine, out);
+      memory diff = plan.diff_w.needed ? *plan.diff_w.buffer : user;
+      plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
+                                        {DNNL_ARG_DIFF_DST, memory(plan.dst, engine, params[1])},
+                                        {DNNL_ARG_DIFF_WEIGHTS, diff},
+                                        {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.weights_scratch)}});
+      if (plan.diff_w.needed) plan.diff_w.reorder.execute(stream, diff, user);
+    }
+    stream.wait();
+  } catch (const std::exception &e) {
+    return fail(e.what());
+  }
+  return 0;
+}
+
+// What follows the normalisation, fused into oneDNN's batch-norm: nothing, a ReLU, or the
+// residual addition and then a ReLU (the end of a bottleneck block). Fusing saves MindSpore's
+// separate passes over the activations, forward and backward.
+enum class Fused { none = 0, relu = 1, add_relu = 2 };
+
+struct BatchNormPlan {
+  memory::desc data, stat, workspace;
+  dnnl::batch_normalization_forward fwd;
+  dnnl::batch_normalization_backward bwd;
+  memory::desc fwd_scratch, bwd_scratch;
+  Scratch scratch;
+};
+
+dnnl::batch_normalization_forward::primitive_desc batch_norm_forward_desc(const memory::desc &data, float eps,
+                                                                          Fused fused) {
+  auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+  if (fused == Fused::relu) flags |= dnnl::normalization_flags::fuse_norm_relu;
+  if (fused == Fused::add_relu) flags |= dnnl::normalization_flags::fuse_norm_add_relu;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return dnnl::batch_normalization_forward::primitive_desc(cpu_engine(), dnnl::prop_kind::forward_training, data,
+                                                           data, eps, flags, attr);
+}
+
+memory::desc nhwc_desc(int64_t n, int64_t h, int64_t w, int64_t c) {
+  return memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+}
+
+BatchNormPlan &batch_norm_plan(int64_t n, int64_t h, int64_t w, int64_t c, float eps, Fused fused) {
+  static std::unordered_map<std::string, std::unique_ptr<BatchNormPlan>> plans;
+  int32_t eps_bits;
+  std::memcpy(&eps_bits, &eps, sizeof(eps_bits));
+  std::string key = key_of({n, h, w, c, eps_bits, static_cast<int64_t>(fused)});
+  auto found = plans.find(key);
+  if (found != plans.end()) return *found->second;
+  auto plan = std::make_unique<BatchNormPlan>();
+  plan->data = nhwc_desc(n, h, w, c);
+  plan->stat = memory::desc({c}, dt::f32, tag::x);
+  auto fwd = batch_norm_forward_desc(plan->data, eps, fused);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::batch_normalization_backward::primitive_desc bwd(cpu_engine(), dnnl::prop_kind::backward, plan->data,
+                                                         plan->data, plan->data, eps, fwd.get_flags(), fwd, attr);
+  plan->fwd = dnnl::batch_normalization_forward(fwd);
+  plan->bwd = dnnl::batch_normalization_backward(bwd);
+  plan->workspace = fwd.workspace_desc();
+  plan->fwd_scratch = fwd.scratchpad_desc();
+  plan->bwd_scratch = bwd.scratchpad_desc();
+  plan->scratch.fit(plan->fwd_scratch);
+  plan->scratch.fit(plan->bwd_scratch);
+  return *plans.emplace(key, std::move(plan)).first->second;
+}
+
+bool same_shape(const int64_t *a, const int64_t *b, int n) {
+  for (int d = 0; d < n; d++)
+    if (a[d] != b[d]) return false;
+  return true;
+}
+
+
+struct PoolPlan {
+  memory::desc src, dst, workspace;
+  dnnl::pooling_forward fwd;
+  dnnl::pooling_backward bwd;  // training plans only
+  memory::desc fwd_scratch, bwd_scratch;
+  Scratch scratch;
+};
+
+// Max-pool 3x3, stride 2, "same" padding over x (N, H, W, C) NHWC.
+PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training) {
+  static std::unordered_map<std::string, std::unique_ptr<PoolPlan>> plans;
+  const int64_t kernel = 3, stride = 2, oh = (h + 1) / 2, ow = (w + 1) / 2;
+  std::string key = key_of({n, h, w, c, training});
+  auto found = plans.find(key);
+  if (found != plans.end()) return *found->second;
+  auto plan = std::make_unique<PoolPlan>();
+  int64_t top, bottom, left, right;
+  same_padding(h, kernel, stride, oh, &top, &bottom);
+  same_padding(w, kernel, stride, ow, &left, &right);
+  plan->src = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  plan->dst = memory::desc({n, c, oh, ow}, dt::f32, tag::nhwc);
+  const memory::dims strides{stride, stride}, kernels{kernel, kernel}, dilation{0, 0}, pad_l{top, left},
+      pad_r{bottom, right};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::pooling_forward::primitive_desc fwd(
+      cpu_engine(), training ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference,
+      dnnl::algorithm::pooling_max, plan->src, plan->dst, strides, kernels, dilation, pad_l, pad_r, attr);
+  plan->fwd = dnnl::pooling_forward(fwd);
+  plan->fwd_scratch = fwd.scratchpad_desc();
+  plan->scratch.fit(plan->fwd_scratch);
+  if (training) {
+    plan->workspace = fwd.workspace_desc();
+    // The workspace is handed to MindSpore as a uint8 tensor shaped like the output.
+    if (plan->workspace.get_size() != static_cast<size_t>(n * oh * ow * c))
+      throw std::runtime_error("max-pool: oneDNN's workspace is not one byte per output");
+    dnnl::pooling_backward::primitive_desc bwd(cpu_engine(), dnnl::algorithm::pooling_max, plan->src, plan->dst,
+                                               strides, kernels, dilation, pad_l, pad_r, fwd, attr);
+    plan->bwd = dnnl::pooling_backward(bwd);
+    plan->bwd_scratch = bwd.scratchpad_desc();
+    plan->scratch.fit(plan->bwd_scratch);
+  }
+  return *plans.emplace(key, std::move(plan)).first->second;
+}
+
+// float32 x (N, H, W, C) at `x_at` and y (N, ceil(H/2), ceil(W/2), C) at `y_at`.
+bool pool_shapes_ok(int *ndims, int64_t **shapes, const char **dtypes, int x_at, int y_at) {
+  if (!is_f32(dtypes[x_at]) || !is_f32(dtypes[y_at]) || ndims[x_at] != 4 || ndims[y_at] != 4) return false;
+  const int64_t *x = shapes[x_at], *y = shapes[y_at];
+  return y[0] == x[0] && y[3] == x[3] && y[1] == (x[1] + 1) / 2 && y[2] == (x[2] + 1) / 2;
+}
+
+// Batch-norm with batch statistics on NHWC tensors, optionally fused (see Fused).
+//   inputs:  x (N, H, W, C), gamma (C), beta (C), eps (1) [, residual (N, H, W, C) for add_relu]
+//   outputs: y (N, H, W, C), batch mean (C), batch variance (C, biased: divided by N*H*W)
+//            [, workspace (bytes, uint8) that the backward needs when fused]
+int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, Fused fused) {
+  const int inputs = fused == Fused::add_relu ? 5 : 4, outputs = fused == Fused::none ? 3 : 4;
+  if (nparam != inputs + outputs) return fail("batch-norm: wrong number of inputs");
+  for (int i = 0; i < inputs + 3; i++)
+    if (!is_f32(dtypes[i])) return fail("batch-norm: tensors must be float32");
+  const int64_t *x = shapes[0], c = shapes[0][3];
+  const int y = inputs;
+  bool ok = ndims[0] == 4 && ndims[y] == 4 && same_shape(x, shapes[y], 4) && shapes[1][0] == c &&
+            shapes[2][0] == c && shapes[3][0] == 1 && shapes[y + 1][0] == c && shapes[y + 2][0] == c;
+  if (fused == Fused::add_relu) ok = ok && ndims[4] == 4 && same_shape(x, shapes[4], 4);
+  if (!ok) return fail("batch-norm: shapes do not match");
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    const float eps = *static_cast<const float *>(params[3]);
+    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], c, eps, fused);
+    if (fused != Fused::none && (std::strcmp(dtypes[y + 3], "uint8") != 0 || ndims[y + 3] != 1 ||
+                                 shapes[y + 3][0] != static_cast<int64_t>(plan.workspace.get_size())))
+      return fail("batch-norm: the workspace output has the wrong size");
+    auto &engine = cpu_engine();
+    dnnl::stream stream(engine);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(plan.data, engine, params[0])},
+                                         {DNNL_ARG_SCALE, memory(plan.stat, engine, params[1])},
+                                         {DNNL_ARG_SHIFT, memory(plan.stat, engine, params[2])},
+                                         {DNNL_ARG_DST, memory(plan.data, engine, params[y])},
+                                         {DNNL_ARG_MEAN, memory(plan.stat, engine, params[y + 1])},
+                                         {DNNL_ARG_VARIANCE, memory(plan.stat, engine, params[y + 2])},
+                                         {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}};
+    if (fused == Fused::add_relu) args[DNNL_ARG_SRC_1] = memory(plan.data, engine, params[4]);
+    if (fused != Fused::none) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[y + 3]);
+    plan.fwd.execute(stream, args);
+    stream.wait();
+  } catch (const std::exception &e) {
+    return fail(e.what());
+  }
+  return 0;
+}
+
+// Backward of run_batch_norm.
+//   inputs:  dy, x, mean, variance, gamma, eps [, workspace when fused]
+//   outputs: dx, dgamma, dbeta [, dresidual for add_relu]
+int run_batch_norm_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            Fused fused) {
+  const int inputs = fused == Fused::none ? 6 : 7, outputs = fused == Fused::add_relu ? 4 : 3;
+  if (nparam != inputs + outputs) return fail("batch-norm backward: wrong number of inputs");
+  for (int i = 0; i < nparam; i++)
+    if (i != 6 && !is_f32(dtypes[i])) return fail("batch-norm backward: tensors must be float32");
+  const int64_t *x = shapes[1], c = shapes[1][3];
+  const int dx = inputs;
+  bool ok = ndims[0] == 4 && ndims[1] == 4 && ndims[dx] == 4 && same_shape(x, shapes[0], 4) &&
+            same_shape(x, shapes[dx], 4) && shapes[2][0] == c && shapes[3][0] == c && shapes[4][0] == c &&
+            shapes[5][0] == 1 && shapes[dx + 1][0] == c && shapes[dx + 2][0] == c;
+  if (fused == Fused::add_relu) ok = ok && ndims[dx + 3] == 4 && same_shape(x, shapes[dx + 3], 4);
+  if (!ok) return fail("batch-norm backward: shapes do not match");
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    const float eps = *static_cast<const float *>(params[5]);
+    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], c, eps, fused);
+    if (fused != Fused::none && (std::strcmp(dtypes[6], "uint8") != 0 ||
+                                 shapes[6][0] != static_cast<int64_t>(plan.workspace.get_size())))
+      return fail("batch-norm backward: the workspace has the wrong size");
+    auto &engine = cpu_engine();
+    dnnl::stream stream(engine);
+    std::unordered_map<int, memory> args{{DNNL_ARG_DIFF_DST, memory(plan.data, engine, params[0])},
+                                         {DNNL_ARG_SRC, memory(plan.data, engine, params[1])},
+                                         {DNNL_ARG_MEAN, memory(plan.stat, engine, params[2])},
+                                         {DNNL_ARG_VARIANCE, memory(plan.stat, engine, params[3])},
+                                         {DNNL_ARG_SCALE, memory(plan.stat, engine, params[4])},
+                                         {DNNL_ARG_DIFF_SRC, memory(plan.data, engine, params[dx])},
+                                         {DNNL_ARG_DIFF_SCALE, memory(plan.stat, engine, params[dx + 1])},
+                                         {DNNL_ARG_DIFF_SHIFT, memory(plan.stat, engine, params[dx + 2])},
+                                         {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}};
+    if (fused != Fused::none) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[6]);
+    if (fused == Fused::add_relu) args[DNNL_ARG_DIFF_SRC_1] = memory(plan.data, engine, params[dx + 3]);
+    plan.bwd.execute(stream, args);
+    stream.wait();
+  } catch (const std::exception &e) {
+    return fail(e.what());
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -193,45 +547,82 @@ VN_CONV(VnConvS2, 2, false, false)
 VN_CONV(VnConvS2Relu, 2, true, false)
 VN_CONV(VnConvAddS1Relu, 1, true, true)
 
+#define VN_TRAIN_CONV(name, stride, pass)                                                                      \
+  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
+    return run_train_conv(nparam, params, ndims, shapes, dtypes, stride, pass);                                   \
+  }
+VN_TRAIN_CONV(VnConvTrainS1, 1, ConvPass::forward)
+VN_TRAIN_CONV(VnConvTrainS2, 2, ConvPass::forward)
+// The same forward under another name, for a first layer whose input needs no gradient:
+// MindSpore's graph mode finds a custom op's bprop by its function, so the name must differ.
+VN_TRAIN_CONV(VnConvTrainNoInputGradS1, 1, ConvPass::forward)
+VN_TRAIN_CONV(VnConvTrainNoInputGradS2, 2, ConvPass::forward)
+VN_TRAIN_CONV(VnConvBackwardDataS1, 1, ConvPass::backward_data)
+VN_TRAIN_CONV(VnConvBackwardDataS2, 2, ConvPass::backward_data)
+VN_TRAIN_CONV(VnConvBackwardWeightsS1, 1, ConvPass::backward_weights)
+VN_TRAIN_CONV(VnConvBackwardWeightsS2, 2, ConvPass::backward_weights)
+
 // Max-pool 3x3, stride 2, NHWC in and out: x (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C).
 // Padding is ignored by the maximum, as in MindSpore's MaxPool with pad_mode="same".
 int VnMaxPool3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 2) return fail("max-pool: wrong number of inputs");
-  if (!is_f32(dtypes[0]) || !is_f32(dtypes[1]) || ndims[0] != 4 || ndims[1] != 4)
-    return fail("max-pool: unexpected tensor types or ranks");
-  const int64_t *x = shapes[0], *y = shapes[1];
-  const int64_t kernel = 3, stride = 2;
-  if (y[0] != x[0] || y[3] != x[3] || y[1] != (x[1] + stride - 1) / stride ||
-      y[2] != (x[2] + stride - 1) / stride)
-    return fail("max-pool: shapes do not match");
+  if (nparam != 2 || !pool_shapes_ok(ndims, shapes, dtypes, 0, 1)) return fail("max-pool: unexpected inputs");
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    static std::unordered_map<std::string, std::unique_ptr<PoolPlan>> plans;
-    std::string key = key_of({x[0], x[1], x[2], x[3], kernel, stride});
-    auto found = plans.find(key);
-    if (found == plans.end()) {
-      auto plan = std::make_unique<PoolPlan>();
-      int64_t top, bottom, left, right;
-      same_padding(x[1], kernel, stride, y[1], &top, &bottom);
-      same_padding(x[2], kernel, stride, y[2], &left, &right);
-      plan->src = memory::desc({x[0], x[3], x[1], x[2]}, dt::f32, tag::nhwc);
-      plan->dst = memory::desc({y[0], y[3], y[1], y[2]}, dt::f32, tag::nhwc);
-      dnnl::primitive_attr attr;
-      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-      dnnl::pooling_forward::primitive_desc pd(
-          cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max, plan->src, plan->dst,
-          {stride, stride}, {kernel, kernel}, {0, 0}, {top, left}, {bottom, right}, attr);
-      plan->pool = dnnl::pooling_forward(pd);
-      plan->scratchpad = pd.scratchpad_desc();
-      plan->scratch.resize(plan->scratchpad.get_size());
-      found = plans.emplace(key, std::move(plan)).first;
-    }
-    PoolPlan &plan = *found->second;
+    const int64_t *x = shapes[0];
+    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], false);
     auto &engine = cpu_engine();
     dnnl::stream stream(engine);
-    plan.pool.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
-                               {DNNL_ARG_DST, memory(plan.dst, engine, params[1])},
-                               {DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, plan.scratch.data())}});
+    plan.fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
+                              {DNNL_ARG_DST, memory(plan.dst, engine, params[1])},
+                              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
+    stream.wait();
+  } catch (const std::exception &e) {
+    return fail(e.what());
+  }
+  return 0;
+}
+
+// The same max-pool for training: x -> y and the positions of the maxima (uint8, shaped like y),
+// which VnMaxPoolBackward3x3S2 needs.
+int VnMaxPoolTrain3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                        void *) {
+  if (nparam != 3 || !pool_shapes_ok(ndims, shapes, dtypes, 0, 1) || std::strcmp(dtypes[2], "uint8") != 0 ||
+      ndims[2] != 4 || !same_shape(shapes[1], shapes[2], 4))
+    return fail("max-pool (training): unexpected inputs");
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    const int64_t *x = shapes[0];
+    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], true);
+    auto &engine = cpu_engine();
+    dnnl::stream stream(engine);
+    plan.fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
+                              {DNNL_ARG_DST, memory(plan.dst, engine, params[1])},
+                              {DNNL_ARG_WORKSPACE, memory(plan.workspace, engine, params[2])},
+                              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
+    stream.wait();
+  } catch (const std::exception &e) {
+    return fail(e.what());
+  }
+  return 0;
+}
+
+// Backward of VnMaxPoolTrain3x3S2: dy, the maxima's positions, x (for its shape) -> dx.
+int VnMaxPoolBackward3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                           void *) {
+  if (nparam != 4 || !pool_shapes_ok(ndims, shapes, dtypes, 2, 0) || std::strcmp(dtypes[1], "uint8") != 0 ||
+      ndims[1] != 4 || !same_shape(shapes[0], shapes[1], 4) || !same_shape(shapes[2], shapes[3], 4) ||
+      !is_f32(dtypes[3]))
+    return fail("max-pool backward: unexpected inputs");
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    const int64_t *x = shapes[2];
+    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], true);
+    auto &engine = cpu_engine();
+    dnnl::stream stream(engine);
+    plan.bwd.execute(stream, {{DNNL_ARG_DIFF_DST, memory(plan.dst, engine, params[0])},
+                              {DNNL_ARG_WORKSPACE, memory(plan.workspace, engine, params[1])},
+                              {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, params[3])},
+                              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}});
     stream.wait();
   } catch (const std::exception &e) {
     return fail(e.what());
@@ -253,6 +644,29 @@ int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
     return 1;
   }
   return 0;
+}
+
+#define VN_BATCH_NORM(name, backward, fused)                                                                   \
+  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
+    return backward ? run_batch_norm_backward(nparam, params, ndims, shapes, dtypes, fused)                      \
+                    : run_batch_norm(nparam, params, ndims, shapes, dtypes, fused);                             \
+  }
+VN_BATCH_NORM(VnBatchNormTrain, false, Fused::none)
+VN_BATCH_NORM(VnBatchNormReluTrain, false, Fused::relu)
+VN_BATCH_NORM(VnBatchNormAddReluTrain, false, Fused::add_relu)
+VN_BATCH_NORM(VnBatchNormBackward, true, Fused::none)
+VN_BATCH_NORM(VnBatchNormReluBackward, true, Fused::relu)
+VN_BATCH_NORM(VnBatchNormAddReluBackward, true, Fused::add_relu)
+
+// Bytes of workspace a fused batch-norm needs for x (N, H, W, C) (fused: 1 ReLU, 2 add + ReLU),
+// so that MindSpore can allocate it as an output; -1 on error.
+int64_t VnBatchNormWorkspaceBytes(int64_t n, int64_t h, int64_t w, int64_t c, int fused) {
+  try {
+    return static_cast<int64_t>(
+        batch_norm_forward_desc(nhwc_desc(n, h, w, c), 1e-5f, static_cast<Fused>(fused)).workspace_desc().get_size());
+  } catch (const std::exception &) {
+    return -1;
+  }
 }
 
 }  // extern "C"
