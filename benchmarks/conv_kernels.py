@@ -8,7 +8,8 @@ the input size each one sees) is timed on its own in graph mode with MindSpore's
 kernel: forward, and for training the backward to its input and to its weights. Added up
 with each shape's multiplicity, that is what the convolutions alone cost. The forward is
 also timed on the oneDNN 3 kernel that inference uses on x86-64 (vehiclenet/cpu_kernels.py:
-NHWC, BatchNorm folded, ReLU fused). The whole network is timed in the same run, both
+NHWC, BatchNorm folded, ReLU fused), and with training, forward + backward on the
+differentiable oneDNN ops that training uses. The whole network is timed in the same run, both
 ways: when it runs at about the rate of its convolutions alone, nothing outside them
 (BatchNorm, ReLU, additions, pooling, head, graph overhead) is worth optimising. numpy's
 fp32 matrix multiply (OpenBLAS sgemm) gives the machine's practical fp32 rate.
@@ -97,6 +98,44 @@ def time_onednn_conv(library: str, shape, batch: int, seconds: float) -> float:
     return _rate(lambda: conv(*args).asnumpy(), seconds)
 
 
+def time_onednn_train_conv(library: str, shape, batch: int, seconds: float) -> float:
+    """Seconds per forward + backward (to the input, except for the stem, and to the weights)
+    of the differentiable oneDNN ops that training uses for this shape."""
+    import mindspore as ms
+    import mindspore.nn as nn
+    import mindspore.ops as ops
+
+    from vehiclenet.cpu_kernels import make_train_ops
+
+    cin, cout, k, stride, h, w = shape
+    first = cin == 3
+    op = make_train_ops(library)["conv", stride, not first]
+
+    class Conv(nn.Cell):
+        def construct(self, x, weight):
+            return op(x, weight)
+
+    class Grad(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.grad = Conv(), ops.GradOperation(get_all=True, sens_param=True)
+
+        def construct(self, x, weight, sens):
+            return self.grad(self.conv)(x, weight, sens)
+
+    rng = np.random.default_rng(0)
+    x, weight, sens = (ms.Tensor(rng.standard_normal(s, dtype=np.float32)) for s in (
+        (batch, h, w, cin), (cout, cin, k, k), (batch, -(-h // stride), -(-w // stride), cout)))
+    conv, grad = Conv(), Grad()
+
+    def run():
+        conv(x, weight).asnumpy()
+        for t in grad(x, weight, sens):
+            t.asnumpy()
+
+    return _rate(run, seconds)
+
+
 def time_conv(shape, batch: int, seconds: float, backward: bool):
     import mindspore as ms
     import mindspore.nn as nn
@@ -153,11 +192,16 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
             continue
         rates[kernels] = _rate(lambda: embed(x).asnumpy(), seconds)
     if not train:
-        return rates, None
-    net = create_network(pretrained=False)
-    step = ft.build_train_step(net, ft.create_optimizer(net, ft.lr_schedule(0.02, 1000, 40)))
+        return rates, {}
+    steps = {}
     y = ms.Tensor(rng.integers(0, 575, batch).astype(np.int32))
-    return rates, _rate(lambda: step(x, y).asnumpy(), 4 * seconds)
+    for kernels in rates:
+        net = create_network(pretrained=False)
+        if kernels == "mindspore":
+            net.model.use_cpu_kernels(None)
+        step = ft.build_train_step(net, ft.create_optimizer(net, ft.lr_schedule(0.02, 1000, 40)))
+        steps[kernels] = _rate(lambda: step(x, y).asnumpy(), 4 * seconds)
+    return rates, steps
 
 
 def main() -> None:
@@ -184,8 +228,9 @@ def main() -> None:
     print(f"{'':27} | MindSpore Conv2D" + (" " * 17 if train else "") + (" | oneDNN 3 NHWC" if library else ""))
     print(f"{'in':>5} {'out':>5} k s {'input':>7} {'n':>2} | {'fwd ms':>7} {'GFLOP/s':>7}"
           + (f" | {'bwd ms':>7} {'GFLOP/s':>7}" if train else "")
-          + (f" | {'fwd ms':>7} {'GFLOP/s':>7}" if library else ""))
-    tot_fwd = tot_bwd = tot_onednn = flops = 0.0
+          + (f" | {'fwd ms':>7} {'GFLOP/s':>7}" if library else "")
+          + (f" | {'f+b ms':>7} {'GFLOP/s':>7}" if library and train else ""))
+    tot_fwd = tot_bwd = tot_onednn = tot_onednn_train = flops = 0.0
     for shape, count in shapes.items():
         cin, cout, k, stride, h, w = shape
         fwd_flops = 2 * b * cin * cout * k * k * -(-h // stride) * -(-w // stride)
@@ -201,6 +246,10 @@ def main() -> None:
             fast = time_onednn_conv(library, shape, b, args.seconds)
             tot_onednn += count * fast
             line += f" | {fast * 1e3:7.1f} {fwd_flops / fast / 1e9:7.0f}"
+            if train:
+                both = time_onednn_train_conv(library, shape, b, args.seconds)
+                tot_onednn_train += count * both
+                line += f" | {both * 1e3:7.1f} {(fwd_flops + bwd_flops) / both / 1e9:7.0f}"
         print(line, flush=True)
 
     per_image = flops / b / 1e9
@@ -216,17 +265,22 @@ def main() -> None:
     if targets:
         print(f"the {EMBED_TARGET} img/s inference target needs {EMBED_TARGET * per_image:.0f} GFLOP/s sustained "
               f"({EMBED_TARGET * per_image / peak:.0%} of sgemm)")
+    train_rates = {}
     if train:
-        train_rate = b / (tot_fwd + tot_bwd)
-        print(f"training, MindSpore's convolutions alone (forward + backward): {train_rate:.2f} img/s"
-              + (f"; target {TRAIN_TARGET} img/s" if targets else ""))
+        train_rates["mindspore"] = b / (tot_fwd + tot_bwd)
+        if library:
+            train_rates["onednn"] = b / tot_onednn_train
+        for name, rate in train_rates.items():
+            print(f"training, {name} convolutions alone (forward + backward): {rate:.2f} img/s"
+                  + (f"; target {TRAIN_TARGET} img/s" if targets else ""))
     if not args.no_network:
-        infer, step = time_network(b, args.image_size, 4 * args.seconds, train)
+        infer, steps = time_network(b, args.image_size, 4 * args.seconds, train)
         for name, rate in infer.items():
             print(f"whole network, same run, {name} kernels: inference {b / rate:.2f} img/s "
                   f"({b / rate / conv_rates[name]:.0%} of the rate of its convolutions alone)")
-        if train:
-            print(f"whole network, same run: training {b / step:.2f} img/s ({b / step / train_rate:.0%})")
+        for name, step in steps.items():
+            print(f"whole network, same run, {name} kernels: training {b / step:.2f} img/s "
+                  f"({b / step / train_rates[name]:.0%} of the rate of its convolutions alone)")
 
 
 if __name__ == "__main__":

@@ -348,3 +348,18 @@ def test_kernel_rejects_mismatched_shapes():
     train = cpu_kernels.make_train_ops(library_path())
     with pytest.raises(RuntimeError, match="VnConvTrainS1"):
         train["conv", 1, True](x, w).asnumpy()
+
+
+def test_import_shortens_openmp_spinning_unless_set():
+    """GNU OpenMP reads GOMP_SPINCOUNT when it is loaded: `import vehiclenet` sets it first,
+    and leaves a value the user chose alone."""
+    import subprocess
+    import sys
+
+    script = "import os, vehiclenet; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "10000"
+    out = subprocess.run([sys.executable, "-c", script], env=dict(env, GOMP_SPINCOUNT="123"), capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "123"
