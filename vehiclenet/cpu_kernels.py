@@ -185,8 +185,7 @@ def make_train_ops(library: str) -> dict:
       the same Parameter as MindSpore's Conv2D would); with ``input_grad=False`` (the first
       layer, whose input is the image) the backward-to-input is skipped and returns zeros.
     - ``"batch_norm"``: (x, gamma, beta, eps (1,)) -> (y, batch mean, biased batch variance);
-      ``"batch_norm_relu"`` applies a ReLU to y and ``"batch_norm_add_relu"`` (one more input,
-      the residual) adds it before the ReLU. Both also return the workspace (uint8) their
+      ``"batch_norm_relu"`` applies a ReLU to y and also returns the workspace (uint8) its
       backward needs.
     - ``"max_pool"``: 3x3, stride 2, x -> (y, uint8 positions of the maxima for the backward).
     """
@@ -216,29 +215,28 @@ def make_train_ops(library: str) -> dict:
 
     made = {("conv", s, g): conv(s, g) for s in (1, 2) for g in (True, False)}
 
-    workspace_bytes = ctypes.CDLL(library).VnBatchNormWorkspaceBytes
+    workspace_bytes = ctypes.CDLL(library).VnBatchNormReluWorkspaceBytes
     workspace_bytes.restype = ctypes.c_int64
-    workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
+    workspace_bytes.argtypes = [ctypes.c_int64] * 4
 
     @functools.lru_cache(maxsize=None)
-    def workspace(n, h, w, c, fused):
-        size = workspace_bytes(n, h, w, c, fused)
+    def workspace(n, h, w, c):
+        size = workspace_bytes(n, h, w, c)
         if size < 0:
-            raise KernelsUnavailable(f"oneDNN has no fused batch-norm for NHWC {n}x{h}x{w}x{c}")
+            raise KernelsUnavailable(f"oneDNN has no batch-norm with fused ReLU for NHWC {n}x{h}x{w}x{c}")
         return size
 
-    def batch_norm(name: str, fused: int):
-        # fused: 0 none, 1 ReLU, 2 residual addition and ReLU (csrc/cpu_kernels.cc, enum Fused).
+    def batch_norm(relu: bool):
+        name = "Relu" if relu else ""
+
         def shapes(x, gamma, *_):
-            return [x, gamma, gamma] + ([[workspace(*x, fused)]] if fused else [])
+            return [x, gamma, gamma] + ([[workspace(*x)]] if relu else [])
 
         def dtypes(x, *_):
-            return [x, x, x] + ([mstype.uint8] if fused else [])
+            return [x, x, x] + ([mstype.uint8] if relu else [])
 
-        def backward_shapes(dy, x, mean, var, gamma, *_):
-            return [x, gamma, gamma] + ([x] if fused == 2 else [])
-
-        backward = custom(f"VnBatchNorm{name}Backward", backward_shapes, lambda dy, *_: [dy] * (4 if fused == 2 else 3))
+        backward = custom(f"VnBatchNorm{name}Backward", lambda dy, x, mean, var, gamma, *_: [x, gamma, gamma],
+                          lambda dy, *_: [dy, dy, dy])
 
         def bprop(x, gamma, beta, eps, out, dout):
             dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps)
@@ -248,15 +246,9 @@ def make_train_ops(library: str) -> dict:
             dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps, out[3])
             return dx, dgamma, dbeta, ops.zeros_like(eps)
 
-        def bprop_add_relu(x, gamma, beta, eps, residual, out, dout):
-            dx, dgamma, dbeta, dresidual = backward(dout[0], x, out[1], out[2], gamma, eps, out[3])
-            return dx, dgamma, dbeta, ops.zeros_like(eps), dresidual
+        return custom(f"VnBatchNorm{name}Train", shapes, dtypes, bprop_relu if relu else bprop)
 
-        return custom(f"VnBatchNorm{name}Train", shapes, dtypes, (bprop, bprop_relu, bprop_add_relu)[fused])
-
-    made["batch_norm"] = batch_norm("", 0)
-    made["batch_norm_relu"] = batch_norm("Relu", 1)
-    made["batch_norm_add_relu"] = batch_norm("AddRelu", 2)
+    made["batch_norm"], made["batch_norm_relu"] = batch_norm(False), batch_norm(True)
 
     pool_backward = custom("VnMaxPoolBackward3x3S2", lambda dy, where, x: x, lambda dy, where, x: dy)
 

@@ -52,6 +52,25 @@ void same_padding(int64_t in, int64_t kernel, int64_t stride, int64_t out, int64
   *after = total - *before;
 }
 
+// Logical dims are always NCHW in oneDNN; the tag says how they sit in memory.
+memory::desc nhwc_desc(int64_t n, int64_t h, int64_t w, int64_t c) {
+  return memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+}
+
+// Input and output (NHWC) and padding of a convolution or pooling window with "same" padding.
+struct Window {
+  memory::desc src, dst;
+  memory::dims strides, pad_l, pad_r;
+};
+
+Window same_window(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
+  const int64_t oh = (h + stride - 1) / stride, ow = (w + stride - 1) / stride;
+  int64_t top, bottom, left, right;
+  same_padding(h, k, stride, oh, &top, &bottom);
+  same_padding(w, k, stride, ow, &left, &right);
+  return {nhwc_desc(n, h, w, cin), nhwc_desc(n, oh, ow, cout), {stride, stride}, {top, left}, {bottom, right}};
+}
+
 bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0; }
 
 struct ConvPlan {
@@ -70,21 +89,34 @@ std::string key_of(const std::vector<int64_t> &values) {
   return key;
 }
 
-// Plans are built once per shape (53 convolutions of a ResNet-50 have 24 distinct shapes).
-ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
-                    int64_t oh, int64_t ow, bool relu, bool residual) {
-  static std::unordered_map<std::string, std::unique_ptr<ConvPlan>> plans;
-  std::string key = key_of({n, h, w, cin, cout, k, stride, oh, ow, relu, residual});
-  auto found = plans.find(key);
-  if (found != plans.end()) return *found->second;
+// Plans (primitives, layouts, buffers) are built once per shape and kept for the process.
+template <class Plan>
+std::unordered_map<std::string, std::unique_ptr<Plan>> &plan_cache() {
+  static std::unordered_map<std::string, std::unique_ptr<Plan>> plans;
+  return plans;
+}
+
+template <class Plan>
+Plan *cached_plan(const std::string &key) {
+  auto found = plan_cache<Plan>().find(key);
+  return found == plan_cache<Plan>().end() ? nullptr : found->second.get();
+}
+
+template <class Plan>
+Plan &keep_plan(const std::string &key, std::unique_ptr<Plan> plan) {
+  return *plan_cache<Plan>().emplace(key, std::move(plan)).first->second;
+}
+
+// 53 convolutions of a ResNet-50 have 24 distinct shapes.
+ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride, bool relu,
+                    bool residual) {
+  std::string key = key_of({n, h, w, cin, cout, k, stride, relu, residual});
+  if (auto *found = cached_plan<ConvPlan>(key)) return *found;
 
   auto plan = std::make_unique<ConvPlan>();
-  int64_t top, bottom, left, right;
-  same_padding(h, k, stride, oh, &top, &bottom);
-  same_padding(w, k, stride, ow, &left, &right);
-  // Logical dims are always NCHW in oneDNN; the tag says how they sit in memory.
-  plan->src = memory::desc({n, cin, h, w}, dt::f32, tag::nhwc);
-  plan->dst = memory::desc({n, cout, oh, ow}, dt::f32, tag::nhwc);
+  const Window window = same_window(n, h, w, cin, cout, k, stride);
+  plan->src = window.src;
+  plan->dst = window.dst;
   plan->user_weights = memory::desc({cout, cin, k, k}, dt::f32, tag::oihw);
   plan->bias = memory::desc({cout}, dt::f32, tag::x);
   plan->scales = plan->bias;
@@ -100,7 +132,7 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
 
   dnnl::convolution_forward::primitive_desc pd(
       cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, plan->src,
-      any_weights, plan->bias, plan->dst, {stride, stride}, {top, left}, {bottom, right}, attr);
+      any_weights, plan->bias, plan->dst, window.strides, window.pad_l, window.pad_r, attr);
   plan->conv = dnnl::convolution_forward(pd);
   plan->implementation = pd.impl_info_str();
   plan->weights = pd.weights_desc();
@@ -113,7 +145,7 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
   plan->weights_buffer = std::make_unique<memory>(plan->weights, cpu_engine());
   plan->weights_reorder = dnnl::reorder(
       dnnl::reorder::primitive_desc(cpu_engine(), plan->user_weights, cpu_engine(), plan->weights, scaling));
-  return *plans.emplace(key, std::move(plan)).first->second;
+  return keep_plan(key, std::move(plan));
 }
 
 // Shared body of the convolution entry points. Inputs: x (N, H, W, Cin) NHWC, weights
@@ -149,7 +181,7 @@ int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char
   }
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    ConvPlan &plan = conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, y[1], y[2], relu, residual);
+    ConvPlan &plan = conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, relu, residual);
     auto &engine = cpu_engine();
     dnnl::stream stream(engine);
     // Weights are reordered on every call rather than cached: a cache keyed on the
@@ -223,21 +255,16 @@ struct TrainConvPlan {
 };
 
 TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
-  static std::unordered_map<std::string, std::unique_ptr<TrainConvPlan>> plans;
   std::string key = key_of({n, h, w, cin, cout, k, stride});
-  auto found = plans.find(key);
-  if (found != plans.end()) return *found->second;
+  if (auto *found = cached_plan<TrainConvPlan>(key)) return *found;
 
   auto plan = std::make_unique<TrainConvPlan>();
-  const int64_t oh = (h + stride - 1) / stride, ow = (w + stride - 1) / stride;
-  int64_t top, bottom, left, right;
-  same_padding(h, k, stride, oh, &top, &bottom);
-  same_padding(w, k, stride, ow, &left, &right);
-  plan->src = memory::desc({n, cin, h, w}, dt::f32, tag::nhwc);
-  plan->dst = memory::desc({n, cout, oh, ow}, dt::f32, tag::nhwc);
+  const Window window = same_window(n, h, w, cin, cout, k, stride);
+  plan->src = window.src;
+  plan->dst = window.dst;
   plan->user_weights = memory::desc({cout, cin, k, k}, dt::f32, tag::oihw);
   memory::desc any_weights({cout, cin, k, k}, dt::f32, tag::any);
-  const memory::dims strides{stride, stride}, pad_l{top, left}, pad_r{bottom, right};
+  const memory::dims &strides = window.strides, &pad_l = window.pad_l, &pad_r = window.pad_r;
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
 
@@ -259,7 +286,7 @@ TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int
   plan->data_scratch = data.scratchpad_desc();
   plan->weights_scratch = weights.scratchpad_desc();
   for (const auto &d : {plan->fwd_scratch, plan->data_scratch, plan->weights_scratch}) plan->scratch.fit(d);
-  return *plans.emplace(key, std::move(plan)).first->second;
+  return keep_plan(key, std::move(plan));
 }
 
 // OIHW weights as the primitive wants them: reordered into the plan's buffer, or used in place.
@@ -336,10 +363,10 @@ int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, cons
   return 0;
 }
 
-// What follows the normalisation, fused into oneDNN's batch-norm: nothing, a ReLU, or the
-// residual addition and then a ReLU (the end of a bottleneck block). Fusing saves MindSpore's
-// separate passes over the activations, forward and backward.
-enum class Fused { none = 0, relu = 1, add_relu = 2 };
+// What follows the normalisation, fused into oneDNN's batch-norm: nothing or a ReLU, which
+// saves MindSpore's separate passes over the activations, forward and backward. (oneDNN's
+// fused residual addition + ReLU has no CPU implementation.)
+enum class Fused { none, relu };
 
 struct BatchNormPlan {
   memory::desc data, stat, workspace;
@@ -353,24 +380,17 @@ dnnl::batch_normalization_forward::primitive_desc batch_norm_forward_desc(const 
                                                                           Fused fused) {
   auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
   if (fused == Fused::relu) flags |= dnnl::normalization_flags::fuse_norm_relu;
-  if (fused == Fused::add_relu) flags |= dnnl::normalization_flags::fuse_norm_add_relu;
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return dnnl::batch_normalization_forward::primitive_desc(cpu_engine(), dnnl::prop_kind::forward_training, data,
                                                            data, eps, flags, attr);
 }
 
-memory::desc nhwc_desc(int64_t n, int64_t h, int64_t w, int64_t c) {
-  return memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
-}
-
 BatchNormPlan &batch_norm_plan(int64_t n, int64_t h, int64_t w, int64_t c, float eps, Fused fused) {
-  static std::unordered_map<std::string, std::unique_ptr<BatchNormPlan>> plans;
   int32_t eps_bits;
   std::memcpy(&eps_bits, &eps, sizeof(eps_bits));
   std::string key = key_of({n, h, w, c, eps_bits, static_cast<int64_t>(fused)});
-  auto found = plans.find(key);
-  if (found != plans.end()) return *found->second;
+  if (auto *found = cached_plan<BatchNormPlan>(key)) return *found;
   auto plan = std::make_unique<BatchNormPlan>();
   plan->data = nhwc_desc(n, h, w, c);
   plan->stat = memory::desc({c}, dt::f32, tag::x);
@@ -386,7 +406,7 @@ BatchNormPlan &batch_norm_plan(int64_t n, int64_t h, int64_t w, int64_t c, float
   plan->bwd_scratch = bwd.scratchpad_desc();
   plan->scratch.fit(plan->fwd_scratch);
   plan->scratch.fit(plan->bwd_scratch);
-  return *plans.emplace(key, std::move(plan)).first->second;
+  return keep_plan(key, std::move(plan));
 }
 
 bool same_shape(const int64_t *a, const int64_t *b, int n) {
@@ -406,19 +426,15 @@ struct PoolPlan {
 
 // Max-pool 3x3, stride 2, "same" padding over x (N, H, W, C) NHWC.
 PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training) {
-  static std::unordered_map<std::string, std::unique_ptr<PoolPlan>> plans;
-  const int64_t kernel = 3, stride = 2, oh = (h + 1) / 2, ow = (w + 1) / 2;
+  const int64_t kernel = 3, stride = 2;
   std::string key = key_of({n, h, w, c, training});
-  auto found = plans.find(key);
-  if (found != plans.end()) return *found->second;
+  if (auto *found = cached_plan<PoolPlan>(key)) return *found;
   auto plan = std::make_unique<PoolPlan>();
-  int64_t top, bottom, left, right;
-  same_padding(h, kernel, stride, oh, &top, &bottom);
-  same_padding(w, kernel, stride, ow, &left, &right);
-  plan->src = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
-  plan->dst = memory::desc({n, c, oh, ow}, dt::f32, tag::nhwc);
-  const memory::dims strides{stride, stride}, kernels{kernel, kernel}, dilation{0, 0}, pad_l{top, left},
-      pad_r{bottom, right};
+  const Window window = same_window(n, h, w, c, c, kernel, stride);
+  plan->src = window.src;
+  plan->dst = window.dst;
+  const memory::dims kernels{kernel, kernel}, dilation{0, 0};
+  const memory::dims &strides = window.strides, &pad_l = window.pad_l, &pad_r = window.pad_r;
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::pooling_forward::primitive_desc fwd(
@@ -430,7 +446,7 @@ PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training) {
   if (training) {
     plan->workspace = fwd.workspace_desc();
     // The workspace is handed to MindSpore as a uint8 tensor shaped like the output.
-    if (plan->workspace.get_size() != static_cast<size_t>(n * oh * ow * c))
+    if (plan->workspace.get_size() != plan->dst.get_size() / sizeof(float))
       throw std::runtime_error("max-pool: oneDNN's workspace is not one byte per output");
     dnnl::pooling_backward::primitive_desc bwd(cpu_engine(), dnnl::algorithm::pooling_max, plan->src, plan->dst,
                                                strides, kernels, dilation, pad_l, pad_r, fwd, attr);
@@ -438,7 +454,7 @@ PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training) {
     plan->bwd_scratch = bwd.scratchpad_desc();
     plan->scratch.fit(plan->bwd_scratch);
   }
-  return *plans.emplace(key, std::move(plan)).first->second;
+  return keep_plan(key, std::move(plan));
 }
 
 // float32 x (N, H, W, C) at `x_at` and y (N, ceil(H/2), ceil(W/2), C) at `y_at`.
@@ -448,40 +464,37 @@ bool pool_shapes_ok(int *ndims, int64_t **shapes, const char **dtypes, int x_at,
   return y[0] == x[0] && y[3] == x[3] && y[1] == (x[1] + 1) / 2 && y[2] == (x[2] + 1) / 2;
 }
 
-// Batch-norm with batch statistics on NHWC tensors, optionally fused (see Fused).
-//   inputs:  x (N, H, W, C), gamma (C), beta (C), eps (1) [, residual (N, H, W, C) for add_relu]
-//   outputs: y (N, H, W, C), batch mean (C), batch variance (C, biased: divided by N*H*W)
-//            [, workspace (bytes, uint8) that the backward needs when fused]
-int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, Fused fused) {
-  const int inputs = fused == Fused::add_relu ? 5 : 4, outputs = fused == Fused::none ? 3 : 4;
-  if (nparam != inputs + outputs) return fail("batch-norm: wrong number of inputs");
-  for (int i = 0; i < inputs + 3; i++)
-    if (!is_f32(dtypes[i])) return fail("batch-norm: tensors must be float32");
-  const int64_t *x = shapes[0], c = shapes[0][3];
-  const int y = inputs;
-  bool ok = ndims[0] == 4 && ndims[y] == 4 && same_shape(x, shapes[y], 4) && shapes[1][0] == c &&
-            shapes[2][0] == c && shapes[3][0] == 1 && shapes[y + 1][0] == c && shapes[y + 2][0] == c;
-  if (fused == Fused::add_relu) ok = ok && ndims[4] == 4 && same_shape(x, shapes[4], 4);
-  if (!ok) return fail("batch-norm: shapes do not match");
+enum class PoolPass { inference, training, backward };
+
+// Shared body of the max-pool entry points. Tensors, in MindSpore's order (inputs, then outputs):
+//   inference: x, y;  training: x, y, where (uint8, shaped like y);  backward: dy, where, x, dx.
+int run_pool(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, PoolPass pass) {
+  const int x_at = pass == PoolPass::backward ? 2 : 0, y_at = pass == PoolPass::backward ? 0 : 1;
+  const int where_at = pass == PoolPass::backward ? 1 : 2;
+  bool ok = nparam == (pass == PoolPass::inference ? 2 : pass == PoolPass::training ? 3 : 4) &&
+            pool_shapes_ok(ndims, shapes, dtypes, x_at, y_at);
+  if (ok && pass != PoolPass::inference)
+    ok = std::strcmp(dtypes[where_at], "uint8") == 0 && ndims[where_at] == 4 && same_shape(shapes[y_at], shapes[where_at], 4);
+  if (ok && pass == PoolPass::backward) ok = is_f32(dtypes[3]) && ndims[3] == 4 && same_shape(shapes[2], shapes[3], 4);
+  if (!ok) return fail("max-pool: unexpected inputs");
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    const float eps = *static_cast<const float *>(params[3]);
-    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], c, eps, fused);
-    if (fused != Fused::none && (std::strcmp(dtypes[y + 3], "uint8") != 0 || ndims[y + 3] != 1 ||
-                                 shapes[y + 3][0] != static_cast<int64_t>(plan.workspace.get_size())))
-      return fail("batch-norm: the workspace output has the wrong size");
+    const int64_t *x = shapes[x_at];
+    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], pass != PoolPass::inference);
     auto &engine = cpu_engine();
     dnnl::stream stream(engine);
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(plan.data, engine, params[0])},
-                                         {DNNL_ARG_SCALE, memory(plan.stat, engine, params[1])},
-                                         {DNNL_ARG_SHIFT, memory(plan.stat, engine, params[2])},
-                                         {DNNL_ARG_DST, memory(plan.data, engine, params[y])},
-                                         {DNNL_ARG_MEAN, memory(plan.stat, engine, params[y + 1])},
-                                         {DNNL_ARG_VARIANCE, memory(plan.stat, engine, params[y + 2])},
-                                         {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}};
-    if (fused == Fused::add_relu) args[DNNL_ARG_SRC_1] = memory(plan.data, engine, params[4]);
-    if (fused != Fused::none) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[y + 3]);
-    plan.fwd.execute(stream, args);
+    if (pass == PoolPass::backward) {
+      plan.bwd.execute(stream, {{DNNL_ARG_DIFF_DST, memory(plan.dst, engine, params[0])},
+                                {DNNL_ARG_WORKSPACE, memory(plan.workspace, engine, params[1])},
+                                {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, params[3])},
+                                {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}});
+    } else {
+      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
+                                           {DNNL_ARG_DST, memory(plan.dst, engine, params[1])},
+                                           {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}};
+      if (pass == PoolPass::training) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[2]);
+      plan.fwd.execute(stream, args);
+    }
     stream.wait();
   } catch (const std::exception &e) {
     return fail(e.what());
@@ -489,43 +502,52 @@ int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, cons
   return 0;
 }
 
-// Backward of run_batch_norm.
-//   inputs:  dy, x, mean, variance, gamma, eps [, workspace when fused]
-//   outputs: dx, dgamma, dbeta [, dresidual for add_relu]
-int run_batch_norm_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                            Fused fused) {
-  const int inputs = fused == Fused::none ? 6 : 7, outputs = fused == Fused::add_relu ? 4 : 3;
-  if (nparam != inputs + outputs) return fail("batch-norm backward: wrong number of inputs");
-  for (int i = 0; i < nparam; i++)
-    if (i != 6 && !is_f32(dtypes[i])) return fail("batch-norm backward: tensors must be float32");
-  const int64_t *x = shapes[1], c = shapes[1][3];
-  const int dx = inputs;
-  bool ok = ndims[0] == 4 && ndims[1] == 4 && ndims[dx] == 4 && same_shape(x, shapes[0], 4) &&
-            same_shape(x, shapes[dx], 4) && shapes[2][0] == c && shapes[3][0] == c && shapes[4][0] == c &&
-            shapes[5][0] == 1 && shapes[dx + 1][0] == c && shapes[dx + 2][0] == c;
-  if (fused == Fused::add_relu) ok = ok && ndims[dx + 3] == 4 && same_shape(x, shapes[dx + 3], 4);
-  if (!ok) return fail("batch-norm backward: shapes do not match");
+// Batch-norm with batch statistics on NHWC tensors, ReLU fused when `relu`. Tensors, in
+// MindSpore's order (inputs, then outputs):
+//   forward:  x (N, H, W, C), gamma (C), beta (C), eps (1) -> y, batch mean (C), batch variance
+//             (C, biased: divided by N*H*W) [, workspace (bytes, uint8) that the backward needs]
+//   backward: dy, x, mean, variance, gamma, eps [, workspace] -> dx, dgamma, dbeta
+int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool backward,
+                   bool relu) {
+  const int x_at = backward ? 1 : 0, eps_at = backward ? 5 : 3, inputs = (backward ? 6 : 4) + (relu && backward);
+  const int workspace_at = relu ? (backward ? 6 : 7) : -1;
+  if (nparam != inputs + 3 + (relu && !backward)) return fail("batch-norm: wrong number of inputs");
+  const int64_t *x = shapes[x_at], c = shapes[x_at][3];
+  bool ok = true;
+  for (int i = 0; i < nparam; i++) {
+    const bool data = i == 0 || i == x_at || i == inputs;  // activations or their gradients
+    if (i == workspace_at) continue;
+    ok = ok && is_f32(dtypes[i]) && (data ? ndims[i] == 4 && same_shape(x, shapes[i], 4)
+                                          : ndims[i] == 1 && shapes[i][0] == (i == eps_at ? 1 : c));
+  }
+  if (!ok) return fail(backward ? "batch-norm backward: unexpected inputs" : "batch-norm: unexpected inputs");
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    const float eps = *static_cast<const float *>(params[5]);
-    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], c, eps, fused);
-    if (fused != Fused::none && (std::strcmp(dtypes[6], "uint8") != 0 ||
-                                 shapes[6][0] != static_cast<int64_t>(plan.workspace.get_size())))
-      return fail("batch-norm backward: the workspace has the wrong size");
+    const float eps = *static_cast<const float *>(params[eps_at]);
+    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], c, eps, relu ? Fused::relu : Fused::none);
+    if (relu && (std::strcmp(dtypes[workspace_at], "uint8") != 0 || ndims[workspace_at] != 1 ||
+                 shapes[workspace_at][0] != static_cast<int64_t>(plan.workspace.get_size())))
+      return fail("batch-norm: the workspace has the wrong size");
     auto &engine = cpu_engine();
+    auto data = [&](int i) { return memory(plan.data, engine, params[i]); };
+    auto stat = [&](int i) { return memory(plan.stat, engine, params[i]); };
+    std::unordered_map<int, memory> args;
+    if (backward) {
+      args = {{DNNL_ARG_DIFF_DST, data(0)}, {DNNL_ARG_SRC, data(1)}, {DNNL_ARG_MEAN, stat(2)},
+              {DNNL_ARG_VARIANCE, stat(3)}, {DNNL_ARG_SCALE, stat(4)}, {DNNL_ARG_DIFF_SRC, data(inputs)},
+              {DNNL_ARG_DIFF_SCALE, stat(inputs + 1)}, {DNNL_ARG_DIFF_SHIFT, stat(inputs + 2)},
+              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}};
+    } else {
+      args = {{DNNL_ARG_SRC, data(0)}, {DNNL_ARG_SCALE, stat(1)}, {DNNL_ARG_SHIFT, stat(2)},
+              {DNNL_ARG_DST, data(inputs)}, {DNNL_ARG_MEAN, stat(inputs + 1)}, {DNNL_ARG_VARIANCE, stat(inputs + 2)},
+              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}};
+    }
+    if (relu) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[workspace_at]);
     dnnl::stream stream(engine);
-    std::unordered_map<int, memory> args{{DNNL_ARG_DIFF_DST, memory(plan.data, engine, params[0])},
-                                         {DNNL_ARG_SRC, memory(plan.data, engine, params[1])},
-                                         {DNNL_ARG_MEAN, memory(plan.stat, engine, params[2])},
-                                         {DNNL_ARG_VARIANCE, memory(plan.stat, engine, params[3])},
-                                         {DNNL_ARG_SCALE, memory(plan.stat, engine, params[4])},
-                                         {DNNL_ARG_DIFF_SRC, memory(plan.data, engine, params[dx])},
-                                         {DNNL_ARG_DIFF_SCALE, memory(plan.stat, engine, params[dx + 1])},
-                                         {DNNL_ARG_DIFF_SHIFT, memory(plan.stat, engine, params[dx + 2])},
-                                         {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}};
-    if (fused != Fused::none) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[6]);
-    if (fused == Fused::add_relu) args[DNNL_ARG_DIFF_SRC_1] = memory(plan.data, engine, params[dx + 3]);
-    plan.bwd.execute(stream, args);
+    if (backward)
+      plan.bwd.execute(stream, args);
+    else
+      plan.fwd.execute(stream, args);
     stream.wait();
   } catch (const std::exception &e) {
     return fail(e.what());
@@ -565,69 +587,20 @@ VN_TRAIN_CONV(VnConvBackwardWeightsS2, 2, ConvPass::backward_weights)
 // Max-pool 3x3, stride 2, NHWC in and out: x (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C).
 // Padding is ignored by the maximum, as in MindSpore's MaxPool with pad_mode="same".
 int VnMaxPool3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 2 || !pool_shapes_ok(ndims, shapes, dtypes, 0, 1)) return fail("max-pool: unexpected inputs");
-  try {
-    std::lock_guard<std::mutex> lock(kernel_mutex());
-    const int64_t *x = shapes[0];
-    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], false);
-    auto &engine = cpu_engine();
-    dnnl::stream stream(engine);
-    plan.fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
-                              {DNNL_ARG_DST, memory(plan.dst, engine, params[1])},
-                              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
-    stream.wait();
-  } catch (const std::exception &e) {
-    return fail(e.what());
-  }
-  return 0;
+  return run_pool(nparam, params, ndims, shapes, dtypes, PoolPass::inference);
 }
 
 // The same max-pool for training: x -> y and the positions of the maxima (uint8, shaped like y),
 // which VnMaxPoolBackward3x3S2 needs.
 int VnMaxPoolTrain3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                         void *) {
-  if (nparam != 3 || !pool_shapes_ok(ndims, shapes, dtypes, 0, 1) || std::strcmp(dtypes[2], "uint8") != 0 ||
-      ndims[2] != 4 || !same_shape(shapes[1], shapes[2], 4))
-    return fail("max-pool (training): unexpected inputs");
-  try {
-    std::lock_guard<std::mutex> lock(kernel_mutex());
-    const int64_t *x = shapes[0];
-    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], true);
-    auto &engine = cpu_engine();
-    dnnl::stream stream(engine);
-    plan.fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
-                              {DNNL_ARG_DST, memory(plan.dst, engine, params[1])},
-                              {DNNL_ARG_WORKSPACE, memory(plan.workspace, engine, params[2])},
-                              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
-    stream.wait();
-  } catch (const std::exception &e) {
-    return fail(e.what());
-  }
-  return 0;
+  return run_pool(nparam, params, ndims, shapes, dtypes, PoolPass::training);
 }
 
 // Backward of VnMaxPoolTrain3x3S2: dy, the maxima's positions, x (for its shape) -> dx.
 int VnMaxPoolBackward3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                            void *) {
-  if (nparam != 4 || !pool_shapes_ok(ndims, shapes, dtypes, 2, 0) || std::strcmp(dtypes[1], "uint8") != 0 ||
-      ndims[1] != 4 || !same_shape(shapes[0], shapes[1], 4) || !same_shape(shapes[2], shapes[3], 4) ||
-      !is_f32(dtypes[3]))
-    return fail("max-pool backward: unexpected inputs");
-  try {
-    std::lock_guard<std::mutex> lock(kernel_mutex());
-    const int64_t *x = shapes[2];
-    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], true);
-    auto &engine = cpu_engine();
-    dnnl::stream stream(engine);
-    plan.bwd.execute(stream, {{DNNL_ARG_DIFF_DST, memory(plan.dst, engine, params[0])},
-                              {DNNL_ARG_WORKSPACE, memory(plan.workspace, engine, params[1])},
-                              {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, params[3])},
-                              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}});
-    stream.wait();
-  } catch (const std::exception &e) {
-    return fail(e.what());
-  }
-  return 0;
+  return run_pool(nparam, params, ndims, shapes, dtypes, PoolPass::backward);
 }
 
 // Which oneDNN implementation serves a convolution of this shape (e.g. "brgconv:avx512_core"),
@@ -636,8 +609,7 @@ int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
                          char *out, int size) {
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    int64_t oh = (h + stride - 1) / stride, ow = (w + stride - 1) / stride;
-    ConvPlan &plan = conv_plan(n, h, w, cin, cout, k, stride, oh, ow, true, false);
+    ConvPlan &plan = conv_plan(n, h, w, cin, cout, k, stride, true, false);
     std::snprintf(out, size, "%s", plan.implementation.c_str());
   } catch (const std::exception &e) {
     std::snprintf(out, size, "%s", e.what());
@@ -646,24 +618,21 @@ int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
   return 0;
 }
 
-#define VN_BATCH_NORM(name, backward, fused)                                                                   \
+#define VN_BATCH_NORM(name, backward, relu)                                                                    \
   int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
-    return backward ? run_batch_norm_backward(nparam, params, ndims, shapes, dtypes, fused)                      \
-                    : run_batch_norm(nparam, params, ndims, shapes, dtypes, fused);                             \
+    return run_batch_norm(nparam, params, ndims, shapes, dtypes, backward, relu);                                 \
   }
-VN_BATCH_NORM(VnBatchNormTrain, false, Fused::none)
-VN_BATCH_NORM(VnBatchNormReluTrain, false, Fused::relu)
-VN_BATCH_NORM(VnBatchNormAddReluTrain, false, Fused::add_relu)
-VN_BATCH_NORM(VnBatchNormBackward, true, Fused::none)
-VN_BATCH_NORM(VnBatchNormReluBackward, true, Fused::relu)
-VN_BATCH_NORM(VnBatchNormAddReluBackward, true, Fused::add_relu)
+VN_BATCH_NORM(VnBatchNormTrain, false, false)
+VN_BATCH_NORM(VnBatchNormReluTrain, false, true)
+VN_BATCH_NORM(VnBatchNormBackward, true, false)
+VN_BATCH_NORM(VnBatchNormReluBackward, true, true)
 
-// Bytes of workspace a fused batch-norm needs for x (N, H, W, C) (fused: 1 ReLU, 2 add + ReLU),
-// so that MindSpore can allocate it as an output; -1 on error.
-int64_t VnBatchNormWorkspaceBytes(int64_t n, int64_t h, int64_t w, int64_t c, int fused) {
+// Bytes of workspace the batch-norm with fused ReLU needs for x (N, H, W, C), so that MindSpore
+// can allocate it as an output; -1 on error.
+int64_t VnBatchNormReluWorkspaceBytes(int64_t n, int64_t h, int64_t w, int64_t c) {
   try {
     return static_cast<int64_t>(
-        batch_norm_forward_desc(nhwc_desc(n, h, w, c), 1e-5f, static_cast<Fused>(fused)).workspace_desc().get_size());
+        batch_norm_forward_desc(nhwc_desc(n, h, w, c), 1e-5f, Fused::relu).workspace_desc().get_size());
   } catch (const std::exception &) {
     return -1;
   }
