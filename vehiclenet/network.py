@@ -35,11 +35,19 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     return conv.weight, scale, bn.beta - bn.moving_mean * scale
 
 
-def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps):
-    """``bn`` with batch statistics on NHWC ``x`` through the oneDNN op ``batch_norm`` (which
-    may fuse a ReLU), updating the running statistics exactly as MindSpore's BatchNorm2d
-    does: ``bn.momentum`` is the batch's weight and the running variance takes the unbiased
-    batch variance."""
+def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool):
+    """``bn`` (then a ReLU if ``relu``) on NHWC ``x`` in a network being trained.
+
+    With batch statistics through the oneDNN op ``batch_norm`` (whose ReLU is fused when
+    ``relu``), updating the running statistics exactly as MindSpore's BatchNorm2d does:
+    ``bn.momentum`` is the batch's weight and the running variance takes the unbiased batch
+    variance. A BatchNorm frozen with ``bn.set_train(False)`` uses its running statistics
+    and leaves them alone, as in MindSpore's graph.
+    """
+    if not bn.training:
+        scale = bn.gamma / ops.sqrt(bn.moving_variance + bn.eps)
+        y = x * scale + (bn.beta - bn.moving_mean * scale)  # channels last: broadcasts per channel
+        return ops.relu(y) if relu else y
     outputs = batch_norm(x, bn.gamma, bn.beta, eps)
     y, mean, var = outputs[0], ops.stop_gradient(outputs[1]), ops.stop_gradient(outputs[2])
     n = x.shape[0] * x.shape[1] * x.shape[2]
@@ -100,13 +108,13 @@ class Bottleneck(nn.Cell):
     def construct_nhwc_train(self, x):
         """Training forward on NHWC tensors with the differentiable oneDNN ops (batch statistics)."""
         conv, conv_s, batch_norm, batch_norm_relu, eps = self.train_ops
-        out = _bn_train(batch_norm_relu, conv(x, self.conv1.weight), self.bn1, eps)
-        out = _bn_train(batch_norm_relu, conv_s(out, self.conv2.weight), self.bn2, eps)
+        out = _bn_train(batch_norm_relu, conv(x, self.conv1.weight), self.bn1, eps, True)
+        out = _bn_train(batch_norm_relu, conv_s(out, self.conv2.weight), self.bn2, eps, True)
         identity = x
         if self.down_sample:
             down, down_bn = self.down_sample_layer[0], self.down_sample_layer[1]
-            identity = _bn_train(batch_norm, conv_s(x, down.weight), down_bn, eps)
-        return self.relu(_bn_train(batch_norm, conv(out, self.conv3.weight), self.bn3, eps) + identity)
+            identity = _bn_train(batch_norm, conv_s(x, down.weight), down_bn, eps, False)
+        return self.relu(_bn_train(batch_norm, conv(out, self.conv3.weight), self.bn3, eps, False) + identity)
 
 
 class ResNet50(nn.Cell):
@@ -179,7 +187,7 @@ class ResNet50(nn.Cell):
     def construct_nhwc_train(self, x):
         conv, max_pool, batch_norm_relu, eps = self.train_ops
         x = conv(ops.transpose(x, (0, 2, 3, 1)), self.conv1.weight)
-        x, _ = max_pool(_bn_train(batch_norm_relu, x, self.bn1, eps))
+        x, _ = max_pool(_bn_train(batch_norm_relu, x, self.bn1, eps, True))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = block.construct_nhwc_train(x)
