@@ -28,11 +28,16 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     )
 
 
+def _running_affine(bn: nn.BatchNorm2d):
+    """``bn`` on its running statistics as ``x * scale + shift`` (per channel)."""
+    scale = bn.gamma / ops.sqrt(bn.moving_variance + bn.eps)
+    return scale, bn.beta - bn.moving_mean * scale
+
+
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     """``conv`` followed by inference-mode ``bn`` as one convolution: its weights, the
     per-output-channel scale to multiply them by, and its bias."""
-    scale = bn.gamma / ops.sqrt(bn.moving_variance + bn.eps)
-    return conv.weight, scale, bn.beta - bn.moving_mean * scale
+    return (conv.weight,) + _running_affine(bn)
 
 
 def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool):
@@ -45,8 +50,8 @@ def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool):
     and leaves them alone, as in MindSpore's graph.
     """
     if not bn.training:
-        scale = bn.gamma / ops.sqrt(bn.moving_variance + bn.eps)
-        y = x * scale + (bn.beta - bn.moving_mean * scale)  # channels last: broadcasts per channel
+        scale, shift = _running_affine(bn)
+        y = x * scale + shift  # channels last: broadcasts per channel
         return ops.relu(y) if relu else y
     outputs = batch_norm(x, bn.gamma, bn.beta, eps)
     y, mean, var = outputs[0], ops.stop_gradient(outputs[1]), ops.stop_gradient(outputs[2])

@@ -73,13 +73,25 @@ Window same_window(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, i
 
 bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0; }
 
+// A user scratchpad big enough for every primitive of one plan.
+struct Scratch {
+  memory::desc desc;
+  std::vector<uint8_t> bytes;
+  void fit(const memory::desc &d) {
+    if (d.get_size() > bytes.size()) {
+      desc = d;
+      bytes.resize(d.get_size());
+    }
+  }
+  memory at(const memory::desc &d) { return memory(d, cpu_engine(), bytes.data()); }
+};
+
 struct ConvPlan {
   dnnl::convolution_forward conv;
   memory::desc src, user_weights, weights, scales, bias, dst, residual;
   dnnl::reorder weights_reorder;
   std::unique_ptr<memory> weights_buffer;
-  memory::desc scratchpad;
-  std::vector<uint8_t> scratch;
+  Scratch scratch;
   std::string implementation;
 };
 
@@ -136,8 +148,7 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
   plan->conv = dnnl::convolution_forward(pd);
   plan->implementation = pd.impl_info_str();
   plan->weights = pd.weights_desc();
-  plan->scratchpad = pd.scratchpad_desc();
-  plan->scratch.resize(plan->scratchpad.get_size());
+  plan->scratch.fit(pd.scratchpad_desc());
   // The reorder into the convolution's weight layout also multiplies each output channel by
   // its BatchNorm scale, so folding BatchNorm costs no extra pass over the weights.
   dnnl::primitive_attr scaling;
@@ -194,7 +205,7 @@ int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char
         {DNNL_ARG_WEIGHTS, *plan.weights_buffer},
         {DNNL_ARG_BIAS, memory(plan.bias, engine, params[3])},
         {DNNL_ARG_DST, memory(plan.dst, engine, params[out])},
-        {DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, plan.scratch.data())},
+        {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.scratch.desc)},
     };
     if (residual) args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = memory(plan.residual, engine, params[4]);
     plan.conv.execute(stream, args);
@@ -206,7 +217,6 @@ int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char
   }
   return 0;
 }
-
 
 // ----------------------------------------------------------------------------- training
 // Fine-tuning on CPU: convolution forward / backward-to-input / backward-to-weights, BatchNorm
@@ -230,18 +240,6 @@ struct Reordered {
     reorder = to_user ? dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), wanted, cpu_engine(), user))
                       : dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), user, cpu_engine(), wanted));
   }
-};
-
-struct Scratch {
-  memory::desc desc;
-  std::vector<uint8_t> bytes;
-  void fit(const memory::desc &d) {
-    if (d.get_size() > bytes.size()) {
-      desc = d;
-      bytes.resize(d.get_size());
-    }
-  }
-  memory at(const memory::desc &d) { return memory(d, cpu_engine(), bytes.data()); }
 };
 
 struct TrainConvPlan {
@@ -414,7 +412,6 @@ bool same_shape(const int64_t *a, const int64_t *b, int n) {
     if (a[d] != b[d]) return false;
   return true;
 }
-
 
 struct PoolPlan {
   memory::desc src, dst, workspace;
