@@ -100,29 +100,26 @@ def _nchw(t) -> np.ndarray:
     return t.asnumpy().transpose(0, 3, 1, 2)
 
 
-class _Weighted:
+def _weighted(f, weights):
     """``sum(f(*inputs) * weights)`` as a Cell, so that its gradient is f's backward applied to ``weights``."""
+    import mindspore.nn as nn
 
-    @staticmethod
-    def cell(f, weights):
-        import mindspore.nn as nn
+    class Weighted(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.f, self.weights = f, weights
 
-        class Weighted(nn.Cell):
-            def __init__(self):
-                super().__init__()
-                self.f, self.weights = f, weights
+        def construct(self, *inputs):
+            out = self.f(*inputs)
+            return (out * self.weights).sum()
 
-            def construct(self, *inputs):
-                out = self.f(*inputs)
-                return (out * self.weights).sum()
-
-        return Weighted()
+    return Weighted()
 
 
 def _grads(f, weights, *inputs):
     import mindspore.ops as ops
 
-    return [g.asnumpy() for g in ops.GradOperation(get_all=True)(_Weighted.cell(f, weights))(*inputs)]
+    return [g.asnumpy() for g in ops.GradOperation(get_all=True)(_weighted(f, weights))(*inputs)]
 
 
 @pytest.mark.parametrize("in_ch,out_ch,kernel,stride,height,width", [
@@ -216,6 +213,9 @@ def test_training_blocks_match_mindspore():
     as norms: a ReLU whose input sits within rounding of 0 may flip either way.)"""
     import mindspore as ms
 
+    # Fixed weights: with random ones, a ReLU input within rounding of 0 now and then lands
+    # where the gradient is large and moves a block's gradient past 1e-4.
+    ms.set_seed(7)
     fast, _ = _fast_and_plain(seed=7, include_top=False)
     backbone = fast.model
     backbone.set_train(True)
@@ -230,10 +230,9 @@ def test_training_blocks_match_mindspore():
             dy = rng.standard_normal(want_y.shape).astype(np.float32)
             got_y = block.construct_nhwc_train(_nhwc(x.asnumpy()))
             assert _rel(_nchw(got_y), want_y.asnumpy()) <= 1e-5
-            # Kept alive: MindSpore finds compiled graphs by the cell's id(), which a freed
-            # wrapper would pass on to the next block's, with the wrong weights in its graph.
-            cells.append((_Weighted.cell(block.construct, ms.Tensor(dy)),
-                          _Weighted.cell(block.construct_nhwc_train, _nhwc(dy))))
+            # Kept alive, so that no later wrapper can reuse a freed one's id().
+            cells.append((_weighted(block.construct, ms.Tensor(dy)),
+                          _weighted(block.construct_nhwc_train, _nhwc(dy))))
             want = ms.grad(cells[-1][0], 0, params)(x)
             got = ms.grad(cells[-1][1], 0, params)(_nhwc(x.asnumpy()))
             assert _rel(_nchw(got[0]), want[0].asnumpy()) <= 1e-4
