@@ -152,8 +152,9 @@ def test_training_convolution_matches_mindspore(in_ch, out_ch, kernel, stride, h
     assert not first_dx.any() and _rel(first_dw, want_dw) <= 1e-5
 
 
-@pytest.mark.parametrize("fused", ["batch_norm", "batch_norm_relu"])
+@pytest.mark.parametrize("fused", ["batch_norm", "batch_norm_relu", "batch_norm_add_relu"])
 def test_training_batch_norm_matches_mindspore(fused):
+    """Output, batch statistics and the gradients to x, gamma, beta (and the residual identity)."""
     import mindspore as ms
     import mindspore.ops as ops
 
@@ -161,30 +162,41 @@ def test_training_batch_norm_matches_mindspore(fused):
     x = (rng.standard_normal((2, 6, 5, 7)) * 2 + 1).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, 6).astype(np.float32)
     beta = rng.standard_normal(6).astype(np.float32)
+    identity = rng.standard_normal(x.shape).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    relu = fused == "batch_norm_relu"
+    relu, add = fused != "batch_norm", fused == "batch_norm_add_relu"
     unused = ms.Tensor(np.zeros(6, np.float32))
 
-    def plain(x, gamma, beta):
+    def plain(x, gamma, beta, identity):
         y = ops.batch_norm(x, unused, unused + 1, gamma, beta, training=True, eps=1e-4)
+        y = y + identity if add else y
         return ops.relu(y) if relu else y
 
-    args = [ms.Tensor(v) for v in (x, gamma, beta)]
+    args = [ms.Tensor(v) for v in (x, gamma, beta, identity)]
     want_y = plain(*args).asnumpy()
     want = _grads(plain, ms.Tensor(dy), *args)
+    if relu:
+        assert 0.2 < (want_y > 0).mean() < 0.8  # the ReLU really masks
 
     op = cpu_kernels.make_train_ops(library_path())[fused]
     eps = ms.Tensor([1e-4], ms.float32)
-    outputs = op(_nhwc(x), args[1], args[2], eps)
+
+    def normalised(x, gamma, beta, identity):
+        return op(x, gamma, beta, eps, identity) if add else op(x, gamma, beta, eps)
+
+    outputs = normalised(_nhwc(x), args[1], args[2], _nhwc(identity))
     assert _rel(_nchw(outputs[0]), want_y) <= 1e-5
     assert _rel(outputs[1].asnumpy(), x.mean((0, 2, 3))) <= 1e-5
     assert _rel(outputs[2].asnumpy(), x.var((0, 2, 3))) <= 1e-5  # biased, as oneDNN and MindSpore normalise
-    def normalised(x, gamma, beta):
-        return op(x, gamma, beta, eps)[0]
 
-    got = _grads(normalised, _nhwc(dy), _nhwc(x), args[1], args[2])
+    def first(x, gamma, beta, identity):
+        return normalised(x, gamma, beta, identity)[0]
+
+    got = _grads(first, _nhwc(dy), _nhwc(x), args[1], args[2], _nhwc(identity))
     assert _rel(got[0].transpose(0, 3, 1, 2), want[0]) <= 1e-5
     assert _rel(got[1], want[1]) <= 1e-5 and _rel(got[2], want[2]) <= 1e-5
+    if add:
+        assert _rel(got[3].transpose(0, 3, 1, 2), want[3]) <= 1e-5
 
 
 @pytest.mark.parametrize("height,width", [(9, 10), (8, 8)])

@@ -186,7 +186,8 @@ def make_train_ops(library: str) -> dict:
       layer, whose input is the image) the backward-to-input is skipped and returns zeros.
     - ``"batch_norm"``: (x, gamma, beta, eps (1,)) -> (y, batch mean, biased batch variance);
       ``"batch_norm_relu"`` applies a ReLU to y and also returns the workspace (uint8) its
-      backward needs.
+      backward needs; ``"batch_norm_add_relu"`` (x, gamma, beta, eps, identity) returns
+      relu(y + identity), the end of a bottleneck block.
     - ``"max_pool"``: 3x3, stride 2, x -> (y, uint8 positions of the maxima for the backward).
     """
     from mindspore import dtype as mstype
@@ -249,6 +250,17 @@ def make_train_ops(library: str) -> dict:
         return custom(f"VnBatchNorm{name}Train", shapes, dtypes, bprop_relu if relu else bprop)
 
     made["batch_norm"], made["batch_norm_relu"] = batch_norm(False), batch_norm(True)
+
+    # Its backward is the ReLU's from the output, which is also the identity's gradient.
+    add_relu_backward = custom("VnBatchNormAddReluBackward", lambda dy, x, mean, var, gamma, eps, y: [x, gamma, gamma, x],
+                               lambda dy, *_: [dy] * 4)
+
+    def add_relu_bprop(x, gamma, beta, eps, identity, out, dout):
+        dx, dgamma, dbeta, didentity = add_relu_backward(dout[0], x, out[1], out[2], gamma, eps, out[0])
+        return dx, dgamma, dbeta, ops.zeros_like(eps), didentity
+
+    made["batch_norm_add_relu"] = custom("VnBatchNormAddReluTrain", lambda x, gamma, *_: [x, gamma, gamma],
+                                         lambda x, *_: [x, x, x], add_relu_bprop)
 
     pool_backward = custom("VnMaxPoolBackward3x3S2", lambda dy, where, x: x, lambda dy, where, x: dy)
 

@@ -40,11 +40,12 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     return (conv.weight,) + _running_affine(bn)
 
 
-def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool):
-    """``bn`` (then a ReLU if ``relu``) on NHWC ``x`` in a network being trained.
+def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool, identity=None):
+    """``bn`` (plus ``identity`` if given, then a ReLU if ``relu``) on NHWC ``x`` in a network
+    being trained.
 
-    With batch statistics through the oneDNN op ``batch_norm`` (whose ReLU is fused when
-    ``relu``), updating the running statistics exactly as MindSpore's BatchNorm2d does:
+    With batch statistics through the oneDNN op ``batch_norm`` (which fuses the addition and
+    the ReLU), updating the running statistics exactly as MindSpore's BatchNorm2d does:
     ``bn.momentum`` is the batch's weight and the running variance takes the unbiased batch
     variance. A BatchNorm frozen with ``bn.set_train(False)`` uses its running statistics
     and leaves them alone, as in MindSpore's graph.
@@ -52,8 +53,11 @@ def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool):
     if not bn.training:
         scale, shift = _running_affine(bn)
         y = x * scale + shift  # channels last: broadcasts per channel
+        if identity is not None:
+            y = y + identity
         return ops.relu(y) if relu else y
-    outputs = batch_norm(x, bn.gamma, bn.beta, eps)
+    outputs = batch_norm(x, bn.gamma, bn.beta, eps) if identity is None else batch_norm(x, bn.gamma, bn.beta, eps,
+                                                                                          identity)
     y, mean, var = outputs[0], ops.stop_gradient(outputs[1]), ops.stop_gradient(outputs[2])
     n = x.shape[0] * x.shape[1] * x.shape[2]
     m = bn.momentum
@@ -112,14 +116,14 @@ class Bottleneck(nn.Cell):
 
     def construct_nhwc_train(self, x):
         """Training forward on NHWC tensors with the differentiable oneDNN ops (batch statistics)."""
-        conv, conv_s, batch_norm, batch_norm_relu, eps = self.train_ops
+        conv, conv_s, batch_norm, batch_norm_relu, batch_norm_add_relu, eps = self.train_ops
         out = _bn_train(batch_norm_relu, conv(x, self.conv1.weight), self.bn1, eps, True)
         out = _bn_train(batch_norm_relu, conv_s(out, self.conv2.weight), self.bn2, eps, True)
         identity = x
         if self.down_sample:
             down, down_bn = self.down_sample_layer[0], self.down_sample_layer[1]
             identity = _bn_train(batch_norm, conv_s(x, down.weight), down_bn, eps, False)
-        return self.relu(_bn_train(batch_norm, conv(out, self.conv3.weight), self.bn3, eps, False) + identity)
+        return _bn_train(batch_norm_add_relu, conv(out, self.conv3.weight), self.bn3, eps, True, identity)
 
 
 class ResNet50(nn.Cell):
@@ -161,7 +165,8 @@ class ResNet50(nn.Cell):
         for block in blocks:
             s = block.stride
             block.nhwc_ops = (k["conv", 1, True], k["conv", s, True], k["conv", s, False], k["conv_add"])
-            block.train_ops = (t["conv", 1, True], t["conv", s, True], t["batch_norm"], t["batch_norm_relu"], eps)
+            block.train_ops = (t["conv", 1, True], t["conv", s, True], t["batch_norm"], t["batch_norm_relu"],
+                               t["batch_norm_add_relu"], eps)
 
     @staticmethod
     def _make_layer(in_ch: int, mid_ch: int, blocks: int, stride: int) -> nn.SequentialCell:

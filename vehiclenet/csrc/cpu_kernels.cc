@@ -361,16 +361,20 @@ int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, cons
   return 0;
 }
 
-// What follows the normalisation, fused into oneDNN's batch-norm: nothing or a ReLU, which
-// saves MindSpore's separate passes over the activations, forward and backward. (oneDNN's
-// fused residual addition + ReLU has no CPU implementation.)
-enum class Fused { none, relu };
+// What follows the normalisation: nothing, a ReLU (fused into oneDNN's batch-norm), or the
+// residual addition and then a ReLU (the end of a bottleneck block). Either saves MindSpore's
+// separate passes over the activations, forward and backward. oneDNN's own fused addition +
+// ReLU has no CPU implementation, so that one is a binary primitive (add, ReLU post-op) after
+// the batch-norm, and its backward an eltwise ReLU backward (from the output) before it.
+enum class Fused { none, relu, add_relu };
 
 struct BatchNormPlan {
   memory::desc data, stat, workspace;
   dnnl::batch_normalization_forward fwd;
   dnnl::batch_normalization_backward bwd;
-  memory::desc fwd_scratch, bwd_scratch;
+  dnnl::binary add_relu;                // Fused::add_relu only
+  dnnl::eltwise_backward relu_backward;  // Fused::add_relu only
+  memory::desc fwd_scratch, bwd_scratch, add_scratch, relu_scratch;
   Scratch scratch;
 };
 
@@ -402,8 +406,26 @@ BatchNormPlan &batch_norm_plan(int64_t n, int64_t h, int64_t w, int64_t c, float
   plan->workspace = fwd.workspace_desc();
   plan->fwd_scratch = fwd.scratchpad_desc();
   plan->bwd_scratch = bwd.scratchpad_desc();
-  plan->scratch.fit(plan->fwd_scratch);
-  plan->scratch.fit(plan->bwd_scratch);
+  if (fused == Fused::add_relu) {
+    dnnl::post_ops relu;
+    relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    dnnl::primitive_attr add_attr;  // not a copy of attr: that would share one handle
+    add_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    add_attr.set_post_ops(relu);
+    dnnl::binary::primitive_desc add(cpu_engine(), dnnl::algorithm::binary_add, plan->data, plan->data, plan->data,
+                                     add_attr);
+    const auto relu_from_output = dnnl::algorithm::eltwise_relu_use_dst_for_bwd;
+    dnnl::eltwise_forward::primitive_desc relu_hint(cpu_engine(), dnnl::prop_kind::forward_training,
+                                                    relu_from_output, plan->data, plan->data, 0.f, 0.f, attr);
+    dnnl::eltwise_backward::primitive_desc relu_bwd(cpu_engine(), relu_from_output, plan->data, plan->data,
+                                                    plan->data, 0.f, 0.f, relu_hint, attr);
+    plan->add_relu = dnnl::binary(add);
+    plan->relu_backward = dnnl::eltwise_backward(relu_bwd);
+    plan->add_scratch = add.scratchpad_desc();
+    plan->relu_scratch = relu_bwd.scratchpad_desc();
+  }
+  for (const auto &d : {plan->fwd_scratch, plan->bwd_scratch, plan->add_scratch, plan->relu_scratch})
+    plan->scratch.fit(d);
   return keep_plan(key, std::move(plan));
 }
 
@@ -499,20 +521,30 @@ int run_pool(int nparam, void **params, int *ndims, int64_t **shapes, const char
   return 0;
 }
 
-// Batch-norm with batch statistics on NHWC tensors, ReLU fused when `relu`. Tensors, in
+// Batch-norm with batch statistics on NHWC tensors, followed by what `fused` says. Tensors, in
 // MindSpore's order (inputs, then outputs):
-//   forward:  x (N, H, W, C), gamma (C), beta (C), eps (1) -> y, batch mean (C), batch variance
-//             (C, biased: divided by N*H*W) [, workspace (bytes, uint8) that the backward needs]
-//   backward: dy, x, mean, variance, gamma, eps [, workspace] -> dx, dgamma, dbeta
+//   forward:  x (N, H, W, C), gamma (C), beta (C), eps (1) [, identity (add_relu)] -> y, batch
+//             mean (C), batch variance (C, biased: divided by N*H*W) [, workspace (relu: uint8
+//             bytes that the backward needs)]
+//   backward: dy, x, mean, variance, gamma, eps [, workspace (relu) | y (add_relu)] -> dx, dgamma,
+//             dbeta [, d identity (add_relu)]
 int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool backward,
-                   bool relu) {
-  const int x_at = backward ? 1 : 0, eps_at = backward ? 5 : 3, inputs = (backward ? 6 : 4) + (relu && backward);
-  const int workspace_at = relu ? (backward ? 6 : 7) : -1;
-  if (nparam != inputs + 3 + (relu && !backward)) return fail("batch-norm: wrong number of inputs");
+                   Fused fused) {
+  const bool relu = fused == Fused::relu, add = fused == Fused::add_relu;
+  const int x_at = backward ? 1 : 0, eps_at = backward ? 5 : 3;
+  const int inputs = eps_at + 1 + (add || (relu && backward));  // the first output's index
+  const int outputs = 3 + ((relu && !backward) || (add && backward));
+  if (nparam != inputs + outputs) return fail("batch-norm: wrong number of inputs");
+  // The extra input (inputs - 1) or output (inputs + 3): the workspace, the identity (forward)
+  // or y and the identity's gradient (backward).
+  const int workspace_at = relu ? (backward ? inputs - 1 : inputs + 3) : -1;
+  const int identity_at = add && !backward ? inputs - 1 : -1;
+  const int y_at = add && backward ? inputs - 1 : -1, d_identity_at = add && backward ? inputs + 3 : -1;
   const int64_t *x = shapes[x_at], c = shapes[x_at][3];
   bool ok = true;
   for (int i = 0; i < nparam; i++) {
-    const bool data = i == 0 || i == x_at || i == inputs;  // activations or their gradients
+    // activations or their gradients
+    const bool data = i == 0 || i == x_at || i == inputs || i == identity_at || i == y_at || i == d_identity_at;
     if (i == workspace_at) continue;
     ok = ok && is_f32(dtypes[i]) && (data ? ndims[i] == 4 && same_shape(x, shapes[i], 4)
                                           : ndims[i] == 1 && shapes[i][0] == (i == eps_at ? 1 : c));
@@ -521,16 +553,25 @@ int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, cons
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
     const float eps = *static_cast<const float *>(params[eps_at]);
-    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], c, eps, relu ? Fused::relu : Fused::none);
+    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], c, eps, fused);
     if (relu && (std::strcmp(dtypes[workspace_at], "uint8") != 0 || ndims[workspace_at] != 1 ||
                  shapes[workspace_at][0] != static_cast<int64_t>(plan.workspace.get_size())))
       return fail("batch-norm: the workspace has the wrong size");
     auto &engine = cpu_engine();
     auto data = [&](int i) { return memory(plan.data, engine, params[i]); };
     auto stat = [&](int i) { return memory(plan.stat, engine, params[i]); };
+    dnnl::stream stream(engine);
+    // With add_relu the batch-norm's backward takes the ReLU's backward (written to the
+    // identity's gradient, which it equals) instead of dy.
+    const int bn_dy = add && backward ? d_identity_at : 0;
+    if (add && backward) {
+      plan.relu_backward.execute(stream, {{DNNL_ARG_DIFF_DST, data(0)}, {DNNL_ARG_DST, data(y_at)},
+                                          {DNNL_ARG_DIFF_SRC, data(d_identity_at)},
+                                          {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.relu_scratch)}});
+    }
     std::unordered_map<int, memory> args;
     if (backward) {
-      args = {{DNNL_ARG_DIFF_DST, data(0)}, {DNNL_ARG_SRC, data(1)}, {DNNL_ARG_MEAN, stat(2)},
+      args = {{DNNL_ARG_DIFF_DST, data(bn_dy)}, {DNNL_ARG_SRC, data(1)}, {DNNL_ARG_MEAN, stat(2)},
               {DNNL_ARG_VARIANCE, stat(3)}, {DNNL_ARG_SCALE, stat(4)}, {DNNL_ARG_DIFF_SRC, data(inputs)},
               {DNNL_ARG_DIFF_SCALE, stat(inputs + 1)}, {DNNL_ARG_DIFF_SHIFT, stat(inputs + 2)},
               {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}};
@@ -540,11 +581,15 @@ int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, cons
               {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}};
     }
     if (relu) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[workspace_at]);
-    dnnl::stream stream(engine);
     if (backward)
       plan.bwd.execute(stream, args);
     else
       plan.fwd.execute(stream, args);
+    if (add && !backward) {  // y = relu(y + identity), in place
+      plan.add_relu.execute(stream, {{DNNL_ARG_SRC_0, data(inputs)}, {DNNL_ARG_SRC_1, data(identity_at)},
+                                     {DNNL_ARG_DST, data(inputs)},
+                                     {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.add_scratch)}});
+    }
     stream.wait();
   } catch (const std::exception &e) {
     return fail(e.what());
@@ -615,14 +660,16 @@ int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
   return 0;
 }
 
-#define VN_BATCH_NORM(name, backward, relu)                                                                    \
+#define VN_BATCH_NORM(name, backward, fused)                                                                   \
   int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
-    return run_batch_norm(nparam, params, ndims, shapes, dtypes, backward, relu);                                 \
+    return run_batch_norm(nparam, params, ndims, shapes, dtypes, backward, fused);                                \
   }
-VN_BATCH_NORM(VnBatchNormTrain, false, false)
-VN_BATCH_NORM(VnBatchNormReluTrain, false, true)
-VN_BATCH_NORM(VnBatchNormBackward, true, false)
-VN_BATCH_NORM(VnBatchNormReluBackward, true, true)
+VN_BATCH_NORM(VnBatchNormTrain, false, Fused::none)
+VN_BATCH_NORM(VnBatchNormReluTrain, false, Fused::relu)
+VN_BATCH_NORM(VnBatchNormAddReluTrain, false, Fused::add_relu)
+VN_BATCH_NORM(VnBatchNormBackward, true, Fused::none)
+VN_BATCH_NORM(VnBatchNormReluBackward, true, Fused::relu)
+VN_BATCH_NORM(VnBatchNormAddReluBackward, true, Fused::add_relu)
 
 // Bytes of workspace the batch-norm with fused ReLU needs for x (N, H, W, C), so that MindSpore
 // can allocate it as an output; -1 on error.
