@@ -397,16 +397,36 @@ def test_kernel_rejects_mismatched_shapes():
         train["conv", 1, True](x, w).asnumpy()
 
 
-def test_import_shortens_openmp_spinning_unless_set():
-    """GNU OpenMP reads GOMP_SPINCOUNT when it is loaded: `import vehiclenet` sets it first,
-    and leaves a value the user chose alone."""
+def _openmp_spin_count(script: str, **env: str) -> str:
+    """GOMP_SPINCOUNT as libgomp itself reports it (omp_display_env) after ``script`` ran in a fresh interpreter."""
+    import re
     import subprocess
     import sys
 
-    script = "import os, vehiclenet; print(os.environ['GOMP_SPINCOUNT'])"
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "10000"
-    out = subprocess.run([sys.executable, "-c", script], env=dict(env, GOMP_SPINCOUNT="123"), capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip() == "123"
+    report = ("import ctypes; ctypes.CDLL('libgomp.so.1').omp_display_env(1); import vehiclenet; "
+              "print('shortened', vehiclenet.OPENMP_SPIN_SHORTENED)")
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", f"{script}\n{report}"], env=dict(clean, **env),
+                          capture_output=True, text=True, check=True, timeout=120)
+    return re.search(r"GOMP_SPINCOUNT = '(\d+)'", done.stderr).group(1) + " " + done.stdout.split()[-1]
+
+
+def test_import_shortens_openmp_spinning_unless_set():
+    """GNU OpenMP reads GOMP_SPINCOUNT once, when it is loaded: `import vehiclenet` first
+    shortens it; after `import mindspore` (which loads libgomp) it cannot, and says so; a
+    value the user chose is left alone."""
+    assert _openmp_spin_count("import vehiclenet, mindspore") == "10000 True"
+    assert _openmp_spin_count("import mindspore, vehiclenet") == "300000 False"
+    assert _openmp_spin_count("import vehiclenet, mindspore", GOMP_SPINCOUNT="123") == "123 True"
+
+
+def test_training_step_warns_when_openmp_spinning_was_not_shortened(monkeypatch, caplog):
+    import vehiclenet
+    from vehiclenet import finetune as ft
+
+    net = create_network(pretrained=False, num_classes=3)
+    assert net.model.train_ops is not None
+    monkeypatch.setattr(vehiclenet, "OPENMP_SPIN_SHORTENED", False)
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.finetune"):
+        ft.build_train_step(net, ft.create_optimizer(net, 0.01))
+    assert "GOMP_SPINCOUNT=10000" in caplog.text and "Import vehiclenet before mindspore" in caplog.text

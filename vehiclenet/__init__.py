@@ -7,12 +7,28 @@ build or run a network, so ``vehiclenet verify`` / ``download`` / ``evaluate
 import os
 from typing import Any
 
-# The oneDNN CPU kernels (cpu_kernels.py) run on GNU OpenMP, whose threads by default spin for
-# ~300k iterations after every parallel region. On a small CPU that spinning steals the cores
-# from the MindSpore operators that run in between: training was 6 % slower. libgomp reads
-# this once, when it is loaded, so it is set here, before mindspore.dataset or the kernels
-# load it; a value the user set wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+def _shorten_openmp_spinning() -> bool:
+    """Default ``GOMP_SPINCOUNT`` to 10000; False when that cannot take effect.
+
+    The oneDNN CPU kernels (cpu_kernels.py) run on GNU OpenMP, whose threads by default spin
+    for ~300k iterations after every parallel region. On a small CPU that spinning takes the
+    cores from the MindSpore operators that run in between, and MindSpore's own worker
+    thread then waits out scheduler slices: training was ~8 % slower. libgomp reads this once,
+    when it is loaded, so it only takes effect if nothing (``import mindspore`` does) loaded
+    libgomp before ``import vehiclenet``. A spin count or wait policy the user set wins.
+    """
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return True
+    os.environ["GOMP_SPINCOUNT"] = "10000"
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return "/libgomp" not in maps.read()
+    except OSError:  # no /proc: not Linux, where the kernels do not run either
+        return True
+
+
+OPENMP_SPIN_SHORTENED = _shorten_openmp_spinning()
 
 __version__ = "1.0.0"
 
