@@ -10,7 +10,7 @@ tensors take about two thirds of the time on AVX-512 machines, so on x86-64 Linu
 - training (:func:`make_train_ops`): differentiable ops (convolution, BatchNorm with batch
   statistics and MindSpore's running-statistics update, max-pool) whose gradients are
   oneDNN's backward kernels. MindSpore 2.8.0 has no NHWC BatchNorm on CPU, hence BatchNorm
-  here too; its ReLU is fused.
+  here too, with the ReLU (and at the end of each block the residual addition) fused.
 
 The Parameters, their names, checkpoints, optimizer and ``msrun`` data parallelism are
 unchanged: weights and their gradients stay OIHW. ``feature_map``, export, other devices
