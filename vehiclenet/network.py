@@ -197,7 +197,7 @@ class ResNet50(nn.Cell):
     def construct_nhwc_train(self, x):
         conv, max_pool, batch_norm_relu, eps = self.train_ops
         x = conv(ops.transpose(x, (0, 2, 3, 1)), self.conv1.weight)
-        x, _ = max_pool(_bn_train(batch_norm_relu, x, self.bn1, eps, True))
+        x = max_pool(_bn_train(batch_norm_relu, x, self.bn1, eps, True))[0]
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = block.construct_nhwc_train(x)
