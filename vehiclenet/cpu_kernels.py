@@ -252,8 +252,8 @@ def make_train_ops(library: str) -> dict:
     made["batch_norm"], made["batch_norm_relu"] = batch_norm(False), batch_norm(True)
 
     # Its backward is the ReLU's from the output, which is also the identity's gradient.
-    add_relu_backward = custom("VnBatchNormAddReluBackward", lambda dy, x, mean, var, gamma, eps, y: [x, gamma, gamma, x],
-                               lambda dy, *_: [dy] * 4)
+    add_relu_backward = custom("VnBatchNormAddReluBackward",
+                               lambda dy, x, mean, var, gamma, eps, y: [x, gamma, gamma, x], lambda dy, *_: [dy] * 4)
 
     def add_relu_bprop(x, gamma, beta, eps, identity, out, dout):
         dx, dgamma, dbeta, didentity = add_relu_backward(dout[0], x, out[1], out[2], gamma, eps, out[0])
