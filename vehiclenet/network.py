@@ -56,8 +56,10 @@ def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool, identity=None)
         if identity is not None:
             y = y + identity
         return ops.relu(y) if relu else y
-    outputs = batch_norm(x, bn.gamma, bn.beta, eps) if identity is None else batch_norm(x, bn.gamma, bn.beta, eps,
-                                                                                          identity)
+    if identity is None:
+        outputs = batch_norm(x, bn.gamma, bn.beta, eps)
+    else:
+        outputs = batch_norm(x, bn.gamma, bn.beta, eps, identity)
     y, mean, var = outputs[0], ops.stop_gradient(outputs[1]), ops.stop_gradient(outputs[2])
     n = x.shape[0] * x.shape[1] * x.shape[2]
     m = bn.momentum

@@ -71,6 +71,17 @@ Window same_window(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, i
   return {nhwc_desc(n, h, w, cin), nhwc_desc(n, oh, ow, cout), {stride, stride}, {top, left}, {bottom, right}};
 }
 
+// A convolution's window, plus its weights as MindSpore holds them (OIHW) and with the layout
+// left to the primitive (`any`).
+struct ConvWindow : Window {
+  memory::desc user_weights, any_weights;
+};
+
+ConvWindow conv_window(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
+  return {same_window(n, h, w, cin, cout, k, stride), memory::desc({cout, cin, k, k}, dt::f32, tag::oihw),
+          memory::desc({cout, cin, k, k}, dt::f32, tag::any)};
+}
+
 bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0; }
 
 // A user scratchpad big enough for every primitive of one plan.
@@ -126,14 +137,13 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
   if (auto *found = cached_plan<ConvPlan>(key)) return *found;
 
   auto plan = std::make_unique<ConvPlan>();
-  const Window window = same_window(n, h, w, cin, cout, k, stride);
+  const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride);
   plan->src = window.src;
   plan->dst = window.dst;
-  plan->user_weights = memory::desc({cout, cin, k, k}, dt::f32, tag::oihw);
+  plan->user_weights = window.user_weights;
   plan->bias = memory::desc({cout}, dt::f32, tag::x);
   plan->scales = plan->bias;
   plan->residual = plan->dst;
-  memory::desc any_weights({cout, cin, k, k}, dt::f32, tag::any);
 
   dnnl::post_ops post;
   if (residual) post.append_binary(dnnl::algorithm::binary_add, plan->residual);
@@ -144,7 +154,7 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
 
   dnnl::convolution_forward::primitive_desc pd(
       cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, plan->src,
-      any_weights, plan->bias, plan->dst, window.strides, window.pad_l, window.pad_r, attr);
+      window.any_weights, plan->bias, plan->dst, window.strides, window.pad_l, window.pad_r, attr);
   plan->conv = dnnl::convolution_forward(pd);
   plan->implementation = pd.impl_info_str();
   plan->weights = pd.weights_desc();
@@ -257,11 +267,11 @@ TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int
   if (auto *found = cached_plan<TrainConvPlan>(key)) return *found;
 
   auto plan = std::make_unique<TrainConvPlan>();
-  const Window window = same_window(n, h, w, cin, cout, k, stride);
+  const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride);
   plan->src = window.src;
   plan->dst = window.dst;
-  plan->user_weights = memory::desc({cout, cin, k, k}, dt::f32, tag::oihw);
-  memory::desc any_weights({cout, cin, k, k}, dt::f32, tag::any);
+  plan->user_weights = window.user_weights;
+  const memory::desc &any_weights = window.any_weights;
   const memory::dims &strides = window.strides, &pad_l = window.pad_l, &pad_r = window.pad_r;
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
