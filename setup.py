@@ -30,7 +30,10 @@ setup(
         "filelock>=3.10",
         "platformdirs>=3.0",
         "Pillow>=9.0",
+        # Retrieval's products run on scipy's bundled OpenBLAS (vehiclenet/blas.py): newer than
+        # numpy 1.26's, so it picks a kernel for current CPUs by their features.
         "scipy>=1.9",
+        "threadpoolctl>=3.5",
         # oneDNN 3 for the CPU inference kernels (vehiclenet/cpu_kernels.py), compiled on first
         # use against these headers. 2023.2.0 is the last wheel built on GNU OpenMP; the newer
         # "onednn" wheels need Intel's SYCL and OpenCL runtimes. Elsewhere MindSpore's own kernels run.

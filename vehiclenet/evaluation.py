@@ -163,12 +163,15 @@ def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     Features are expected L2-normalised, so ``s`` is the cosine similarity. The
     negation is exact, so ascending distance is exactly descending similarity
     (``1 - s`` or ``2 - 2s`` would round and could merge distinct similarities).
+    Computed by :func:`vehiclenet.blas.matmul_nt`: the same bits for any thread count.
     """
+    from .blas import matmul_nt
+
     q = np.ascontiguousarray(query, dtype=np.float32)
     g = np.ascontiguousarray(gallery, dtype=np.float32)
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"feature shapes {q.shape} and {g.shape} do not match")
-    dist = q @ g.T
+    dist = matmul_nt(q, g)
     np.negative(dist, out=dist)
     return dist
 

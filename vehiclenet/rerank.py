@@ -5,7 +5,8 @@ k1=100, k2=15, lambda=0, but without its N x N dense matrices (N = queries +
 gallery = 13,257 on VeRi-776, where the reference needs several 0.7 GB float32
 and a 1.4 GB int64 array):
 
-1. ``s = F @ F.T`` is computed in row blocks of float32; ``D = (2 - 2s)^2`` and the
+1. ``s = F @ F.T`` is computed in row blocks of float32 (``vehiclenet.blas.gram_rows``:
+   the same bits whatever ``block_rows`` and ``workers`` are); ``D = (2 - 2s)^2`` and the
    row is divided by the column maximum of D (D is symmetric, so that is the row's
    own maximum): that row of ``d`` is exactly a row of the reference's transposed,
    column-normalised distance, in float32 like the reference;
@@ -43,6 +44,8 @@ from typing import Optional, Tuple
 import numpy as np
 from scipy import sparse
 
+from .blas import gram_rows, one_blas_thread
+
 __all__ = ["re_rank"]
 
 
@@ -57,7 +60,7 @@ def _check_features(name: str, feats: np.ndarray) -> np.ndarray:
 
 def _row_distance(feats: np.ndarray, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
     """Rows start:stop of the normalised distance d, and the normalising maxima."""
-    dist = feats[start:stop] @ feats.T  # float32 s
+    dist = gram_rows(feats, feats, start, stop)  # float32 s, the same bits for any block
     np.multiply(dist, -2.0, out=dist)
     np.add(dist, 2.0, out=dist)  # 2 - 2s, float32 as in the reference
     np.multiply(dist, dist, out=dist)
@@ -119,17 +122,23 @@ def _expanded_sets(top: np.ndarray, k1: int) -> sparse.csr_matrix:
     return expanded
 
 
-def _weights(feats: np.ndarray, pattern: sparse.csr_matrix, col_max: np.ndarray, block_rows: int) -> sparse.csr_matrix:
+def _weights(
+    feats: np.ndarray, pattern: sparse.csr_matrix, col_max: np.ndarray, block_rows: int, workers: int
+) -> sparse.csr_matrix:
     """V: exp(-d[i, j]) over each expanded set, normalised to sum 1 per row (float32)."""
     n = feats.shape[0]
     data = np.empty(pattern.nnz, dtype=np.float32)
     indptr, indices = pattern.indptr, pattern.indices
-    for start in range(0, n, block_rows):
+
+    def gather(start: int) -> None:
         stop = min(start + block_rows, n)
         dist, _ = _row_distance(feats, start, stop)
         lo, hi = indptr[start], indptr[stop]
         local_rows = np.repeat(np.arange(stop - start), np.diff(indptr[start : stop + 1]))
         data[lo:hi] = dist[local_rows, indices[lo:hi]]
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(gather, range(0, n, block_rows)))
     np.negative(data, out=data)
     np.exp(data, out=data)
     sizes = np.diff(indptr)
@@ -243,13 +252,13 @@ def re_rank(
             qs = min(stop, num_query)
             original[start:qs] = dist[: qs - start, num_query:]
 
-    # Row blocks are independent; argpartition and the element-wise passes release the
-    # GIL, so a thread per core overlaps them (at most `workers` blocks alive at once).
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(neighbours, range(0, n, block_rows)))
-
-    pattern = _expanded_sets(top, k1)
-    v = _weights(feats, pattern, col_max, block_rows)
+    # Row blocks are independent; BLAS, argpartition and the element-wise passes release
+    # the GIL, so a thread per core overlaps them (at most `workers` blocks alive at once).
+    with one_blas_thread():
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(neighbours, range(0, n, block_rows)))
+        pattern = _expanded_sets(top, k1)
+        v = _weights(feats, pattern, col_max, block_rows, workers)
     del pattern
     if k2 != 1:
         v = _query_expansion(v, top, k2)
