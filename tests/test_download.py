@@ -200,7 +200,9 @@ def test_bad_mirror_wrong_bytes_falls_back_to_manifest_url(env, http_server, mon
 
 
 def test_stalled_server_read_timeout(env, http_server, monkeypatch):
-    url = http_server.add("/m.ckpt", Route(body=PAYLOAD, stall_at=100000))
+    # Past the first 1 MiB read, so real bytes arrive before the stall (a read cut off by the
+    # timeout loses its bytes, and an empty .part is not kept).
+    url = http_server.add("/m.ckpt", Route(body=PAYLOAD, stall_at=dl.CHUNK + 100000))
     use_manifest(env, monkeypatch, [url])
     t0 = time.monotonic()
     with pytest.raises(DownloadError) as err:
@@ -210,6 +212,7 @@ def test_stalled_server_read_timeout(env, http_server, monkeypatch):
     assert elapsed < 5
     # The partial is kept (not under the final name) so a later run can resume.
     assert cache_listing(env / "cache") == [FILE + ".part"]
+    assert (env / "cache" / (FILE + ".part")).stat().st_size >= dl.CHUNK
 
 
 def test_stall_once_then_resume(env, http_server, monkeypatch):

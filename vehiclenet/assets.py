@@ -59,6 +59,20 @@ class Asset:
         return self.extra.get(key, default)
 
 
+# scheme://<userinfo>@ : the greedy run stops at the host's end, so the last '@' before
+# the path is the one that ends the user-info (a password may hold '@' itself).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?#]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` (a URL, or a message holding URLs) with each URL's ``user:password@`` shown as ``***@``.
+
+    Every URL shown to people (logs, errors, ``info``, JSON) goes through this, so a
+    mirror or manifest URL carrying credentials never prints them.
+    """
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def url_problem(url: str) -> Optional[str]:
     """Why ``url`` may not be used for a download, or None if it may.
 
@@ -214,7 +228,7 @@ def _parse_asset(entry: Any, index: int, where: Path) -> Asset:
             raise bad("urls", f"entry {i} is not a string", "list URL strings")
         problem = url_problem(url)
         if problem:
-            raise bad("urls", f"entry {i} {url!r} {problem}", "use an https URL")
+            raise bad("urls", f"entry {i} {redact_url(url)!r} {problem}", "use an https URL")
 
     size = entry.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):

@@ -13,7 +13,12 @@ Guarantees:
 * one download per asset across processes (file lock with a timeout, re-check after
   acquiring it);
 * a cached file is checked before use (size always, full sha256 once per process); a
-  corrupted entry is set aside as ``<file>.corrupt`` and fetched again, with a warning.
+  corrupted entry is set aside as ``<file>.corrupt`` and fetched again, with a warning;
+* no cache name is ever followed: a link, FIFO, device or socket at the file's, the
+  ``.part``'s or the lock's name (or a ``.part`` with other hard links) is moved aside as
+  ``<name>.corrupt`` with a warning naming it, and what it points to is never read or
+  written; a folder there is refused;
+* URLs in logs and errors never show credentials (``user:password@`` becomes ``***@``).
 
 Environment: ``VEHICLENET_HOME`` (cache root), ``VEHICLENET_MIRROR`` (base URL tried
 first), ``VEHICLENET_OFFLINE`` (never touch the network), ``VEHICLENET_TIMEOUT``
@@ -23,6 +28,7 @@ first), ``VEHICLENET_OFFLINE`` (never touch the network), ``VEHICLENET_TIMEOUT``
 Heavy imports (requests, filelock, tqdm) happen inside the functions that need them so
 ``vehiclenet verify`` starts fast.
 """
+import contextlib
 import hashlib
 import logging
 import os
@@ -32,12 +38,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import quote, urljoin
 
-from .assets import Asset, get_asset, url_problem
+from .assets import Asset, get_asset, redact_url, url_problem
 from .env import env_flag
 from .errors import DownloadChecksumError, DownloadError, OfflineError, UsageError
+from .fileio import NotRegularFileError, describe_entry, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +183,17 @@ def cached_path(asset: Union[Asset, str, None] = None) -> Path:
     return cache_dir() / asset.file
 
 
+def weights_files(checkpoint: Union[str, os.PathLike, None] = None,
+                  pretrained: Union[bool, str, None] = True) -> List[str]:
+    """The file a network will load: ``checkpoint``, else the cache entry of the ``pretrained``
+    asset (True = the default one; not fetched here), else none (random weights)."""
+    if checkpoint is not None:
+        return [os.fspath(checkpoint)]
+    if pretrained is False or pretrained is None:
+        return []
+    return [os.fspath(cached_path(None if pretrained is True else pretrained))]
+
+
 def part_path(final: Path) -> Path:
     """The in-progress download next to ``final`` (same folder, so rename is atomic)."""
     return final.with_name(final.name + PART_SUFFIX)
@@ -187,44 +205,48 @@ def _lock_path(final: Path) -> Path:
 
 
 def sha256_file(path: Union[str, os.PathLike]) -> str:
-    """Hex SHA-256 of a file, streamed with a large buffer (no full read into memory)."""
-    return _hash_file(path).hexdigest()
+    """Hex SHA-256 of a regular file (links followed), streamed with a large buffer.
+
+    A FIFO or device raises :class:`~vehiclenet.fileio.NotRegularFileError` (an OSError)
+    at once instead of blocking or reading forever.
+    """
+    fd = open_regular(path, os.O_RDONLY, follow=True)
+    with open(fd, "rb", buffering=0) as f:
+        return _hash_stream(f).hexdigest()
 
 
-def _hash_file(path: Union[str, os.PathLike]) -> "hashlib._Hash":
+def _hash_stream(f: Any) -> "hashlib._Hash":
+    """SHA-256 of a binary file object (``readinto``) from its current position to the end."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        if hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            except OSError:
-                pass
-        # readinto a reused buffer: no per-chunk allocation; hashlib releases the GIL.
-        buf = bytearray(HASH_BUFFER)
-        view = memoryview(buf)
-        readinto = f.readinto
-        update = digest.update
-        while True:
-            n = readinto(buf)
-            if not n:
-                break
-            update(view[:n])
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+    # readinto a reused buffer: no per-chunk allocation; hashlib releases the GIL.
+    buf = bytearray(HASH_BUFFER)
+    view = memoryview(buf)
+    readinto = f.readinto
+    update = digest.update
+    while True:
+        n = readinto(buf)
+        if not n:
+            break
+        update(view[:n])
     return digest
 
 
-def _stat_key(path: Path) -> Optional[Tuple[int, int, int, int]]:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
+def _stat_key(st: os.stat_result) -> Tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _remember(path: Path, sha: str) -> None:
-    key = _stat_key(path)
-    if key is not None:
-        with _verified_lock:
-            _verified[key] = sha
+    try:
+        key = _stat_key(os.lstat(path))
+    except OSError:
+        return
+    with _verified_lock:
+        _verified[key] = sha
 
 
 def check_cached(asset: Asset, path: Optional[Path] = None, *, full: bool = False) -> Optional[str]:
@@ -232,21 +254,27 @@ def check_cached(asset: Asset, path: Optional[Path] = None, *, full: bool = Fals
 
     Checks the size always and the full sha256 unless this process already hashed this
     very file (same inode, size and mtime); ``full=True`` always hashes.
-    Returns ``"missing"`` when there is no file.
+    Returns ``"missing"`` when there is no file. Only a regular file counts: a link (even
+    to the right bytes), FIFO or device under the cache's name is a problem, never followed.
     """
     path = path or cached_path(asset)
-    key = _stat_key(path)
-    if key is None or not path.is_file():
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
         return "missing"
-    size = key[2]
-    if asset.size is not None and size != asset.size:
-        return f"size is {size} bytes, the manifest says {asset.size}"
-    with _verified_lock:
-        known = None if full else _verified.get(key)
-    if known is None:
-        known = sha256_file(path)
+    except NotRegularFileError as exc:
+        return f"it is {exc.what}, and the cache uses only regular files it wrote itself"
+    with open(fd, "rb", buffering=0) as f:
+        key = _stat_key(os.fstat(f.fileno()))
+        size = key[2]
+        if asset.size is not None and size != asset.size:
+            return f"size is {size} bytes, the manifest says {asset.size}"
         with _verified_lock:
-            _verified[key] = known
+            known = None if full else _verified.get(key)
+        if known is None:
+            known = _hash_stream(f).hexdigest()
+            with _verified_lock:
+                _verified[key] = known
     if known != asset.sha256:
         return f"sha256 is {known}, the manifest says {asset.sha256}"
     return None
@@ -255,12 +283,52 @@ def check_cached(asset: Asset, path: Optional[Path] = None, *, full: bool = Fals
 def _set_aside(path: Path, problem: str, refetch: bool = True) -> Path:
     # Keep one copy for inspection rather than deleting: the user may want to know what
     # was there. Only one .corrupt per asset, so a 300 MB file cannot pile up.
-    aside = path.with_name(path.name + CORRUPT_SUFFIX)
-    os.replace(path, aside)
+    aside = _move_aside(path, problem)
     # Offline nothing is fetched, so the log must not promise it (the OfflineError says what to do).
     then = "fetching it again" if refetch else f"not fetching it again because {ENV_OFFLINE} is set"
     log.warning("cached file %s is corrupted (%s); moved it to %s and %s", path, problem, aside, then)
     return aside
+
+
+def _move_aside(path: Path, what: str) -> Path:
+    """Rename ``path`` (the entry itself: a link is moved, not followed) to ``<name>.corrupt``."""
+    aside = path.with_name(path.name + CORRUPT_SUFFIX)
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        raise DownloadError(
+            f"{path} is {what}; it could not be moved aside to {aside} ({exc.strerror or exc}): "
+            f"remove or rename {path} yourself, then run the command again"
+        ) from None
+    return aside
+
+
+def _clear_entry(asset: Asset, path: Path, role: str, *, folder: bool = False, single_link: bool = False) -> None:
+    """Make sure only what the cache itself creates sits at ``path`` (or nothing).
+
+    A link, FIFO, device or socket (or, with ``single_link``, a file with other hard links)
+    was not put there by vehiclenet: it is moved aside untouched, with a warning naming it,
+    so nothing is ever written or read through it. A folder where a file belongs may hold
+    someone's data: refused, not moved.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if folder and stat.S_ISDIR(st.st_mode):
+        return
+    if not folder and stat.S_ISREG(st.st_mode) and (not single_link or st.st_nlink == 1):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise DownloadError(
+            f"{path} is a directory, but the cache keeps {role} of {asset.name} under that name; "
+            f"remove or rename it, then run `vehiclenet download {asset.name}` again"
+        )
+    what = describe_entry(path, st) if not stat.S_ISREG(st.st_mode) else (
+        f"a file with {st.st_nlink - 1} other hard link(s)")
+    aside = _move_aside(path, what)
+    log.warning("%s is %s, which vehiclenet never puts there; moved it to %s without following it or "
+                "writing to it (check who else writes to %s)", path, what, aside, path.parent)
 
 
 # --------------------------------------------------------------------------- fetch
@@ -323,8 +391,8 @@ def fetch(
             _set_aside_if_bad(asset, path)
         else:
             part = part_path(path)
-            if part.exists():
-                part.unlink()
+            _clear_entry(asset, part, "the partial download")
+            part.unlink(missing_ok=True)
         _download(asset, path, settings, progress)
         return path
 
@@ -345,10 +413,14 @@ def not_a_file_problem(path: Path) -> Optional[str]:
 def _refuse_non_file(asset: Asset, path: Path) -> None:
     # Checked before any byte is fetched: the final rename onto a folder would fail only
     # after the whole transfer. The folder may hold the user's data, so it is not removed.
-    what = not_a_file_problem(path)
-    if what is not None:
+    # A link or FIFO there (not a folder: lstat) is moved aside later, under the lock.
+    try:
+        is_folder = stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        is_folder = False
+    if is_folder:
         raise DownloadError(
-            f"{path} is {what}, but the cache keeps the file of {asset.name} under that name; "
+            f"{path} is a directory, but the cache keeps the file of {asset.name} under that name; "
             f"remove or rename it, then run `vehiclenet download {asset.name}` again"
         )
 
@@ -360,24 +432,80 @@ def _set_aside_if_bad(asset: Asset, path: Path, refetch: bool = True) -> None:
 
 
 def _with_lock(asset: Asset, path: Path, settings: DownloadSettings, func: Any) -> Any:
-    import filelock
-
     lock_file = _lock_path(path)
     try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_entry(asset, lock_file.parent, "the lock folder", folder=True)
+        lock_file.parent.mkdir(exist_ok=True)
     except OSError as exc:
         raise DownloadError(
-            f"cannot create the cache folder {path.parent}: {exc}; set {ENV_HOME} to a writable folder"
+            f"cannot create the cache folder {lock_file.parent}: {exc}; set {ENV_HOME} to a writable folder"
         ) from None
-    lock = filelock.FileLock(str(lock_file), timeout=settings.lock_timeout)
+    _clear_entry(asset, lock_file, "the lock file")
     try:
-        with lock:
+        with _file_lock(lock_file, settings.lock_timeout):
             return func(asset, path)
-    except filelock.Timeout:
+    except TimeoutError:
         raise DownloadError(
             f"another process has been fetching {asset.file} for more than {settings.lock_timeout:g} s "
             f"(lock {lock_file}); wait for it, or raise {ENV_LOCK_TIMEOUT}"
         ) from None
+
+
+@contextlib.contextmanager
+def _file_lock(lock_file: Path, timeout: float) -> Iterator[None]:
+    """An exclusive flock on ``lock_file``, waiting up to ``timeout`` s (TimeoutError after).
+
+    Not filelock's: that opens the lock with O_TRUNC and follows links, so a link planted
+    at the lock's name would truncate its target. Here the lock folder is opened without
+    following links, and the lock file inside it read-only, O_NOFOLLOW, never truncated.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; filelock's msvcrt lock has no such problem there
+        import filelock
+
+        try:
+            with filelock.FileLock(str(lock_file), timeout=timeout):
+                yield
+        except filelock.Timeout:
+            raise TimeoutError(lock_file) from None
+        return
+    fd = _open_lock_file(lock_file)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(lock_file) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _open_lock_file(lock_file: Path) -> int:
+    nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        # Through a descriptor of the folder: a link swapped in for .locks cannot redirect us.
+        folder_fd = os.open(lock_file.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow)
+    except OSError as exc:
+        raise DownloadError(f"cannot use the lock folder {lock_file.parent}: {exc.strerror or exc}; "
+                            f"remove it if it is not a folder, then run the command again") from None
+    try:
+        fd = os.open(lock_file.name, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | nofollow, 0o666, dir_fd=folder_fd)
+    except OSError as exc:
+        raise DownloadError(f"cannot open the lock file {lock_file}: {exc.strerror or exc}; "
+                            f"remove it if it is not a regular file, then run the command again") from None
+    finally:
+        os.close(folder_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DownloadError(f"the lock file {lock_file} is not a regular file; remove it, then run the command again")
+    return fd
 
 
 def _offline_message(asset: Asset, path: Path, problem: Optional[str]) -> str:
@@ -386,7 +514,7 @@ def _offline_message(asset: Asset, path: Path, problem: Optional[str]) -> str:
     else:
         aside = path.with_name(path.name + CORRUPT_SUFFIX)
         state = f"is in the cache but corrupted ({problem}); it was moved to {aside}, a verified copy belongs at {path}"
-    url = asset.urls[0]
+    url = redact_url(asset.urls[0])
     return (
         f"{ENV_OFFLINE} is set and {asset.name} {state}\n"
         f"To fix: on a machine with network run `vehiclenet download {asset.name}` and copy the file to {path}, "
@@ -403,7 +531,8 @@ def candidate_urls(asset: Asset) -> List[str]:
         url = mirror.rstrip("/") + "/" + quote(asset.file)
         problem = url_problem(url)
         if problem:
-            raise DownloadError(f"{ENV_MIRROR}={mirror!r}: the URL {url} {problem}; fix or unset {ENV_MIRROR}")
+            message = f"{ENV_MIRROR}={mirror!r}: the URL {url} {problem}; fix or unset {ENV_MIRROR}"
+            raise DownloadError(redact_url(message))
         urls.append(url)
     urls.extend(u for u in asset.urls if u not in urls)
     return urls
@@ -426,17 +555,14 @@ def _download(asset: Asset, final: Path, settings: DownloadSettings, progress: O
         for url in urls:
             try:
                 _download_url(session, url, asset, final, settings, progress)
-            except _Mismatch as exc:
-                mismatches += 1
-                failures.append((url, str(exc)))
-                log.warning("%s: %s", url, exc)
-                continue
             except _UrlFailed as exc:
-                failures.append((url, str(exc)))
-                log.warning("%s: %s", url, exc)
+                mismatches += isinstance(exc, _Mismatch)
+                # Masked once here: the failure lines reach logs and the final error.
+                failures.append((redact_url(url), redact_url(str(exc))))
+                log.warning("%s: %s", *failures[-1])
                 continue
             _remember(final, asset.sha256)
-            log.info("downloaded and verified %s from %s", final, url)
+            log.info("downloaded and verified %s from %s", final, redact_url(url))
             return
     finally:
         session.close()
@@ -525,7 +651,7 @@ def _get(session: Any, url: str, settings: DownloadSettings, headers: Dict[str, 
 def _describe(exc: BaseException, settings: Optional[DownloadSettings] = None) -> str:
     import requests
 
-    text = str(exc)
+    text = redact_url(str(exc))  # requests quotes the URL in some messages
     if isinstance(exc, requests.exceptions.ConnectTimeout) or (
         isinstance(exc, requests.exceptions.ConnectionError) and "ConnectTimeoutError" in text
     ):
@@ -574,27 +700,52 @@ def _fsync_dir(folder: Path) -> None:
 def _download_url(
     session: Any, url: str, asset: Asset, final: Path, settings: DownloadSettings, progress: Optional[bool]
 ) -> None:
-    """Bring ``<final>.part`` to the full verified file from ``url`` and rename it to ``final``."""
-    import requests
-    from tqdm import tqdm
+    """Bring ``<final>.part`` to the full verified file from ``url`` and rename it to ``final``.
 
+    The partial file is opened once (never through a link, FIFO or device) and every read,
+    write and truncation goes through that descriptor, so no other file is ever touched.
+    """
     part = part_path(final)
-    hasher = hashlib.sha256()
-    offset = 0
-    resumed_from_disk = False
-    if part.exists():
-        offset = part.stat().st_size
-        if asset.size is not None and offset > asset.size:
-            part.unlink()
-            offset = 0
-        elif offset:
-            hasher = _hash_file(part)
-            resumed_from_disk = True
-            log.info("resuming %s at byte %d", part, offset)
+    with _open_part(asset, part) as out:
+        try:
+            _fetch_into(session, url, asset, out, part, settings, progress)
+        except BaseException:
+            if out.seek(0, os.SEEK_END) == 0:  # nothing to resume: leave no empty .part behind
+                _unlink_if_same(out, part)
+            raise
+        _publish(out, part, final)
+
+
+def _open_part(asset: Asset, part: Path) -> Any:
+    """``<file>.part`` opened read/write as a binary file object, created if absent."""
+    _clear_entry(asset, part, "the partial download", single_link=True)
+    try:
+        fd = open_regular(part, os.O_RDWR | os.O_CREAT, single_link=True)
+    except NotRegularFileError as exc:  # it changed between the check above and the open
+        raise DownloadError(f"{part} became {exc.what} while it was being opened; nothing was written to it. "
+                            f"Check who else writes to {part.parent}, then run the command again") from None
+    except OSError as exc:
+        raise DownloadError(f"cannot write {part}: {exc.strerror or exc}; make {part.parent} writable or set "
+                            f"{ENV_HOME} to another folder") from None
+    return os.fdopen(fd, "r+b")
+
+
+def _publish(out: Any, part: Path, final: Path) -> None:
+    """Rename the verified ``part`` to ``final``, if ``part`` is still the file we wrote."""
+    mine, there = os.fstat(out.fileno()), os.lstat(part)
+    if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
+        raise DownloadError(f"{part} was replaced by something else during the download; it was not published. "
+                            f"Check who else writes to {part.parent}, then run the command again")
+    os.replace(part, final)
+    _fsync_dir(final.parent)
+
+
+def _progress_bar(asset: Asset, offset: int, progress: Optional[bool]) -> Any:
+    from tqdm import tqdm
 
     if progress is None:
         progress = sys.stderr is not None and sys.stderr.isatty()
-    bar = tqdm(
+    return tqdm(
         total=asset.size,
         initial=offset,
         unit="B",
@@ -606,13 +757,33 @@ def _download_url(
         leave=False,
     )
 
+
+def _fetch_into(session: Any, url: str, asset: Asset, out: Any, part: Path, settings: DownloadSettings,
+                progress: Optional[bool]) -> None:
+    """Stream ``url`` into ``out`` (resuming what it holds) until its bytes have the manifest's sha256."""
+    import requests
+
+    shown = redact_url(url)
+    hasher = hashlib.sha256()
+    offset = out.seek(0, os.SEEK_END)
+    resumed_from_disk = False
+    if asset.size is not None and offset > asset.size:
+        out.truncate(0)
+        offset = 0
+    elif offset:
+        out.seek(0)
+        hasher = _hash_stream(out)
+        resumed_from_disk = True
+        log.info("resuming %s at byte %d", part, offset)
+    bar = _progress_bar(asset, offset, progress)
+
     def restart() -> None:
         nonlocal hasher, offset, resumed_from_disk
         hasher = hashlib.sha256()
         offset = 0
         resumed_from_disk = False
-        with open(part, "wb"):
-            pass
+        out.seek(0)
+        out.truncate()
         bar.reset(total=asset.size)
 
     failed_attempts = 0
@@ -627,7 +798,7 @@ def _download_url(
                     # Our partial may already be complete; the hash decides below.
                     total = offset
                     if asset.size is not None and offset != asset.size:
-                        log.info("server refused range for %s; starting over", url)
+                        log.info("server refused range for %s; starting over", shown)
                         restart()
                         continue
                 elif status in (200, 206):
@@ -642,7 +813,7 @@ def _download_url(
                             restart()
                             continue
                     elif offset:
-                        log.info("%s ignores Range requests; downloading from the start", url)
+                        log.info("%s ignores Range requests; downloading from the start", shown)
                         restart()
                     length = resp.headers.get("Content-Length")
                     if total is None and length is not None and length.isdigit():
@@ -659,18 +830,18 @@ def _download_url(
                         bar.refresh()
                     before = offset
                     try:
-                        with open(part, "ab") as out:
-                            for chunk in resp.iter_content(chunk_size=CHUNK):
-                                if not chunk:
-                                    continue
-                                out.write(chunk)
-                                hasher.update(chunk)
-                                offset += len(chunk)
-                                bar.update(len(chunk))
-                                if total is not None and offset > total:
-                                    raise _UrlFailed(f"server sent more than the announced {total} bytes")
-                            out.flush()
-                            os.fsync(out.fileno())
+                        out.seek(offset)
+                        for chunk in resp.iter_content(chunk_size=CHUNK):
+                            if not chunk:
+                                continue
+                            out.write(chunk)
+                            hasher.update(chunk)
+                            offset += len(chunk)
+                            bar.update(len(chunk))
+                            if total is not None and offset > total:
+                                raise _UrlFailed(f"server sent more than the announced {total} bytes")
+                        out.flush()
+                        os.fsync(out.fileno())
                         if total is not None and offset < total:
                             raise requests.exceptions.ChunkedEncodingError(
                                 f"IncompleteRead: got {offset} of {total} bytes"
@@ -684,13 +855,13 @@ def _download_url(
                             failed_attempts = 0
                             if resumes > MAX_RESUMES:
                                 raise _UrlFailed(f"{reason}; gave up after {resumes} resumes") from None
-                            log.info("%s: %s at byte %d; resuming", url, reason, offset)
+                            log.info("%s: %s at byte %d; resuming", shown, reason, offset)
                             continue
                         failed_attempts += 1
                         if failed_attempts > settings.retries:
                             raise _UrlFailed(f"{reason}; gave up after {settings.retries} retries") from None
                         delay = settings.backoff_delay(failed_attempts)
-                        log.info("%s: %s at byte %d; retrying in %.1f s", url, reason, offset, delay)
+                        log.info("%s: %s at byte %d; retrying in %.1f s", shown, reason, offset, delay)
                         time.sleep(delay)
                         continue
                     except OSError as exc:
@@ -713,15 +884,23 @@ def _download_url(
                     log.info("resumed download of %s did not verify; downloading it again from the start", asset.file)
                     restart()
                     continue
-                part.unlink()
+                out.truncate(0)
+                _unlink_if_same(out, part)
                 raise _Mismatch(
                     f"sha256 mismatch: expected {asset.sha256}, got {got} ({offset} bytes); the bytes were deleted"
                 )
-            os.replace(part, final)
-            _fsync_dir(final.parent)
             return
     finally:
         bar.close()
+
+
+def _unlink_if_same(out: Any, part: Path) -> None:
+    # Only our own file goes: whatever else may have been put at the name stays for inspection.
+    mine = os.fstat(out.fileno())
+    with contextlib.suppress(OSError):
+        there = os.lstat(part)
+        if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+            part.unlink()
 
 
 def _check_free_space(part: Path, needed: int) -> None:

@@ -1,8 +1,92 @@
-"""Writing files so that no reader ever sees a half-written one."""
+"""Writing files so that no reader ever sees a half-written one, and opening files so that
+no link, FIFO or device is ever written through by accident."""
 import contextlib
 import os
+import stat
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Set, Tuple, Union
+
+PathLike = Union[str, os.PathLike]
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def describe_mode(mode: int) -> str:
+    """``"a regular file"``, ``"a folder"``, ``"a FIFO (named pipe)"``, ... for an ``st_mode``."""
+    for test, text in _KINDS:
+        if test(mode):
+            return text
+    return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
+
+
+def describe_entry(path: PathLike, st: Optional[os.stat_result] = None) -> str:
+    """What the directory entry ``path`` itself is (links not followed), with a link's target."""
+    st = st if st is not None else os.lstat(path)
+    text = describe_mode(st.st_mode)
+    if stat.S_ISLNK(st.st_mode):
+        with contextlib.suppress(OSError):
+            text += f" to {os.readlink(path)!r}"
+    return text
+
+
+class NotRegularFileError(OSError):
+    """:func:`open_regular` found something other than a plain regular file; ``what`` says what."""
+
+    def __init__(self, path: PathLike, what: str) -> None:
+        super().__init__(f"not a regular file, but {what}")
+        self.filename = os.fspath(path)
+        self.strerror = f"not a regular file, but {what}"
+        self.what = what
+
+
+def open_regular(path: PathLike, flags: int, mode: int = 0o666, *, follow: bool = False,
+                 single_link: bool = False) -> int:
+    """``os.open`` that only ever returns a descriptor of a regular file.
+
+    Never blocks on a FIFO (O_NONBLOCK until the fstat check), never hands back a device,
+    folder or socket, and unless ``follow`` never follows a symbolic link at ``path``
+    (O_NOFOLLOW). ``single_link`` also refuses a file with other hard links, whose bytes
+    belong to another name too. Raises :class:`NotRegularFileError` naming what is there.
+    """
+    extra = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags | extra, mode)
+    except OSError as exc:
+        what = _refused_open(path, exc, follow)
+        if what is None:
+            raise
+        raise NotRegularFileError(path, what) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(path, describe_mode(st.st_mode))
+        if single_link and st.st_nlink != 1:
+            raise NotRegularFileError(path, f"a file with {st.st_nlink - 1} other hard link(s)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refused_open(path: PathLike, exc: OSError, follow: bool) -> Optional[str]:
+    # ELOOP (EMLINK on BSD) is O_NOFOLLOW meeting a link; ENXIO is a FIFO without reader or a
+    # socket. Anything else (missing, permission) is an ordinary error the caller reports.
+    import errno
+
+    if exc.errno not in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
+        return None
+    try:
+        return describe_mode(os.stat(path).st_mode) if follow else describe_entry(path)
+    except OSError:
+        return "a symbolic link" if exc.errno in (errno.ELOOP, errno.EMLINK) else None
 
 
 def _create_temp(folder: Path, name: str) -> Tuple[int, Path]:
@@ -23,37 +107,135 @@ def _create_temp(folder: Path, name: str) -> Tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` in one rename.
 
     On any error the temporary file is removed and ``path`` keeps its previous content.
     The new file gets the mode a plain ``open`` would give it (0666 minus the umask).
+    Only a regular file or a link (the link itself, never its target) is replaced: a
+    device, FIFO or socket at ``path`` raises UsageError and stays as it was.
     """
     out = Path(path)
+    _refuse_special(out, "output")  # before the temporary file: /dev is no place for one
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(out.parent, out.name)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
-        os.replace(tmp, out)
+        replace_output(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def check_output_file(path: Union[str, os.PathLike], option: str) -> None:
-    """Refuse an output file that cannot be created (a folder by that name, a file where one of
-    its folders should be) before any work is done; ``option`` names it in the error."""
+def replace_output(tmp: PathLike, out: PathLike) -> None:
+    """``os.replace(tmp, out)`` unless ``out`` is a folder, device, FIFO or socket (UsageError).
+
+    Checked at the last moment too, as it may have appeared while the output was being
+    made: the rename would turn a device or FIFO into a regular file. A link at ``out``
+    is replaced itself; what it points to is not touched.
+    """
+    _refuse_special(Path(out), "output")
+    os.replace(tmp, out)
+
+
+def _refuse_special(path: Path, option: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISLNK(mode):  # a link is replaced itself; what it points to is not touched
+        _refuse_special_mode(os.fspath(path), option, mode)
+
+
+def check_output_file(path: PathLike, option: str, inputs: Iterable[PathLike] = (),
+                      accept: Optional[Callable[[str], bool]] = None) -> None:
+    """Refuse, before any work is done, an output file that cannot or must not be replaced.
+
+    Refused with a UsageError naming ``option``: a folder, a device, FIFO or socket (also
+    behind a link), a path below a file, and any of the command's ``inputs`` (the same
+    file by device and inode, so also through links and hard links). A folder among
+    ``inputs`` stands for the files in it that ``accept`` (a file name test) takes.
+    """
     from .errors import UsageError
 
+    name = os.fspath(path)
     target = Path(path).absolute()
-    if target.is_dir():
-        raise UsageError(f"{option} {os.fspath(path)!r} is a folder: give a file name")
+    try:
+        st = target.stat()  # follows links: a link to a device is a device for our purpose
+    except OSError:
+        st = None
+    if st is not None:
+        _refuse_special_mode(name, option, st.st_mode)
+        clash = same_file_among(st, inputs, accept)
+        if clash is not None:
+            raise UsageError(f"{option} {name!r} is the command's own input {clash!r} (the same file); writing it "
+                             f"would replace that input: give {option} a path of its own")
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"{option} {os.fspath(path)!r}: {str(parent)!r} is a file, not a folder")
+        raise UsageError(f"{option} {name!r}: {str(parent)!r} is a file, not a folder")
+
+
+def _refuse_special_mode(name: str, option: str, mode: int) -> None:
+    from .errors import UsageError
+
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{option} {name!r} is a folder: give a file name")
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{option} {name!r} is {describe_mode(mode)}, not a regular file; vehiclenet replaces "
+                         "its outputs with a new file, which must not happen to a device or pipe: give the path "
+                         "of a regular file")
+
+
+def same_file_among(st: os.stat_result, inputs: Iterable[PathLike],
+                    accept: Optional[Callable[[str], bool]] = None) -> Optional[str]:
+    """The first of ``inputs`` that is the file ``st`` describes (same device and inode), or None.
+
+    Links are followed; a folder is searched recursively for files whose name ``accept``
+    takes (all when None), each real folder once, so link loops end.
+    """
+    key = (st.st_dev, st.st_ino)
+    seen: Set[Tuple[int, int]] = set()
+    for item in inputs:
+        name = os.fspath(item)
+        try:
+            found = os.stat(name)
+        except OSError:
+            continue  # a missing input is the command's own error to report
+        if stat.S_ISDIR(found.st_mode):
+            hit = _find_in_folder(name, key, accept, seen)
+            if hit is not None:
+                return hit
+        elif (found.st_dev, found.st_ino) == key:
+            return name
+    return None
+
+
+def _find_in_folder(folder: str, key: Tuple[int, int], accept: Optional[Callable[[str], bool]],
+                    seen: Set[Tuple[int, int]]) -> Optional[str]:
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            st = os.stat(current)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                est = entry.stat()  # follows links, as the commands' folder walks do
+            except OSError:
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                stack.append(entry.path)
+            elif (est.st_dev, est.st_ino) == key and (accept is None or accept(entry.name)):
+                return entry.path
+    return None
 
 
 def read_npz(path: Union[str, os.PathLike], keys: Sequence[str], what: str, remedy: str) -> Dict[str, Any]:

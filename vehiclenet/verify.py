@@ -4,6 +4,7 @@ No network and no heavy imports: this runs in a process that must start fast.
 """
 import os
 import re
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from .assets import Asset, find_asset_for_file, load_manifest, manifest_path
 from .download import cache_dir, cached_path, not_a_file_problem, sha256_file
 from .errors import UsageError
+from .fileio import describe_entry
 
 OK = "OK"
 FAILED = "FAILED"
@@ -52,6 +54,14 @@ def check_file(
     name = asset.name if asset else None
     expected = expected.lower()
     expected_size = asset.size if asset else None
+    foreign = _foreign_cache_entry(path, asset)
+    if foreign is not None:
+        # `download` would move it aside rather than use it, so it does not verify either.
+        return VerifyResult(
+            str(path), MISSING, expected, asset=name, expected_size=expected_size,
+            message=f"cannot use: it is {foreign}, and the cache uses only regular files it wrote itself; "
+                    f"remove it (what it points to is not the cache's), then run `vehiclenet download {name}`",
+        )
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -91,6 +101,17 @@ def check_file(
         str(path), FAILED, expected, got, name, size, expected_size, seconds,
         message=f"sha256 mismatch; {_remedy(asset, path)}",
     )
+
+
+def _foreign_cache_entry(path: Path, asset: Optional[Asset]) -> Optional[str]:
+    """What sits at ``asset``'s cache name if it is a link, FIFO or device there, else None."""
+    if asset is None or path.absolute() != cached_path(asset).absolute():
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return None if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) else describe_entry(path, st)
 
 
 def _in_cache(path: Path) -> bool:
@@ -141,6 +162,6 @@ def verify_cache(manifest: Union[str, os.PathLike, None] = None) -> List[VerifyR
     results = []
     for asset in load_manifest(manifest):
         path = cached_path(asset)
-        if path.exists():
+        if os.path.lexists(path):  # a dangling link in the cache is reported too
             results.append(check_file(path, asset.sha256, asset))
     return results
