@@ -143,7 +143,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import platform
     from importlib import metadata
 
-    from .assets import load_manifest, manifest_path
+    from .assets import load_manifest, manifest_path, redact_url
     from .download import ENV_HOME, ENV_MIRROR, ENV_OFFLINE, cache_dir, cached_path
     from .env import env_flag
     from .verify import check_file
@@ -187,7 +187,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cache": str(cache_dir()),
         "cache_source": ENV_HOME if os.environ.get(ENV_HOME) else "platform user cache folder",
         "offline": env_flag(ENV_OFFLINE),
-        "mirror": os.environ.get(ENV_MIRROR) or None,
+        "mirror": redact_url(os.environ.get(ENV_MIRROR) or "") or None,
         "assets": assets,
     }
     if args.json:
@@ -243,20 +243,21 @@ def _add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
+    import os
     import time
 
     import numpy as np
 
     from . import evaluation
+    from .download import weights_files
     from .errors import UsageError
+    from .fileio import check_output_file
 
     if args.data is None and (args.save_features or args.checkpoint or args.no_flip):
         raise UsageError("--save-features, --checkpoint and --no-flip apply to --data only")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if args.save_features:
-        from .fileio import check_output_file
-
         check_output_file(args.save_features, "--save-features")
     timings = {}
     t0 = time.perf_counter()
@@ -264,6 +265,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         fs = evaluation.load_features_npz(args.features)
     else:
         query, gallery = evaluation.read_veri(args.data)
+        if args.save_features:  # the images, the lists and the weights are inputs; checked before the network
+            check_output_file(args.save_features, "--save-features", [
+                *query.paths, *gallery.paths, *weights_files(args.checkpoint),
+                *(os.path.join(args.data, evaluation._SPLIT_LISTS[s]) for s in ("query", "test"))])
         from .features import extract_features
         from .model import create_network
 
@@ -366,6 +371,13 @@ def _check_network_args(args: argparse.Namespace) -> None:
         raise UsageError("--checkpoint and --no-pretrained exclude each other")
 
 
+def _network_files(args: argparse.Namespace) -> List[str]:
+    """The weights file the network of ``embed``/``rank`` will read (an input like the images)."""
+    from .download import weights_files
+
+    return weights_files(args.checkpoint, not args.no_pretrained)
+
+
 def _embedding_network(args: argparse.Namespace):
     import os
 
@@ -382,9 +394,11 @@ def _embedding_network(args: argparse.Namespace):
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .features import embed, save_features
     from .fileio import check_output_file
+    from .preprocessing import is_image_path
 
     _check_network_args(args)
-    check_output_file(args.out, "--out")
+    # Folders stand for the images embed reads from them (an .npz beside them is no input).
+    check_output_file(args.out, "--out", [*args.inputs, *_network_files(args)], accept=is_image_path)
     net = _embedding_network(args)
     res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
     out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
@@ -404,7 +418,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     from .evaluation import parse_veri_name
     from .features import FeatureResult, embed, load_features, nearest
     from .fileio import check_output_file
-    from .preprocessing import load_image
+    from .preprocessing import is_image_path, load_image
     from .visualize import draw_ranking, picture_format
 
     _check_network_args(args)
@@ -413,7 +427,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     if args.thumb < 16:
         raise UsageError("--thumb must be >= 16")
     if not args.no_picture:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", [args.query, args.gallery, *_network_files(args)],
+                          accept=is_image_path)
         picture_format(args.out)
     if os.path.isdir(args.query):
         raise UsageError(f"--query {args.query!r} is a folder: give one image file (the gallery can be a folder)")

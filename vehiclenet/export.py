@@ -20,13 +20,15 @@ with ``create_network(checkpoint=..., num_classes=N)`` like the original.
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
 from .errors import CheckpointError, UsageError
-from .fileio import check_output_file
+from .fileio import check_output_file, replace_output
 
 LOG = logging.getLogger(__name__)
 
@@ -50,12 +52,30 @@ def _check_num_classes(path: str, file_classes: Optional[int], num_classes: Opti
                           "is it the checkpoint you meant to export?")
 
 
-def _output_path(out: Union[str, os.PathLike], fmt: str) -> Path:
-    """The file to write (suffix added), its folder created; checked before any work is done."""
+def _output_path(out: Union[str, os.PathLike], fmt: str, checkpoint: Optional[Union[str, os.PathLike]],
+                 pretrained: Union[bool, str]) -> Path:
+    """The file to write (suffix added), its folder created; checked before any work is done
+    (not a device or FIFO, not the checkpoint it is made from)."""
+    from .download import weights_files
+
     out = _with_suffix(out, fmt)
-    check_output_file(out, "--out")
+    check_output_file(out, "--out", weights_files(checkpoint, pretrained))
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def _private_folder(out: Path) -> Iterator[Path]:
+    """A new folder beside ``out`` that only this process uses, removed afterwards.
+
+    MindSpore writes under a name of its own choosing; a fixed temporary name in a shared
+    folder could be a link planted by someone else, which MindSpore would write through.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".partial", dir=out.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # must not hide the error that got us here
 
 
 def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
@@ -88,8 +108,6 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
     MindSpore appends the format's suffix (``.mindir`` / ``.onnx``) when ``out`` lacks
     it; the returned path is the file actually written.
     """
-    import mindspore as ms
-
     fmt = file_format.upper()
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {file_format!r}")
@@ -97,22 +115,20 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
         return export_weights(out, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes)
     if image_size < 32 or batch_size < 1:
         raise UsageError(f"image size must be >= 32 and batch size >= 1, got {image_size}, {batch_size}")
-    out = _output_path(out, fmt)
+    out = _output_path(out, fmt, checkpoint, pretrained)
+    import mindspore as ms  # only after the checks: a refused --out costs no MindSpore start-up
+
     net = build_embedding_network(checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                                   device_target=device_target)
     example = ms.Tensor(np.zeros((batch_size, 3, image_size, image_size), np.float32))
     # Written under a temporary name and renamed, so an interrupted export never leaves a
     # truncated model under the name a deployment would load. MindSpore adds the suffix itself.
-    tmp_stem = out.parent / f".{out.stem}.{os.getpid()}.partial"
-    tmp = tmp_stem.with_name(tmp_stem.name + _SUFFIX[fmt])
-    try:
-        ms.export(net, example, file_name=str(tmp_stem), file_format=fmt)
+    with _private_folder(out) as folder:
+        tmp = folder / f"model{_SUFFIX[fmt]}"
+        ms.export(net, example, file_name=str(folder / "model"), file_format=fmt)
         if not tmp.is_file():
             raise RuntimeError(f"mindspore.export reported success but {tmp} was not written")
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(OSError):  # must not hide the error that got us here
-            tmp.unlink(missing_ok=True)
+        replace_output(tmp, out)
     LOG.info("exported %s (%s, input %dx3x%dx%d)", out, fmt, batch_size, image_size, image_size)
     return out
 
@@ -125,13 +141,13 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
     file) before anything is written; ``num_classes``, when given, must match its head. Returns the path written
     (``.ckpt`` appended when ``out`` lacks it).
     """
-    import mindspore as ms
+    out = _output_path(out, "CKPT", checkpoint, pretrained)
+    import mindspore as ms  # only after the checks: a refused --out costs no MindSpore start-up
 
     from .checkpoint import load_weights, read_checkpoint
     from .model import weights_path
     from .network import VehicleNet
 
-    out = _output_path(out, "CKPT")
     path = weights_path(checkpoint, pretrained)
     if path is None:
         raise UsageError("nothing to export: give --checkpoint, or leave pretrained on for the published weights")
@@ -140,13 +156,10 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
     _check_num_classes(path, classes, num_classes)
     net = VehicleNet(num_classes=classes, include_top=classes is not None)
     load_weights(net, path)  # every network entry present, with its shape, or CheckpointError
-    tmp = out.parent / f".{out.stem}.{os.getpid()}.partial.ckpt"  # save_checkpoint insists on .ckpt
-    try:
+    with _private_folder(out) as folder:
+        tmp = folder / "weights.ckpt"  # save_checkpoint insists on .ckpt
         ms.save_checkpoint(net, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        replace_output(tmp, out)
     LOG.info("exported %s (network weights of %s, %s, no training state)", out, path,
              "embedding only" if classes is None else f"head of {classes} identities")
     return out
