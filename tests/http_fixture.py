@@ -40,6 +40,7 @@ class RequestRecord:
     path: str
     range: Optional[str]
     status: int
+    authorization: Optional[str] = None  # the Authorization header, e.g. from user:password@ in the URL
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -64,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         def record(status: int) -> None:
             with srv.lock:
-                srv.requests.append(RequestRecord(self.path, range_header, status))
+                srv.requests.append(RequestRecord(self.path, range_header, status, self.headers.get("Authorization")))
 
         if route is None or route.status == 404:
             record(404)
