@@ -110,13 +110,17 @@ def plant(site, place: str, kind: str) -> SimpleNamespace:
     elif kind == "fifo":
         os.mkfifo(entry)
         victim = entry
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(entry))  # the socket file stays after close
+        victim = entry
     elif kind == "hardlink":
         os.link(victim, entry)
     return SimpleNamespace(entry=entry, victim=victim, before=snapshot(victim) if victim.exists() else None,
                            planted=snapshot(entry), victims=tree(site.victims))
 
 
-CASES = [(p, k) for p in PLACES for k in ("symlink", "dangling", "device", "fifo")] + [("part", "hardlink")]
+CASES = [(p, k) for p in PLACES for k in ("symlink", "dangling", "device", "fifo", "socket")] + [("part", "hardlink")]
 
 
 @pytest.mark.parametrize("place, kind", CASES, ids=[f"{p}-{k}" for p, k in CASES])
@@ -129,7 +133,7 @@ def test_hostile_cache_entry_is_moved_aside_never_followed(site, place, kind):
     # The victim is exactly what it was (same inode, type and bytes), or still absent.
     if planted.before is None:
         assert not os.path.lexists(planted.victim)
-    elif kind != "fifo":
+    elif kind not in ("fifo", "socket"):  # those are the planted entry itself, checked below
         assert snapshot(planted.victim) == planted.before
     assert tree(site.victims) == planted.victims
     # The planted entry itself was moved aside untouched, and the warning names it and where it went.
