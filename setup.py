@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["vehiclenet", "vehiclenet.*"]),
     # vehiclenet/assets.json is a link to the top-level manifest; the wheel gets a copy.
-    package_data={"vehiclenet": ["assets.json", "csrc/*.cc"]},
+    package_data={"vehiclenet": ["assets.json", "csrc/*.cc", "csrc/*.c"]},
     py_modules=["hub_conf", "mindspore_hub_conf"],
     install_requires=[
         # Pinned: from 2.9.0 on the CPU kernel for 3x3/7x7 Conv2D runs ~60x slower

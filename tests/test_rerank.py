@@ -110,3 +110,46 @@ def test_parameter_checks():
         re_rank(f[:2], f[2:], k1=2, k2=4)
     with pytest.raises(ValueError, match="NaN"):
         re_rank(np.full((1, 4), np.nan, np.float32), f, k1=2, k2=2)
+
+
+def test_compiled_and_numpy_jaccard_are_bit_identical():
+    from scipy import sparse
+
+    from vehiclenet import rerank
+
+    assert rerank._native_jaccard() is not None, "the C Jaccard kernel did not build here"
+    rng = np.random.default_rng(8)
+    v = sparse.random(300, 300, density=0.08, format="csr", dtype=np.float32, random_state=rng)
+    v.data[rng.random(v.nnz) < 0.3] = np.float32(0.25)  # exact ties between query and gallery values
+    v = v.tolil()
+    v[5, :] = 0  # a query with no non-zeros, and one sharing no column with the gallery
+    v[6, :] = 0
+    v[:, 299] = 0
+    v[6, 299] = 0.5
+    v = v.tocsr()
+    for num_query, workers in [(70, 1), (130, 3)]:
+        native = rerank._jaccard(v, num_query, workers)
+        plain = rerank._jaccard(v, num_query, workers, native=False)
+        np.testing.assert_array_equal(native, plain)
+        assert native[5].tolist() == [1.0] * (300 - num_query) and native[6].min() == 1.0
+        assert native.min() < 0.95
+
+
+def test_without_a_c_compiler_the_numpy_path_gives_the_same_result(monkeypatch, caplog):
+    import logging
+
+    from vehiclenet import rerank
+
+    rng = np.random.default_rng(12)
+    qf, _ = clustered(rng, 30)
+    gf, _ = clustered(rng, 90)
+    with_c = re_rank(qf, gf, 20, 6)
+    monkeypatch.setenv("CC", "no-such-cc")
+    rerank._native_jaccard.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="vehiclenet.rerank"):
+            assert rerank._native_jaccard() is None
+            np.testing.assert_array_equal(re_rank(qf, gf, 20, 6), with_c)
+        assert "no C compiler 'no-such-cc'" in caplog.text
+    finally:
+        rerank._native_jaccard.cache_clear()

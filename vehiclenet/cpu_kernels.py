@@ -23,15 +23,11 @@ kernels. ``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
 """
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
 import logging
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -48,9 +44,9 @@ class KernelsUnavailable(RuntimeError):
 
 
 def default_build_dir() -> Path:
-    import platformdirs
+    from .native import default_build_dir as native_default
 
-    return Path(platformdirs.user_cache_dir("vehiclenet", appauthor=False)) / "kernels"
+    return native_default()
 
 
 def _file_of(distribution: str, suffix: str) -> Path:
@@ -73,44 +69,19 @@ def build_library(build_dir: Optional[Path] = None) -> Path:
         KernelsUnavailable: not x86-64 Linux, oneDNN wheels or compiler missing, the
             compile failed, or the build folder is not writable.
     """
+    from .native import NativeBuildError, build
+
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise KernelsUnavailable(f"the oneDNN kernels are built for x86-64 Linux, not {sys.platform}/{platform.machine()}")
     library = _file_of(ONEDNN_RUNTIME, "/libdnnl.so.3")
     include = _file_of(ONEDNN_HEADERS, "/oneapi/dnnl/dnnl.hpp").parents[2]
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise KernelsUnavailable(f"no C++ compiler {compiler!r} on PATH (install g++ or set $CXX)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    onednn = importlib.metadata.version(ONEDNN_RUNTIME)
-    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, onednn, str(library), str(include),
-                                    *CXX_FLAGS]).encode()).hexdigest()[:16]
-    build_dir = Path(build_dir) if build_dir is not None else default_build_dir()
-    target = build_dir / f"cpu_kernels-{key}.so"
-    if target.is_file():
-        return target
-    from filelock import FileLock
-
+    args = [*CXX_FLAGS, f"-I{include}", str(library), f"-Wl,-rpath,{library.parent}"]
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if target.is_file():  # another process built it while we waited
-                return target
-            fd, partial = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so.part", dir=build_dir)
-            os.close(fd)
-            try:
-                command = [compiler, *CXX_FLAGS, str(SOURCE), f"-I{include}", str(library),
-                           f"-Wl,-rpath,{library.parent}", "-o", partial]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise KernelsUnavailable(f"compiling {SOURCE} failed ({' '.join(command)}):\n"
-                                             f"{done.stderr.strip()[-2000:]}")
-                os.replace(partial, target)  # a half-written library never has the final name
-            finally:
-                if os.path.exists(partial):
-                    os.unlink(partial)
-    except OSError as err:
-        raise KernelsUnavailable(f"cannot build the oneDNN kernels in {build_dir}: {err}") from err
-    LOG.info("built the oneDNN CPU kernels: %s", target)
+        target = build(SOURCE, "cpu_kernels", args, key_extra=[importlib.metadata.version(ONEDNN_RUNTIME)],
+                       build_dir=Path(build_dir) if build_dir is not None else default_build_dir())
+    except NativeBuildError as err:
+        raise KernelsUnavailable(str(err)) from err
+    LOG.debug("oneDNN CPU kernels: %s", target)
     return target
 
 

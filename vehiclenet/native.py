@@ -1,0 +1,78 @@
+"""Compiling the package's C/C++ sources once per machine into the user cache folder.
+
+A library is keyed by its source, the compiler's version and the flags, so a changed
+source or compiler never reuses a stale build; concurrent processes build it once
+(file lock) and a half-written library never carries the final name.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["NativeBuildError", "default_build_dir", "build"]
+
+
+class NativeBuildError(RuntimeError):
+    """A library could not be built here (no compiler, compile error, unwritable folder)."""
+
+
+def default_build_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("vehiclenet", appauthor=False)) / "kernels"
+
+
+def build(
+    source: Path,
+    name: str,
+    args: Sequence[str],
+    *,
+    compiler_env: str = "CXX",
+    default_compiler: str = "c++",
+    key_extra: Sequence[str] = (),
+    build_dir: Optional[Path] = None,
+) -> Path:
+    """Compile ``source`` with ``args`` into ``<build_dir>/<name>-<key>.so`` unless it exists.
+
+    ``args`` go after the source (include folders, libraries, flags); ``key_extra`` is
+    anything else the result depends on (e.g. a library's version).
+    """
+    compiler = os.environ.get(compiler_env, default_compiler)
+    if shutil.which(compiler) is None:
+        kind = "C++" if compiler_env == "CXX" else "C"
+        raise NativeBuildError(f"no {kind} compiler {compiler!r} on PATH (install gcc/g++ or set ${compiler_env})")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    text = source.read_text(encoding="utf-8")
+    key = hashlib.sha256("\0".join([text, version, *args, *key_extra]).encode()).hexdigest()[:16]
+    folder = Path(build_dir) if build_dir is not None else default_build_dir()
+    target = folder / f"{name}-{key}.so"
+    if target.is_file():
+        return target
+    from filelock import FileLock
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if target.is_file():  # another process built it while we waited
+                return target
+            _compile(compiler, source, args, folder, name, target)
+    except OSError as err:
+        raise NativeBuildError(f"cannot build {source.name} in {folder}: {err}") from err
+    return target
+
+
+def _compile(compiler: str, source: Path, args: Sequence[str], folder: Path, name: str, target: Path) -> None:
+    fd, partial = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.part", dir=folder)
+    os.close(fd)
+    try:
+        command = [compiler, str(source), *args, "-o", partial]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise NativeBuildError(f"compiling {source} failed ({' '.join(command)}):\n{done.stderr.strip()[-2000:]}")
+        os.replace(partial, target)  # a half-written library never has the final name
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
