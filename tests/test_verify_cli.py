@@ -215,3 +215,16 @@ def test_info_reports_cache_and_assets(setup):
     assert "cpu convolutions: oneDNN 3 (" in r.stdout
     r = run(dict(env, VEHICLENET_CPU_KERNELS="0"), "info", "--no-device")
     assert "cpu convolutions: MindSpore's Conv2D (VEHICLENET_CPU_KERNELS=0)" in r.stdout, r.stdout
+
+
+def test_info_names_the_evaluation_blas_and_its_kernel(setup):
+    _, _, env = setup
+    env = {k: v for k, v in env.items() if k != "OPENBLAS_CORETYPE"}
+    report = json.loads(run(dict(env, OPENBLAS_CORETYPE="Haswell"), "info", "--json", "--no-device").stdout)
+    blas = report["blas"]["evaluation"]
+    assert blas["internal_api"] == "openblas" and "scipy" in blas["filepath"]
+    assert blas["architecture"] == "Haswell"  # the kernel OpenBLAS runs, as threadpoolctl reads it
+    assert any("numpy" in lib["filepath"] for lib in report["blas"]["loaded"])
+    text = run(env, "info", "--no-device").stdout
+    line = next(line for line in text.splitlines() if line.startswith("evaluation BLAS: OpenBLAS "))
+    assert "(libscipy_openblas)" in line and " kernel; also loaded: OpenBLAS " in line

@@ -137,6 +137,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_blas(lib: dict) -> str:
+    """``OpenBLAS 0.3.30 (libscipy_openblas), SkylakeX kernel`` from a threadpoolctl entry."""
+    name = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(str(lib.get("internal_api")), lib.get("internal_api"))
+    kernel = f", {lib['architecture']} kernel" if lib.get("architecture") else ""
+    return f"{name} {lib.get('version')} ({lib.get('prefix')}){kernel}"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import json
     import os
@@ -171,6 +178,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .cpu_kernels import status as cpu_kernels_status
 
     cpu_kernels = cpu_kernels_status()
+    from .blas import blas_libraries, evaluation_blas
+
+    blas = {"evaluation": evaluation_blas(), "loaded": blas_libraries()}
     assets = []
     for i, asset in enumerate(load_manifest()):
         path = cached_path(asset)
@@ -183,6 +193,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "versions": versions,
         "device": device,
         "cpu_kernels": cpu_kernels,
+        "blas": blas,
         "manifest": str(manifest_path()),
         "cache": str(cache_dir()),
         "cache_source": ENV_HOME if os.environ.get(ENV_HOME) else "platform user cache folder",
@@ -196,6 +207,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()))
     print(f"device:   {device}")
     print(f"cpu convolutions: {cpu_kernels}")
+    print(f"evaluation BLAS: {_describe_blas(blas['evaluation'])}; also loaded: "
+          + ", ".join(_describe_blas(lib) for lib in blas["loaded"] if lib != blas["evaluation"]))
     print(f"manifest: {report['manifest']}")
     print(f"cache:    {report['cache']} ({report['cache_source']})")
     print(f"network:  {'offline (' + ENV_OFFLINE + ')' if report['offline'] else 'online'}"
