@@ -175,9 +175,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         except Exception as exc:  # info must report, not crash, on a broken install
             device = f"unknown ({type(exc).__name__}: {exc})"
     # What CPU inference convolves with (builds the kernels once if needed; no mindspore import).
+    from .cpu_kernels import bf16_status
     from .cpu_kernels import status as cpu_kernels_status
 
     cpu_kernels = cpu_kernels_status()
+    bf16 = bf16_status()
     from .blas import blas_libraries, evaluation_blas
 
     blas = {"evaluation": evaluation_blas(), "loaded": blas_libraries()}
@@ -193,6 +195,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "versions": versions,
         "device": device,
         "cpu_kernels": cpu_kernels,
+        "bf16": bf16,
         "blas": blas,
         "manifest": str(manifest_path()),
         "cache": str(cache_dir()),
@@ -207,6 +210,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()))
     print(f"device:   {device}")
     print(f"cpu convolutions: {cpu_kernels}")
+    print(f"bf16 inference: {bf16}")
     print(f"evaluation BLAS: {_describe_blas(blas['evaluation'])}; also loaded: "
           + ", ".join(_describe_blas(lib) for lib in blas["loaded"] if lib != blas["evaluation"]))
     print(f"manifest: {report['manifest']}")
@@ -251,6 +255,7 @@ def _add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="weights for --data (default: the published checkpoint)")
     p.add_argument("--no-flip", action="store_true", help="--data: skip the horizontal-flip feature sum")
     p.add_argument("--save-features", metavar="F.npz", help="--data: also write the features for later --features runs")
+    _add_precision_arg(p, "; --data only")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -266,8 +271,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .errors import UsageError
     from .fileio import check_output_file
 
-    if args.data is None and (args.save_features or args.checkpoint or args.no_flip):
-        raise UsageError("--save-features, --checkpoint and --no-flip apply to --data only")
+    if args.data is None and (args.save_features or args.checkpoint or args.no_flip or args.precision != "fp32"):
+        raise UsageError("--save-features, --checkpoint, --no-flip and --precision apply to --data only")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if args.save_features:
@@ -285,7 +290,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from .features import extract_features
         from .model import create_network
 
-        net = create_network(pretrained=args.checkpoint is None, checkpoint=args.checkpoint, include_top=False)
+        net = create_network(pretrained=args.checkpoint is None, checkpoint=args.checkpoint, include_top=False,
+                             precision=args.precision)
         feats = [
             np.asarray(extract_features(net, split.paths, batch_size=args.batch_size, flip=not args.no_flip),
                        dtype=np.float32)
@@ -340,6 +346,14 @@ def _add_network_args(p: argparse.ArgumentParser, batch_default: int = 16) -> No
                    help=f"images per network call (default {batch_default})")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip missing, corrupt or non-image files (listed on stderr) instead of failing")
+    _add_precision_arg(p)
+
+
+def _add_precision_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="CPU inference arithmetic: fp32 (default, the published model exactly) or bf16 "
+                   "(bfloat16 convolutions, float32 accumulation: about 2x faster on CPUs with AVX512-BF16 or "
+                   f"AMX, features within cosine 0.9999 of fp32){note}")
 
 
 def _add_embed_command(sub: "argparse._SubParsersAction") -> None:
@@ -401,7 +415,8 @@ def _embedding_network(args: argparse.Namespace):
 
     if args.no_pretrained:
         logging.getLogger("vehiclenet").warning("--no-pretrained: random weights, the features mean nothing")
-    return create_network(pretrained=not args.no_pretrained, checkpoint=args.checkpoint, include_top=False)
+    return create_network(pretrained=not args.no_pretrained, checkpoint=args.checkpoint, include_top=False,
+                          precision=args.precision)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:

@@ -31,12 +31,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .errors import Bf16Unsupported
+
 LOG = logging.getLogger(__name__)
 
 ENV_SWITCH = "VEHICLENET_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
 ONEDNN_RUNTIME, ONEDNN_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 class KernelsUnavailable(RuntimeError):
@@ -115,36 +120,86 @@ def status() -> str:
 
 
 def convolution_implementation(library: str, batch: int, height: int, width: int, in_channels: int,
-                               out_channels: int, kernel: int, stride: int) -> str:
+                               out_channels: int, kernel: int, stride: int, bf16: bool = False) -> str:
     """The oneDNN implementation that runs a convolution of this shape, e.g.
     ``brgconv:avx512_core`` (what benchmarks print to show the fast path is taken)."""
     lib = ctypes.CDLL(library)
     buffer = ctypes.create_string_buffer(256)
     args = [ctypes.c_int64(v) for v in (batch, height, width, in_channels, out_channels, kernel, stride)]
-    if lib.VnConvImplementation(*args, buffer, ctypes.c_int(len(buffer))) != 0:
+    if lib.VnConvImplementation(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))) != 0:
         raise KernelsUnavailable(buffer.value.decode(errors="replace"))
     return buffer.value.decode()
 
 
-def make_ops(library: str) -> dict:
-    """MindSpore custom ops over ``library``: ``("conv", stride, relu)`` (stride 1 or 2),
-    ``"conv_add"`` (stride 1, residual added before the ReLU) and ``"max_pool"`` (3x3, stride 2).
+def cpu_isa(library: str) -> Tuple[str, bool]:
+    """oneDNN's instruction set here (capped by ``DNNL_MAX_CPU_ISA``) and whether it has
+    native bf16 arithmetic (AVX512-BF16, AVX512-FP16, AMX or AVX2-VNNI-2)."""
+    buffer = ctypes.create_string_buffer(64)
+    native_bf16 = ctypes.CDLL(library).VnCpuIsa(buffer, ctypes.c_int(len(buffer)))
+    return buffer.value.decode(), bool(native_bf16)
 
-    Convolutions take (x NHWC, weights OIHW, per-output-channel scale, bias[, residual NHWC]).
+
+def check_bf16(library: Optional[str]) -> str:
+    """The ISA that bf16 inference runs on here; raises :class:`Bf16Unsupported` if none."""
+    if library is None:
+        reason = _library()[1]
+        raise Bf16Unsupported(f"precision='bf16' runs on the oneDNN CPU kernels, which are not in use here ({reason})")
+    isa, native = cpu_isa(library)
+    if not native:
+        raise Bf16Unsupported(
+            f"precision='bf16' needs a CPU with bf16 instructions (AVX512-BF16, AMX or AVX2-VNNI-2); oneDNN's "
+            f"instruction set here is {isa}, which has none, so bf16 would only be emulated (slower than fp32). "
+            f"Use precision='fp32'.")
+    return isa
+
+
+def bf16_status() -> str:
+    """One line for ``vehiclenet info``: whether bf16 inference is available, on which ISA."""
+    try:
+        return f"available ({check_bf16(library_path())})"
+    except Bf16Unsupported as err:
+        return f"unavailable: {err}"
+
+
+def make_ops(library: str, precision: str = "fp32") -> dict:
+    """MindSpore custom ops over ``library`` for inference, by role: ``"stem"`` (7x7, stride 2,
+    ReLU), ``("conv", stride, True)`` (with ReLU, inside a block), ``("down", stride)`` (a
+    block's projection shortcut), ``"conv_add"`` (stride 1, residual added before the ReLU)
+    and ``"max_pool"`` (3x3, stride 2).
+
+    Convolutions take (x NHWC, weights OIHW, per-output-channel scale, bias[, residual NHWC]);
+    weights, scale and bias are float32. With ``precision="bf16"`` they compute in bfloat16
+    with float32 accumulation: the two inner convolutions of a block pass bfloat16 to each
+    other, while the residual stream between blocks (stem, shortcut and block outputs) stays
+    float32, so rounding does not accumulate along it.
     """
+    import mindspore as ms
     from mindspore import ops
 
-    def custom(function: str, stride: int, channels_from_weights: bool):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+    def custom(function: str, stride: int, channels_from_weights: bool, out_type=None):
         def out_shape(x, *others):
             channels = others[0][0] if channels_from_weights else x[3]
             return [x[0], -(-x[1] // stride), -(-x[2] // stride), channels]
 
-        return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=lambda x, *_: x, func_type="aot")
+        def out_dtype(x, *_):
+            return out_type or x
 
-    made = {("conv", s, relu): custom(f"VnConvS{s}{'Relu' if relu else ''}", s, True)
-            for s in (1, 2) for relu in (False, True)}
-    made["conv_add"] = custom("VnConvAddS1Relu", 1, True)
-    made["max_pool"] = custom("VnMaxPool3x3S2", 2, False)
+        return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+
+    made = {"max_pool": custom("VnMaxPool3x3S2", 2, False)}
+    if precision == "fp32":
+        made["stem"] = custom("VnConvS2Relu", 2, True)
+        made.update({("conv", s, True): custom(f"VnConvS{s}Relu", s, True) for s in (1, 2)})
+        made.update({("down", s): custom(f"VnConvS{s}", s, True) for s in (1, 2)})
+        made["conv_add"] = custom("VnConvAddS1Relu", 1, True)
+        return made
+    made["stem"] = custom("VnConvBf16S2ReluToF32", 2, True, ms.float32)
+    made.update({("conv", s, True): custom(f"VnConvBf16S{s}Relu", s, True, ms.bfloat16) for s in (1, 2)})
+    made.update({("down", s): custom(f"VnConvBf16S{s}ToF32", s, True, ms.float32) for s in (1, 2)})
+    made["conv_add"] = custom("VnConvBf16AddS1ReluToF32", 1, True, ms.float32)
     return made
 
 

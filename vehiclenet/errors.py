@@ -45,3 +45,8 @@ class UsageError(VehicleNetError):
 
 class TrainingError(VehicleNetError):
     """Fine-tuning cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+class Bf16Unsupported(UsageError):
+    """bf16 inference was asked for where it cannot run natively (no bf16 instructions,
+    no oneDNN kernels, another device): the message names what is missing."""

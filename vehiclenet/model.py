@@ -21,6 +21,7 @@ def create_network(
     device_target: Optional[str] = None,
     mode: str = "graph",
     amp_level: Optional[str] = None,
+    precision: str = "fp32",
 ):
     """Build VehicleNet and load its weights, ready for inference.
 
@@ -44,6 +45,10 @@ def create_network(
         mode: "graph" (default) or "pynative".
         amp_level: MindSpore AMP level; ``None`` means "O2" on Ascend (BatchNorm in
             float32) and "O0" elsewhere.
+        precision: CPU inference arithmetic. ``"fp32"`` (default) is the published
+            model exactly; ``"bf16"`` convolves in bfloat16 with float32 accumulation on
+            the oneDNN kernels (features within cosine 0.9999 of fp32, about 2x faster on
+            CPUs with AVX512-BF16 or AMX). Training a bf16 network runs in float32.
 
     Returns:
         A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
@@ -58,6 +63,8 @@ def create_network(
             not a MindSpore checkpoint.
         DownloadError, ChecksumError: the published weights could not be delivered
             verified.
+        Bf16Unsupported: ``precision="bf16"`` on a device, CPU or set-up without native
+            bf16 convolutions (raised before any weights are read).
     """
     from . import device as device_mod
 
@@ -66,6 +73,8 @@ def create_network(
     if amp_level is not None and amp_level not in device_mod.AMP_LEVELS:
         raise ValueError(f"amp_level must be one of {device_mod.AMP_LEVELS} or None, got {amp_level!r}")
     target = device_mod.configure(device_target, mode)
+    amp_level = amp_level or device_mod.default_amp_level(target)
+    library = _cpu_library(target, amp_level, precision)
 
     net = VehicleNet(num_classes=num_classes, include_top=include_top, last_stride=last_stride)
     weights = weights_path(checkpoint, pretrained)
@@ -79,12 +88,9 @@ def create_network(
     else:
         LOG.info("pretrained=False and no checkpoint: the network keeps its random initialisation")
 
-    amp_level = amp_level or device_mod.default_amp_level(target)
-    if target == "CPU" and amp_level == "O0":
-        from .cpu_kernels import library_path
-
+    if library is not None:
         # Only before the first call compiles the graph; see cpu_kernels.py.
-        net.model.use_cpu_kernels(library_path())
+        net.model.use_cpu_kernels(library, precision)
     if amp_level != "O0":
         import mindspore as ms
 
@@ -93,6 +99,24 @@ def create_network(
     net.load_report = report
     net.set_train(False)
     return net
+
+
+def _cpu_library(target: str, amp_level: str, precision: str) -> Optional[str]:
+    """The oneDNN kernel library the network will run on (None: MindSpore's own operators),
+    after checking that ``precision`` can run here."""
+    from .cpu_kernels import PRECISIONS, Bf16Unsupported, check_bf16, library_path
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if target != "CPU" or amp_level != "O0":
+        if precision == "bf16":
+            raise Bf16Unsupported(f"precision='bf16' is for CPU inference (device {target}, amp_level {amp_level}); "
+                                  f"use amp_level to lower precision on {target}")
+        return None
+    library = library_path()
+    if precision == "bf16":
+        LOG.info("bf16 inference on the oneDNN kernels (%s)", check_bf16(library))
+    return library
 
 
 def weights_path(checkpoint=None, pretrained: Union[bool, str] = True) -> Optional[str]:

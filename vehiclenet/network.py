@@ -145,12 +145,15 @@ class ResNet50(nn.Cell):
         self.layer4 = self._make_layer(1024, 512, 3, last_stride)
         self.nhwc_ops = None
         self.train_ops = None
+        self.bf16 = False  # inference convolutions in bfloat16 (use_cpu_kernels(..., "bf16"))
 
-    def use_cpu_kernels(self, library: Optional[str]) -> None:
+    def use_cpu_kernels(self, library: Optional[str], precision: str = "fp32") -> None:
         """Run inference and training through the oneDNN kernels of ``library`` (see
-        cpu_kernels.py), or MindSpore's own operators with None. Takes effect in graph mode
+        cpu_kernels.py), or MindSpore's own operators with None. With ``precision="bf16"``
+        inference convolves in bf16 (training stays float32). Takes effect in graph mode
         only before the first call compiles the network."""
         blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, Bottleneck)]
+        self.bf16 = False
         if library is None:
             self.nhwc_ops = self.train_ops = None
             for block in blocks:
@@ -160,13 +163,14 @@ class ResNet50(nn.Cell):
 
         from .cpu_kernels import make_ops, make_train_ops
 
-        k, t = make_ops(library), make_train_ops(library)
+        k, t = make_ops(library, precision), make_train_ops(library)
+        self.bf16 = precision == "bf16"
         eps = ms.Tensor([BN_EPS], ms.float32)
-        self.nhwc_ops = (k["conv", 2, True], k["max_pool"])
+        self.nhwc_ops = (k["stem"], k["max_pool"])
         self.train_ops = (t["conv", 2, False], t["max_pool"], t["batch_norm_relu"], eps)
         for block in blocks:
             s = block.stride
-            block.nhwc_ops = (k["conv", 1, True], k["conv", s, True], k["conv", s, False], k["conv_add"])
+            block.nhwc_ops = (k["conv", 1, True], k["conv", s, True], k["down", s], k["conv_add"])
             block.train_ops = (t["conv", 1, True], t["conv", s, True], t["batch_norm"], t["batch_norm_relu"],
                                t["batch_norm_add_relu"], eps)
 

@@ -53,8 +53,8 @@ void same_padding(int64_t in, int64_t kernel, int64_t stride, int64_t out, int64
 }
 
 // Logical dims are always NCHW in oneDNN; the tag says how they sit in memory.
-memory::desc nhwc_desc(int64_t n, int64_t h, int64_t w, int64_t c) {
-  return memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+memory::desc nhwc_desc(int64_t n, int64_t h, int64_t w, int64_t c, dt type = dt::f32) {
+  return memory::desc({n, c, h, w}, type, tag::nhwc);
 }
 
 // Input and output (NHWC) and padding of a convolution or pooling window with "same" padding.
@@ -63,12 +63,14 @@ struct Window {
   memory::dims strides, pad_l, pad_r;
 };
 
-Window same_window(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
+Window same_window(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
+                   dt src_type = dt::f32, dt dst_type = dt::f32) {
   const int64_t oh = (h + stride - 1) / stride, ow = (w + stride - 1) / stride;
   int64_t top, bottom, left, right;
   same_padding(h, k, stride, oh, &top, &bottom);
   same_padding(w, k, stride, ow, &left, &right);
-  return {nhwc_desc(n, h, w, cin), nhwc_desc(n, oh, ow, cout), {stride, stride}, {top, left}, {bottom, right}};
+  return {nhwc_desc(n, h, w, cin, src_type), nhwc_desc(n, oh, ow, cout, dst_type), {stride, stride}, {top, left},
+          {bottom, right}};
 }
 
 // A convolution's window, plus its weights as MindSpore holds them (OIHW) and with the layout
@@ -77,12 +79,23 @@ struct ConvWindow : Window {
   memory::desc user_weights, any_weights;
 };
 
-ConvWindow conv_window(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
-  return {same_window(n, h, w, cin, cout, k, stride), memory::desc({cout, cin, k, k}, dt::f32, tag::oihw),
-          memory::desc({cout, cin, k, k}, dt::f32, tag::any)};
+// In bf16 the convolution computes on bf16 activations and weights (accumulating in f32);
+// its output may be bf16 or f32.
+ConvWindow conv_window(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
+                       dt src_type = dt::f32, dt dst_type = dt::f32) {
+  return {same_window(n, h, w, cin, cout, k, stride, src_type, dst_type),
+          memory::desc({cout, cin, k, k}, dt::f32, tag::oihw), memory::desc({cout, cin, k, k}, src_type, tag::any)};
 }
 
 bool is_f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0; }
+bool is_bf16(const char *dtype) { return std::strcmp(dtype, "bfloat16") == 0; }
+
+// An activation's type: float32 or bfloat16; false for anything else.
+bool activation_type(const char *dtype, dt *type) {
+  if (is_f32(dtype)) return *type = dt::f32, true;
+  if (is_bf16(dtype)) return *type = dt::bf16, true;
+  return false;
+}
 
 // A user scratchpad big enough for every primitive of one plan.
 struct Scratch {
@@ -99,9 +112,12 @@ struct Scratch {
 
 struct ConvPlan {
   dnnl::convolution_forward conv;
-  memory::desc src, user_weights, weights, scales, bias, dst, residual;
+  memory::desc src, user_src, user_weights, weights, scales, bias, dst, residual;
   dnnl::reorder weights_reorder;
   std::unique_ptr<memory> weights_buffer;
+  // A float32 input to a bf16 convolution is converted into this buffer first.
+  dnnl::reorder src_convert;
+  std::unique_ptr<memory> src_buffer;
   Scratch scratch;
   std::string implementation;
 };
@@ -132,18 +148,28 @@ Plan &keep_plan(const std::string &key, std::unique_ptr<Plan> plan) {
 
 // 53 convolutions of a ResNet-50 have 24 distinct shapes.
 ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride, bool relu,
-                    bool residual) {
-  std::string key = key_of({n, h, w, cin, cout, k, stride, relu, residual});
+                    bool residual, dt src_type = dt::f32, dt dst_type = dt::f32, dt residual_type = dt::f32,
+                    dt user_src_type = dt::undef) {
+  if (user_src_type == dt::undef) user_src_type = src_type;
+  std::string key = key_of({n, h, w, cin, cout, k, stride, relu, residual, static_cast<int64_t>(src_type),
+                            static_cast<int64_t>(dst_type), static_cast<int64_t>(residual_type),
+                            static_cast<int64_t>(user_src_type)});
   if (auto *found = cached_plan<ConvPlan>(key)) return *found;
 
   auto plan = std::make_unique<ConvPlan>();
-  const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride);
+  const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride, src_type, dst_type);
   plan->src = window.src;
   plan->dst = window.dst;
   plan->user_weights = window.user_weights;
   plan->bias = memory::desc({cout}, dt::f32, tag::x);
   plan->scales = plan->bias;
-  plan->residual = plan->dst;
+  plan->residual = nhwc_desc(window.dst.get_dims()[0], window.dst.get_dims()[2], window.dst.get_dims()[3], cout,
+                             residual_type);
+  plan->user_src = nhwc_desc(n, h, w, cin, user_src_type);
+  if (user_src_type != src_type) {
+    plan->src_buffer = std::make_unique<memory>(plan->src, cpu_engine());
+    plan->src_convert = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->user_src, cpu_engine(), plan->src));
+  }
 
   dnnl::post_ops post;
   if (residual) post.append_binary(dnnl::algorithm::binary_add, plan->residual);
@@ -175,14 +201,20 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
 // Stride and ReLU are part of the entry point's name: MindSpore's PyNative mode caches output
 // shapes per operator name, so two strides must not share one.
 int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t stride, bool relu,
-             bool residual) {
+             bool residual, bool bf16) {
   const int inputs = residual ? 5 : 4;
   if (nparam != inputs + 1) return fail("convolution: wrong number of inputs");
   const int out = inputs;
-  for (int i = 0; i < inputs; i++) {
-    if (!is_f32(dtypes[i])) return fail("convolution: tensors must be float32");
+  // x, the residual and the output are float32 or bfloat16; weights, scale and bias float32.
+  // The bf16 entry points compute in bf16 (a float32 x is converted first), the others in x's type.
+  dt user_src_type, dst_type, residual_type = dt::f32;
+  if (!activation_type(dtypes[0], &user_src_type) || !activation_type(dtypes[out], &dst_type) ||
+      (residual && !activation_type(dtypes[4], &residual_type)))
+    return fail("convolution: activations must be float32 or bfloat16");
+  const dt src_type = bf16 ? dt::bf16 : user_src_type;
+  for (int i = 1; i < 4; i++) {
+    if (!is_f32(dtypes[i])) return fail("convolution: weights, scale and bias must be float32");
   }
-  if (!is_f32(dtypes[out])) return fail("convolution: output must be float32");
   if (ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 1 || ndims[3] != 1 || ndims[out] != 4 || (residual && ndims[4] != 4))
     return fail("convolution: unexpected tensor ranks");
   const int64_t *x = shapes[0], *wt = shapes[1], *y = shapes[out];
@@ -202,16 +234,22 @@ int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char
   }
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    ConvPlan &plan = conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, relu, residual);
+    ConvPlan &plan = conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, relu, residual, src_type, dst_type,
+                               residual_type, user_src_type);
     auto &engine = cpu_engine();
     dnnl::stream stream(engine);
+    memory src(plan.user_src, engine, params[0]);
+    if (plan.src_buffer) {
+      plan.src_convert.execute(stream, src, *plan.src_buffer);
+      src = *plan.src_buffer;
+    }
     // Weights are reordered on every call rather than cached: a cache keyed on the
     // buffer could not see load_checkpoint() writing new values into the same memory.
     plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, memory(plan.user_weights, engine, params[1])},
                                           {DNNL_ARG_TO, *plan.weights_buffer},
                                           {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, memory(plan.scales, engine, params[2])}});
     std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
+        {DNNL_ARG_SRC, src},
         {DNNL_ARG_WEIGHTS, *plan.weights_buffer},
         {DNNL_ARG_BIAS, memory(plan.bias, engine, params[3])},
         {DNNL_ARG_DST, memory(plan.dst, engine, params[out])},
@@ -454,12 +492,12 @@ struct PoolPlan {
 };
 
 // Max-pool 3x3, stride 2, "same" padding over x (N, H, W, C) NHWC.
-PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training) {
+PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training, dt type = dt::f32) {
   const int64_t kernel = 3, stride = 2;
-  std::string key = key_of({n, h, w, c, training});
+  std::string key = key_of({n, h, w, c, training, static_cast<int64_t>(type)});
   if (auto *found = cached_plan<PoolPlan>(key)) return *found;
   auto plan = std::make_unique<PoolPlan>();
-  const Window window = same_window(n, h, w, c, c, kernel, stride);
+  const Window window = same_window(n, h, w, c, c, kernel, stride, type, type);
   plan->src = window.src;
   plan->dst = window.dst;
   const memory::dims kernels{kernel, kernel}, dilation{0, 0};
@@ -486,9 +524,12 @@ PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training) {
   return keep_plan(key, std::move(plan));
 }
 
-// float32 x (N, H, W, C) at `x_at` and y (N, ceil(H/2), ceil(W/2), C) at `y_at`.
-bool pool_shapes_ok(int *ndims, int64_t **shapes, const char **dtypes, int x_at, int y_at) {
-  if (!is_f32(dtypes[x_at]) || !is_f32(dtypes[y_at]) || ndims[x_at] != 4 || ndims[y_at] != 4) return false;
+// x (N, H, W, C) at `x_at` and y (N, ceil(H/2), ceil(W/2), C) at `y_at`, both float32 (or, for
+// inference, both bfloat16).
+bool pool_shapes_ok(int *ndims, int64_t **shapes, const char **dtypes, int x_at, int y_at, bool inference) {
+  const bool types = (is_f32(dtypes[x_at]) && is_f32(dtypes[y_at])) ||
+                     (inference && is_bf16(dtypes[x_at]) && is_bf16(dtypes[y_at]));
+  if (!types || ndims[x_at] != 4 || ndims[y_at] != 4) return false;
   const int64_t *x = shapes[x_at], *y = shapes[y_at];
   return y[0] == x[0] && y[3] == x[3] && y[1] == (x[1] + 1) / 2 && y[2] == (x[2] + 1) / 2;
 }
@@ -501,7 +542,7 @@ int run_pool(int nparam, void **params, int *ndims, int64_t **shapes, const char
   const int x_at = pass == PoolPass::backward ? 2 : 0, y_at = pass == PoolPass::backward ? 0 : 1;
   const int where_at = pass == PoolPass::backward ? 1 : 2;
   bool ok = nparam == (pass == PoolPass::inference ? 2 : pass == PoolPass::training ? 3 : 4) &&
-            pool_shapes_ok(ndims, shapes, dtypes, x_at, y_at);
+            pool_shapes_ok(ndims, shapes, dtypes, x_at, y_at, pass == PoolPass::inference);
   if (ok && pass != PoolPass::inference)
     ok = std::strcmp(dtypes[where_at], "uint8") == 0 && ndims[where_at] == 4 && same_shape(shapes[y_at], shapes[where_at], 4);
   if (ok && pass == PoolPass::backward) ok = is_f32(dtypes[3]) && ndims[3] == 4 && same_shape(shapes[2], shapes[3], 4);
@@ -509,7 +550,8 @@ int run_pool(int nparam, void **params, int *ndims, int64_t **shapes, const char
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
     const int64_t *x = shapes[x_at];
-    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], pass != PoolPass::inference);
+    PoolPlan &plan = pool_plan(x[0], x[1], x[2], x[3], pass != PoolPass::inference,
+                               is_bf16(dtypes[x_at]) ? dt::bf16 : dt::f32);
     auto &engine = cpu_engine();
     dnnl::stream stream(engine);
     if (pass == PoolPass::backward) {
@@ -611,15 +653,24 @@ int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, cons
 
 extern "C" {
 
-#define VN_CONV(name, stride, relu, residual)                                                                 \
+#define VN_CONV(name, stride, relu, residual, bf16)                                                           \
   int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
-    return run_conv(nparam, params, ndims, shapes, dtypes, stride, relu, residual);                               \
+    return run_conv(nparam, params, ndims, shapes, dtypes, stride, relu, residual, bf16);                         \
   }
-VN_CONV(VnConvS1, 1, false, false)
-VN_CONV(VnConvS1Relu, 1, true, false)
-VN_CONV(VnConvS2, 2, false, false)
-VN_CONV(VnConvS2Relu, 2, true, false)
-VN_CONV(VnConvAddS1Relu, 1, true, true)
+VN_CONV(VnConvS1, 1, false, false, false)
+VN_CONV(VnConvS1Relu, 1, true, false, false)
+VN_CONV(VnConvS2, 2, false, false, false)
+VN_CONV(VnConvS2Relu, 2, true, false, false)
+VN_CONV(VnConvAddS1Relu, 1, true, true, false)
+// bf16 convolutions (float32 accumulation). The input and output types are the tensors'; the
+// names differ by output type because MindSpore's PyNative mode caches an operator's output
+// type by name.
+VN_CONV(VnConvBf16S1Relu, 1, true, false, true)
+VN_CONV(VnConvBf16S2Relu, 2, true, false, true)
+VN_CONV(VnConvBf16S1ToF32, 1, false, false, true)
+VN_CONV(VnConvBf16S2ToF32, 2, false, false, true)
+VN_CONV(VnConvBf16S2ReluToF32, 2, true, false, true)
+VN_CONV(VnConvBf16AddS1ReluToF32, 1, true, true, true)
 
 #define VN_TRAIN_CONV(name, stride, pass)                                                                      \
   int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
@@ -657,17 +708,45 @@ int VnMaxPoolBackward3x3S2(int nparam, void **params, int *ndims, int64_t **shap
 
 // Which oneDNN implementation serves a convolution of this shape (e.g. "brgconv:avx512_core"),
 // for benchmarks and tests. Returns 0 and fills `out`, or 1 with the error in `out`.
+// With bf16 != 0, the bf16 convolution (bf16 in and out).
 int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
-                         char *out, int size) {
+                         int bf16, char *out, int size) {
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    ConvPlan &plan = conv_plan(n, h, w, cin, cout, k, stride, true, false);
+    const dt type = bf16 ? dt::bf16 : dt::f32;
+    ConvPlan &plan = conv_plan(n, h, w, cin, cout, k, stride, true, false, type, type, type, dt::f32);
     std::snprintf(out, size, "%s", plan.implementation.c_str());
   } catch (const std::exception &e) {
     std::snprintf(out, size, "%s", e.what());
     return 1;
   }
   return 0;
+}
+
+// The instruction set oneDNN uses here (its effective ISA: the CPU's, capped by
+// DNNL_MAX_CPU_ISA), e.g. "avx512_core_amx"; and 1 if it has native bf16 arithmetic (AVX512-BF16,
+// AVX512-FP16's superset, AMX, or AVX2-VNNI-2), else 0.
+int VnCpuIsa(char *out, int size) {
+  using isa = dnnl::cpu_isa;
+  const isa effective = dnnl::get_effective_cpu_isa();
+  const char *name = "unknown";
+  switch (effective) {
+    case isa::sse41: name = "sse41"; break;
+    case isa::avx: name = "avx"; break;
+    case isa::avx2: name = "avx2"; break;
+    case isa::avx2_vnni: name = "avx2_vnni"; break;
+    case isa::avx2_vnni_2: name = "avx2_vnni_2"; break;
+    case isa::avx512_core: name = "avx512_core"; break;
+    case isa::avx512_core_vnni: name = "avx512_core_vnni"; break;
+    case isa::avx512_core_bf16: name = "avx512_core_bf16"; break;
+    case isa::avx512_core_fp16: name = "avx512_core_fp16"; break;
+    case isa::avx512_core_amx: name = "avx512_core_amx"; break;
+    case isa::avx512_core_amx_fp16: name = "avx512_core_amx_fp16"; break;
+    default: break;
+  }
+  std::snprintf(out, size, "%s", name);
+  return effective == isa::avx512_core_bf16 || effective == isa::avx512_core_fp16 ||
+         effective == isa::avx512_core_amx || effective == isa::avx512_core_amx_fp16 || effective == isa::avx2_vnni_2;
 }
 
 #define VN_BATCH_NORM(name, backward, fused)                                                                   \
