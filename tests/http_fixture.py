@@ -2,7 +2,8 @@
 
 Each served path has a :class:`Route` saying how to misbehave: fail the first N
 requests with 503/429 (+ Retry-After), drop the connection at a byte offset, ignore
-Range, stall at a byte offset, redirect, or answer 404. Every request is logged so
+Range, stall at a byte offset, trickle one byte at a time (body, or headers too), send
+no Content-Length, redirect, or answer 404. Every request is logged so
 tests can assert what the client asked for (Range headers, number of full GETs).
 """
 import hashlib
@@ -33,6 +34,9 @@ class Route:
     redirect: Optional[str] = None  # Location for a 302
     delay_per_chunk: float = 0.0  # seconds between 64 KiB chunks (slow server, for concurrency tests)
     content_length: Optional[int] = None  # lie about the length
+    no_length: bool = False  # send no Content-Length: the body ends when the connection closes
+    trickle: float = 0.0  # seconds between single bytes of the body (a hostile, slow server)
+    trickle_head: bool = False  # with trickle: send the status line and headers a byte at a time too
 
 
 @dataclass
@@ -97,14 +101,28 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             status = 206
         record(status)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        length = route.content_length if route.content_length is not None else len(body) - start
-        self.send_header("Content-Length", str(length))
-        self.send_header("Accept-Ranges", "bytes")
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        if route.no_length:
+            headers["Connection"] = "close"
+            self.close_connection = True
+        else:
+            length = route.content_length if route.content_length is not None else len(body) - start
+            headers["Content-Length"] = str(length)
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.end_headers()
+            headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        if route.trickle_head:
+            head = f"HTTP/1.1 {status} {self.responses[status][0]}\r\n"
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+            if not self._trickle(head.encode("latin-1"), route.trickle):
+                return
+        else:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+        if route.trickle:
+            self._trickle(body[start:], route.trickle)
+            return
 
         pos = start
         step = 64 * 1024
@@ -133,6 +151,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:
             self.close_connection = True
+
+    def _trickle(self, data: bytes, interval: float) -> bool:
+        """Send ``data`` one byte every ``interval`` s; False once the client is gone or the server stops."""
+        self.close_connection = True
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                if self.server.stop.wait(interval):
+                    return False
+        except OSError:
+            return False
+        return True
 
     def _simple(self, status: int, body: bytes, headers: Optional[Dict[str, str]] = None) -> None:
         self.send_response(status)

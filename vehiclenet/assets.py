@@ -103,14 +103,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+# The cache folder's own sub-folder for lock files (download.py keeps its locks there).
+LOCK_DIR = ".locks"
+
+
 def file_name_problem(name: Any) -> Optional[str]:
-    """Why ``name`` is not a bare file name, or None if it is one."""
+    """Why ``name`` is not a bare file name the cache can hold, or None if it is one."""
     if not isinstance(name, str) or not name:
         return "must be a non-empty string"
-    if "/" in name or "\\" in name:
+    if "/" in name or "\\" in name or (os.altsep and os.altsep in name):
         return "must be a bare file name, not a path (no '/' or '\\')"
-    if name in (".", "..") or "\x00" in name:
+    if name in (".", ".."):
         return "must be a bare file name"
+    # A newline would split the lines of logs, `verify` output and `sha256sum -c` lists.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "must not contain control characters (newline, tab, NUL...)"
+    if name == LOCK_DIR:
+        return f"is the name of the cache's own lock folder ({LOCK_DIR})"
     if name.endswith((".part", ".lock", ".corrupt")):
         return "must not end in .part, .lock or .corrupt (the cache uses those suffixes)"
     return None
@@ -154,6 +163,12 @@ def load_manifest(path: Union[str, os.PathLike, None] = None) -> List[Asset]:
         raise ManifestError(
             f"manifest {where}{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
             f"fix the syntax"
+        ) from None
+    except RecursionError:
+        # json's decoder recurses once per level; a manifest is a list of flat objects.
+        raise ManifestError(
+            f"manifest {where}{source} is nested too deeply to be a manifest (arrays or objects inside each other "
+            f"thousands of levels deep); a manifest is {{\"assets\": [{{\"name\": ..., ...}}]}}"
         ) from None
     return parse_manifest(data, where)
 

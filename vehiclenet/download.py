@@ -10,6 +10,14 @@ Guarantees:
 * connect/read timeouts, capped exponential backoff on connection errors, timeouts and
   429/5xx (honouring Retry-After), then the next URL, then one error listing every URL
   and what failed;
+* a server that trickles is abandoned (next URL) in bounded time, the read timeout T of
+  ``VEHICLENET_TIMEOUT`` setting the pace: its status line and headers must be complete
+  within T, and at least 64 KiB (or all that is left) of the body must arrive in every
+  window of T seconds, so a body sent one byte at a time is given up within 2T;
+* never more bytes than the file has: a body longer than its Content-Length or, without
+  one, the manifest's ``size`` is stopped at the first chunk that would pass it (that chunk
+  is not written); the free-space check uses the manifest's ``size`` when the server sends
+  no length;
 * one download per asset across processes (file lock with a timeout, re-check after
   acquiring it);
 * a cached file is checked before use (size always, full sha256 once per process); a
@@ -32,16 +40,17 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import quote, urljoin
 
-from .assets import Asset, get_asset, redact_url, url_problem
+from .assets import LOCK_DIR, Asset, get_asset, redact_url, url_problem
 from .env import env_flag
 from .errors import DownloadChecksumError, DownloadError, OfflineError, UsageError
 from .fileio import NotRegularFileError, describe_entry, open_regular
@@ -56,7 +65,8 @@ ENV_RETRIES = "VEHICLENET_RETRIES"
 ENV_BACKOFF = "VEHICLENET_BACKOFF"
 ENV_LOCK_TIMEOUT = "VEHICLENET_LOCK_TIMEOUT"
 
-CHUNK = 1 << 20  # network read size: 1 MiB
+CHUNK = 1 << 20  # largest network read: 1 MiB
+MIN_PROGRESS = 64 << 10  # bytes that must arrive in every read-timeout window (see _RateWatch)
 HASH_BUFFER = 1 << 22  # file hashing buffer: 4 MiB (fewer syscalls than hashlib's 256 KiB)
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
@@ -72,7 +82,6 @@ USER_AGENT = "vehiclenet-downloader"
 
 PART_SUFFIX = ".part"
 CORRUPT_SUFFIX = ".corrupt"
-LOCK_DIR = ".locks"
 
 # (device, inode, size, mtime_ns) -> sha256 of files hashed by this process, so a cached
 # file costs one full hash per process, not one per use.
@@ -593,6 +602,14 @@ def _session(settings: DownloadSettings) -> Any:
         def parse_retry_after(self, retry_after: str) -> float:
             return min(super().parse_retry_after(retry_after), cap)
 
+    pools = _deadline_pools(settings.read_timeout)
+
+    class DeadlineAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            # Direct connections; through a proxy the proxy manager's own pools are used.
+            self.poolmanager.pool_classes_by_scheme = pools
+
     retry_kwargs: Dict[str, Any] = dict(
         total=None,
         connect=settings.retries,
@@ -612,12 +629,86 @@ def _session(settings: DownloadSettings) -> Any:
     if "backoff_max" in inspect.signature(Retry.__init__).parameters:
         retry_kwargs["backoff_max"] = settings.max_backoff
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=CappedRetry(**retry_kwargs), pool_connections=2, pool_maxsize=2)
+    adapter = DeadlineAdapter(max_retries=CappedRetry(**retry_kwargs), pool_connections=2, pool_maxsize=2)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     # Compressed transfer would make Content-Length and Range offsets refer to other bytes.
     session.headers.update({"Accept-Encoding": "identity", "User-Agent": USER_AGENT})
     return session
+
+
+class _SlowHeaders(Exception):
+    """The server did not finish its status line and headers within the deadline.
+
+    Not an OSError, so urllib3 does not retry it: a server that trickles is abandoned."""
+
+
+class _HeaderCutter:
+    """Shuts a connection's socket down if its response headers are not complete in time."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.done = False
+        self.fired = False
+
+    def cut(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.fired = True
+            sock = getattr(self.conn, "sock", None)
+            if sock is not None:
+                # The plain socket's shutdown (also under TLS): the blocked read sees end-of-file
+                # at once; SSLSocket.shutdown would change its state under the reading thread.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def finish(self) -> bool:
+        """Stop the timer's effect; True if the deadline had already passed."""
+        with self.lock:
+            self.done = True
+            return self.fired
+
+
+def _deadline_pools(seconds: float) -> Dict[str, Any]:
+    """urllib3 pool classes whose connections give a server ``seconds`` for its whole status
+    line and headers. The socket timeout bounds only the wait for each byte, so a server
+    sending one byte every few seconds would otherwise never be given up on."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Deadline:
+        def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+            cutter = _HeaderCutter(self)
+            timer = threading.Timer(seconds, cutter.cut)
+            timer.daemon = True
+            timer.start()
+            try:
+                resp = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+            except Exception:
+                if cutter.finish():
+                    raise _SlowHeaders(seconds) from None
+                raise
+            finally:
+                timer.cancel()
+            if cutter.finish():  # complete, but only as the socket was being cut
+                raise _SlowHeaders(seconds)
+            return resp
+
+    class Conn(Deadline, HTTPConnection):
+        pass
+
+    class SecureConn(Deadline, HTTPSConnection):
+        pass
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class SecurePool(HTTPSConnectionPool):
+        ConnectionCls = SecureConn
+
+    return {"http": Pool, "https": SecurePool}
 
 
 def _get(session: Any, url: str, settings: DownloadSettings, headers: Dict[str, str]) -> Any:
@@ -636,6 +727,9 @@ def _get(session: Any, url: str, settings: DownloadSettings, headers: Dict[str, 
             )
         except requests.exceptions.RequestException as exc:
             raise _UrlFailed(_describe(exc, settings)) from None
+        except _SlowHeaders:
+            raise _UrlFailed(f"too slow: the response headers took more than {settings.read_timeout:g} s "
+                             f"(the read timeout, {ENV_TIMEOUT}); abandoned") from None
         if resp.is_redirect:
             target = urljoin(current, resp.headers.get("Location", ""))
             resp.close()
@@ -758,140 +852,246 @@ def _progress_bar(asset: Asset, offset: int, progress: Optional[bool]) -> Any:
     )
 
 
-def _fetch_into(session: Any, url: str, asset: Asset, out: Any, part: Path, settings: DownloadSettings,
-                progress: Optional[bool]) -> None:
-    """Stream ``url`` into ``out`` (resuming what it holds) until its bytes have the manifest's sha256."""
-    import requests
+@dataclass
+class _Transfer:
+    """What ``<file>.part`` holds so far: the open file, its length and the sha256 of its bytes."""
 
-    shown = redact_url(url)
-    hasher = hashlib.sha256()
+    asset: Asset
+    out: Any
+    part: Path
+    bar: Any
+    hasher: Any = field(default_factory=hashlib.sha256)
+    offset: int = 0
+    from_disk: bool = False  # the bytes come from an earlier run and may be stale
+
+    def restart(self) -> None:
+        """Forget every byte received: empty the file and the hash."""
+        self.hasher = hashlib.sha256()
+        self.offset = 0
+        self.from_disk = False
+        self.out.seek(0)
+        self.out.truncate()
+        self.bar.reset(total=self.asset.size)
+
+    def append(self, chunk: bytes) -> None:
+        self.out.write(chunk)
+        self.hasher.update(chunk)
+        self.offset += len(chunk)
+        self.bar.update(len(chunk))
+
+
+def _resume(asset: Asset, out: Any, part: Path, progress: Optional[bool]) -> _Transfer:
+    """A transfer continuing from what ``out`` already holds (hashed once), or from byte 0."""
     offset = out.seek(0, os.SEEK_END)
-    resumed_from_disk = False
     if asset.size is not None and offset > asset.size:
         out.truncate(0)
         offset = 0
-    elif offset:
+    t = _Transfer(asset, out, part, _progress_bar(asset, offset, progress))
+    if offset:
         out.seek(0)
-        hasher = _hash_stream(out)
-        resumed_from_disk = True
+        t.hasher, t.offset, t.from_disk = _hash_stream(out), offset, True
         log.info("resuming %s at byte %d", part, offset)
-    bar = _progress_bar(asset, offset, progress)
+    return t
 
-    def restart() -> None:
-        nonlocal hasher, offset, resumed_from_disk
-        hasher = hashlib.sha256()
-        offset = 0
-        resumed_from_disk = False
-        out.seek(0)
-        out.truncate()
-        bar.reset(total=asset.size)
 
-    failed_attempts = 0
-    resumes = 0
+@dataclass
+class _Attempts:
+    """Retry accounting of one URL: failures without progress cost a retry and a backoff
+    pause; a drop after progress resumes at once (bounded, so no server can loop forever)."""
+
+    settings: DownloadSettings
+    shown: str  # the URL as logs show it (credentials masked)
+    failed: int = 0
+    resumes: int = 0
+
+    def after_error(self, exc: BaseException, progressed: bool, offset: int) -> None:
+        """Wait as the error deserves before the next request, or raise _UrlFailed."""
+        reason = _describe(exc, self.settings)
+        if progressed:
+            self.resumes += 1
+            self.failed = 0
+            if self.resumes > MAX_RESUMES:
+                raise _UrlFailed(f"{reason}; gave up after {self.resumes} resumes") from None
+            log.info("%s: %s at byte %d; resuming", self.shown, reason, offset)
+            return
+        self.failed += 1
+        if self.failed > self.settings.retries:
+            raise _UrlFailed(f"{reason}; gave up after {self.settings.retries} retries") from None
+        delay = self.settings.backoff_delay(self.failed)
+        log.info("%s: %s at byte %d; retrying in %.1f s", self.shown, reason, offset, delay)
+        time.sleep(delay)
+
+
+def _fetch_into(session: Any, url: str, asset: Asset, out: Any, part: Path, settings: DownloadSettings,
+                progress: Optional[bool]) -> None:
+    """Stream ``url`` into ``out`` (resuming what it holds) until its bytes have the manifest's sha256."""
+    t = _resume(asset, out, part, progress)
+    attempts = _Attempts(settings, redact_url(url))
+    try:
+        while not (_attempt(session, url, t, attempts) and _hash_matches(t)):
+            pass
+    finally:
+        t.bar.close()
+
+
+def _attempt(session: Any, url: str, t: _Transfer, attempts: _Attempts) -> bool:
+    """One GET: True when ``t`` then holds a whole body to verify, False to send another request."""
+    import requests
+
+    settings = attempts.settings
+    resp = _get(session, url, settings, {"Range": f"bytes={t.offset}-"} if t.offset else {})
+    with resp:
+        action, total = _decide(resp, t, attempts)
+        if action != "stream":
+            return action == "verify"
+        expected = total if total is not None else t.asset.size
+        if expected is not None:  # the manifest's size when the server sends no length
+            _check_free_space(t.part, expected - t.offset)
+        before = t.offset
+        try:
+            _stream(resp, t, total, settings)
+        except requests.exceptions.RequestException as exc:
+            attempts.after_error(exc, t.offset > before, t.offset)
+            return False
+        except OSError as exc:
+            # Not a network error (requests' exceptions are OSErrors too, caught above):
+            # the disk. Keep the partial file for a later resume.
+            raise DownloadError(
+                f"cannot write {t.part}: {exc}; free disk space or set {ENV_HOME} to another folder"
+            ) from None
+    return True
+
+
+def _decide(resp: Any, t: _Transfer, attempts: _Attempts) -> Tuple[str, Optional[int]]:
+    """What to do with a response, before reading its body.
+
+    ``("stream", total)``: append the body (total = the whole file's announced size, or None);
+    ``("verify", None)``: the partial file may already be whole; ``("again", None)``: the
+    partial file was emptied, ask again. Raises _UrlFailed when the URL cannot deliver.
+    """
+    status, asset = resp.status_code, t.asset
+    if status == 416 and t.offset:
+        if asset.size is None or t.offset == asset.size:
+            return "verify", None  # our partial may already be complete; the hash decides
+        log.info("server refused range for %s; starting over", attempts.shown)
+        t.restart()
+        return "again", None
+    if status not in (200, 206):
+        hint = f" (still failing after {attempts.settings.retries} retries)" if status in RETRY_STATUSES else ""
+        raise _UrlFailed(f"HTTP {status} {resp.reason or ''}".rstrip() + hint)
+    total = None
+    if status == 206:
+        if not t.offset:
+            raise _UrlFailed("server answered 206 Partial Content to a plain GET")
+        start, total = _content_range(resp.headers.get("Content-Range", ""))
+        if start != t.offset:
+            log.info("server resumed at byte %d instead of %d; starting over", start, t.offset)
+            t.restart()
+            return "again", None
+    elif t.offset:
+        log.info("%s ignores Range requests; downloading from the start", attempts.shown)
+        t.restart()
+    length = resp.headers.get("Content-Length")
+    if total is None and length is not None and length.isdigit():
+        total = t.offset + int(length)
+    if total is not None and asset.size is not None and total != asset.size:
+        raise _UrlFailed(f"server says the file has {total} bytes but the manifest says {asset.size}; "
+                         f"wrong file on the server or wrong size in {asset.manifest}")
+    if total is not None and t.bar.total is None:
+        t.bar.total = total
+        t.bar.refresh()
+    return "stream", total
+
+
+def _stream(resp: Any, t: _Transfer, total: Optional[int], settings: DownloadSettings) -> None:
+    """Append the body of ``resp`` to the partial file, hashing it as it arrives.
+
+    Never writes past ``total`` (or, without it, the manifest's size): the chunk that would
+    is refused, unwritten, with _UrlFailed. A body that trickles is abandoned too (_RateWatch).
+    Network errors propagate as requests' exceptions.
+    """
+    import requests
+
+    limit = total if total is not None else t.asset.size
+    watch = _RateWatch(settings.read_timeout, t.offset, limit)
+    t.out.seek(t.offset)
+    for chunk in _body_chunks(resp):
+        if limit is not None and t.offset + len(chunk) > limit:
+            what = f"the announced {total}" if total is not None else f"the manifest's {limit}"
+            raise _UrlFailed(f"server sent more than {what} bytes; stopped at byte {t.offset} without writing "
+                             f"the excess (wrong file on the server, or a hostile one)")
+        t.append(chunk)
+        watch.check(t.offset)
+    t.out.flush()
+    os.fsync(t.out.fileno())
+    if total is not None and t.offset < total:
+        raise requests.exceptions.ChunkedEncodingError(f"IncompleteRead: got {t.offset} of {total} bytes")
+
+
+class _RateWatch:
+    """Minimum transfer rate: at least MIN_PROGRESS bytes (or all that is left) must arrive in
+    every window of ``window`` seconds (the read timeout), else the URL is abandoned.
+
+    The socket timeout alone only bounds the wait for each byte: a server sending one byte
+    every few seconds would hold the download (and its lock) for ever. Checked as bytes
+    arrive, so a trickle is abandoned within two windows; silence hits the read timeout.
+    """
+
+    def __init__(self, window: float, offset: int, limit: Optional[int]) -> None:
+        self.window, self.limit = window, limit
+        self.start, self.offset = time.monotonic(), offset
+
+    def check(self, offset: int) -> None:
+        now = time.monotonic()
+        if now - self.start < self.window:
+            return
+        need = MIN_PROGRESS if self.limit is None else min(MIN_PROGRESS, self.limit - self.offset)
+        got = offset - self.offset
+        if got < need:
+            raise _UrlFailed(f"too slow: {got} bytes in {now - self.start:.1f} s, less than the {MIN_PROGRESS // 1024} "
+                             f"KiB required in every {self.window:g} s (the read timeout, {ENV_TIMEOUT}); abandoned")
+        self.start, self.offset = now, offset
+
+
+def _body_chunks(resp: Any) -> Iterator[bytes]:
+    """The body as it arrives: each read returns what the socket has (up to CHUNK), so the
+    caller regains control between the bytes of a slow server. urllib3's errors are raised
+    as requests' (as ``iter_content`` raises them)."""
+    import requests
+    from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
+
     try:
         while True:
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
-            resp = _get(session, url, settings, headers)
-            with resp:
-                status = resp.status_code
-                if status == 416 and offset:
-                    # Our partial may already be complete; the hash decides below.
-                    total = offset
-                    if asset.size is not None and offset != asset.size:
-                        log.info("server refused range for %s; starting over", shown)
-                        restart()
-                        continue
-                elif status in (200, 206):
-                    total = None
-                    if status == 206:
-                        if not offset:
-                            raise _UrlFailed("server answered 206 Partial Content to a plain GET")
-                        start, total = _content_range(resp.headers.get("Content-Range", ""))
-                        if start != offset:
-                            log.info("server resumed at byte %d instead of %d; starting over", start, offset)
-                            resp.close()
-                            restart()
-                            continue
-                    elif offset:
-                        log.info("%s ignores Range requests; downloading from the start", shown)
-                        restart()
-                    length = resp.headers.get("Content-Length")
-                    if total is None and length is not None and length.isdigit():
-                        total = offset + int(length)
-                    if total is not None and asset.size is not None and total != asset.size:
-                        raise _UrlFailed(
-                            f"server says the file has {total} bytes but the manifest says {asset.size}; "
-                            f"wrong file on the server or wrong size in {asset.manifest}"
-                        )
-                    if total is not None:
-                        _check_free_space(part, total - offset)
-                    if total is not None and bar.total is None:
-                        bar.total = total
-                        bar.refresh()
-                    before = offset
-                    try:
-                        out.seek(offset)
-                        for chunk in resp.iter_content(chunk_size=CHUNK):
-                            if not chunk:
-                                continue
-                            out.write(chunk)
-                            hasher.update(chunk)
-                            offset += len(chunk)
-                            bar.update(len(chunk))
-                            if total is not None and offset > total:
-                                raise _UrlFailed(f"server sent more than the announced {total} bytes")
-                        out.flush()
-                        os.fsync(out.fileno())
-                        if total is not None and offset < total:
-                            raise requests.exceptions.ChunkedEncodingError(
-                                f"IncompleteRead: got {offset} of {total} bytes"
-                            )
-                    except requests.exceptions.RequestException as exc:
-                        reason = _describe(exc, settings)
-                        if offset > before:
-                            # Progress was made, so the link works: resume at once without
-                            # spending a retry (bounded so a trickling server cannot loop forever).
-                            resumes += 1
-                            failed_attempts = 0
-                            if resumes > MAX_RESUMES:
-                                raise _UrlFailed(f"{reason}; gave up after {resumes} resumes") from None
-                            log.info("%s: %s at byte %d; resuming", shown, reason, offset)
-                            continue
-                        failed_attempts += 1
-                        if failed_attempts > settings.retries:
-                            raise _UrlFailed(f"{reason}; gave up after {settings.retries} retries") from None
-                        delay = settings.backoff_delay(failed_attempts)
-                        log.info("%s: %s at byte %d; retrying in %.1f s", shown, reason, offset, delay)
-                        time.sleep(delay)
-                        continue
-                    except OSError as exc:
-                        # Not a network error (requests' exceptions are OSErrors too, caught above):
-                        # the disk. Keep the partial file for a later resume.
-                        raise DownloadError(
-                            f"cannot write {part}: {exc}; free disk space or set {ENV_HOME} to another folder"
-                        ) from None
-                else:
-                    hint = ""
-                    if status in RETRY_STATUSES:
-                        hint = f" (still failing after {settings.retries} retries)"
-                    raise _UrlFailed(f"HTTP {status} {resp.reason or ''}".rstrip() + hint)
+            chunk = resp.raw.read1(CHUNK, decode_content=True)
+            if not chunk:
+                return
+            yield chunk
+    except ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from None
+    except DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from None
+    except ReadTimeoutError as exc:
+        raise requests.exceptions.ConnectionError(exc) from None
+    except SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from None
 
-            got = hasher.hexdigest()
-            if got != asset.sha256:
-                if resumed_from_disk:
-                    # The partial file may be stale (another server, an old version): retry
-                    # once from scratch before blaming this URL.
-                    log.info("resumed download of %s did not verify; downloading it again from the start", asset.file)
-                    restart()
-                    continue
-                out.truncate(0)
-                _unlink_if_same(out, part)
-                raise _Mismatch(
-                    f"sha256 mismatch: expected {asset.sha256}, got {got} ({offset} bytes); the bytes were deleted"
-                )
-            return
-    finally:
-        bar.close()
+
+def _hash_matches(t: _Transfer) -> bool:
+    """True when the partial file has the manifest's sha256. A stale partial from an earlier
+    run is emptied (False: fetch again); wrong bytes from this URL are deleted (_Mismatch)."""
+    got = t.hasher.hexdigest()
+    if got == t.asset.sha256:
+        return True
+    if t.from_disk:
+        # The partial file may be stale (another server, an old version): retry once from
+        # scratch before blaming this URL.
+        log.info("resumed download of %s did not verify; downloading it again from the start", t.asset.file)
+        t.restart()
+        return False
+    size = t.offset
+    t.out.truncate(0)
+    _unlink_if_same(t.out, t.part)
+    raise _Mismatch(f"sha256 mismatch: expected {t.asset.sha256}, got {got} ({size} bytes); the bytes were deleted")
 
 
 def _unlink_if_same(out: Any, part: Path) -> None:
