@@ -8,9 +8,10 @@ state (``accum.*``, ``stat.*``), ``learning_rate_group_*``, ``momentum`` and
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import CheckpointError
 
@@ -63,6 +64,29 @@ _DAMAGED_ADVICE = ("A published file: fetch it again with `vehiclenet download -
                    "checks it). A file of your own: write it again (save, fine-tune or export).")
 
 
+def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is (a link to) an existing regular file.
+
+    Cheap (one ``stat``, no MindSpore): callers run it before building a network. A FIFO or
+    device would block or never end when read, so it is refused by what it is.
+    """
+    from .fileio import describe_mode
+
+    name = os.fspath(path)
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {name!r} does not exist; check the path, or use "
+                              "pretrained=True / `vehiclenet download` for the published weights") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {name!r}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"checkpoint {name!r} is a folder; give the .ckpt file itself")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {name!r} is {describe_mode(mode)}, not a regular file; give the path "
+                              "of a .ckpt file (vehiclenet does not read weights from pipes or devices)")
+
+
 def read_checkpoint(path: Union[str, os.PathLike], *, keep_training_state: bool = False) -> Dict:
     """Read a MindSpore ``.ckpt`` file into ``{name: Parameter}``.
 
@@ -72,12 +96,8 @@ def read_checkpoint(path: Union[str, os.PathLike], *, keep_training_state: bool 
     """
     import mindspore as ms
 
+    check_checkpoint_file(path)
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file itself")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist; check the path, or use "
-                              "pretrained=True / `vehiclenet download` for the published weights")
     skipped: List[str] = []
 
     def choose(name: str) -> bool:
@@ -103,23 +123,33 @@ def read_checkpoint(path: Union[str, os.PathLike], *, keep_training_state: bool 
 
 
 def load_weights(net, path: Union[str, os.PathLike]) -> LoadReport:
-    """Fill every parameter of ``net`` from the checkpoint at ``path``.
+    """Fill every parameter of ``net`` from the checkpoint at ``path``, all or nothing.
 
-    Every network parameter must come from the file, with the same shape, except the
-    head's last Dense when the file has another number of classes: that layer keeps
-    its fresh initialisation and the report says so. Raises :class:`CheckpointError`
-    naming the entries and the file otherwise.
+    Every network parameter must come from the file with the same shape and dtype and
+    finite values, except the head's last Dense when the file has another number of
+    classes: that layer keeps its fresh initialisation and the report says so. All of
+    this is checked before the first parameter is assigned, so a refused file leaves
+    ``net`` exactly as it was. Raises :class:`CheckpointError` naming the file and entries.
     """
-    import mindspore as ms
-
     params = read_checkpoint(path)
     report = LoadReport(path=str(path), training_state=params.pop("__training_state__"))
     net_params = {p.name: p for p in net.get_parameters()}
     if "classifier.classifier.weight" in params:
         report.file_num_classes = int(params["classifier.classifier.weight"].shape[0])
+    report.unused = sorted(set(params) - set(net_params))
+    to_load = _checked_entries(net_params, params, report)
+    _assign(net, to_load, report)
+    if report.reinitialized:
+        LOG.warning("the checkpoint's head has %s classes, the network %s: %s freshly initialised",
+                    report.file_num_classes, tuple(net_params[HEAD_LAST_LAYER[0]].shape)[0],
+                    " and ".join(report.reinitialized))
+    LOG.info(report.summary())
+    return report
 
-    missing, mismatched = [], []
-    to_load = {}
+
+def _checked_entries(net_params: Dict, params: Dict, report: LoadReport) -> Dict:
+    """The file's entries for ``net_params``, after every check; CheckpointError listing all problems."""
+    missing, shapes, dtypes, to_load = [], [], [], {}
     for name, param in net_params.items():
         if name not in params:
             missing.append(name)
@@ -128,31 +158,61 @@ def load_weights(net, path: Union[str, os.PathLike]) -> LoadReport:
         if file_shape != tuple(param.shape):
             if name in HEAD_LAST_LAYER:
                 report.reinitialized.append(name)
-                continue
-            mismatched.append(f"{name}: file {file_shape} vs network {tuple(param.shape)}")
+            else:
+                shapes.append(f"{name}: file {file_shape} vs network {tuple(param.shape)}")
+            continue
+        if params[name].dtype != param.dtype:
+            dtypes.append(f"{name}: file {params[name].dtype} vs network {param.dtype}")
             continue
         to_load[name] = params[name]
-    report.unused = sorted(set(params) - set(net_params))
-
-    if missing or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} network parameters missing from the file ({_preview(missing)})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches ({_preview(mismatched, 4)})")
+    problems: List[Tuple[str, str]] = []
+    if missing:
+        problems.append((f"{len(missing)} network parameters missing from the file ({_preview(missing)})", ""))
+    if shapes:
+        problems.append((f"{len(shapes)} shape mismatches ({_preview(shapes, 4)})", ""))
+    if problems:
+        problems[-1] = (problems[-1][0], "Is it a VehicleNet checkpoint? Check last_stride, include_top and "
+                        f"num_classes (file has {report.file_num_classes} classes)")
+    if dtypes:
+        problems.append((f"{len(dtypes)} entries of another dtype ({_preview(dtypes, 4)})",
+                         "Convert them to the network's dtype (e.g. float32) and save the file again"))
+    bad_values = _non_finite(to_load)
+    if bad_values:
+        problems.append((f"{len(bad_values)} entries with NaN or infinite values ({_preview(bad_values, 4)})",
+                         "The training that wrote it diverged or the file is damaged: use an earlier checkpoint. "
+                         + _DAMAGED_ADVICE))
+    if problems:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not fit this VehicleNet network: " + "; ".join(problems)
-            + ". Is it a VehicleNet checkpoint? Check last_stride, include_top and num_classes "
-            f"(file has {report.file_num_classes} classes).")
+            f"checkpoint {report.path!r} does not fit this VehicleNet network: "
+            + "; ".join(text for text, _ in problems) + ". Nothing was loaded: the network is as it was. "
+            + " ".join(advice + "." for _, advice in problems if advice))
+    return to_load
 
-    not_loaded, _ = ms.load_param_into_net(net, to_load, strict_load=True)
+
+def _non_finite(entries: Dict) -> List[str]:
+    """``"name: K of N values"`` for each floating-point entry holding NaN or inf."""
+    import numpy as np
+
+    found = []
+    for name, value in entries.items():
+        arr = value.asnumpy()
+        # A float64 sum of float32 values cannot overflow, and NaN/inf make it non-finite:
+        # one pass without a boolean temporary per tensor.
+        if arr.dtype.kind != "f" or np.isfinite(arr.sum(dtype=np.float64)):
+            continue
+        found.append(f"{name}: {int(arr.size - np.count_nonzero(np.isfinite(arr)))} of {arr.size} values")
+    return found
+
+
+def _assign(net, to_load: Dict, report: LoadReport) -> None:
+    """Copy the checked entries into ``net`` (names, shapes and dtypes already match)."""
+    import mindspore as ms
+
+    try:
+        not_loaded, _ = ms.load_param_into_net(net, to_load, strict_load=True)
+    except (RuntimeError, TypeError, ValueError) as exc:  # defensive: MindSpore refused what we checked
+        raise CheckpointError(f"MindSpore could not load {report.path!r}: {exc}") from None
     not_loaded = [n for n in not_loaded if n not in report.reinitialized]
-    if not_loaded:  # defensive: MindSpore refused entries we checked
-        raise CheckpointError(f"MindSpore did not load {_preview(not_loaded)} from {str(path)!r}")
+    if not_loaded:
+        raise CheckpointError(f"MindSpore did not load {_preview(not_loaded)} from {report.path!r}")
     report.loaded = sorted(to_load)
-    if report.reinitialized:
-        LOG.warning("the checkpoint's head has %s classes, the network %s: %s freshly initialised",
-                    report.file_num_classes, tuple(net_params[HEAD_LAST_LAYER[0]].shape)[0],
-                    " and ".join(report.reinitialized))
-    LOG.info(report.summary())
-    return report
