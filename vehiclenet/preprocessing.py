@@ -18,26 +18,38 @@ Why these choices (facts checked on MindSpore 2.8.0):
   scaled to 8 bits (``convert`` would clip them to 255 instead).
 - ``vision.Normalize`` + ``HWC2CHW`` are used for the last step; they give the same float32
   values as ``(x.astype(float32) - mean) / std`` and run about 4x faster than numpy.
+
+Memory is bounded: a JPEG at least 4x the network input on both sides is decoded at 1/2, 1/4
+or 1/8 scale by libjpeg (Pillow's ``draft``), never below twice the input size, so a 13000 px
+photo costs a few MB instead of 700. Other formats cannot be decoded at reduced scale: an
+image of more than ``VEHICLENET_MAX_PIXELS`` pixels (default 40 million, e.g. 8000x5000;
+decoding takes about 7 bytes per pixel) is refused with a DataError naming the file, from its
+header, before any pixel is decoded.
 """
 import io
 import os
 import threading
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .env import env_int
 from .errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "INPUT_SIZE", "MEAN", "STD", "ImageSource", "eval_transforms", "is_image_path",
-           "load_image", "preprocess", "preprocess_image", "to_rgb_uint8"]
+           "load_image", "max_pixels", "preprocess", "preprocess_image", "to_rgb_uint8"]
 
 INPUT_SIZE: Tuple[int, int] = (384, 384)  # (height, width) the published weights were evaluated at
 MEAN: Tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD: Tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+ENV_MAX_PIXELS = "VEHICLENET_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 40_000_000
+DRAFT_MARGIN = 2  # a drafted JPEG keeps at least this many times the network input on each side
 
 _OPS = threading.local()
 
@@ -105,11 +117,21 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     raise DataError(f"image arrays must be HxW or HxWxC with C in 1, 3, 4 (RGB order); got shape {arr.shape}")
 
 
-def load_image(src: ImageSource) -> np.ndarray:
+def max_pixels() -> int:
+    """The largest image (width x height, after JPEG draft) :func:`load_image` decodes:
+    ``$VEHICLENET_MAX_PIXELS``, else 40 million."""
+    return env_int(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS, minimum=1)
+
+
+def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -> np.ndarray:
     """Decode ``src`` (file path, encoded bytes, PIL image or HWC/HW uint8 array) to RGB uint8 HWC.
 
+    ``size`` is the (height, width) the image will be resized to: a JPEG at least
+    4x larger on both sides is decoded at reduced scale, keeping at least twice ``size``
+    (None: always full size). Files and bytes larger than :func:`max_pixels` are refused.
+
     Raises:
-        DataError: missing, unreadable, corrupt or non-image input; the message names the file.
+        DataError: missing, unreadable, corrupt, too large or non-image input; the message names the file.
     """
     if isinstance(src, np.ndarray):
         return _array_to_rgb(src)
@@ -118,18 +140,11 @@ def load_image(src: ImageSource) -> np.ndarray:
             return to_rgb_uint8(src)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot convert PIL image ({src.mode}, {src.size}) to RGB: {exc}") from None
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        name, opener = "<bytes>", lambda: io.BytesIO(bytes(src))
-    elif isinstance(src, (str, os.PathLike)):
-        name = os.fspath(src)
-        opener = lambda: name  # noqa: E731
-        if os.path.isdir(name):
-            raise DataError(f"{name}: is a folder, not an image file")
-    else:
-        raise DataError(f"cannot read an image from {type(src).__name__}; give a path, bytes, PIL image "
-                        "or uint8 array")
+    name, opener = _opener(src)
+    limit = max_pixels()  # read before decoding: a bad value is a UsageError, whatever the image
     try:
         with Image.open(opener()) as img:
+            _draft_and_check(img, name, size, limit)
             img.load()  # decode now so truncated files fail here, inside the try
             return to_rgb_uint8(img)
     except FileNotFoundError:
@@ -138,14 +153,44 @@ def load_image(src: ImageSource) -> np.ndarray:
         raise DataError(f"{name}: permission denied") from None
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image file (Pillow cannot identify it)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{name}: too large to decode ({exc}); shrink the image first") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{name}: corrupt or unreadable image ({exc})") from None
+
+
+def _opener(src: ImageSource) -> Tuple[str, Callable[[], Any]]:
+    """(name for messages, what to give Image.open) for a path or encoded bytes."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return "<bytes>", lambda: io.BytesIO(bytes(src))
+    if isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+        if os.path.isdir(name):
+            raise DataError(f"{name}: is a folder, not an image file")
+        return name, lambda: name
+    raise DataError(f"cannot read an image from {type(src).__name__}; give a path, bytes, PIL image "
+                    "or uint8 array")
+
+
+def _draft_and_check(img: Image.Image, name: str, size: Optional[Tuple[int, int]], limit: int) -> None:
+    """Ask libjpeg for a reduced-scale decode when the image is far larger than ``size``, then
+    refuse images above ``limit`` pixels. Only the header has been read so far: no pixel yet."""
+    if size is not None and img.format == "JPEG":
+        # draft() takes (width, height) and picks the largest 1/2^k scale that stays >= it.
+        img.draft(img.mode, (DRAFT_MARGIN * size[1], DRAFT_MARGIN * size[0]))
+    width, height = img.size
+    if width * height > limit:
+        raise DataError(
+            f"{name}: {width}x{height} is {width * height / 1e6:.1f} million pixels, more than the "
+            f"{limit / 1e6:g} million vehiclenet decodes (a decode takes about 7 bytes per pixel; JPEGs are "
+            f"decoded at reduced scale, other formats cannot be); shrink the image first (the network sees "
+            f"{INPUT_SIZE[1]}x{INPUT_SIZE[0]}), or raise {ENV_MAX_PIXELS} if the memory allows")
 
 
 def preprocess(img: np.ndarray, size: Tuple[int, int] = INPUT_SIZE) -> np.ndarray:
     """RGB uint8 HWC array -> normalised (3, H, W) float32 at ``size`` = (height, width)."""
     if not (isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
-        img = _array_to_rgb(np.asarray(img)) if isinstance(img, np.ndarray) else load_image(img)
+        img = _array_to_rgb(np.asarray(img)) if isinstance(img, np.ndarray) else load_image(img, size)
     if min(img.shape[:2]) < 1:
         raise DataError(f"empty image (shape {img.shape})")
     resize, normalize, hwc2chw = _ops(tuple(int(s) for s in size))
@@ -153,8 +198,8 @@ def preprocess(img: np.ndarray, size: Tuple[int, int] = INPUT_SIZE) -> np.ndarra
 
 
 def preprocess_image(src: ImageSource, size: Tuple[int, int] = INPUT_SIZE) -> np.ndarray:
-    """``preprocess(load_image(src))``: any image source to the network's (3, H, W) float32 input."""
-    return preprocess(load_image(src), size)
+    """``preprocess(load_image(src, size), size)``: any image source to the network's (3, H, W) float32 input."""
+    return preprocess(load_image(src, size), size)
 
 
 def is_image_path(path: Union[str, Path]) -> bool:
