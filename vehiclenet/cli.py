@@ -8,6 +8,7 @@ manifest errors.
 import argparse
 import logging
 import sys
+import warnings
 from typing import List, Optional
 
 from . import __version__
@@ -405,9 +406,38 @@ def _network_files(args: argparse.Namespace) -> List[str]:
     return weights_files(args.checkpoint, not args.no_pretrained)
 
 
+def _check_inputs(inputs: List[str], skip_bad: bool) -> None:
+    """Missing inputs and folders without images, reported before the network is built (and
+    MindSpore imported); with --skip-bad, embed skips them instead."""
+    from .features import list_images
+
+    if not skip_bad:
+        list_images(inputs)
+
+
+def _warn_nan_distances(query, gallery, paths: List[str]) -> None:
+    """Warn when features that are not finite make distances NaN (they rank last, meaningless)."""
+    import numpy as np
+
+    log = logging.getLogger("vehiclenet")
+    if not np.isfinite(query).all():
+        log.warning("the query's features are NaN or infinite: every distance is nan and the order means nothing; "
+                    "check the weights (--checkpoint)")
+        return
+    bad = np.flatnonzero(~np.isfinite(gallery).all(axis=1))
+    if bad.size:
+        shown = ", ".join(paths[i] for i in bad[:5]) + (", ..." if bad.size > 5 else "")
+        log.warning("%d of %d gallery images have NaN or infinite features (%s): their distances are nan and they "
+                    "rank last; embed them again", bad.size, len(paths), shown)
+
+
 def _embedding_network(args: argparse.Namespace):
     import os
 
+    from .checkpoint import check_checkpoint_file
+
+    if args.checkpoint:  # a FIFO or device is refused here, before the network is built
+        check_checkpoint_file(args.checkpoint)
     # MindSpore logs a warning per missing device plugin; our own log says which device is used.
     # GLOG_v is read when mindspore is first imported, so set it before importing the model.
     os.environ.setdefault("GLOG_v", "3")
@@ -427,6 +457,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     _check_network_args(args)
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
     check_output_file(args.out, "--out", [*args.inputs, *_network_files(args)], accept=is_image_path)
+    _check_inputs(args.inputs, args.skip_bad)
     net = _embedding_network(args)
     res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
     out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
@@ -473,6 +504,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
                         args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
     elif os.path.isdir(args.gallery):
         gallery = None
+        _check_inputs([args.gallery], args.skip_bad)
     else:
         raise DataError(f"{args.gallery}: neither a folder nor an .npz features file")
 
@@ -497,6 +529,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         raise DataError(f"{args.gallery}: no gallery image besides the query")
     feats = gallery.features[keep]
     paths = [gallery.paths[i] for i in keep]
+    _warn_nan_distances(query.features[0], feats, paths)
     order, distances = nearest(query.features[0], feats, args.top_k)
     dists = [float(d) for d in distances]
     ranked = [paths[i] for i in order]
@@ -637,6 +670,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Images get vehiclenet's own, configurable pixel limit (VEHICLENET_MAX_PIXELS); Pillow's
+    # warning above 89 million pixels would only repeat it, worded as an attack.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     try:
         return int(args.func(args) or 0)
     except VehicleNetError as exc:

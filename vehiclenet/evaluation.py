@@ -419,8 +419,7 @@ def load_features_npz(path: str) -> FeatureSet:
         if feats.ndim != 2 or feats.shape[0] == 0 or feats.dtype.kind not in "fiu":
             raise DataError(f"{path}: {key} must be a non-empty 2-D numeric array, got shape "
                             f"{feats.shape} dtype {feats.dtype}")
-        if not np.all(np.isfinite(feats)):
-            raise DataError(f"{path}: {key} contains NaN or inf")
+        _check_feature_rows(path, key, feats)
         arrays[key] = feats.astype(np.float32, copy=False)
         for lab in ("ids", "cams"):
             lkey = f"{side}_{lab}"
@@ -436,6 +435,24 @@ def load_features_npz(path: str) -> FeatureSet:
         raise DataError(f"{path}: query_features and gallery_features have different widths "
                         f"({arrays['query_features'].shape[1]} vs {arrays['gallery_features'].shape[1]})")
     return FeatureSet(**{k: arrays[k] for k in FEATURE_KEYS})
+
+
+def _check_feature_rows(path: str, key: str, feats: np.ndarray) -> None:
+    """DataError unless every row of ``feats`` is a usable feature: some width, finite, not all zero.
+
+    A zero row has no direction, so its cosine distance to anything is undefined; it comes
+    from a failed embedding or a hand-made file, never from the network.
+    """
+    if feats.shape[1] == 0:
+        raise DataError(f"{path}: {key} has shape {feats.shape}: 0-wide features hold nothing to compare; "
+                        "write the file again with `vehiclenet evaluate --data ... --save-features FILE`")
+    if not np.all(np.isfinite(feats)):
+        raise DataError(f"{path}: {key} contains NaN or inf")
+    zero = np.flatnonzero(~feats.any(axis=1))
+    if zero.size:
+        rows = ", ".join(map(str, zero[:10])) + (", ..." if zero.size > 10 else "")
+        raise DataError(f"{path}: {key} has {zero.size} all-zero row(s) (rows {rows}), which have no direction "
+                        "and so no cosine distance; embed those images again or leave them out of the file")
 
 
 def save_features_npz(path: str, features: FeatureSet) -> None:
