@@ -88,10 +88,13 @@ def test_query_label_minus_one_has_no_match():
     assert res.num_valid_query == 0 and res.mAP == 0.0 and res.rank(1) == 0.0
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0])
+@pytest.mark.parametrize("native,fraction", [(True, 0.1), (False, 0.0), (False, 1.0)],
+                         ids=["compiled", "numpy-whole-rows", "numpy-candidates"])
 @pytest.mark.parametrize("ap", ["trapezoid", "standard"])
-def test_matches_per_query_loop_on_random_data(monkeypatch, fraction, ap):
-    # fraction 0 forces the whole-row sort path, 1 the candidate-only path.
+def test_matches_per_query_loop_on_random_data(monkeypatch, native, fraction, ap):
+    # The compiled kernel, and numpy's two paths: fraction 0 forces the whole-row sort, 1 the
+    # candidate-only one.
+    assert evaluation._native_hit_positions() is not None, "the compiled kernel did not build here"
     monkeypatch.setattr(evaluation, "_SPARSE_FRACTION", fraction)
     rng = np.random.default_rng(7)
     for trial in range(25):
@@ -100,7 +103,7 @@ def test_matches_per_query_loop_on_random_data(monkeypatch, fraction, ap):
         qc, gc = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
         # Odd trials: small integers, so there are many ties.
         dist = rng.integers(0, 4, (nq, ng)).astype(np.float32) if trial % 2 else rng.random((nq, ng))
-        res = evaluate(dist, qi, gi, qc, gc, ap=ap, block_rows=5)
+        res = evaluate(dist, qi, gi, qc, gc, ap=ap, block_rows=5, native=native)
         m, cmc, inp, valid = naive(dist, qi, gi, qc, gc, ap)
         assert res.mAP == pytest.approx(m, abs=1e-12)
         np.testing.assert_allclose(res.cmc[:10], cmc, atol=1e-12)
@@ -177,3 +180,18 @@ def test_read_veri_errors(tmp_path):
         read_veri_split(str(tmp_path), "query")
     with pytest.raises(DataError, match="not a directory"):
         read_veri(str(tmp_path / "nope"))
+
+
+def test_compiled_and_numpy_rankings_are_identical_at_scale():
+    # 300 x 4000 with exact ties (distances rounded to 1/64) and junk; float32 and float64.
+    rng = np.random.default_rng(21)
+    qi, gi = rng.integers(0, 40, 300), rng.integers(-1, 40, 4000)
+    qc, gc = rng.integers(0, 5, 300), rng.integers(0, 5, 4000)
+    dist = np.round(rng.random((300, 4000)) * 64) / 64
+    dist[qi[:, None] == gi[None, :]] -= 0.3  # hits spread through the ranking, not all first
+    for x in (dist.astype(np.float32), dist):
+        a = evaluate(x, qi, gi, qc, gc)
+        b = evaluate(x, qi, gi, qc, gc, native=False)
+        np.testing.assert_array_equal(a.per_query_ap, b.per_query_ap)
+        np.testing.assert_array_equal(a.cmc, b.cmc)
+        assert a.mINP == b.mINP and 0.05 < a.mAP < 0.95

@@ -138,18 +138,20 @@ def test_compiled_and_numpy_jaccard_are_bit_identical():
 def test_without_a_c_compiler_the_numpy_path_gives_the_same_result(monkeypatch, caplog):
     import logging
 
-    from vehiclenet import rerank
+    from vehiclenet import native, rerank
 
     rng = np.random.default_rng(12)
     qf, _ = clustered(rng, 30)
     gf, _ = clustered(rng, 90)
     with_c = re_rank(qf, gf, 20, 6)
     monkeypatch.setenv("CC", "no-such-cc")
+    native.retrieval_kernels.cache_clear()
     rerank._native_jaccard.cache_clear()
     try:
-        with caplog.at_level(logging.INFO, logger="vehiclenet.rerank"):
+        with caplog.at_level(logging.INFO, logger="vehiclenet.native"):
             assert rerank._native_jaccard() is None
             np.testing.assert_array_equal(re_rank(qf, gf, 20, 6), with_c)
         assert "no C compiler 'no-such-cc'" in caplog.text
     finally:
+        native.retrieval_kernels.cache_clear()
         rerank._native_jaccard.cache_clear()

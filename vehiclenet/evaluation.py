@@ -26,11 +26,13 @@ exactly 1) is placed by counting the tied items with a lower index.
 about 1 s in the worst case of random distances, where whole rows get sorted
 (see benchmarks/eval_speed.py).
 """
+import ctypes
+import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -250,6 +252,44 @@ def _dense_positions(
     return pos
 
 
+@functools.lru_cache(maxsize=None)
+def _native_hit_positions() -> Optional[Dict[str, Callable]]:
+    """``VnHitPositionsF32/F64`` from csrc/retrieval_kernels.c, or None where it cannot be built."""
+    from .native import retrieval_kernels
+
+    library = retrieval_kernels()
+    if library is None:
+        return None
+    funcs = {}
+    for dtype, name in (("float32", "VnHitPositionsF32"), ("float64", "VnHitPositionsF64")):
+        func = getattr(library, name)
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        func.argtypes = [p, p, p, i64, i64, p]
+        func.restype = ctypes.c_int
+        funcs[dtype] = func
+    return funcs
+
+
+def hit_positions(
+    x: np.ndarray, good: np.ndarray, nonjunk: np.ndarray, *, native: bool = True
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows and 0-based positions, among non-junk items, of the good items of a block of
+    distances, ordered by (distance, gallery index); compiled where possible (the sort of
+    every row that numpy needs is most of evaluation's time)."""
+    funcs = _native_hit_positions() if native else None
+    if funcs is None:
+        return _hit_positions(x, good, nonjunk)
+    dtype = "float32" if x.dtype == np.float32 else "float64"  # float64 holds any other float exactly
+    xc = np.ascontiguousarray(x, dtype=dtype)
+    g8 = np.ascontiguousarray(good, dtype=bool).view(np.uint8)
+    n8 = np.ascontiguousarray(nonjunk, dtype=bool).view(np.uint8)
+    counts = np.count_nonzero(good, axis=1)
+    pos = np.empty(int(counts.sum()), dtype=np.int64)
+    if funcs[dtype](xc.ctypes.data, g8.ctypes.data, n8.ctypes.data, x.shape[0], x.shape[1], pos.ctypes.data) != 0:
+        raise MemoryError(f"evaluation: no memory for a {x.shape[1]}-item row")
+    return np.repeat(np.arange(x.shape[0]), counts), pos
+
+
 def _hit_positions(x: np.ndarray, good: np.ndarray, nonjunk: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Rows and 0-based positions, among non-junk items, of the good items of a block.
 
@@ -303,12 +343,14 @@ def evaluate(
     max_rank: int = 10,
     ap: str = "trapezoid",
     block_rows: int = 256,
+    native: bool = True,
 ) -> EvalResult:
     """mAP, CMC and mINP of a (num_query, num_gallery) distance matrix (lower = closer).
 
     ``cmc`` holds ranks 1..max(max_rank, 10), so rank-1/5/10 are always available.
 
     See the module docstring for the protocol (junk, AP forms, normalisation).
+    ``native=False`` ranks with numpy instead of the compiled kernel (the same result).
     """
     if ap not in ("trapezoid", "standard"):
         raise ValueError(f"ap must be 'trapezoid' or 'standard', not {ap!r}")
@@ -337,7 +379,7 @@ def evaluate(
         good = same_id & ~junk
         if not good.any():
             return None
-        rows, pos = _hit_positions(x, good, ~junk)
+        rows, pos = hit_positions(x, good, ~junk, native=native)
         return rows + start, pos
 
     # Blocks are independent and numpy's sorts and element-wise passes release the GIL,

@@ -4,7 +4,10 @@ A library is keyed by its source, the compiler's version and the flags, so a cha
 source or compiler never reuses a stale build; concurrent processes build it once
 (file lock) and a half-written library never carries the final name.
 """
+import ctypes
+import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -12,7 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["NativeBuildError", "default_build_dir", "build"]
+__all__ = ["NativeBuildError", "default_build_dir", "build", "retrieval_kernels"]
+
+LOG = logging.getLogger(__name__)
 
 
 class NativeBuildError(RuntimeError):
@@ -76,3 +81,18 @@ def _compile(compiler: str, source: Path, args: Sequence[str], folder: Path, nam
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+@functools.lru_cache(maxsize=None)
+def retrieval_kernels() -> Optional[ctypes.CDLL]:
+    """``csrc/retrieval_kernels.c`` (re-ranking's Jaccard step, evaluation's hit positions),
+    built once per machine with ``$CC`` or ``cc``; None (logged once) where it cannot be
+    built: callers then run the numpy formulations, which give the same results, slower."""
+    source = Path(__file__).with_name("csrc") / "retrieval_kernels.c"
+    try:
+        path = build(source, "retrieval_kernels", ["-O2", "-shared", "-fPIC", "-ffp-contract=off"],
+                     compiler_env="CC", default_compiler="cc")
+        return ctypes.CDLL(str(path))
+    except (NativeBuildError, OSError) as err:
+        LOG.info("retrieval kernels unavailable, evaluation and re-ranking run on numpy (slower): %s", err)
+        return None

@@ -39,10 +39,8 @@ Jaccard pass; the (Q, G) float32 result is 78 MB.
 """
 import ctypes
 import functools
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -51,8 +49,6 @@ from scipy import sparse
 from .blas import gram_rows, one_blas_thread
 
 __all__ = ["re_rank"]
-
-LOG = logging.getLogger(__name__)
 
 
 def _check_features(name: str, feats: np.ndarray) -> np.ndarray:
@@ -189,17 +185,13 @@ def _jaccard_rows(vq: sparse.csr_matrix, vg: sparse.csc_matrix, lo: int, hi: int
 
 @functools.lru_cache(maxsize=None)
 def _native_jaccard() -> Optional[Callable]:
-    """``VnJaccardRows`` from csrc/retrieval_kernels.c (compiled once per machine), or None."""
-    from .native import NativeBuildError, build
+    """``VnJaccardRows`` from csrc/retrieval_kernels.c, or None where it cannot be built."""
+    from .native import retrieval_kernels
 
-    source = Path(__file__).with_name("csrc") / "retrieval_kernels.c"
-    try:
-        path = build(source, "retrieval_kernels", ["-O2", "-shared", "-fPIC", "-ffp-contract=off"],
-                     compiler_env="CC", default_compiler="cc")
-        func = ctypes.CDLL(str(path)).VnJaccardRows
-    except (NativeBuildError, OSError) as err:
-        LOG.info("re-ranking's Jaccard step runs on numpy (about 7x slower): %s", err)
+    library = retrieval_kernels()
+    if library is None:
         return None
+    func = library.VnJaccardRows
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     func.argtypes = [p, p, p, p, p, p, i64, i64, i64, p]
     func.restype = ctypes.c_int

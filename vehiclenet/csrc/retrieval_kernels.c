@@ -43,3 +43,92 @@ int VnJaccardRows(const int64_t *q_ptr, const int32_t *q_idx, const float *q_val
     free(acc);
     return 0;
 }
+
+/* ------------------------------------------------------------------------ evaluation */
+
+typedef struct {
+    double value;
+    int64_t index;
+} Hit;
+
+static int hit_order(const void *a, const void *b) {
+    const Hit *x = (const Hit *)a, *y = (const Hit *)b;
+    if (x->value < y->value) return -1;
+    if (x->value > y->value) return 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+/* Number of hits (sorted by value, then index) that come before item (v, j), n >= 1.
+ * Branch-free lower bound: an item's place among the hits is unpredictable, so a branching
+ * search would mispredict at about every step. */
+static int64_t hits_before(const Hit *hits, int64_t n, double v, int64_t j) {
+    const Hit *base = hits;
+    int64_t len = n;
+    while (len > 1) {
+        const int64_t half = len / 2;
+        const Hit *h = &base[half - 1];
+        const int before = (h->value < v) | ((h->value == v) & (h->index < j));
+        base = before ? base + half : base;
+        len -= half;
+    }
+    return (base - hits) + ((base->value < v) | ((base->value == v) & (base->index < j)));
+}
+
+/* For each row of x (rows x cols, row-major; lower = closer), the 0-based positions of its
+ * good items among its non-junk items, ordered by (distance, column): written ascending to
+ * out_pos, row after row (the caller sizes out_pos as the number of good items).
+ * good and nonjunk are 0/1 bytes shaped like x; every good item is non-junk.
+ * A good item's position counts the non-junk items before it: the good items before it (its
+ * index among the sorted hits) plus the others, each placed in the gap between two hits by
+ * binary search. Items after the last hit, most of a row, affect no position and are skipped.
+ * Returns 0, or -1 when out of memory. */
+#define HIT_POSITIONS(NAME, T)                                                                        \
+    int NAME(const T *x, const uint8_t *good, const uint8_t *nonjunk, int64_t rows, int64_t cols,     \
+             int64_t *out_pos) {                                                                      \
+        Hit *hits = (Hit *)malloc((size_t)(cols > 0 ? cols : 1) * sizeof(Hit));                       \
+        int64_t *gap = (int64_t *)malloc((size_t)(cols + 1) * sizeof(int64_t));                       \
+        if (hits == NULL || gap == NULL) {                                                            \
+            free(hits);                                                                               \
+            free(gap);                                                                                \
+            return -1;                                                                                \
+        }                                                                                             \
+        int64_t written = 0;                                                                          \
+        for (int64_t r = 0; r < rows; ++r) {                                                          \
+            const T *xr = x + r * cols;                                                               \
+            const uint8_t *gr = good + r * cols, *nr = nonjunk + r * cols;                            \
+            int64_t n = 0;                                                                            \
+            for (int64_t j = 0; j < cols; ++j) {                                                      \
+                if (gr[j]) {                                                                          \
+                    hits[n].value = (double)xr[j];                                                    \
+                    hits[n].index = j;                                                                \
+                    ++n;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+            if (n == 0) continue;                                                                     \
+            qsort(hits, (size_t)n, sizeof(Hit), hit_order);                                           \
+            memset(gap, 0, (size_t)(n + 1) * sizeof(int64_t));                                        \
+            const double last = hits[n - 1].value, first = hits[0].value;                              \
+            const int64_t last_index = hits[n - 1].index, first_index = hits[0].index;                 \
+            for (int64_t j = 0; j < cols; ++j) {                                                      \
+                if (!nr[j] || gr[j]) continue;                                                        \
+                const double v = (double)xr[j];                                                       \
+                if (v > last || (v == last && j > last_index)) continue;                              \
+                if (v < first || (v == first && j < first_index))                                     \
+                    gap[0] += 1;                                                                      \
+                else                                                                                  \
+                    gap[hits_before(hits, n, v, j)] += 1;                                             \
+            }                                                                                         \
+            /* Hit m follows hits 0..m-1 and the other items in gaps 0..m. */                         \
+            int64_t others = 0;                                                                       \
+            for (int64_t m = 0; m < n; ++m) {                                                         \
+                others += gap[m];                                                                     \
+                out_pos[written++] = m + others;                                                      \
+            }                                                                                         \
+        }                                                                                             \
+        free(hits);                                                                                   \
+        free(gap);                                                                                    \
+        return 0;                                                                                     \
+    }
+
+HIT_POSITIONS(VnHitPositionsF32, float)
+HIT_POSITIONS(VnHitPositionsF64, double)
