@@ -1,6 +1,6 @@
 """Images/s from JPEG files on disk to flip-summed features, versus the network alone.
 
-    python benchmarks/embed_pipeline.py [--images 64] [--batch-size 8] [--rounds 2]
+    python benchmarks/embed_pipeline.py [--images 64] [--batch-size 8] [--rounds 2] [--precision bf16]
 
 Writes ``--images`` JPEGs of ``--width`` x ``--height`` (cartoon vehicles on noisy
 backgrounds, quality 90) to a temp dir, then measures, in alternating rounds so load from
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flip-layouts", action="store_true", help="also time flip as two calls of B")
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: embed's default)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="network arithmetic (bf16: decoding must keep up with a ~2x faster network)")
     args = parser.parse_args()
     os.environ.setdefault("GLOG_v", "3")
 
@@ -72,9 +74,10 @@ def main() -> None:
     n, b = args.images, args.batch_size
     if n % b:
         parser.error("--images must be a multiple of --batch-size (so every variant does the same calls)")
-    net = create_network(pretrained=False, include_top=False)
+    net = create_network(pretrained=False, include_top=False, precision=args.precision)
     print(f"mindspore {ms.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{n} JPEGs {args.width}x{args.height}, batch {b}, flip on (2x{b} images per network call)")
+          f"{n} JPEGs {args.width}x{args.height}, batch {b}, flip on (2x{b} images per network call), "
+          f"{args.precision}")
 
     with tempfile.TemporaryDirectory(prefix="vehiclenet_bench_") as folder:
         write_jpegs(folder, n, (args.width, args.height))
