@@ -506,9 +506,11 @@ def tls_server(tmp_path):
         server.close()
 
 
-def test_trickling_tls_server_is_abandoned_too(site, tls_server):
-    """Over https the headers deadline cuts the TLS connection's socket the same way."""
-    tls_server.server.add("/slow.ckpt", Route(body=PAYLOAD, trickle=2.0, trickle_head=True))
+@pytest.mark.parametrize("head", [False, True], ids=["body", "headers"])
+def test_trickling_tls_server_is_abandoned_too(site, tls_server, head):
+    """Over https the same: the body's rate check, and the headers deadline cutting the TLS
+    connection's socket."""
+    tls_server.server.add("/slow.ckpt", Route(body=PAYLOAD, trickle=2.0, trickle_head=head))
     tls_server.server.add("/w.ckpt", Route(body=PAYLOAD))
     slow, good = tls_server.base + "/slow.ckpt", tls_server.base + "/w.ckpt"
     manifest = write_manifest(site.tmp, [asset_entry("w", FILE, PAYLOAD, [slow, good], size=len(PAYLOAD))])
@@ -519,7 +521,8 @@ def test_trickling_tls_server_is_abandoned_too(site, tls_server):
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert elapsed < 2 * TRICKLE_T + START_SLACK, (elapsed, proc.stderr)
-    assert f"{slow}: too slow: the response headers took more than 4 s" in proc.stderr
+    reason = "the response headers took more than 4 s" if head else "less than the 64 KiB required in every 4 s"
+    assert f"{slow}: too slow: " in proc.stderr and reason in proc.stderr
     assert f"from {good}" in proc.stderr and (site.cache / FILE).read_bytes() == PAYLOAD
     assert [r.path for r in tls_server.server.requests] == ["/slow.ckpt", "/w.ckpt"]
 
