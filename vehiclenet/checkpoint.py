@@ -149,44 +149,53 @@ def load_weights(net, path: Union[str, os.PathLike]) -> LoadReport:
 
 def _checked_entries(net_params: Dict, params: Dict, report: LoadReport) -> Dict:
     """The file's entries for ``net_params``, after every check; CheckpointError listing all problems."""
-    missing, shapes, dtypes, to_load = [], [], [], {}
+    to_load, missing, shapes, dtypes = _match(net_params, params, report)
+    bad_values = _non_finite(to_load)
+    if missing or shapes or dtypes or bad_values:
+        raise _refusal(report, missing, shapes, dtypes, bad_values)
+    return to_load
+
+
+def _match(net_params: Dict, params: Dict, report: LoadReport) -> Tuple[Dict, List[str], List[str], List[str]]:
+    """Entries that fit by name, shape and dtype; then what is missing, of another shape or dtype.
+    The head's last layer of another shape is left out and recorded as re-initialised."""
+    to_load, missing, shapes, dtypes = {}, [], [], []
     for name, param in net_params.items():
-        if name not in params:
+        entry = params.get(name)
+        if entry is None:
             missing.append(name)
-            continue
-        file_shape = tuple(params[name].shape)
-        if file_shape != tuple(param.shape):
+        elif tuple(entry.shape) != tuple(param.shape):
             if name in HEAD_LAST_LAYER:
                 report.reinitialized.append(name)
             else:
-                shapes.append(f"{name}: file {file_shape} vs network {tuple(param.shape)}")
-            continue
-        if params[name].dtype != param.dtype:
-            dtypes.append(f"{name}: file {params[name].dtype} vs network {param.dtype}")
-            continue
-        to_load[name] = params[name]
-    problems: List[Tuple[str, str]] = []
+                shapes.append(f"{name}: file {tuple(entry.shape)} vs network {tuple(param.shape)}")
+        elif entry.dtype != param.dtype:
+            dtypes.append(f"{name}: file {entry.dtype} vs network {param.dtype}")
+        else:
+            to_load[name] = entry
+    return to_load, missing, shapes, dtypes
+
+
+def _refusal(report: LoadReport, missing: List[str], shapes: List[str], dtypes: List[str],
+             bad_values: List[str]) -> CheckpointError:
+    """One error naming the file, every kind of problem with its entries, and what to do."""
+    problems, advice = [], []
     if missing:
-        problems.append((f"{len(missing)} network parameters missing from the file ({_preview(missing)})", ""))
+        problems.append(f"{len(missing)} network parameters missing from the file ({_preview(missing)})")
     if shapes:
-        problems.append((f"{len(shapes)} shape mismatches ({_preview(shapes, 4)})", ""))
-    if problems:
-        problems[-1] = (problems[-1][0], "Is it a VehicleNet checkpoint? Check last_stride, include_top and "
-                        f"num_classes (file has {report.file_num_classes} classes)")
+        problems.append(f"{len(shapes)} shape mismatches ({_preview(shapes, 4)})")
+    if missing or shapes:
+        advice.append("Is it a VehicleNet checkpoint? Check last_stride, include_top and num_classes "
+                      f"(file has {report.file_num_classes} classes).")
     if dtypes:
-        problems.append((f"{len(dtypes)} entries of another dtype ({_preview(dtypes, 4)})",
-                         "Convert them to the network's dtype (e.g. float32) and save the file again"))
-    bad_values = _non_finite(to_load)
+        problems.append(f"{len(dtypes)} entries of another dtype ({_preview(dtypes, 4)})")
+        advice.append("Convert them to the network's dtype (e.g. float32) and save the file again.")
     if bad_values:
-        problems.append((f"{len(bad_values)} entries with NaN or infinite values ({_preview(bad_values, 4)})",
-                         "The training that wrote it diverged or the file is damaged: use an earlier checkpoint. "
-                         + _DAMAGED_ADVICE))
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {report.path!r} does not fit this VehicleNet network: "
-            + "; ".join(text for text, _ in problems) + ". Nothing was loaded: the network is as it was. "
-            + " ".join(advice + "." for _, advice in problems if advice))
-    return to_load
+        problems.append(f"{len(bad_values)} entries with NaN or infinite values ({_preview(bad_values, 4)})")
+        advice.append("The training that wrote it diverged or the file is damaged: use an earlier checkpoint. "
+                      + _DAMAGED_ADVICE)
+    return CheckpointError(f"checkpoint {report.path!r} does not fit this VehicleNet network: " + "; ".join(problems)
+                           + ". Nothing was loaded: the network is as it was. " + " ".join(advice))
 
 
 def _non_finite(entries: Dict) -> List[str]:
