@@ -78,9 +78,10 @@ def test_bf16_rankings_agree_with_fp32_on_240_images(nets):
 
     The seeded weights are random, so their features crowd together (pairwise cosine
     0.998-0.9995, neighbouring ranks ~1e-5 apart, below bf16's ~3e-5 perturbation of a
-    similarity): the order inside a top-10 of near-ties is not stable (identical for ~37 %
+    similarity): the order inside a top-10 of near-ties is not stable (identical for ~30 %
     of queries), while what retrieval needs is: the same nearest neighbour, the same top-10
-    members, the same identity-level figures.
+    members, the same identity-level figures (measured on AVX512-BF16: 97.9 %, 98.0 %, mAP
+    0.5857 against 0.5844).
     """
     from vehiclenet.evaluation import evaluate
 
@@ -94,9 +95,9 @@ def test_bf16_rankings_agree_with_fp32_on_240_images(nets):
         np.fill_diagonal(sims, -np.inf)
         ranks[precision] = np.argsort(-sims, axis=1, kind="stable")[:, :10]
     a, b = ranks["fp32"], ranks["bf16"]
-    assert (a[:, 0] == b[:, 0]).mean() >= 0.97
+    assert (a[:, 0] == b[:, 0]).mean() >= 0.95
     overlap = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)])
-    assert overlap >= 0.97, overlap
+    assert overlap >= 0.95, overlap
     assert abs(results["fp32"].mAP - results["bf16"].mAP) < 0.005
     assert abs(results["fp32"].rank(1) - results["bf16"].rank(1)) <= 0.01
     assert results["fp32"].rank(1) > 0.8  # the rankings mean something

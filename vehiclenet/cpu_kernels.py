@@ -164,14 +164,14 @@ def bf16_status() -> str:
 def make_ops(library: str, precision: str = "fp32") -> dict:
     """MindSpore custom ops over ``library`` for inference, by role: ``"stem"`` (7x7, stride 2,
     ReLU), ``("conv", stride, True)`` (with ReLU, inside a block), ``("down", stride)`` (a
-    block's projection shortcut), ``"conv_add"`` (stride 1, residual added before the ReLU)
-    and ``"max_pool"`` (3x3, stride 2).
+    block's projection shortcut), ``"conv_add"`` (stride 1, residual added before the ReLU),
+    ``"conv_add_last"`` (the same, for the network's last block) and ``"max_pool"`` (3x3,
+    stride 2).
 
     Convolutions take (x NHWC, weights OIHW, per-output-channel scale, bias[, residual NHWC]);
     weights, scale and bias are float32. With ``precision="bf16"`` they compute in bfloat16
-    with float32 accumulation: the two inner convolutions of a block pass bfloat16 to each
-    other, while the residual stream between blocks (stem, shortcut and block outputs) stays
-    float32, so rounding does not accumulate along it.
+    with float32 accumulation and pass bfloat16 activations to each other: the stem converts
+    the float32 image itself, and the last block hands float32 to the pooling.
     """
     import mindspore as ms
     from mindspore import ops
@@ -194,12 +194,14 @@ def make_ops(library: str, precision: str = "fp32") -> dict:
         made["stem"] = custom("VnConvS2Relu", 2, True)
         made.update({("conv", s, True): custom(f"VnConvS{s}Relu", s, True) for s in (1, 2)})
         made.update({("down", s): custom(f"VnConvS{s}", s, True) for s in (1, 2)})
-        made["conv_add"] = custom("VnConvAddS1Relu", 1, True)
+        made["conv_add"] = made["conv_add_last"] = custom("VnConvAddS1Relu", 1, True)
         return made
-    made["stem"] = custom("VnConvBf16S2ReluToF32", 2, True, ms.float32)
-    made.update({("conv", s, True): custom(f"VnConvBf16S{s}Relu", s, True, ms.bfloat16) for s in (1, 2)})
-    made.update({("down", s): custom(f"VnConvBf16S{s}ToF32", s, True, ms.float32) for s in (1, 2)})
-    made["conv_add"] = custom("VnConvBf16AddS1ReluToF32", 1, True, ms.float32)
+    bf16 = ms.bfloat16
+    made["stem"] = custom("VnConvBf16S2Relu", 2, True, bf16)
+    made.update({("conv", s, True): custom(f"VnConvBf16S{s}Relu", s, True, bf16) for s in (1, 2)})
+    made.update({("down", s): custom(f"VnConvBf16S{s}", s, True, bf16) for s in (1, 2)})
+    made["conv_add"] = custom("VnConvBf16AddS1Relu", 1, True, bf16)
+    made["conv_add_last"] = custom("VnConvBf16AddS1ReluToF32", 1, True, ms.float32)
     return made
 
 

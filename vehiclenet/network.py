@@ -170,7 +170,8 @@ class ResNet50(nn.Cell):
         self.train_ops = (t["conv", 2, False], t["max_pool"], t["batch_norm_relu"], eps)
         for block in blocks:
             s = block.stride
-            block.nhwc_ops = (k["conv", 1, True], k["conv", s, True], k["down", s], k["conv_add"])
+            conv_add = k["conv_add_last"] if block is blocks[-1] else k["conv_add"]
+            block.nhwc_ops = (k["conv", 1, True], k["conv", s, True], k["down", s], conv_add)
             block.train_ops = (t["conv", 1, True], t["conv", s, True], t["batch_norm"], t["batch_norm_relu"],
                                t["batch_norm_add_relu"], eps)
 

@@ -665,11 +665,11 @@ VN_CONV(VnConvAddS1Relu, 1, true, true, false)
 // bf16 convolutions (float32 accumulation). The input and output types are the tensors'; the
 // names differ by output type because MindSpore's PyNative mode caches an operator's output
 // type by name.
+VN_CONV(VnConvBf16S1, 1, false, false, true)
+VN_CONV(VnConvBf16S2, 2, false, false, true)
 VN_CONV(VnConvBf16S1Relu, 1, true, false, true)
 VN_CONV(VnConvBf16S2Relu, 2, true, false, true)
-VN_CONV(VnConvBf16S1ToF32, 1, false, false, true)
-VN_CONV(VnConvBf16S2ToF32, 2, false, false, true)
-VN_CONV(VnConvBf16S2ReluToF32, 2, true, false, true)
+VN_CONV(VnConvBf16AddS1Relu, 1, true, true, true)
 VN_CONV(VnConvBf16AddS1ReluToF32, 1, true, true, true)
 
 #define VN_TRAIN_CONV(name, stride, pass)                                                                      \
