@@ -51,7 +51,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import quote, urljoin
 
 from .assets import LOCK_DIR, Asset, get_asset, redact_url, url_problem
-from .env import env_flag
+from .env import env_flag, env_int
 from .errors import DownloadChecksumError, DownloadError, OfflineError, UsageError
 from .fileio import NotRegularFileError, describe_entry, open_regular
 
@@ -105,19 +105,6 @@ def _env_float(name: str, default: float) -> float:
     return result
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        result = int(value)
-    except ValueError:
-        raise UsageError(f"{name}={value!r} is not a whole number") from None
-    if result < 0:
-        raise UsageError(f"{name}={value!r} must not be negative")
-    return result
-
-
 def _env_timeout() -> Tuple[float, float]:
     value = os.environ.get(ENV_TIMEOUT)
     if not value:
@@ -162,7 +149,7 @@ class DownloadSettings:
         return cls(
             connect_timeout=connect,
             read_timeout=read,
-            retries=_env_int(ENV_RETRIES, DEFAULT_RETRIES) if retries is None else retries,
+            retries=env_int(ENV_RETRIES, DEFAULT_RETRIES) if retries is None else retries,
             backoff=_env_float(ENV_BACKOFF, DEFAULT_BACKOFF) if backoff is None else backoff,
             lock_timeout=_env_float(ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT) if lock_timeout is None else lock_timeout,
         )
