@@ -361,6 +361,48 @@ def test_outputs_beside_inputs_are_allowed_and_late_special_files_refused(tmp_pa
     assert tree(tmp_path) == {"imgs", "late.npz", *(f"imgs/{p.name}" for p in imgs.iterdir())}
 
 
+# --------------------------------------------------------------------------- item 3: link loops in input folders
+
+
+def looped_folder(root: Path) -> Path:
+    """Two JPEGs, two links back to the folder itself, one to its parent and a second name for a file."""
+    cars = root / "photos" / "cars"
+    make_images(cars, 2)
+    (cars / "loop").symlink_to(".")
+    (cars / "again").symlink_to(".")  # with two loops the old walk went on for minutes
+    (cars / "up").symlink_to("..")  # the parent, which holds this folder again
+    (cars / "zz-alias.jpg").symlink_to("0001_c001_00000000_0.jpg")
+    return cars
+
+
+def test_link_loops_in_an_input_folder_embed_each_file_once(tmp_path):
+    cars = looped_folder(tmp_path)
+    out = tmp_path / "f.npz"
+    started = time.monotonic()
+    proc = cli("embed", cars, "--out", out, "--no-pretrained", env=plain_env(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - started < 120  # the network's start-up; the old walk of 3 loops never ended
+    with np.load(out) as npz:
+        assert npz["features"].shape == (2, 512)
+        assert [os.path.basename(p) for p in npz["paths"]] == ["0001_c001_00000000_0.jpg", "0002_c002_00000000_0.jpg"]
+    for link in ("loop", "again", os.path.join("up", "cars")):
+        assert f"skipped {cars / link}: a link to a folder already searched" in proc.stderr
+
+
+def test_folder_walk_prefers_plain_names_and_visits_each_folder_once(tmp_path):
+    from vehiclenet.features import list_images
+
+    root = tmp_path / "gallery"
+    (root / "b-real" / "deep").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "b-real" / "deep" / "x.jpg")
+    (root / "a-link").symlink_to("b-real")  # sorts first, yet the plain name wins
+    (root / "b-real" / "deep" / "back").symlink_to(root)  # back to the top: a loop through two folders
+    (root / "b-real" / "y.png").symlink_to(root / "b-real" / "deep" / "x.jpg")  # the same file, by a link
+    Image.new("RGB", (8, 8)).save(root / "b-real" / "deep" / "hard.jpg")
+    os.link(root / "b-real" / "deep" / "hard.jpg", root / "hard-too.jpg")  # a hard link: the same file too
+    assert list_images(root) == [str(root / "b-real" / "deep" / "hard.jpg"), str(root / "b-real" / "deep" / "x.jpg")]
+
+
 # --------------------------------------------------------------------------- 3. credentials
 
 # User names count too: a token is often given as the user part alone (https://TOKEN@host/).

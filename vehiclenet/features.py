@@ -5,7 +5,8 @@ horizontal flip, summed, then L2-normalised (``flip=True``, the default). Every 
 goes through :func:`vehiclenet.preprocessing.preprocess`, the reference pre-processing.
 
 Inputs (any mix, in a list or alone): image file paths; folders, expanded recursively to
-their image files (by extension, hidden files and folders skipped, sorted by path);
+their image files (by extension, hidden files and folders skipped, links followed but each
+real folder and file taken once, sorted by path);
 uint8 arrays (HxW, HxWxC RGB/RGBA, or a 4-D NxHxWxC stack); PIL images; encoded bytes.
 In-memory inputs are named ``"<array i>"`` / ``"<image i>"`` / ``"<bytes i>"`` in
 ``FeatureResult.paths`` (``i`` = position after expanding folders and stacks).
@@ -19,6 +20,7 @@ evened out over the run (20 images at batch 16 run as 2 x 10, not 16 + 4) and th
 batch is padded with copies, whose outputs are dropped. Without ``skip_bad`` a bad file
 stops the run when its turn comes (earlier batches have already gone through the network).
 """
+import heapq
 import logging
 import os
 import sys
@@ -27,7 +29,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -67,11 +69,60 @@ _BAD_IMAGE_ADVICE = "; replace or remove the file (embedding and ranking can ski
 
 
 def _walk_images(folder: str) -> List[str]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, f) for f in files if not f.startswith(".") and is_image_path(f))
-    return sorted(found)
+    """Image files below ``folder``, sorted: each real folder searched once, each file listed once.
+
+    Links are followed, but a folder already searched (a link loop, a link to a parent, two
+    links to one folder) is skipped and logged, and a file reached under several names is
+    listed under one. Folders reached without a link are searched first (a heap ordered by
+    "through a link", then path), so a file keeps its plain name over a linked one.
+    """
+    seen: Set[Tuple[int, int]] = set()
+    files: Dict[Tuple[int, int], Tuple[bool, str]] = {}
+    unreadable: List[str] = []  # dangling links and the like: listed, so embedding names them
+    heap: List[Tuple[bool, str]] = [(False, folder)]
+    while heap:
+        linked, path = heapq.heappop(heap)
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:
+                LOG.info("skipped %s: a link to a folder already searched (a link loop or a second link)", path)
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            LOG.debug("cannot search %s: %s", path, exc)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            via_link = linked or entry.is_symlink()
+            if _is_folder(entry):
+                heapq.heappush(heap, (via_link, entry.path))
+            elif is_image_path(entry.name):
+                _add_file(entry, via_link, files, unreadable)
+    return sorted([p for _, p in files.values()] + unreadable)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:
+        return False
+
+
+def _add_file(entry: os.DirEntry, via_link: bool, files: Dict[Tuple[int, int], Tuple[bool, str]],
+              unreadable: List[str]) -> None:
+    """Keep ``entry`` unless its file is already listed under a plainer or earlier name."""
+    try:
+        st = entry.stat()
+    except OSError:
+        unreadable.append(entry.path)
+        return
+    key, candidate = (st.st_dev, st.st_ino), (via_link, entry.path)
+    if key in files:
+        LOG.debug("%s and %s are the same file: embedded once", files[key][1], entry.path)
+        candidate = min(candidate, files[key])
+    files[key] = candidate
 
 
 def _as_list(inputs: Inputs) -> List[Any]:
