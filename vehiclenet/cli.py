@@ -3,7 +3,7 @@
 Each sub-command imports what it needs inside its handler, so commands that need no
 network graph (download, verify, info, evaluate --features) never import mindspore.
 Exit codes: 0 success, 1 failure (mismatch, missing file, download error), 2 usage or
-manifest errors.
+manifest errors, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); see interrupts.py.
 """
 import argparse
 import logging
@@ -78,12 +78,15 @@ def _add_asset_commands(sub: "argparse._SubParsersAction") -> None:
 
 def _cmd_download(args: argparse.Namespace) -> int:
     from .download import fetch
+    from .interrupts import doing, kept
 
     if args.quiet:
         logging.getLogger("vehiclenet").setLevel(logging.WARNING)
     if not args.verbose:
         # urllib3 logs every retry with its internal state; our own messages say what failed.
         logging.getLogger("urllib3").setLevel(logging.ERROR)
+    doing(f"downloading {args.name or 'the default asset'}")
+    kept("what was downloaded stays in the cache as <file>.part; the next download resumes it")
     path = fetch(args.name, force=args.force, progress=False if args.quiet else None)
     print(path)
     return 0
@@ -171,7 +174,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         os.environ.setdefault("GLOG_v", "3")
         try:
             from .device import choose_device
+            from .interrupts import import_mindspore
 
+            import_mindspore()
             device = choose_device()
         except Exception as exc:  # info must report, not crash, on a broken install
             device = f"unknown ({type(exc).__name__}: {exc})"
@@ -271,6 +276,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .download import weights_files
     from .errors import UsageError
     from .fileio import check_output_file
+    from .interrupts import kept
 
     if args.data is None and (args.save_features or args.checkpoint or args.no_flip or args.precision != "fp32"):
         raise UsageError("--save-features, --checkpoint, --no-flip and --precision apply to --data only")
@@ -289,10 +295,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 *query.paths, *gallery.paths, *weights_files(args.checkpoint),
                 *(os.path.join(args.data, evaluation._SPLIT_LISTS[s]) for s in ("query", "test"))])
         from .features import extract_features
-        from .model import create_network
 
-        net = create_network(pretrained=args.checkpoint is None, checkpoint=args.checkpoint, include_top=False,
-                             precision=args.precision)
+        net = _build_network(args.checkpoint, args.checkpoint is None, args.precision)
         feats = [
             np.asarray(extract_features(net, split.paths, batch_size=args.batch_size, flip=not args.no_flip),
                        dtype=np.float32)
@@ -301,6 +305,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         fs = evaluation.FeatureSet(feats[0], query.ids, query.cams, feats[1], gallery.ids, gallery.cams)
         if args.save_features:
             evaluation.save_features_npz(args.save_features, fs)
+            kept(f"{args.save_features} written")
     timings["features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -432,35 +437,50 @@ def _warn_nan_distances(query, gallery, paths: List[str]) -> None:
 
 
 def _embedding_network(args: argparse.Namespace):
-    import os
-
     from .checkpoint import check_checkpoint_file
 
     if args.checkpoint:  # a FIFO or device is refused here, before the network is built
         check_checkpoint_file(args.checkpoint)
-    # MindSpore logs a warning per missing device plugin; our own log says which device is used.
-    # GLOG_v is read when mindspore is first imported, so set it before importing the model.
-    os.environ.setdefault("GLOG_v", "3")
-    from .model import create_network
-
     if args.no_pretrained:
         logging.getLogger("vehiclenet").warning("--no-pretrained: random weights, the features mean nothing")
-    return create_network(pretrained=not args.no_pretrained, checkpoint=args.checkpoint, include_top=False,
-                          precision=args.precision)
+    return _build_network(args.checkpoint, not args.no_pretrained, args.precision)
+
+
+def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str):
+    """The embedding network, with MindSpore imported and the network built with signals held
+    (see interrupts.py); only the download of the weights stays interruptible at once."""
+    import os
+
+    from .interrupts import doing, held, import_mindspore
+
+    # MindSpore logs a warning per missing device plugin; our own log says which device is used.
+    # GLOG_v is read when mindspore is first imported, so set it before importing it.
+    os.environ.setdefault("GLOG_v", "3")
+    import_mindspore()
+    from .model import create_network, weights_path
+
+    doing("fetching the weights")
+    weights = weights_path(checkpoint, pretrained)
+    with held("building the network"):
+        return create_network(pretrained=False, checkpoint=weights, include_top=False, precision=precision)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .features import embed, save_features
     from .fileio import check_output_file
+    from .interrupts import doing, kept
     from .preprocessing import is_image_path
 
     _check_network_args(args)
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
     check_output_file(args.out, "--out", [*args.inputs, *_network_files(args)], accept=is_image_path)
     _check_inputs(args.inputs, args.skip_bad)
+    kept(f"nothing written ({args.out} untouched)")
     net = _embedding_network(args)
     res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
+    doing(f"writing {args.out}")  # atomically: an interrupt leaves the old file or none
     out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
+    kept(f"{out} written")
     n = len(res)
     skipped = f"skipped {len(res.skipped)}" + (
         f" ({', '.join(p for p, _ in res.skipped[:5])}{', ...' if len(res.skipped) > 5 else ''})" if res.skipped else ""
@@ -597,7 +617,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.resume and args.checkpoint:
         raise UsageError("--resume continues a run with its own weights; drop --checkpoint")
 
-    from .finetune import finetune
+    from .finetune import finetune, note_start
+    from .interrupts import import_mindspore
+
+    note_start(args.resume)
+    import_mindspore()
 
     def show(stats) -> None:
         line = (f"epoch {stats.epoch}/{args.epochs}: loss {stats.loss:.4f}, {stats.images_per_second:.2f} images/s, "
@@ -649,7 +673,9 @@ def _add_export_command(sub: "argparse._SubParsersAction") -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_embedding
+    from .interrupts import kept
 
+    kept(f"nothing written ({args.out} untouched)")
     path = export_embedding(args.out, file_format=args.format, checkpoint=args.checkpoint,
                             pretrained=not args.no_pretrained, num_classes=args.num_classes,
                             image_size=args.image_size, batch_size=args.batch_size)
@@ -663,8 +689,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from .interrupts import exit_code, handling, report
+
+    command = None
+    # First, before any thread starts: the threads inherit the signal mask handling() sets.
+    with handling():
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            return _run(args)
+        except KeyboardInterrupt as exc:
+            # Ctrl-C (or SIGTERM): one line saying what was interrupted and what is kept.
+            print(report(command, exc), file=sys.stderr)
+            return exit_code(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -685,6 +725,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"vehiclenet {args.command}: error: {where}{exc.strerror or exc} "
               "(check the path, its permissions and the free space)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

@@ -17,18 +17,16 @@ pre-processed as in :mod:`vehiclenet.preprocessing`); features are not normalise
 state and position a fine-tuning checkpoint carries, a third of the size; it loads
 with ``create_network(checkpoint=..., num_classes=N)`` like the original.
 """
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
 from .errors import CheckpointError, UsageError
-from .fileio import check_output_file, replace_output
+from .fileio import check_output_file, private_folder, replace_output
+from .interrupts import held, import_mindspore
 
 LOG = logging.getLogger(__name__)
 
@@ -64,20 +62,6 @@ def _output_path(out: Union[str, os.PathLike], fmt: str, checkpoint: Optional[Un
     return out
 
 
-@contextlib.contextmanager
-def _private_folder(out: Path) -> Iterator[Path]:
-    """A new folder beside ``out`` that only this process uses, removed afterwards.
-
-    MindSpore writes under a name of its own choosing; a fixed temporary name in a shared
-    folder could be a link planted by someone else, which MindSpore would write through.
-    """
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".partial", dir=out.parent))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)  # must not hide the error that got us here
-
-
 def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
                             num_classes: Optional[int] = None, device_target: Optional[str] = None):
     """The embedding network in inference mode, weights from ``checkpoint`` or the published file.
@@ -88,12 +72,13 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
     """
     from .model import create_network, weights_path
 
-    path = weights_path(checkpoint, pretrained)
+    path = weights_path(checkpoint, pretrained)  # a download stays interruptible at once
     if path is None:
         LOG.warning("exporting random weights (no checkpoint and pretrained=False)")
-    net = create_network(checkpoint=path, pretrained=False, include_top=False, device_target=device_target)
-    # The exported graph must be MindSpore's own operators: custom ops name a library on this machine.
-    net.model.use_cpu_kernels(None)
+    with held("building the network"):
+        net = create_network(checkpoint=path, pretrained=False, include_top=False, device_target=device_target)
+        # The exported graph must be MindSpore's own operators: custom ops name a library on this machine.
+        net.model.use_cpu_kernels(None)
     if net.load_report is not None:
         _check_num_classes(path, net.load_report.file_num_classes, num_classes)
     return net
@@ -116,16 +101,19 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
     if image_size < 32 or batch_size < 1:
         raise UsageError(f"image size must be >= 32 and batch size >= 1, got {image_size}, {batch_size}")
     out = _output_path(out, fmt, checkpoint, pretrained)
-    import mindspore as ms  # only after the checks: a refused --out costs no MindSpore start-up
+    ms = import_mindspore()  # only after the checks: a refused --out costs no MindSpore start-up
 
     net = build_embedding_network(checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                                   device_target=device_target)
     example = ms.Tensor(np.zeros((batch_size, 3, image_size, image_size), np.float32))
     # Written under a temporary name and renamed, so an interrupted export never leaves a
     # truncated model under the name a deployment would load. MindSpore adds the suffix itself.
-    with _private_folder(out) as folder:
+    # Held: an interrupt inside the export's graph compilation would dump MindSpore's analysis
+    # files; taken at the end of the block, before the rename, it leaves ``out`` as it was.
+    with private_folder(out) as folder:
         tmp = folder / f"model{_SUFFIX[fmt]}"
-        ms.export(net, example, file_name=str(folder / "model"), file_format=fmt)
+        with held(f"exporting {out}"):
+            ms.export(net, example, file_name=str(folder / "model"), file_format=fmt)
         if not tmp.is_file():
             raise RuntimeError(f"mindspore.export reported success but {tmp} was not written")
         replace_output(tmp, out)
@@ -142,7 +130,7 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
     (``.ckpt`` appended when ``out`` lacks it).
     """
     out = _output_path(out, "CKPT", checkpoint, pretrained)
-    import mindspore as ms  # only after the checks: a refused --out costs no MindSpore start-up
+    ms = import_mindspore()  # only after the checks: a refused --out costs no MindSpore start-up
 
     from .checkpoint import load_weights, read_checkpoint
     from .model import weights_path
@@ -151,14 +139,17 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
     path = weights_path(checkpoint, pretrained)
     if path is None:
         raise UsageError("nothing to export: give --checkpoint, or leave pretrained on for the published weights")
-    head = read_checkpoint(path).get("classifier.classifier.weight")
-    classes = None if head is None else int(head.shape[0])
-    _check_num_classes(path, classes, num_classes)
-    net = VehicleNet(num_classes=classes, include_top=classes is not None)
-    load_weights(net, path)  # every network entry present, with its shape, or CheckpointError
-    with _private_folder(out) as folder:
+    # Held: MindSpore's reader turns an interrupt into "failed to load the checkpoint" (ValueError).
+    with held(f"reading {path}"):
+        head = read_checkpoint(path).get("classifier.classifier.weight")
+        classes = None if head is None else int(head.shape[0])
+        _check_num_classes(path, classes, num_classes)
+        net = VehicleNet(num_classes=classes, include_top=classes is not None)
+        load_weights(net, path)  # every network entry present, with its shape, or CheckpointError
+    with private_folder(out) as folder:
         tmp = folder / "weights.ckpt"  # save_checkpoint insists on .ckpt
-        ms.save_checkpoint(net, str(tmp))
+        with held(f"writing {out}"):  # and its writer logs "Failed to save the checkpoint file"
+            ms.save_checkpoint(net, str(tmp))
         replace_output(tmp, out)
     LOG.info("exported %s (network weights of %s, %s, no training state)", out, path,
              "embedding only" if classes is None else f"head of {classes} identities")

@@ -36,6 +36,7 @@ from PIL import Image
 
 from .errors import DataError
 from .fileio import atomic_write, read_npz
+from .interrupts import doing, held
 from .preprocessing import INPUT_SIZE, ImageSource, is_image_path, load_image, preprocess
 
 __all__ = ["FeatureResult", "embed", "extract_features", "list_images", "load_features", "save_features"]
@@ -264,6 +265,7 @@ def embed(
     if not items:
         raise DataError("no images to embed" + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     b = _batch_plan(len(items), batch_size)
+    doing(f"embedding images (0 of {len(items)} done)")
     workers = num_workers or min(4, os.cpu_count() or 1)
     window = 2 * b + workers  # keeps the next batch ready while the network works on this one
 
@@ -283,8 +285,12 @@ def embed(
         real = batch.shape[0]
         if real < b:  # pad with copies of the first image: same graph shape, outputs dropped
             batch = np.concatenate([batch, np.repeat(batch[:1], b - real, axis=0)])
-        features.append(_run_net(net, batch, flip)[:real])
+        # Held: the first call compiles the graph, calling back into Python, where a
+        # KeyboardInterrupt makes MindSpore print pages and write rank_0/om/analyze_fail.ir.
+        with held("compiling the network and embedding the first batch" if not names else None):
+            features.append(_run_net(net, batch, flip)[:real])
         names.extend(labels)
+        doing(f"embedding images ({len(names)} of {len(items)} done)")
         if bar is not None:
             bar.update(real)
 
@@ -324,6 +330,10 @@ def embed(
                     batch_arrays, batch_names = [], []
             if batch_arrays:
                 flush(batch_arrays, batch_names)
+    except KeyboardInterrupt:
+        for _, other in pending:  # the pool's shutdown would otherwise decode them all first
+            other.cancel()
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -1,12 +1,18 @@
 """Writing files so that no reader ever sees a half-written one, and opening files so that
 no link, FIFO or device is ever written through by accident."""
 import contextlib
+import logging
 import os
+import re
+import shutil
+import socket
 import stat
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Set, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
+
+LOG = logging.getLogger(__name__)
 
 _KINDS = (
     (stat.S_ISDIR, "a folder"),
@@ -89,8 +95,18 @@ def _refused_open(path: PathLike, exc: OSError, follow: bool) -> Optional[str]:
         return "a symbolic link" if exc.errno in (errno.ELOOP, errno.EMLINK) else None
 
 
+def _owner() -> str:
+    """``<pid>@<host>``: the process a temporary name belongs to, so that a later run can tell
+    the leftovers of a killed run (process gone) from the files of one still running."""
+    return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:63]}"
+
+
+# .<name>.<pid>@<host>.<12 hex>.tmp (files) or .partial (private folders), made by this module.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.[0-9a-f]{12}\.(?:tmp|partial)$")
+
+
 def _create_temp(folder: Path, name: str) -> Tuple[int, Path]:
-    """Create a new empty file ``.<name>.<random>.tmp`` in ``folder``; return its fd and path.
+    """Create a new empty file ``.<name>.<pid>@<host>.<random>.tmp`` in ``folder``; return its fd and path.
 
     Not tempfile.mkstemp: that creates mode 0600, which the rename would carry over to
     the user's output. Opening with 0666 lets the kernel apply the umask (and any
@@ -98,12 +114,85 @@ def _create_temp(folder: Path, name: str) -> Tuple[int, Path]:
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = folder / f".{name}.{os.urandom(6).hex()}.tmp"
+        tmp = folder / f".{name}.{_owner()}.{os.urandom(6).hex()}.tmp"
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file for {name} in {folder}")
+
+
+def _process_gone(pid: int) -> bool:
+    """True when no process ``pid`` exists on this machine (pid 0 or less: never ours)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, as another user's
+        return False
+    return False
+
+
+def remove_stale_temps(folder: PathLike, name: Optional[str] = None) -> List[Path]:
+    """Remove the temporary files and folders this module made in ``folder`` (for output
+    ``name``, or all) whose process is gone: what a killed run (kill -9, power loss) left.
+
+    Only names of this machine's processes are judged; a live process keeps its files.
+    Returns what was removed. Never fails: a cleanup must not stop the run that does it.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = _stale_owner(entry.name, name)
+        if pid is None:
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+            LOG.info("removed %s, left by an interrupted run (process %d)", entry.path, pid)
+    return removed
+
+
+def _stale_owner(entry: str, name: Optional[str]) -> Optional[int]:
+    """The process id in a temporary name of ours (for output ``name``) whose process is gone, else None."""
+    m = _TEMP_NAME.match(entry)
+    if not m or m["host"] != _owner().split("@", 1)[1] or (name is not None and m["name"] != name):
+        return None  # not ours, another machine's (its pids mean nothing here), or another output's
+    pid = int(m["pid"])
+    return pid if _process_gone(pid) else None
+
+
+@contextlib.contextmanager
+def private_folder(out: PathLike) -> Iterator[Path]:
+    """A new folder ``.<name>.<pid>@<host>.<random>.partial`` beside ``out``, removed afterwards.
+
+    For writers that choose their own temporary names (MindSpore's save_checkpoint and
+    export): a fixed temporary name in a shared folder could be a link planted by someone
+    else, which they would write through. Leftovers of killed runs for ``out`` go first.
+    """
+    out = Path(out)
+    remove_stale_temps(out.parent, out.name)
+    for _ in range(100):
+        folder = out.parent / f".{out.name}.{_owner()}.{os.urandom(6).hex()}.partial"
+        try:
+            folder.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"could not create a temporary folder for {out.name} in {out.parent}")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # must not hide the error that got us here
 
 
 @contextlib.contextmanager
@@ -118,6 +207,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     out = Path(path)
     _refuse_special(out, "output")  # before the temporary file: /dev is no place for one
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent, out.name)  # what a killed run writing this output left
     fd, tmp = _create_temp(out.parent, out.name)
     try:
         with os.fdopen(fd, mode) as handle:

@@ -28,6 +28,7 @@ Data-parallel: under ``msrun`` (or any launcher that sets ``MS_WORKER_NUM`` /
 averaged across workers, each worker reads its shard of the data and only rank 0
 writes files.
 """
+import contextlib
 import json
 import logging
 import math
@@ -41,7 +42,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import CheckpointError, DataError, TrainingError, UsageError
-from .fileio import atomic_write
+from .fileio import atomic_write, private_folder, remove_stale_temps, replace_output
+from .interrupts import doing, held, import_mindspore, kept
 
 LOG = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ WEIGHT_DECAY = 1e-4
 # Built at run time so the traceback line MindSpore quotes never contains the marker itself.
 _DECODE_MARK = "VEHICLENET" + "_DECODE_ERROR"
 _CKPT_NAME = re.compile(r"^" + CHECKPOINT_PREFIX + r"-e(\d+)\.ckpt$")
+# Temporary names of versions before the private folders: MindSpore wrote .tmp-<name>.tmp, renamed
+# it to .tmp-<name>.ckpt, which was renamed to <name>; a killed run left either behind.
+_OLD_TEMP_NAME = re.compile(r"^\.tmp-" + CHECKPOINT_PREFIX + r"-e\d+\.(ckpt|tmp)$")
 
 PathLike = Union[str, os.PathLike]
 
@@ -389,16 +394,19 @@ class CheckpointSaver:
 
     def save(self, train_step, *, epoch: int, step: int) -> Optional[Path]:
         """Save ``train_step``'s parameters (network and optimizer) after ``epoch`` epochs / ``step`` steps."""
-        import mindspore as ms
+        ms = import_mindspore()
 
         if not self.enabled:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{CHECKPOINT_PREFIX}-e{epoch:03d}.ckpt"
-        tmp = self.out_dir / f".tmp-{path.name}"  # save_checkpoint insists on a .ckpt suffix
-        # Written then renamed, so a crash never leaves a half-written file under the final name.
-        ms.save_checkpoint(train_step, str(tmp), append_dict={"epoch_num": int(epoch), "step_num": int(step)})
-        os.replace(tmp, path)
+        # Written in a private folder then renamed, so a crash never leaves a half-written file
+        # under the final name, and a killed run's leftovers are known by their process id.
+        with private_folder(path) as folder:
+            tmp = folder / path.name  # save_checkpoint insists on a .ckpt suffix
+            LOG.debug("writing %s in %s", path.name, folder)
+            ms.save_checkpoint(train_step, str(tmp), append_dict={"epoch_num": int(epoch), "step_num": int(step)})
+            replace_output(tmp, path)
         # The file just written always stays, even when a resumed run left higher epoch numbers.
         others = [p for p in self.existing() if p != path]
         for old in others[:max(0, len(others) - (self.keep_max - 1))]:
@@ -517,6 +525,45 @@ def evaluate_query_gallery(net, root: PathLike, *, image_size=384, batch_size: i
 # --------------------------------------------------------------------------- the loop
 
 
+def note_start(resume: Optional[PathLike]) -> None:
+    """Say what an interruption keeps until this run's first checkpoint (see interrupts.kept)."""
+    kept(f"kept {os.fspath(resume)}: continue with --resume {os.fspath(resume)}" if resume else "no checkpoint yet")
+
+
+def _held_steps(iterator):
+    """The batches of ``iterator``, each fetched with signals held: an interrupt is taken between
+    steps, never inside MindSpore's data pipeline code."""
+    batches = iter(iterator)
+    while True:
+        with held():
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def _save(saver: "CheckpointSaver", step_cell, epoch: int, step: int) -> Optional[Path]:
+    """``saver.save`` with signals held (an interrupt waits for the file to be complete), then say it is kept."""
+    with held(f"saving the checkpoint of epoch {epoch}"):
+        path = saver.save(step_cell, epoch=epoch, step=step)
+        if path is not None:
+            kept(f"kept {path} (epoch {epoch} complete): continue with --resume {path}")
+    return path
+
+
+def _remove_leftovers(out: PathLike) -> None:
+    """Remove the temporary files that killed runs left in ``out`` (this run owns it now)."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    remove_stale_temps(out)
+    for entry in out.iterdir():
+        if _OLD_TEMP_NAME.match(entry.name) and not entry.is_dir():
+            with contextlib.suppress(OSError):  # a cleanup must not stop the run
+                entry.unlink()
+                LOG.info("removed %s, left by an interrupted run", entry)
+
+
 @dataclass
 class EpochStats:
     """Figures of one epoch (images/s counts every worker's images)."""
@@ -608,9 +655,9 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
     when a launcher such as msrun started several workers. ``on_epoch`` is called
     with each epoch's :class:`EpochStats` (rank 0 only).
     """
-    import mindspore as ms
+    ms = import_mindspore()
 
-    from .model import create_network
+    from .model import create_network, weights_path
 
     # Everything is checked before anything is written into ``out``: a run that cannot
     # start must not overwrite the labels.json or prune the checkpoints of an earlier one.
@@ -627,38 +674,51 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
         rank, size = init_data_parallel(device_target)
     if seed is not None:
         ms.set_seed(seed)
-    dataset = build_train_dataset(training, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
-                                  rank=rank, group_size=size, seed=seed)
-    if max_steps_per_epoch:
-        dataset = dataset.take(max_steps_per_epoch)
-    steps_per_epoch = dataset.get_dataset_size()
+    note_start(resume)
+    with held("preparing the training data"):  # MindSpore's dataset code, in Python
+        dataset = build_train_dataset(training, batch_size=batch_size, image_size=image_size,
+                                      num_workers=num_workers, rank=rank, group_size=size, seed=seed)
+        if max_steps_per_epoch:
+            dataset = dataset.take(max_steps_per_epoch)
+        steps_per_epoch = dataset.get_dataset_size()
 
-    net = create_network(pretrained=False if resume else pretrained, checkpoint=None if resume else checkpoint,
-                         num_classes=training.num_classes, device_target=device_target)
-    schedule = lr_schedule(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
-    optimizer = create_optimizer(net, schedule)
-    step_cell = build_train_step(net, optimizer)
+    weights = None if resume else weights_path(checkpoint, pretrained)  # a download stays interruptible at once
+    with held("building the network"):
+        net = create_network(pretrained=False, checkpoint=weights, num_classes=training.num_classes,
+                             device_target=device_target)
+        schedule = lr_schedule(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
+        optimizer = create_optimizer(net, schedule)
+        step_cell = build_train_step(net, optimizer)
     start_epoch, global_step = 0, 0
     if resume is not None:
-        start_epoch, global_step = resume_training(step_cell, optimizer, resume)
+        # Held: MindSpore's reader turns an interrupt into "failed to load the checkpoint".
+        with held(f"loading {os.fspath(resume)}"):
+            start_epoch, global_step = resume_training(step_cell, optimizer, resume)
         if start_epoch >= epochs:
             raise CheckpointError(f"{os.fspath(resume)!r} was saved after epoch {start_epoch}; --epochs {epochs} "
                                   "leaves nothing to train. Raise --epochs.")
+    if rank == 0:  # this run owns ``out`` now: what killed runs left there goes
+        _remove_leftovers(out)
     labels_file = save_label_map(training, out) if rank == 0 else None
     saver = CheckpointSaver(out, keep_max, enabled=rank == 0)
     result = FinetuneResult(os.fspath(out), training.num_classes, start_epoch, [], [],
                             str(labels_file) if labels_file else None, rank, size)
 
-    iterator = dataset.create_tuple_iterator(num_epochs=epochs - start_epoch)
+    with held("preparing the training data"):
+        iterator = dataset.create_tuple_iterator(num_epochs=epochs - start_epoch)
     for epoch in range(start_epoch, epochs):
         losses, seen, started = [], 0, time.perf_counter()
         first_step = None
+        doing(f"training epoch {epoch + 1} of {epochs}")
         try:
-            for images, labels in iterator:
-                losses.append(step_cell(images, labels))
+            for images, labels in _held_steps(iterator):
+                compiling = epoch == start_epoch and first_step is None
+                # Held: the first step compiles the graph, calling back into Python.
+                with held(f"compiling the training graph (first step of epoch {epoch + 1})" if compiling else None):
+                    losses.append(step_cell(images, labels))
                 seen += images.shape[0]
                 global_step += 1
-                if epoch == start_epoch and first_step is None:
+                if compiling:
                     # The run's first step includes graph compilation: keep it out of images/s.
                     losses[-1].asnumpy()
                     first_step = (time.perf_counter() - started, seen)
@@ -682,11 +742,12 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
                                 "lower --lr" + (f" and --resume {last}" if last else ""))
         done = epoch + 1
         if done % save_every == 0 or done == epochs:
-            path = saver.save(step_cell, epoch=done, step=global_step)
+            path = _save(saver, step_cell, done, global_step)
             stats.checkpoint = str(path) if path else None
             if path:
                 result.checkpoints.append(str(path))
         if eval_data is not None and eval_every and (done % eval_every == 0 or done == epochs) and rank == 0:
+            doing(f"evaluating after epoch {done}")
             stats.evaluation = evaluate_query_gallery(net, eval_data, image_size=image_size)
         result.history.append(stats)
         if on_epoch is not None and rank == 0:
