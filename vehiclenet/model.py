@@ -3,6 +3,7 @@ import logging
 import os
 from typing import Optional, Union
 
+from .backend import KernelBackend, check_precision
 from .network import PUBLISHED_NUM_CLASSES, VehicleNet
 
 LOG = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ def create_network(
     mode: str = "graph",
     amp_level: Optional[str] = None,
     precision: str = "fp32",
+    cpu_kernels: bool = True,
 ):
     """Build VehicleNet and load its weights, ready for inference.
 
@@ -49,6 +51,9 @@ def create_network(
             model exactly; ``"bf16"`` convolves in bfloat16 with float32 accumulation on
             the oneDNN kernels (features within cosine 0.9999 of fp32, about 2x faster on
             CPUs with AVX512-BF16 or AMX). Training a bf16 network runs in float32.
+        cpu_kernels: ``False`` builds the network on MindSpore's own operators even where
+            the oneDNN kernels are available (export does: its graph must not name a
+            library of this machine). The choice is made here, for the network's life.
 
     Returns:
         A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
@@ -74,9 +79,9 @@ def create_network(
         raise ValueError(f"amp_level must be one of {device_mod.AMP_LEVELS} or None, got {amp_level!r}")
     target = device_mod.configure(device_target, mode)
     amp_level = amp_level or device_mod.default_amp_level(target)
-    library = _cpu_library(target, amp_level, precision)
+    backend = _cpu_backend(target, amp_level, precision, cpu_kernels)
 
-    net = VehicleNet(num_classes=num_classes, include_top=include_top, last_stride=last_stride)
+    net = VehicleNet(num_classes=num_classes, include_top=include_top, last_stride=last_stride, backend=backend)
     weights = weights_path(checkpoint, pretrained)
     report = None
     if weights is not None:
@@ -87,10 +92,6 @@ def create_network(
         report = load_weights(net, weights)
     else:
         LOG.info("pretrained=False and no checkpoint: the network keeps its random initialisation")
-
-    if library is not None:
-        # Only before the first call compiles the graph; see cpu_kernels.py.
-        net.model.use_cpu_kernels(library, precision)
     if amp_level != "O0":
         import mindspore as ms
 
@@ -101,14 +102,16 @@ def create_network(
     return net
 
 
-def _cpu_library(target: str, amp_level: str, precision: str) -> Optional[str]:
-    """The oneDNN kernel library the network will run on (None: MindSpore's own operators),
+def _cpu_backend(target: str, amp_level: str, precision: str, cpu_kernels: bool) -> Optional[KernelBackend]:
+    """The oneDNN kernels the network will be built on (None: MindSpore's own operators),
     after checking that ``precision`` can run here."""
-    from .cpu_kernels import PRECISIONS, Bf16Unsupported, check_bf16, library_path
+    from .cpu_kernels import Bf16Unsupported, check_bf16, library_path
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if target != "CPU" or amp_level != "O0":
+    check_precision(precision)
+    if target != "CPU" or amp_level != "O0" or not cpu_kernels:
+        if precision == "bf16" and not cpu_kernels:
+            raise Bf16Unsupported("precision='bf16' runs on the oneDNN CPU kernels, which cpu_kernels=False "
+                                  "turns off; drop one of the two")
         if precision == "bf16":
             raise Bf16Unsupported(f"precision='bf16' is for CPU inference (device {target}, amp_level {amp_level}); "
                                   f"use amp_level to lower precision on {target}")
@@ -116,7 +119,7 @@ def _cpu_library(target: str, amp_level: str, precision: str) -> Optional[str]:
     library = library_path()
     if precision == "bf16":
         LOG.info("bf16 inference on the oneDNN kernels (%s)", check_bf16(library))
-    return library
+    return None if library is None else KernelBackend(library, precision)
 
 
 def weights_path(checkpoint=None, pretrained: Union[bool, str] = True) -> Optional[str]:
