@@ -87,7 +87,7 @@ def time_onednn_conv(library: str, shape, batch: int, seconds: float) -> float:
     from vehiclenet.cpu_kernels import make_ops
 
     cin, cout, k, stride, h, w = shape
-    op = make_ops(library)["conv", stride, True]
+    op = make_ops(library).block(stride).conv2  # the 3x3 with ReLU at this stride
 
     class Conv(nn.Cell):
         def construct(self, x, weight, scale, bias):
@@ -107,11 +107,11 @@ def time_onednn_train_conv(library: str, shape, batch: int, seconds: float) -> f
     import mindspore.nn as nn
     import mindspore.ops as ops
 
-    from vehiclenet.cpu_kernels import make_train_ops
+    from vehiclenet.cpu_kernels import train_conv
 
     cin, cout, k, stride, h, w = shape
     first = cin == 3
-    op = make_train_ops(library)["conv", stride, not first]
+    op = train_conv(library, stride, input_grad=not first)
 
     class Conv(nn.Cell):
         def construct(self, x, weight):
@@ -187,10 +187,8 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
     x = ms.Tensor(rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32))
     rates = {}
     for kernels in ("onednn", "mindspore"):
-        embed = create_network(pretrained=False, include_top=False)
-        if kernels == "mindspore":
-            embed.model.use_cpu_kernels(None)
-        elif embed.model.nhwc_ops is None:
+        embed = create_network(pretrained=False, include_top=False, cpu_kernels=kernels == "onednn")
+        if kernels == "onednn" and embed.model.nhwc_ops is None:
             continue
         rates[kernels] = _rate(lambda: embed(x).asnumpy(), seconds)
     if not train:
@@ -198,9 +196,7 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
     steps = {}
     y = ms.Tensor(rng.integers(0, 575, batch).astype(np.int32))
     for kernels in rates:
-        net = create_network(pretrained=False)
-        if kernels == "mindspore":
-            net.model.use_cpu_kernels(None)
+        net = create_network(pretrained=False, cpu_kernels=kernels == "onednn")
         step = ft.build_train_step(net, ft.create_optimizer(net, ft.lr_schedule(0.02, 1000, 40)))
         steps[kernels] = _rate(lambda: step(x, y).asnumpy(), 4 * seconds)
     return rates, steps

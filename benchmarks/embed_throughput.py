@@ -50,9 +50,8 @@ def main() -> None:
         variants = ["mindspore"]
     rng = np.random.default_rng(0)
     for variant in variants:
-        net = create_network(pretrained=False, include_top=False, mode=args.mode)
+        net = create_network(pretrained=False, include_top=False, mode=args.mode, cpu_kernels=variant == "onednn")
         if variant == "mindspore":
-            net.model.use_cpu_kernels(None)
             print("convolutions: MindSpore's Conv2D (bundled oneDNN 2.2, NCHW)")
         else:
             impl = convolution_implementation(library, 8, 96, 96, 64, 64, 3, 1)

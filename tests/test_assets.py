@@ -35,7 +35,7 @@ def test_packaged_manifest_is_the_published_model():
     assert default.sha256 == GOOD_SHA
     assert default.urls == (R18, R110)
     assert default.file == R18.rsplit("/", 1)[1]
-    assert default.num_classes == 575
+    assert default.num_classes == 575 and default.last_stride == 2 and default.input_size == (384, 384)
     assert default.size is None or default.size > 250_000_000
     assert "protocol" in default.metrics and default.metrics["mAP"] == pytest.approx(0.8371)
     assert default.license and default.source
@@ -59,6 +59,14 @@ def test_unknown_name_lists_known_names(tmp_path):
         get_asset("c", manifest=path)
     assert "'c'" in str(err.value) and "a, b" in str(err.value)
     assert get_asset("b", manifest=path).file == "b.ckpt"
+
+
+def test_network_settings_are_parsed_and_optional():
+    (full, bare) = parse_manifest({"assets": [entry(name="a", num_classes=10, last_stride=1, input_size=[256, 128]),
+                                              entry(name="b", file="b.ckpt")]})
+    assert (full.num_classes, full.last_stride, full.input_size) == (10, 1, (256, 128))
+    assert (bare.num_classes, bare.last_stride, bare.input_size) == (None, None, None)
+    assert "last_stride" not in full.extra and "input_size" not in full.extra
 
 
 def test_sha256_is_normalised_to_lower_case():
@@ -86,6 +94,12 @@ def test_sha256_is_normalised_to_lower_case():
         (entry(size=-5), "size", "positive integer"),
         (entry(size="300MB"), "size", "positive integer"),
         (entry(num_classes=0), "num_classes", "positive integer"),
+        (entry(last_stride=3), "last_stride", "not 1 or 2"),
+        (entry(last_stride=True), "last_stride", "not 1 or 2"),
+        (entry(input_size=[384]), "input_size", "[height, width]"),
+        (entry(input_size=[384, 16]), "input_size", "at least 32"),
+        (entry(input_size="384x384"), "input_size", "[height, width]"),
+        (entry(input_size=[384.0, 384]), "input_size", "[height, width]"),
         (entry(metrics=[1]), "metrics", "must be an object"),
     ],
 )

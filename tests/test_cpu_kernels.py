@@ -41,12 +41,66 @@ def _fast_and_plain(seed: int = 0, **kwargs):
     import mindspore as ms
 
     fast = create_network(pretrained=False, **kwargs)
-    plain = create_network(pretrained=False, **kwargs)
-    plain.model.use_cpu_kernels(None)
+    plain = create_network(pretrained=False, cpu_kernels=False, **kwargs)
     assert fast.model.nhwc_ops is not None and plain.model.nhwc_ops is None
     _randomise_batchnorm(fast, seed)
     assert not ms.load_param_into_net(plain, {p.name: p for p in fast.get_parameters()})[0]
     return fast, plain
+
+
+def _kernel(op) -> str:
+    """The kernel function a custom op runs (``library:Function``)."""
+    return op.func.rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_backend_is_chosen_at_construction_and_blocks_get_their_ops_by_role(precision):
+    """The backend is a constructor argument with nothing to switch afterwards; every block
+    holds the kernels of its roles: the strided 3x3 and shortcut only where the block's
+    stride is 2 (last_stride=1 too), the float32-returning residual only in the last block."""
+    from conftest import published_parameters
+    from vehiclenet.backend import KernelBackend
+    from vehiclenet.network import VehicleNet
+
+    bf16 = "Bf16" if precision == "bf16" else ""
+    for last_stride in (2, 1):
+        backbone = VehicleNet(last_stride=last_stride, backend=KernelBackend(library_path(), precision)).model
+        assert not hasattr(backbone, "use_cpu_kernels") and backbone.bf16 == (precision == "bf16")
+        assert _kernel(backbone.nhwc_ops.stem) == f"VnConv{bf16}S2Relu"
+        assert _kernel(backbone.train_ops.stem) == "VnConvTrainNoInputGradS2"
+        blocks = [b for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for b in layer]
+        strides = [b.stride for b in blocks]
+        assert strides == [1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1, 1, last_stride, 1, 1]
+        for block in blocks:
+            k, t, s = block.nhwc_ops, block.train_ops, block.stride
+            assert [_kernel(k.conv1), _kernel(k.conv2), _kernel(k.down_sample)] == [
+                f"VnConv{bf16}S1Relu", f"VnConv{bf16}S{s}Relu", f"VnConv{bf16}S{s}"]
+            assert [_kernel(t.conv1), _kernel(t.conv2), _kernel(t.down_sample), _kernel(t.conv3)] == [
+                "VnConvTrainS1", f"VnConvTrainS{s}", f"VnConvTrainS{s}", "VnConvTrainS1"]
+            last_add = "VnConvBf16AddS1ReluToF32" if bf16 else "VnConvAddS1Relu"
+            assert _kernel(k.conv3_add) == (last_add if block is blocks[-1] else f"VnConv{bf16}AddS1Relu")
+    # The kernels add no parameter: the published names and shapes.
+    got = sorted((p.name, tuple(p.shape)) for p in VehicleNet(backend=KernelBackend(library_path())).get_parameters())
+    assert got == sorted(published_parameters())
+
+
+def test_plain_operators_are_chosen_at_construction_too():
+    from vehiclenet.backend import InferenceOps, KernelBackend, TrainOps
+    from vehiclenet.errors import Bf16Unsupported
+
+    net = create_network(pretrained=False, include_top=False, cpu_kernels=False)
+    assert net.model.backend is None and net.model.nhwc_ops is None and net.model.train_ops is None
+    assert all(b.nhwc_ops is None and b.train_ops is None for layer in (net.model.layer1, net.model.layer4)
+               for b in layer)
+    fast = create_network(pretrained=False, include_top=False)
+    assert fast.model.backend == KernelBackend(library_path(), "fp32")
+    assert isinstance(fast.model.nhwc_ops, InferenceOps) and isinstance(fast.model.train_ops, TrainOps)
+    with pytest.raises(Bf16Unsupported, match="cpu_kernels=False"):
+        create_network(pretrained=False, precision="bf16", cpu_kernels=False)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        KernelBackend(library_path(), "fp16")
+    with pytest.raises(ValueError, match="strides 1 and 2, not 3"):
+        fast.model.nhwc_ops.block(3)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -82,8 +136,7 @@ def test_full_size_published_layout_features_match(published_ckpt):
     import mindspore as ms
 
     fast = create_network(checkpoint=published_ckpt, include_top=False)
-    plain = create_network(checkpoint=published_ckpt, include_top=False)
-    plain.model.use_cpu_kernels(None)
+    plain = create_network(checkpoint=published_ckpt, include_top=False, cpu_kernels=False)
     x = ms.Tensor(np.random.default_rng(4).standard_normal((2, 3, 384, 384)).astype(np.float32))
     got, want = fast(x).asnumpy(), plain(x).asnumpy()
     assert got.shape == (2, 512)
@@ -141,14 +194,14 @@ def test_training_convolution_matches_mindspore(in_ch, out_ch, kernel, stride, h
     dy = rng.standard_normal(y.shape).astype(np.float32)
     want_dx, want_dw = _grads(plain, ms.Tensor(dy), ms.Tensor(x), ms.Tensor(w))
 
-    train = cpu_kernels.make_train_ops(library_path())
-    op = train["conv", stride, True]
+    op = cpu_kernels.train_conv(library_path(), stride, input_grad=True)
     assert _rel(_nchw(op(_nhwc(x), ms.Tensor(w))), y) <= 1e-5
     got_dx, got_dw = _grads(op, _nhwc(dy), _nhwc(x), ms.Tensor(w))
     assert _rel(got_dx.transpose(0, 3, 1, 2), want_dx) <= 1e-5
     assert got_dw.shape == w.shape and _rel(got_dw, want_dw) <= 1e-5
     # The first layer's variant skips the gradient to its input (the image) but not to its weights.
-    first_dx, first_dw = _grads(train["conv", stride, False], _nhwc(dy), _nhwc(x), ms.Tensor(w))
+    first_dx, first_dw = _grads(cpu_kernels.train_conv(library_path(), stride, input_grad=False), _nhwc(dy),
+                                _nhwc(x), ms.Tensor(w))
     assert not first_dx.any() and _rel(first_dw, want_dw) <= 1e-5
 
 
@@ -178,7 +231,7 @@ def test_training_batch_norm_matches_mindspore(fused):
     if relu:
         assert 0.2 < (want_y > 0).mean() < 0.8  # the ReLU really masks
 
-    op = cpu_kernels.make_train_ops(library_path())[fused]
+    op = getattr(cpu_kernels.make_train_ops(library_path()), fused)
     eps = ms.Tensor([1e-4], ms.float32)
 
     def normalised(x, gamma, beta, identity):
@@ -210,7 +263,7 @@ def test_training_max_pool_matches_mindspore(height, width):
     want_y = pool(ms.Tensor(x)).asnumpy()
     dy = rng.standard_normal(want_y.shape).astype(np.float32)
     (want_dx,) = _grads(pool, ms.Tensor(dy), ms.Tensor(x))
-    op = cpu_kernels.make_train_ops(library_path())["max_pool"]
+    op = cpu_kernels.make_train_ops(library_path()).max_pool
     np.testing.assert_array_equal(_nchw(op(_nhwc(x))[0]), want_y)
     def pooled(x):
         return op(x)[0]
@@ -391,10 +444,10 @@ def test_kernel_rejects_mismatched_shapes():
     w = ms.Tensor(np.ones((6, 5, 3, 3), np.float32))  # 5 input channels, x has 4
     scale = ms.Tensor(np.ones(6, np.float32))
     with pytest.raises(RuntimeError, match="VnConvS1Relu"):
-        ops["conv", 1, True](x, w, scale, scale).asnumpy()
+        ops.conv_relu_s1(x, w, scale, scale).asnumpy()
     train = cpu_kernels.make_train_ops(library_path())
     with pytest.raises(RuntimeError, match="VnConvTrainS1"):
-        train["conv", 1, True](x, w).asnumpy()
+        train.conv_s1(x, w).asnumpy()
 
 
 def _openmp_spin_count(script: str, **env: str) -> str:

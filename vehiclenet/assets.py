@@ -8,8 +8,11 @@ download or a wrong model. Tools outside the package write manifests too
     {"assets": [{"name": ..., "file": ..., "sha256": ..., "urls": [...]}]}
 
 The first asset is the default. Optional keys: ``size`` (bytes; null/absent = unknown),
-``format``, ``num_classes``, ``metrics``, ``license``, ``source``; any other key is kept
-in :attr:`Asset.extra`.
+``format``, ``num_classes``, ``last_stride``, ``input_size``, ``metrics``, ``license``,
+``source``; any other key is kept in :attr:`Asset.extra`. ``num_classes`` (the head's
+identities), ``last_stride`` (layer4's stride, 1 or 2) and ``input_size`` ([height, width])
+describe the network the weights fit: ``create_network`` builds that network and the
+feature pipeline resizes to that size unless the caller says otherwise.
 
 This module must stay cheap to import: the ``verify`` command uses it.
 """
@@ -28,7 +31,8 @@ ENV_ASSETS = "VEHICLENET_ASSETS"
 PACKAGED_MANIFEST = Path(__file__).resolve().parent / "assets.json"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_KNOWN_KEYS = {"name", "file", "sha256", "urls", "size", "format", "num_classes", "metrics", "license", "source"}
+_KNOWN_KEYS = {"name", "file", "sha256", "urls", "size", "format", "num_classes", "last_stride", "input_size",
+               "metrics", "license", "source"}
 _SUPPORTED_SCHEMAS = (1,)
 
 
@@ -43,6 +47,8 @@ class Asset:
     size: Optional[int] = None
     format: Optional[str] = None
     num_classes: Optional[int] = None
+    last_stride: Optional[int] = None
+    input_size: Optional[Tuple[int, int]] = None  # (height, width)
     # Mappings are unhashable; they are left out of hashing/equality so Asset stays usable
     # as a dict key.
     metrics: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -255,6 +261,16 @@ def _parse_asset(entry: Any, index: int, where: Path) -> Asset:
     ):
         raise bad("num_classes", f"{num_classes!r} is not a positive integer", "give the classifier's class count")
 
+    last_stride = entry.get("last_stride")
+    if last_stride is not None and (isinstance(last_stride, bool) or last_stride not in (1, 2)):
+        raise bad("last_stride", f"{last_stride!r} is not 1 or 2", "give layer4's stride the weights were trained with")
+
+    try:
+        input_size = _input_size(entry.get("input_size"))
+    except ValueError:
+        raise bad("input_size", f"{entry['input_size']!r} is not [height, width] of at least 32 pixels each",
+                  "give the size the weights were evaluated at, e.g. [384, 384]") from None
+
     metrics = entry.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise bad("metrics", "must be an object", 'e.g. {"mAP": 0.8371, "protocol": "..."}')
@@ -272,12 +288,26 @@ def _parse_asset(entry: Any, index: int, where: Path) -> Asset:
         size=size,
         format=entry.get("format"),
         num_classes=num_classes,
+        last_stride=last_stride,
+        input_size=input_size,
         metrics=dict(metrics),
         license=entry.get("license"),
         source=entry.get("source"),
         extra={k: v for k, v in entry.items() if k not in _KNOWN_KEYS},
         manifest=where,
     )
+
+
+def _input_size(value: Any) -> Optional[Tuple[int, int]]:
+    """A manifest's ``input_size`` as (height, width), None when absent; ValueError unless
+    it is a list of two whole numbers >= 32 (the network's five halvings need 32)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(value)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 32 for v in value):
+        raise ValueError(value)
+    return value[0], value[1]
 
 
 def get_asset(name: Optional[str] = None, manifest: Union[str, os.PathLike, None] = None) -> Asset:

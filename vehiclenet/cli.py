@@ -460,9 +460,10 @@ def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str):
     from .model import create_network, weights_path
 
     doing("fetching the weights")
-    weights = weights_path(checkpoint, pretrained)
+    weights_path(checkpoint, pretrained)  # downloads here, interruptible; create_network finds it verified
     with held("building the network"):
-        return create_network(pretrained=False, checkpoint=weights, include_top=False, precision=precision)
+        # pretrained passed on: the asset's input_size and last_stride come with it (net.weights_meta).
+        return create_network(pretrained=pretrained, checkpoint=checkpoint, include_top=False, precision=precision)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:

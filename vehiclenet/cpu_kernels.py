@@ -3,7 +3,9 @@
 MindSpore 2.8.0's CPU Conv2D runs its bundled oneDNN 2.2 on plain NCHW tensors, which
 picks im2col + GEMM. The same convolutions through oneDNN 3's brgemm kernels on NHWC
 tensors take about two thirds of the time on AVX-512 machines, so on x86-64 Linux
-:func:`vehiclenet.create_network` switches the backbone to ``csrc/cpu_kernels.cc``:
+:func:`vehiclenet.create_network` builds the backbone on ``csrc/cpu_kernels.cc`` (a
+:class:`~vehiclenet.backend.KernelBackend`; the ops reach the cells as the typed
+:class:`~vehiclenet.backend.InferenceOps` and :class:`~vehiclenet.backend.TrainOps`):
 
 - inference (:func:`make_ops`): BatchNorm folded into the convolutions, ReLU and the
   residual addition fused;
@@ -31,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .backend import InferenceOps, TrainOps, check_precision, check_stride
 from .errors import Bf16Unsupported
 
 LOG = logging.getLogger(__name__)
@@ -40,8 +43,6 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
 ONEDNN_RUNTIME, ONEDNN_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
 
-
-PRECISIONS = ("fp32", "bf16")
 
 
 class KernelsUnavailable(RuntimeError):
@@ -161,12 +162,8 @@ def bf16_status() -> str:
         return f"unavailable: {err}"
 
 
-def make_ops(library: str, precision: str = "fp32") -> dict:
-    """MindSpore custom ops over ``library`` for inference, by role: ``"stem"`` (7x7, stride 2,
-    ReLU), ``("conv", stride, True)`` (with ReLU, inside a block), ``("down", stride)`` (a
-    block's projection shortcut), ``"conv_add"`` (stride 1, residual added before the ReLU),
-    ``"conv_add_last"`` (the same, for the network's last block) and ``"max_pool"`` (3x3,
-    stride 2).
+def make_ops(library: str, precision: str = "fp32") -> InferenceOps:
+    """MindSpore custom ops over ``library`` for inference, by role (see :class:`InferenceOps`).
 
     Convolutions take (x NHWC, weights OIHW, per-output-channel scale, bias[, residual NHWC]);
     weights, scale and bias are float32. With ``precision="bf16"`` they compute in bfloat16
@@ -176,8 +173,7 @@ def make_ops(library: str, precision: str = "fp32") -> dict:
     import mindspore as ms
     from mindspore import ops
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
 
     def custom(function: str, stride: int, channels_from_weights: bool, out_type=None):
         def out_shape(x, *others):
@@ -189,112 +185,142 @@ def make_ops(library: str, precision: str = "fp32") -> dict:
 
         return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
-    made = {"max_pool": custom("VnMaxPool3x3S2", 2, False)}
     if precision == "fp32":
-        made["stem"] = custom("VnConvS2Relu", 2, True)
-        made.update({("conv", s, True): custom(f"VnConvS{s}Relu", s, True) for s in (1, 2)})
-        made.update({("down", s): custom(f"VnConvS{s}", s, True) for s in (1, 2)})
-        made["conv_add"] = made["conv_add_last"] = custom("VnConvAddS1Relu", 1, True)
-        return made
-    bf16 = ms.bfloat16
-    made["stem"] = custom("VnConvBf16S2Relu", 2, True, bf16)
-    made.update({("conv", s, True): custom(f"VnConvBf16S{s}Relu", s, True, bf16) for s in (1, 2)})
-    made.update({("down", s): custom(f"VnConvBf16S{s}", s, True, bf16) for s in (1, 2)})
-    made["conv_add"] = custom("VnConvBf16AddS1Relu", 1, True, bf16)
-    made["conv_add_last"] = custom("VnConvBf16AddS1ReluToF32", 1, True, ms.float32)
-    return made
+        kind, out = "", None  # every op keeps its input's dtype: float32 throughout
+        last_add = custom("VnConvAddS1Relu", 1, True)
+    else:
+        kind, out = "Bf16", ms.bfloat16  # bfloat16 activations between the convolutions,
+        last_add = custom("VnConvBf16AddS1ReluToF32", 1, True, ms.float32)  # float32 to the pooling
+    return InferenceOps(
+        stem=custom(f"VnConv{kind}S2Relu", 2, True, out),
+        max_pool=custom("VnMaxPool3x3S2", 2, False),
+        conv_relu_s1=custom(f"VnConv{kind}S1Relu", 1, True, out),
+        conv_relu_s2=custom(f"VnConv{kind}S2Relu", 2, True, out),
+        conv_s1=custom(f"VnConv{kind}S1", 1, True, out),
+        conv_s2=custom(f"VnConv{kind}S2", 2, True, out),
+        conv_add_relu=custom(f"VnConv{kind}AddS1Relu", 1, True, out),
+        conv_add_relu_last=last_add,
+    )
 
 
-def make_train_ops(library: str) -> dict:
-    """Differentiable MindSpore custom ops over ``library`` for training on NHWC activations.
-
-    - ``("conv", stride, input_grad)``: (x NHWC, weights OIHW) -> y NHWC, no bias. Its
-      gradient is oneDNN's backward-to-input and backward-to-weights (OIHW, so it lands on
-      the same Parameter as MindSpore's Conv2D would); with ``input_grad=False`` (the first
-      layer, whose input is the image) the backward-to-input is skipped and returns zeros.
-    - ``"batch_norm"``: (x, gamma, beta, eps (1,)) -> (y, batch mean, biased batch variance);
-      ``"batch_norm_relu"`` applies a ReLU to y and also returns the workspace (uint8) its
-      backward needs; ``"batch_norm_add_relu"`` (x, gamma, beta, eps, identity) returns
-      relu(y + identity), the end of a bottleneck block.
-    - ``"max_pool"``: 3x3, stride 2, x -> (y, uint8 positions of the maxima for the backward).
-    """
-    from mindspore import dtype as mstype
+def _aot(library: str, function: str, out_shape, out_dtype, bprop=None):
+    """The MindSpore AOT custom op running ``function`` of ``library``."""
     from mindspore import ops
 
-    def custom(function: str, out_shape, out_dtype, bprop=None):
-        return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
-                          bprop=bprop)
+    return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
 
-    def halved(x, stride):
-        return [x[0], -(-x[1] // stride), -(-x[2] // stride)]
 
-    def conv(stride: int, input_grad: bool):
-        backward_data = custom(f"VnConvBackwardDataS{stride}", lambda dy, w, x: x, lambda dy, w, x: dy)
-        backward_weights = custom(f"VnConvBackwardWeightsS{stride}", lambda x, dy, w: w, lambda x, dy, w: dy)
+def _halved(x, stride: int) -> list:
+    """N, H, W of an NHWC shape after a "same"-padded ``stride``."""
+    return [x[0], -(-x[1] // stride), -(-x[2] // stride)]
 
-        def bprop(x, w, out, dout):
-            return backward_data(dout, w, x), backward_weights(x, dout, w)
 
-        def bprop_weights_only(x, w, out, dout):
-            return ops.zeros_like(x), backward_weights(x, dout, w)
+def train_conv(library: str, stride: int, input_grad: bool = True):
+    """(x NHWC, weights OIHW) -> y NHWC, no bias. Its gradient is oneDNN's backward-to-input
+    and backward-to-weights (OIHW, so it lands on the same Parameter as MindSpore's Conv2D
+    would); with ``input_grad=False`` (the first layer, whose input is the image) the
+    backward-to-input is skipped and returns zeros."""
+    from mindspore import ops
 
-        name = f"VnConvTrainS{stride}" if input_grad else f"VnConvTrainNoInputGradS{stride}"
-        return custom(name, lambda x, w: halved(x, stride) + [w[0]], lambda x, w: x,
-                      bprop if input_grad else bprop_weights_only)
+    check_stride(stride)
+    backward_data = _aot(library, f"VnConvBackwardDataS{stride}", lambda dy, w, x: x, lambda dy, w, x: dy)
+    backward_weights = _aot(library, f"VnConvBackwardWeightsS{stride}", lambda x, dy, w: w, lambda x, dy, w: dy)
 
-    made = {("conv", s, g): conv(s, g) for s in (1, 2) for g in (True, False)}
+    def bprop(x, w, out, dout):
+        return backward_data(dout, w, x), backward_weights(x, dout, w)
 
-    workspace_bytes = ctypes.CDLL(library).VnBatchNormReluWorkspaceBytes
-    workspace_bytes.restype = ctypes.c_int64
-    workspace_bytes.argtypes = [ctypes.c_int64] * 4
+    def bprop_weights_only(x, w, out, dout):
+        return ops.zeros_like(x), backward_weights(x, dout, w)
+
+    name = f"VnConvTrainS{stride}" if input_grad else f"VnConvTrainNoInputGradS{stride}"
+    return _aot(library, name, lambda x, w: _halved(x, stride) + [w[0]], lambda x, w: x,
+                bprop if input_grad else bprop_weights_only)
+
+
+def _workspace_bytes(library: str):
+    """(n, h, w, c) -> bytes of the workspace oneDNN's batch-norm with fused ReLU needs."""
+    size_of = ctypes.CDLL(library).VnBatchNormReluWorkspaceBytes
+    size_of.restype = ctypes.c_int64
+    size_of.argtypes = [ctypes.c_int64] * 4
 
     @functools.lru_cache(maxsize=None)
     def workspace(n, h, w, c):
-        size = workspace_bytes(n, h, w, c)
+        size = size_of(n, h, w, c)
         if size < 0:
             raise KernelsUnavailable(f"oneDNN has no batch-norm with fused ReLU for NHWC {n}x{h}x{w}x{c}")
         return size
 
-    def batch_norm(relu: bool):
-        name = "Relu" if relu else ""
+    return workspace
 
-        def shapes(x, gamma, *_):
-            return [x, gamma, gamma] + ([[workspace(*x)]] if relu else [])
 
-        def dtypes(x, *_):
-            return [x, x, x] + ([mstype.uint8] if relu else [])
+def _train_batch_norm(library: str, relu: bool):
+    """(x, gamma, beta, eps (1,)) -> (y, batch mean, biased batch variance); with ``relu``,
+    relu(y) and also the workspace (uint8) its backward needs."""
+    from mindspore import dtype as mstype
+    from mindspore import ops
 
-        backward = custom(f"VnBatchNorm{name}Backward", lambda dy, x, mean, var, gamma, *_: [x, gamma, gamma],
-                          lambda dy, *_: [dy, dy, dy])
+    name = "Relu" if relu else ""
+    workspace = _workspace_bytes(library) if relu else None
 
-        def bprop(x, gamma, beta, eps, out, dout):
-            dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps)
-            return dx, dgamma, dbeta, ops.zeros_like(eps)
+    def shapes(x, gamma, *_):
+        return [x, gamma, gamma] + ([[workspace(*x)]] if relu else [])
 
-        def bprop_relu(x, gamma, beta, eps, out, dout):
-            dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps, out[3])
-            return dx, dgamma, dbeta, ops.zeros_like(eps)
+    def dtypes(x, *_):
+        return [x, x, x] + ([mstype.uint8] if relu else [])
 
-        return custom(f"VnBatchNorm{name}Train", shapes, dtypes, bprop_relu if relu else bprop)
+    backward = _aot(library, f"VnBatchNorm{name}Backward", lambda dy, x, mean, var, gamma, *_: [x, gamma, gamma],
+                    lambda dy, *_: [dy, dy, dy])
 
-    made["batch_norm"], made["batch_norm_relu"] = batch_norm(False), batch_norm(True)
+    def bprop(x, gamma, beta, eps, out, dout):
+        dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps)
+        return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+    def bprop_relu(x, gamma, beta, eps, out, dout):
+        dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps, out[3])
+        return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+    return _aot(library, f"VnBatchNorm{name}Train", shapes, dtypes, bprop_relu if relu else bprop)
+
+
+def _train_batch_norm_add_relu(library: str):
+    """(x, gamma, beta, eps, identity) -> (relu(bn(x) + identity), batch mean, batch variance):
+    the end of a bottleneck block."""
+    from mindspore import ops
 
     # Its backward is the ReLU's from the output, which is also the identity's gradient.
-    add_relu_backward = custom("VnBatchNormAddReluBackward",
-                               lambda dy, x, mean, var, gamma, eps, y: [x, gamma, gamma, x], lambda dy, *_: [dy] * 4)
+    backward = _aot(library, "VnBatchNormAddReluBackward",
+                    lambda dy, x, mean, var, gamma, eps, y: [x, gamma, gamma, x], lambda dy, *_: [dy] * 4)
 
-    def add_relu_bprop(x, gamma, beta, eps, identity, out, dout):
-        dx, dgamma, dbeta, didentity = add_relu_backward(dout[0], x, out[1], out[2], gamma, eps, out[0])
+    def bprop(x, gamma, beta, eps, identity, out, dout):
+        dx, dgamma, dbeta, didentity = backward(dout[0], x, out[1], out[2], gamma, eps, out[0])
         return dx, dgamma, dbeta, ops.zeros_like(eps), didentity
 
-    made["batch_norm_add_relu"] = custom("VnBatchNormAddReluTrain", lambda x, gamma, *_: [x, gamma, gamma],
-                                         lambda x, *_: [x, x, x], add_relu_bprop)
+    return _aot(library, "VnBatchNormAddReluTrain", lambda x, gamma, *_: [x, gamma, gamma],
+                lambda x, *_: [x, x, x], bprop)
 
-    pool_backward = custom("VnMaxPoolBackward3x3S2", lambda dy, where, x: x, lambda dy, where, x: dy)
 
-    def pool_bprop(x, out, dout):
-        return (pool_backward(dout[0], out[1], x),)
+def _train_max_pool(library: str):
+    """3x3, stride 2: x -> (y, uint8 positions of the maxima for the backward)."""
+    from mindspore import dtype as mstype
 
-    made["max_pool"] = custom("VnMaxPoolTrain3x3S2", lambda x: [halved(x, 2) + [x[3]]] * 2,
-                              lambda x: [x, mstype.uint8], pool_bprop)
-    return made
+    backward = _aot(library, "VnMaxPoolBackward3x3S2", lambda dy, where, x: x, lambda dy, where, x: dy)
+
+    def bprop(x, out, dout):
+        return (backward(dout[0], out[1], x),)
+
+    return _aot(library, "VnMaxPoolTrain3x3S2", lambda x: [_halved(x, 2) + [x[3]]] * 2,
+                lambda x: [x, mstype.uint8], bprop)
+
+
+def make_train_ops(library: str) -> TrainOps:
+    """Differentiable MindSpore custom ops over ``library`` for training on NHWC activations,
+    by role (see :class:`TrainOps`); each op's gradient is oneDNN's backward kernel."""
+    return TrainOps(
+        stem=train_conv(library, 2, input_grad=False),
+        max_pool=_train_max_pool(library),
+        conv_s1=train_conv(library, 1),
+        conv_s2=train_conv(library, 2),
+        batch_norm=_train_batch_norm(library, relu=False),
+        batch_norm_relu=_train_batch_norm(library, relu=True),
+        batch_norm_add_relu=_train_batch_norm_add_relu(library),
+    )

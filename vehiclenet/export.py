@@ -76,9 +76,10 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
     if path is None:
         LOG.warning("exporting random weights (no checkpoint and pretrained=False)")
     with held("building the network"):
-        net = create_network(checkpoint=path, pretrained=False, include_top=False, device_target=device_target)
         # The exported graph must be MindSpore's own operators: custom ops name a library on this machine.
-        net.model.use_cpu_kernels(None)
+        # pretrained passed on (found verified in the cache now): the asset's last_stride comes with it.
+        net = create_network(checkpoint=checkpoint, pretrained=pretrained, include_top=False,
+                             device_target=device_target, cpu_kernels=False)
     if net.load_report is not None:
         _check_num_classes(path, net.load_report.file_num_classes, num_classes)
     return net

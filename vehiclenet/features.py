@@ -39,7 +39,8 @@ from .fileio import atomic_write, read_npz
 from .interrupts import doing, held
 from .preprocessing import INPUT_SIZE, ImageSource, is_image_path, load_image, preprocess
 
-__all__ = ["FeatureResult", "embed", "extract_features", "list_images", "load_features", "save_features"]
+__all__ = ["FeatureResult", "embed", "extract_features", "input_size", "list_images", "load_features",
+           "save_features"]
 
 LOG = logging.getLogger(__name__)
 
@@ -189,8 +190,15 @@ def _batch_plan(n: int, batch_size: int) -> int:
     return max(1, -(-n // max(1, batches)))
 
 
+def input_size(net) -> Tuple[int, int]:
+    """The (height, width) images are resized to for ``net``: ``net.weights_meta.input_size``
+    (set by ``create_network`` from the weights' manifest asset), else the published 384x384."""
+    meta = getattr(net, "weights_meta", None)
+    return tuple(meta.input_size) if meta is not None else INPUT_SIZE
+
+
 def _prepare(src: Any, size: Tuple[int, int]) -> np.ndarray:
-    return preprocess(load_image(src), size)
+    return preprocess(load_image(src, size), size)  # a large JPEG is drafted for this size
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -232,7 +240,7 @@ def embed(
     skip_bad: bool = False,
     progress: Optional[bool] = None,
     num_workers: Optional[int] = None,
-    size: Tuple[int, int] = INPUT_SIZE,
+    size: Optional[Tuple[int, int]] = None,
 ) -> FeatureResult:
     """Embed images with ``net`` (from ``create_network(include_top=False)``).
 
@@ -248,7 +256,8 @@ def embed(
         progress: tqdm bar on stderr; ``None`` shows it on a terminal for runs longer
             than two batches.
         num_workers: decoding threads (default: ``min(4, cpu count)``).
-        size: network input (height, width); the published model uses 384x384.
+        size: network input (height, width); ``None``: :func:`input_size` of ``net`` (the
+            size its weights' asset gives, else the published 384x384).
 
     Returns:
         FeatureResult: ``features`` (N, D) float32 with unit L2 norm, in input order.
@@ -265,6 +274,7 @@ def embed(
     if not items:
         raise DataError("no images to embed" + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     b = _batch_plan(len(items), batch_size)
+    size = input_size(net) if size is None else tuple(size)
     doing(f"embedding images (0 of {len(items)} done)")
     workers = num_workers or min(4, os.cpu_count() or 1)
     window = 2 * b + workers  # keeps the next batch ready while the network works on this one
@@ -357,6 +367,7 @@ def extract_features(
     skip_bad: bool = False,
     progress: Optional[bool] = None,
     num_workers: Optional[int] = None,
+    size: Optional[Tuple[int, int]] = None,
 ) -> np.ndarray:
     """(N, D) float32 L2-normalised features of ``images``, in order: ``embed(...).features``.
 
@@ -364,7 +375,7 @@ def extract_features(
     learn which images were kept.
     """
     return embed(net, images, batch_size=batch_size, flip=flip, skip_bad=skip_bad,
-                 progress=progress, num_workers=num_workers).features
+                 progress=progress, num_workers=num_workers, size=size).features
 
 
 # --------------------------------------------------------------------------- npz files

@@ -1,27 +1,66 @@
 """``create_network``: the one entry point that builds VehicleNet and loads weights."""
+import dataclasses
 import logging
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
-from .network import PUBLISHED_NUM_CLASSES, VehicleNet
+from .backend import KernelBackend, check_precision
+from .network import PUBLISHED_LAST_STRIDE, PUBLISHED_NUM_CLASSES, VehicleNet
+from .preprocessing import INPUT_SIZE
 
 LOG = logging.getLogger(__name__)
 
 MODEL_NAMES = ("vehiclenet",)
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightsMeta:
+    """The network settings that go with a set of weights (``net.weights_meta``).
+
+    ``num_classes`` (head size), ``last_stride`` (layer4) and ``input_size`` ((height,
+    width) the feature pipeline resizes to) come from the manifest asset the weights were
+    downloaded as, the published model's values where it says nothing (or for a local
+    checkpoint or random weights); on a network, an explicit ``create_network`` argument
+    replaces them. ``asset`` names the manifest entry (None: not a manifest asset).
+    """
+
+    num_classes: int = PUBLISHED_NUM_CLASSES
+    last_stride: int = PUBLISHED_LAST_STRIDE
+    input_size: Tuple[int, int] = INPUT_SIZE
+    asset: Optional[str] = None
+
+
+def weights_meta(checkpoint=None, pretrained: Union[bool, str] = True) -> WeightsMeta:
+    """What the weights :func:`create_network` would load say about the network, from the
+    manifest alone (nothing is downloaded): the ``pretrained`` asset's settings unless a
+    ``checkpoint`` file is given or ``pretrained`` is off (then the published values)."""
+    if checkpoint is not None or pretrained is False or pretrained is None:
+        return WeightsMeta()
+    from .assets import get_asset
+
+    asset = get_asset(None if pretrained is True else pretrained)
+    published = WeightsMeta()
+    return WeightsMeta(
+        num_classes=asset.num_classes or published.num_classes,
+        last_stride=asset.last_stride or published.last_stride,
+        input_size=asset.input_size or published.input_size,
+        asset=asset.name,
+    )
+
+
 def create_network(
     name: str = "vehiclenet",
     *,
     pretrained: Union[bool, str] = True,
-    num_classes: int = PUBLISHED_NUM_CLASSES,
+    num_classes: Optional[int] = None,
     include_top: bool = True,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
-    last_stride: int = 2,
+    last_stride: Optional[int] = None,
     device_target: Optional[str] = None,
     mode: str = "graph",
     amp_level: Optional[str] = None,
     precision: str = "fp32",
+    cpu_kernels: bool = True,
 ):
     """Build VehicleNet and load its weights, ready for inference.
 
@@ -30,16 +69,19 @@ def create_network(
         pretrained: ``True`` downloads (or finds in the cache), sha256-verifies and
             loads the published VeRi-776 checkpoint (the default asset of
             ``assets.json``); a string names another asset of the manifest;
-            ``False`` keeps the random initialisation.
-        num_classes: identities of the classification head. Another value than the
-            checkpoint's keeps the published backbone and bottleneck and freshly
-            initialises the last Dense (logged).
+            ``False`` keeps the random initialisation. The asset's ``num_classes``,
+            ``last_stride`` and ``input_size`` are the defaults of the network built
+            (see :class:`WeightsMeta`).
+        num_classes: identities of the classification head; ``None``: the asset's, else
+            575 (the published head). Another value than the checkpoint's keeps its
+            backbone and bottleneck and freshly initialises the last Dense (logged).
         include_top: ``True`` returns logits (N, num_classes); ``False`` returns the
             512-d retrieval embedding (the head's ``bn1`` output).
         checkpoint: a local ``.ckpt`` to load instead; wins over ``pretrained`` and
             downloads nothing.
-        last_stride: stride of layer4. The published weights were trained with 2
-            (2048x12x12 maps at 384x384); 1 is an explicit, non-published variant.
+        last_stride: stride of layer4; ``None``: the asset's, else 2, as the published
+            weights were trained (2048x12x12 maps at 384x384). 1 is an explicit,
+            non-published variant.
         device_target: "Ascend", "GPU" or "CPU"; ``None`` keeps a device the process
             already set, else picks Ascend, then GPU, then CPU.
         mode: "graph" (default) or "pynative".
@@ -49,6 +91,9 @@ def create_network(
             model exactly; ``"bf16"`` convolves in bfloat16 with float32 accumulation on
             the oneDNN kernels (features within cosine 0.9999 of fp32, about 2x faster on
             CPUs with AVX512-BF16 or AMX). Training a bf16 network runs in float32.
+        cpu_kernels: ``False`` builds the network on MindSpore's own operators even where
+            the oneDNN kernels are available (export does: its graph must not name a
+            library of this machine). The choice is made here, for the network's life.
 
     Returns:
         A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
@@ -56,7 +101,9 @@ def create_network(
         before fine-tuning. On x86-64 CPUs inference and training run through oneDNN 3
         kernels (:mod:`vehiclenet.cpu_kernels`; ``VEHICLENET_CPU_KERNELS=0`` turns them off).
         ``net.load_report`` is the :class:`~vehiclenet.checkpoint.LoadReport`
-        of the weights loaded (None for random weights).
+        of the weights loaded (None for random weights); ``net.weights_meta`` the
+        :class:`WeightsMeta` it was built with (its ``input_size`` is what
+        :func:`vehiclenet.features.embed` resizes to).
 
     Raises:
         CheckpointError: the checkpoint is missing entries, has other shapes or is
@@ -74,41 +121,54 @@ def create_network(
         raise ValueError(f"amp_level must be one of {device_mod.AMP_LEVELS} or None, got {amp_level!r}")
     target = device_mod.configure(device_target, mode)
     amp_level = amp_level or device_mod.default_amp_level(target)
-    library = _cpu_library(target, amp_level, precision)
+    backend = _cpu_backend(target, amp_level, precision, cpu_kernels)
+    trained = weights_meta(checkpoint, pretrained)
+    meta = _resolved_meta(trained, num_classes, last_stride)
 
-    net = VehicleNet(num_classes=num_classes, include_top=include_top, last_stride=last_stride)
-    weights = weights_path(checkpoint, pretrained)
-    report = None
-    if weights is not None:
-        from .checkpoint import load_weights
-
-        if last_stride != 2:
-            LOG.warning("last_stride=%d: the weights in %s were trained with layer4 stride 2", last_stride, weights)
-        report = load_weights(net, weights)
-    else:
-        LOG.info("pretrained=False and no checkpoint: the network keeps its random initialisation")
-
-    if library is not None:
-        # Only before the first call compiles the graph; see cpu_kernels.py.
-        net.model.use_cpu_kernels(library, precision)
+    net = VehicleNet(num_classes=meta.num_classes, include_top=include_top, last_stride=meta.last_stride,
+                     backend=backend)
+    report = _load(net, weights_path(checkpoint, pretrained), trained.last_stride, meta.last_stride)
     if amp_level != "O0":
         import mindspore as ms
 
         # O2 casts to float16 but keeps BatchNorm in float32, as the Ascend reference ran.
         net = ms.amp.auto_mixed_precision(net, amp_level)
     net.load_report = report
+    net.weights_meta = meta
     net.set_train(False)
     return net
 
 
-def _cpu_library(target: str, amp_level: str, precision: str) -> Optional[str]:
-    """The oneDNN kernel library the network will run on (None: MindSpore's own operators),
-    after checking that ``precision`` can run here."""
-    from .cpu_kernels import PRECISIONS, Bf16Unsupported, check_bf16, library_path
+def _resolved_meta(meta: WeightsMeta, num_classes: Optional[int], last_stride: Optional[int]) -> WeightsMeta:
+    """``meta`` with the caller's explicit values in place of the weights' (a head of another
+    size is re-initialised and logged by load_weights)."""
+    return dataclasses.replace(meta, num_classes=meta.num_classes if num_classes is None else num_classes,
+                               last_stride=meta.last_stride if last_stride is None else last_stride)
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if target != "CPU" or amp_level != "O0":
+
+def _load(net, weights: Optional[str], trained_stride: int, last_stride: int):
+    """Load ``weights`` into ``net`` (None: keep the random initialisation); the LoadReport or None."""
+    if weights is None:
+        LOG.info("pretrained=False and no checkpoint: the network keeps its random initialisation")
+        return None
+    from .checkpoint import load_weights
+
+    if last_stride != trained_stride:  # same parameters, other feature maps: loads, but is not what was trained
+        LOG.warning("last_stride=%d: the weights in %s were trained with layer4 stride %d",
+                    last_stride, weights, trained_stride)
+    return load_weights(net, weights)
+
+
+def _cpu_backend(target: str, amp_level: str, precision: str, cpu_kernels: bool) -> Optional[KernelBackend]:
+    """The oneDNN kernels the network will be built on (None: MindSpore's own operators),
+    after checking that ``precision`` can run here."""
+    from .cpu_kernels import Bf16Unsupported, check_bf16, library_path
+
+    check_precision(precision)
+    if target != "CPU" or amp_level != "O0" or not cpu_kernels:
+        if precision == "bf16" and not cpu_kernels:
+            raise Bf16Unsupported("precision='bf16' runs on the oneDNN CPU kernels, which cpu_kernels=False "
+                                  "turns off; drop one of the two")
         if precision == "bf16":
             raise Bf16Unsupported(f"precision='bf16' is for CPU inference (device {target}, amp_level {amp_level}); "
                                   f"use amp_level to lower precision on {target}")
@@ -116,7 +176,7 @@ def _cpu_library(target: str, amp_level: str, precision: str) -> Optional[str]:
     library = library_path()
     if precision == "bf16":
         LOG.info("bf16 inference on the oneDNN kernels (%s)", check_bf16(library))
-    return library
+    return None if library is None else KernelBackend(library, precision)
 
 
 def weights_path(checkpoint=None, pretrained: Union[bool, str] = True) -> Optional[str]:

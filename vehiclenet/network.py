@@ -6,11 +6,14 @@ Parameter names and shapes match the published checkpoint exactly (see
 stride 2 (the reference's attempt to set stride 1 never took effect), so that is
 the default; ``last_stride=1`` is an explicit, non-published variant.
 """
-from typing import Optional
+from typing import List, Optional
 
+import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore.common.initializer import HeNormal, Normal, One, Zero
+
+from .backend import BlockInferenceOps, BlockTrainOps, InferenceOps, KernelBackend, TrainOps
 
 # Backbone BatchNorm settings of the published model (MindSpore momentum convention:
 # the running statistic keeps 0.9 of itself).
@@ -19,6 +22,7 @@ BN_MOMENTUM = 0.9
 EMBEDDING_DIM = 512
 BACKBONE_DIM = 2048
 PUBLISHED_NUM_CLASSES = 575
+PUBLISHED_LAST_STRIDE = 2  # layer4 as the published weights were trained (see the module docstring)
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
@@ -75,11 +79,17 @@ def _bn(channels: int, zero_gamma: bool = False) -> nn.BatchNorm2d:
 
 
 class Bottleneck(nn.Cell):
-    """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv (``conv2``)."""
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv (``conv2``).
+
+    With ``nhwc_ops`` / ``train_ops`` (and ``bn_eps``, the BatchNorm epsilon as a (1,)
+    float32 tensor) it also runs on the oneDNN kernels: see :meth:`construct_nhwc`.
+    """
 
     expansion = 4
 
-    def __init__(self, in_ch: int, mid_ch: int, stride: int, down_sample: bool) -> None:
+    def __init__(self, in_ch: int, mid_ch: int, stride: int, down_sample: bool, *,
+                 nhwc_ops: Optional[BlockInferenceOps] = None, train_ops: Optional[BlockTrainOps] = None,
+                 bn_eps=None) -> None:
         super().__init__()
         out_ch = mid_ch * self.expansion
         self.conv1 = _conv(in_ch, mid_ch, 1)
@@ -94,8 +104,7 @@ class Bottleneck(nn.Cell):
         if down_sample:
             self.down_sample_layer = nn.SequentialCell([_conv(in_ch, out_ch, 1, stride), _bn(out_ch)])
         self.stride = stride
-        self.nhwc_ops = None  # set by ResNet50.use_cpu_kernels
-        self.train_ops = None
+        self.nhwc_ops, self.train_ops, self.bn_eps = nhwc_ops, train_ops, bn_eps
 
     def construct(self, x):
         identity = x
@@ -108,33 +117,42 @@ class Bottleneck(nn.Cell):
 
     def construct_nhwc(self, x):
         """Inference forward on NHWC tensors with the oneDNN kernels (see cpu_kernels.py)."""
-        conv_relu, conv_s_relu, conv_s, conv_add_relu = self.nhwc_ops
-        out = conv_relu(x, *_folded(self.conv1, self.bn1))
-        out = conv_s_relu(out, *_folded(self.conv2, self.bn2))
+        k = self.nhwc_ops
+        out = k.conv1(x, *_folded(self.conv1, self.bn1))
+        out = k.conv2(out, *_folded(self.conv2, self.bn2))
         identity = x
         if self.down_sample:
-            identity = conv_s(x, *_folded(self.down_sample_layer[0], self.down_sample_layer[1]))
-        return conv_add_relu(out, *_folded(self.conv3, self.bn3), identity)
+            identity = k.down_sample(x, *_folded(self.down_sample_layer[0], self.down_sample_layer[1]))
+        return k.conv3_add(out, *_folded(self.conv3, self.bn3), identity)
 
     def construct_nhwc_train(self, x):
         """Training forward on NHWC tensors with the differentiable oneDNN ops (batch statistics)."""
-        conv, conv_s, batch_norm, batch_norm_relu, batch_norm_add_relu, eps = self.train_ops
-        out = _bn_train(batch_norm_relu, conv(x, self.conv1.weight), self.bn1, eps, True)
-        out = _bn_train(batch_norm_relu, conv_s(out, self.conv2.weight), self.bn2, eps, True)
+        t, eps = self.train_ops, self.bn_eps
+        out = _bn_train(t.batch_norm_relu, t.conv1(x, self.conv1.weight), self.bn1, eps, True)
+        out = _bn_train(t.batch_norm_relu, t.conv2(out, self.conv2.weight), self.bn2, eps, True)
         identity = x
         if self.down_sample:
             down, down_bn = self.down_sample_layer[0], self.down_sample_layer[1]
-            identity = _bn_train(batch_norm, conv_s(x, down.weight), down_bn, eps, False)
-        return _bn_train(batch_norm_add_relu, conv(out, self.conv3.weight), self.bn3, eps, True, identity)
+            identity = _bn_train(t.batch_norm, t.down_sample(x, down.weight), down_bn, eps, False)
+        return _bn_train(t.batch_norm_add_relu, t.conv3(out, self.conv3.weight), self.bn3, eps, True, identity)
 
 
 class ResNet50(nn.Cell):
-    """ResNet-50 backbone ([3, 4, 6, 3] bottlenecks) returning pooled (N, 2048) features."""
+    """ResNet-50 backbone ([3, 4, 6, 3] bottlenecks) returning pooled (N, 2048) features.
 
-    def __init__(self, last_stride: int = 2) -> None:
+    ``backend`` is chosen here, once: a :class:`~vehiclenet.backend.KernelBackend` runs
+    inference and training on the oneDNN kernels (see cpu_kernels.py), None MindSpore's
+    own operators. The parameters are the same either way.
+    """
+
+    def __init__(self, last_stride: int = 2, backend: Optional[KernelBackend] = None) -> None:
         super().__init__()
         if last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2 (published model: 2), got {last_stride!r}")
+        self.backend = backend
+        self.bf16 = backend is not None and backend.bf16  # inference convolutions in bfloat16
+        self.nhwc_ops, self.train_ops = _kernel_ops(backend)
+        self.bn_eps = None if backend is None else ms.Tensor([BN_EPS], ms.float32)
         self.conv1 = _conv(3, 64, 7, 2)
         self.bn1 = _bn(64)
         self.relu = nn.ReLU()
@@ -142,43 +160,18 @@ class ResNet50(nn.Cell):
         self.layer1 = self._make_layer(64, 64, 3, 1)
         self.layer2 = self._make_layer(256, 128, 4, 2)
         self.layer3 = self._make_layer(512, 256, 6, 2)
-        self.layer4 = self._make_layer(1024, 512, 3, last_stride)
-        self.nhwc_ops = None
-        self.train_ops = None
-        self.bf16 = False  # inference convolutions in bfloat16 (use_cpu_kernels(..., "bf16"))
+        self.layer4 = self._make_layer(1024, 512, 3, last_stride, last=True)
 
-    def use_cpu_kernels(self, library: Optional[str], precision: str = "fp32") -> None:
-        """Run inference and training through the oneDNN kernels of ``library`` (see
-        cpu_kernels.py), or MindSpore's own operators with None. With ``precision="bf16"``
-        inference convolves in bf16 (training stays float32). Takes effect in graph mode
-        only before the first call compiles the network."""
-        blocks = [cell for _, cell in self.cells_and_names() if isinstance(cell, Bottleneck)]
-        self.bf16 = False
-        if library is None:
-            self.nhwc_ops = self.train_ops = None
-            for block in blocks:
-                block.nhwc_ops = block.train_ops = None
-            return
-        import mindspore as ms
-
-        from .cpu_kernels import make_ops, make_train_ops
-
-        k, t = make_ops(library, precision), make_train_ops(library)
-        self.bf16 = precision == "bf16"
-        eps = ms.Tensor([BN_EPS], ms.float32)
-        self.nhwc_ops = (k["stem"], k["max_pool"])
-        self.train_ops = (t["conv", 2, False], t["max_pool"], t["batch_norm_relu"], eps)
-        for block in blocks:
-            s = block.stride
-            conv_add = k["conv_add_last"] if block is blocks[-1] else k["conv_add"]
-            block.nhwc_ops = (k["conv", 1, True], k["conv", s, True], k["down", s], conv_add)
-            block.train_ops = (t["conv", 1, True], t["conv", s, True], t["batch_norm"], t["batch_norm_relu"],
-                               t["batch_norm_add_relu"], eps)
-
-    @staticmethod
-    def _make_layer(in_ch: int, mid_ch: int, blocks: int, stride: int) -> nn.SequentialCell:
-        cells = [Bottleneck(in_ch, mid_ch, stride, down_sample=True)]
-        cells += [Bottleneck(mid_ch * 4, mid_ch, 1, down_sample=False) for _ in range(blocks - 1)]
+    def _make_layer(self, in_ch: int, mid_ch: int, blocks: int, stride: int, last: bool = False) -> nn.SequentialCell:
+        """``blocks`` bottlenecks, the first with ``stride`` and the projection shortcut;
+        ``last`` for layer4, whose last block hands its output to the pooling."""
+        strides = [stride] + [1] * (blocks - 1)
+        cells: List[Bottleneck] = []
+        for i, s in enumerate(strides):
+            infer = None if self.nhwc_ops is None else self.nhwc_ops.block(s, last=last and i == blocks - 1)
+            train = None if self.train_ops is None else self.train_ops.block(s)
+            cells.append(Bottleneck(in_ch if i == 0 else mid_ch * 4, mid_ch, s, down_sample=i == 0,
+                                    nhwc_ops=infer, train_ops=train, bn_eps=self.bn_eps))
         return nn.SequentialCell(cells)
 
     def feature_map(self, x):
@@ -194,21 +187,30 @@ class ResNet50(nn.Cell):
         return ops.mean(self.feature_map(x), (2, 3))
 
     def construct_nhwc(self, x):
-        conv_relu, max_pool = self.nhwc_ops
-        x = max_pool(conv_relu(ops.transpose(x, (0, 2, 3, 1)), *_folded(self.conv1, self.bn1)))
+        k = self.nhwc_ops
+        x = k.max_pool(k.stem(ops.transpose(x, (0, 2, 3, 1)), *_folded(self.conv1, self.bn1)))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = block.construct_nhwc(x)
         return ops.mean(x, (1, 2))
 
     def construct_nhwc_train(self, x):
-        conv, max_pool, batch_norm_relu, eps = self.train_ops
-        x = conv(ops.transpose(x, (0, 2, 3, 1)), self.conv1.weight)
-        x = max_pool(_bn_train(batch_norm_relu, x, self.bn1, eps, True))[0]
+        t = self.train_ops
+        x = t.stem(ops.transpose(x, (0, 2, 3, 1)), self.conv1.weight)
+        x = t.max_pool(_bn_train(t.batch_norm_relu, x, self.bn1, self.bn_eps, True))[0]
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = block.construct_nhwc_train(x)
         return ops.mean(x, (1, 2))
+
+
+def _kernel_ops(backend: Optional[KernelBackend]):
+    """(InferenceOps, TrainOps) over ``backend``'s library, or (None, None) for MindSpore's operators."""
+    if backend is None:
+        return None, None
+    from .cpu_kernels import make_ops, make_train_ops
+
+    return make_ops(backend.library, backend.precision), make_train_ops(backend.library)
 
 
 class Head(nn.Cell):
@@ -240,15 +242,16 @@ class VehicleNet(nn.Cell):
     """VehicleNet: ``model`` (ResNet-50) + ``classifier`` (bottleneck head).
 
     ``include_top=True`` returns logits (N, num_classes); ``include_top=False``
-    returns the (N, 512) embedding used for retrieval.
+    returns the (N, 512) embedding used for retrieval. ``backend``: what the backbone
+    runs on, fixed for the network's life (see :class:`ResNet50`).
     """
 
     def __init__(self, num_classes: int = PUBLISHED_NUM_CLASSES, include_top: bool = True,
-                 last_stride: int = 2) -> None:
+                 last_stride: int = 2, backend: Optional[KernelBackend] = None) -> None:
         super().__init__()
         if include_top and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        self.model = ResNet50(last_stride)
+        self.model = ResNet50(last_stride, backend)
         self.classifier = Head(num_classes if include_top else None)
         self.include_top = include_top
         self.num_classes = num_classes if include_top else None
