@@ -27,7 +27,7 @@ from .errors import ManifestError
 ENV_ASSETS = "VEHICLENET_ASSETS"
 PACKAGED_MANIFEST = Path(__file__).resolve().parent / "assets.json"
 
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")  # a sha256 as 64 hex digits (manifest, verify --sha256)
 _KNOWN_KEYS = {"name", "file", "sha256", "urls", "size", "format", "num_classes", "metrics", "license", "source"}
 _SUPPORTED_SCHEMAS = (1,)
 
@@ -228,7 +228,7 @@ def _parse_asset(entry: Any, index: int, where: Path) -> Asset:
         raise bad("file", f"{file!r} {problem}", "give only the file name; the cache folder is chosen by vehiclenet")
 
     sha = entry["sha256"]
-    if not isinstance(sha, str) or not _HEX64.match(sha):
+    if not isinstance(sha, str) or not SHA256_HEX.match(sha):
         raise bad(
             "sha256",
             f"{sha!r} is not 64 hexadecimal characters",

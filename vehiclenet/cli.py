@@ -467,9 +467,8 @@ def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str):
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .features import embed, save_features
-    from .fileio import check_output_file
+    from .fileio import check_output_file, is_image_path
     from .interrupts import doing, kept
-    from .preprocessing import is_image_path
 
     _check_network_args(args)
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
@@ -496,8 +495,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     from .errors import DataError, UsageError
     from .evaluation import parse_veri_name
     from .features import FeatureResult, embed, load_features, nearest
-    from .fileio import check_output_file
-    from .preprocessing import is_image_path, load_image
+    from .fileio import check_output_file, is_image_path
+    from .preprocessing import load_image
     from .visualize import draw_ranking, picture_format
 
     _check_network_args(args)

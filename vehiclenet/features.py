@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .fileio import atomic_write, read_npz
+from .fileio import atomic_write, is_image_path, read_npz
 from .interrupts import doing, held
-from .preprocessing import INPUT_SIZE, ImageSource, is_image_path, load_image, preprocess
+from .preprocessing import INPUT_SIZE, ImageSource, load_image, preprocess
 
 __all__ = ["FeatureResult", "embed", "extract_features", "list_images", "load_features", "save_features"]
 

@@ -24,6 +24,18 @@ _KINDS = (
 )
 
 
+# File name extensions of the images vehiclenet reads (Pillow decodes them all): the one list
+# every folder walk uses (embed, rank, evaluate, finetune).
+IMAGE_EXTENSIONS = frozenset(
+    (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
+)
+
+
+def is_image_path(path: PathLike) -> bool:
+    """True when the file name has one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
 def describe_mode(mode: int) -> str:
     """``"a regular file"``, ``"a folder"``, ``"a FIFO (named pipe)"``, ... for an ``st_mode``."""
     for test, text in _KINDS:

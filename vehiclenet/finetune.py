@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import CheckpointError, DataError, TrainingError, UsageError
-from .fileio import atomic_write, private_folder, remove_stale_temps, replace_output
+from .fileio import atomic_write, is_image_path, private_folder, remove_stale_temps, replace_output
 from .interrupts import doing, held, import_mindspore, kept
 
 LOG = logging.getLogger(__name__)
@@ -85,8 +85,6 @@ class TrainingData:
 
 
 def _is_image(name: str) -> bool:
-    from .preprocessing import is_image_path
-
     return not name.startswith(".") and is_image_path(name)
 
 

@@ -29,7 +29,6 @@ header, before any pixel is decoded.
 import io
 import os
 import threading
-from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -37,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .env import env_int
 from .errors import DataError
+from .fileio import IMAGE_EXTENSIONS, is_image_path  # re-exported: part of this module's API
 
 __all__ = ["IMAGE_EXTENSIONS", "INPUT_SIZE", "MEAN", "STD", "ImageSource", "eval_transforms", "is_image_path",
            "load_image", "max_pixels", "preprocess", "preprocess_image", "to_rgb_uint8"]
@@ -201,12 +201,3 @@ def preprocess_image(src: ImageSource, size: Tuple[int, int] = INPUT_SIZE) -> np
     """``preprocess(load_image(src, size), size)``: any image source to the network's (3, H, W) float32 input."""
     return preprocess(load_image(src, size), size)
 
-
-def is_image_path(path: Union[str, Path]) -> bool:
-    """True when the file name has an image extension Pillow reads (used to expand folders)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-IMAGE_EXTENSIONS = frozenset(
-    (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
-)
