@@ -71,7 +71,7 @@ def _add_asset_commands(sub: "argparse._SubParsersAction") -> None:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument(
-        "--no-device", action="store_true", help="do not import mindspore to find the device (faster)"
+        "--no-device", action="store_true", help="do not import mindspore to find the device, nor compile the CPU kernels (faster)"
     )
     p.set_defaults(func=_cmd_info)
 
@@ -155,8 +155,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from importlib import metadata
 
     from .assets import load_manifest, manifest_path, redact_url
-    from .download import ENV_HOME, ENV_MIRROR, ENV_OFFLINE, cache_dir, cached_path
-    from .env import env_flag
+    from . import env
+    from .download import cached_path
     from .verify import check_file
 
     versions = {"vehiclenet": __version__, "python": platform.python_version()}
@@ -180,12 +180,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
             device = choose_device()
         except Exception as exc:  # info must report, not crash, on a broken install
             device = f"unknown ({type(exc).__name__}: {exc})"
-    # What CPU inference convolves with (builds the kernels once if needed; no mindspore import).
+    # What CPU inference convolves with (no mindspore import). --no-device promises a quick
+    # look: it reports the kernels without compiling them; otherwise they are built if needed.
     from .cpu_kernels import bf16_status
     from .cpu_kernels import status as cpu_kernels_status
 
-    cpu_kernels = cpu_kernels_status()
-    bf16 = bf16_status()
+    cpu_kernels = cpu_kernels_status(build=not args.no_device)
+    bf16 = bf16_status(build=not args.no_device)
     from .blas import blas_libraries, evaluation_blas
 
     blas = {"evaluation": evaluation_blas(), "loaded": blas_libraries()}
@@ -204,10 +205,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "bf16": bf16,
         "blas": blas,
         "manifest": str(manifest_path()),
-        "cache": str(cache_dir()),
-        "cache_source": ENV_HOME if os.environ.get(ENV_HOME) else "platform user cache folder",
-        "offline": env_flag(ENV_OFFLINE),
-        "mirror": redact_url(os.environ.get(ENV_MIRROR) or "") or None,
+        "cache": str(env.cache_dir()),
+        "cache_source": env.HOME if env.is_set(env.HOME) else "platform user cache folder",
+        "offline": env.offline(),
+        "mirror": redact_url(env.mirror()) or None,
         "assets": assets,
     }
     if args.json:
@@ -221,7 +222,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
           + ", ".join(_describe_blas(lib) for lib in blas["loaded"] if lib != blas["evaluation"]))
     print(f"manifest: {report['manifest']}")
     print(f"cache:    {report['cache']} ({report['cache_source']})")
-    print(f"network:  {'offline (' + ENV_OFFLINE + ')' if report['offline'] else 'online'}"
+    print(f"network:  {'offline (' + env.OFFLINE + ')' if report['offline'] else 'online'}"
           + (f", mirror {report['mirror']}" if report["mirror"] else ""))
     print("assets:")
     for a in assets:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .env import env_int
+from . import env
 from .errors import DataError
 from .fileio import IMAGE_EXTENSIONS, is_image_path  # re-exported: part of this module's API
 
@@ -47,8 +47,7 @@ STD: Tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
-ENV_MAX_PIXELS = "VEHICLENET_MAX_PIXELS"
-DEFAULT_MAX_PIXELS = 40_000_000
+ENV_MAX_PIXELS = env.MAX_PIXELS  # its name, for messages
 DRAFT_MARGIN = 2  # a drafted JPEG keeps at least this many times the network input on each side
 
 _OPS = threading.local()
@@ -120,7 +119,7 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
 def max_pixels() -> int:
     """The largest image (width x height, after JPEG draft) :func:`load_image` decodes:
     ``$VEHICLENET_MAX_PIXELS``, else 40 million."""
-    return env_int(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS, minimum=1)
+    return env.max_pixels()
 
 
 def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -> np.ndarray:
