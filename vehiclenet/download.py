@@ -53,7 +53,7 @@ from .assets import LOCK_DIR, Asset, get_asset, redact_url, url_problem
 from . import env
 from .env import cache_dir  # noqa: F401 (re-exported: the cache root is part of this module's API)
 from .errors import DownloadChecksumError, DownloadError, OfflineError
-from .fileio import NotRegularFileError, describe_entry, open_regular
+from .fileio import NotRegularFileError, describe_entry, open_regular, publish
 
 log = logging.getLogger(__name__)
 
@@ -720,21 +720,6 @@ def _content_range(value: str) -> Tuple[int, Optional[int]]:
         raise _UrlFailed(f"unreadable Content-Range header {value!r}") from None
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _download_url(
     session: Any, url: str, asset: Asset, final: Path, settings: DownloadSettings, progress: Optional[bool]
 ) -> None:
@@ -774,8 +759,7 @@ def _publish(out: Any, part: Path, final: Path) -> None:
     if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
         raise DownloadError(f"{part} was replaced by something else during the download; it was not published. "
                             f"Check who else writes to {part.parent}, then run the command again")
-    os.replace(part, final)
-    _fsync_dir(final.parent)
+    publish(part, final, fd=out.fileno())  # the same durable rename as every other output
 
 
 def _progress_bar(asset: Asset, offset: int, progress: Optional[bool]) -> Any:
@@ -966,8 +950,7 @@ def _stream(resp: Any, t: _Transfer, total: Optional[int], settings: DownloadSet
                              f"the excess (wrong file on the server, or a hostile one)")
         t.append(chunk)
         watch.check(t.offset)
-    t.out.flush()
-    os.fsync(t.out.fileno())
+    t.out.flush()  # the bytes reach the file; _publish syncs them once the hash has matched
     if total is not None and t.offset < total:
         raise requests.exceptions.ChunkedEncodingError(f"IncompleteRead: got {t.offset} of {total} bytes")
 

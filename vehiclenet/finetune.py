@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import CheckpointError, DataError, TrainingError, UsageError
-from .fileio import atomic_write, is_image_path, private_folder, remove_stale_temps, replace_output
+from .fileio import atomic_output, atomic_write, is_image_path, remove_stale_temps
 from .interrupts import doing, held, import_mindspore, kept
 
 LOG = logging.getLogger(__name__)
@@ -400,11 +400,9 @@ class CheckpointSaver:
         path = self.out_dir / f"{CHECKPOINT_PREFIX}-e{epoch:03d}.ckpt"
         # Written in a private folder then renamed, so a crash never leaves a half-written file
         # under the final name, and a killed run's leftovers are known by their process id.
-        with private_folder(path) as folder:
-            tmp = folder / path.name  # save_checkpoint insists on a .ckpt suffix
-            LOG.debug("writing %s in %s", path.name, folder)
+        with atomic_output(path) as tmp:  # tmp keeps the .ckpt suffix save_checkpoint insists on
+            LOG.debug("writing %s in %s", path.name, tmp.parent)
             ms.save_checkpoint(train_step, str(tmp), append_dict={"epoch_num": int(epoch), "step_num": int(step)})
-            replace_output(tmp, path)
         # The file just written always stays, even when a resumed run left higher epoch numbers.
         others = [p for p in self.existing() if p != path]
         for old in others[:max(0, len(others) - (self.keep_max - 1))]:

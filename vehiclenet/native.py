@@ -11,11 +11,11 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
 from . import env
+from .fileio import atomic_output
 
 __all__ = ["NativeBuildError", "default_build_dir", "library_file", "build", "retrieval_kernels"]
 
@@ -72,24 +72,18 @@ def build(source: Path, name: str, args: Sequence[str], **options: Any) -> Path:
         with FileLock(str(target) + ".lock"):
             if target.is_file():  # another process built it while we waited
                 return target
-            _compile(compiler, source, args, folder, name, target)
+            _compile(compiler, source, args, target)
     except OSError as err:
         raise NativeBuildError(f"cannot build {source.name} in {folder}: {err}") from err
     return target
 
 
-def _compile(compiler: str, source: Path, args: Sequence[str], folder: Path, name: str, target: Path) -> None:
-    fd, partial = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.part", dir=folder)
-    os.close(fd)
-    try:
-        command = [compiler, str(source), *args, "-o", partial]
+def _compile(compiler: str, source: Path, args: Sequence[str], target: Path) -> None:
+    with atomic_output(target) as partial:  # a half-written library never has the final name
+        command = [compiler, str(source), *args, "-o", str(partial)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise NativeBuildError(f"compiling {source} failed ({' '.join(command)}):\n{done.stderr.strip()[-2000:]}")
-        os.replace(partial, target)  # a half-written library never has the final name
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
 
 
 @functools.lru_cache(maxsize=None)
