@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import env
-from .errors import DataError
+from .errors import DataError, ImageDecodeError
 from .fileio import IMAGE_EXTENSIONS, is_image_path  # re-exported: part of this module's API
 
 __all__ = ["IMAGE_EXTENSIONS", "INPUT_SIZE", "MEAN", "STD", "ImageSource", "eval_transforms", "is_image_path",
@@ -130,7 +130,9 @@ def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -
     (None: always full size). Files and bytes larger than :func:`max_pixels` are refused.
 
     Raises:
-        DataError: missing, unreadable, corrupt, too large or non-image input; the message names the file.
+        ImageDecodeError: a file or bytes that are missing, unreadable, corrupt, too large or no
+            image; the message names the file.
+        DataError: an array or object that is no image.
     """
     if isinstance(src, np.ndarray):
         return _array_to_rgb(src)
@@ -147,15 +149,15 @@ def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -
             img.load()  # decode now so truncated files fail here, inside the try
             return to_rgb_uint8(img)
     except FileNotFoundError:
-        raise DataError(f"{name}: no such file") from None
+        raise ImageDecodeError(name, f"{name}: no such file") from None
     except PermissionError:
-        raise DataError(f"{name}: permission denied") from None
+        raise ImageDecodeError(name, f"{name}: permission denied") from None
     except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image file (Pillow cannot identify it)") from None
+        raise ImageDecodeError(name, f"{name}: not an image file (Pillow cannot identify it)") from None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{name}: too large to decode ({exc}); shrink the image first") from None
+        raise ImageDecodeError(name, f"{name}: too large to decode ({exc}); shrink the image first") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{name}: corrupt or unreadable image ({exc})") from None
+        raise ImageDecodeError(name, f"{name}: corrupt or unreadable image ({exc})") from None
 
 
 def _opener(src: ImageSource) -> Tuple[str, Callable[[], Any]]:
@@ -179,7 +181,8 @@ def _draft_and_check(img: Image.Image, name: str, size: Optional[Tuple[int, int]
         img.draft(img.mode, (DRAFT_MARGIN * size[1], DRAFT_MARGIN * size[0]))
     width, height = img.size
     if width * height > limit:
-        raise DataError(
+        raise ImageDecodeError(
+            name,
             f"{name}: {width}x{height} is {width * height / 1e6:.1f} million pixels, more than the "
             f"{limit / 1e6:g} million vehiclenet decodes (a decode takes about 7 bytes per pixel; JPEGs are "
             f"decoded at reduced scale, other formats cannot be); shrink the image first (the network sees "
