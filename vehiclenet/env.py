@@ -6,6 +6,7 @@ call, so a value set between two calls of one process (tests, notebooks) takes e
 value that cannot be understood raises :class:`~vehiclenet.errors.UsageError` naming the
 variable. README's table of variables is :func:`markdown_table` (a test checks it is current).
 """
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,43 +169,20 @@ def kernel_dir() -> Path:
     return folder if folder is not None else cache_dir() / KERNEL_FOLDER
 
 
-def manifest_override() -> Optional[Path]:
-    """``$VEHICLENET_ASSETS`` as a path, or None for the packaged manifest."""
-    return value(ASSETS)
-
-
 def mirror() -> str:
     """``$VEHICLENET_MIRROR`` ("" when unset)."""
     return value(MIRROR) or ""
 
 
-def offline() -> bool:
-    return value(OFFLINE)
-
-
-def timeouts() -> Tuple[float, float]:
-    """(connect, read) seconds."""
-    return value(TIMEOUT)
-
-
-def retries() -> int:
-    return value(RETRIES)
-
-
-def backoff() -> float:
-    return value(BACKOFF)
-
-
-def lock_timeout() -> float:
-    return value(LOCK_TIMEOUT)
-
-
-def max_pixels() -> int:
-    return value(MAX_PIXELS)
-
-
-def cpu_kernels() -> bool:
-    return value(CPU_KERNELS)
+# The other accessors only type what the variable's parser returns (meanings: VARIABLES).
+manifest_override: Callable[[], Optional[Path]] = functools.partial(value, ASSETS)  # None: the packaged one
+offline: Callable[[], bool] = functools.partial(value, OFFLINE)
+timeouts: Callable[[], Tuple[float, float]] = functools.partial(value, TIMEOUT)  # (connect, read) seconds
+retries: Callable[[], int] = functools.partial(value, RETRIES)
+backoff: Callable[[], float] = functools.partial(value, BACKOFF)
+lock_timeout: Callable[[], float] = functools.partial(value, LOCK_TIMEOUT)
+max_pixels: Callable[[], int] = functools.partial(value, MAX_PIXELS)
+cpu_kernels: Callable[[], bool] = functools.partial(value, CPU_KERNELS)
 
 
 def markdown_table() -> str:

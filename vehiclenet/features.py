@@ -348,23 +348,14 @@ def embed(
     )
 
 
-def extract_features(
-    net,
-    images: Inputs,
-    *,
-    batch_size: int = 16,
-    flip: bool = True,
-    skip_bad: bool = False,
-    progress: Optional[bool] = None,
-    num_workers: Optional[int] = None,
-) -> np.ndarray:
-    """(N, D) float32 L2-normalised features of ``images``, in order: ``embed(...).features``.
+def extract_features(net, images: Inputs, **options: Any) -> np.ndarray:
+    """(N, D) float32 L2-normalised features of ``images``, in order: ``embed(net, images, **options).features``,
+    with :func:`embed`'s keyword options (``batch_size``, ``flip``, ``skip_bad``, ``progress``, ...).
 
     With ``skip_bad=True`` rows no longer line up with the inputs; use :func:`embed` to
     learn which images were kept.
     """
-    return embed(net, images, batch_size=batch_size, flip=flip, skip_bad=skip_bad,
-                 progress=progress, num_workers=num_workers).features
+    return embed(net, images, **options).features
 
 
 # --------------------------------------------------------------------------- npz files
