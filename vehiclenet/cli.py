@@ -71,7 +71,8 @@ def _add_asset_commands(sub: "argparse._SubParsersAction") -> None:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument(
-        "--no-device", action="store_true", help="do not import mindspore to find the device, nor compile the CPU kernels (faster)"
+        "--no-device", action="store_true",
+        help="do not import mindspore to find the device, nor compile the CPU kernels (faster)"
     )
     p.set_defaults(func=_cmd_info)
 

@@ -19,7 +19,8 @@ and AMP keep the plain MindSpore graph.
 The kernel library is compiled once per machine (about 3 s, with ``$CXX`` or ``c++``)
 against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels and kept in the cache
 folder's ``kernels/`` (``VEHICLENET_HOME``; ``VEHICLENET_KERNEL_CACHE`` moves it alone).
-When anything is missing, the network logs why and runs MindSpore's own kernels. ``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
+When anything is missing, the network logs why and runs MindSpore's own kernels.
+``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
 """
 import ctypes
 import functools
