@@ -81,8 +81,12 @@ def test_values_are_read_at_each_call(monkeypatch, tmp_path):
     assert env.timeouts() == (10.0, 30.0)  # a lone READ keeps the default connect timeout
     monkeypatch.setenv("VEHICLENET_MAX_PIXELS", "40_000")
     assert env.max_pixels() == 40000
-    monkeypatch.setenv("VEHICLENET_HOME", "  ")  # blank is unset
-    assert env.cache_dir() != Path("  ")
+    monkeypatch.setenv("VEHICLENET_HOME", str(tmp_path / "first"))
+    assert env.cache_dir() == tmp_path / "first"
+    monkeypatch.setenv("VEHICLENET_HOME", "  ")  # blank is unset: the platform's folder
+    import platformdirs
+
+    assert env.cache_dir() == Path(platformdirs.user_cache_dir("vehiclenet", appauthor=False))
 
 
 def test_kernel_cache_follows_vehiclenet_home(monkeypatch, tmp_path):
