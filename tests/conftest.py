@@ -60,6 +60,15 @@ def published_ckpt(tmp_path_factory) -> Path:
     return write_published_layout(tmp_path_factory.mktemp("ckpt") / "published_layout.ckpt")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_kernel_cache(tmp_path_factory):
+    """The compiled kernels of the whole session in one folder of its own (also for the CLI
+    subprocesses, which inherit the variable): compiled once, not once per test's cache root."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VEHICLENET_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """No test touches the user's cache or the network: every test gets its own cache."""

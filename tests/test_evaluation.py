@@ -135,6 +135,10 @@ def test_parse_veri_name():
     assert parse_veri_name("/x/image_test/0776_c020_00001_1.JPG") == (776, 20)
     with pytest.raises(DataError, match="cannot parse"):
         parse_veri_name("car_12.jpg")
+    # Image extensions are the package's one list (fileio.IMAGE_EXTENSIONS), not the regex's own.
+    assert parse_veri_name("0002_c002_00030600_0.webp") == (2, 2)
+    with pytest.raises(DataError, match="cannot parse"):
+        parse_veri_name("0002_c002_00030600_0.txt")
 
 
 def _touch(path):

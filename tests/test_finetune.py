@@ -220,14 +220,55 @@ def test_diverging_training_is_a_clear_error(tiny_data, tmp_path):
 
 def test_truncated_image_during_training_is_a_data_error(tmp_path):
     from vehiclenet import finetune as ft
+    from vehiclenet.errors import ImageDecodeError
 
     data = make_dataset(tmp_path / "trunc", n_ids=2, per_id=6, size=64)
     for jpg in (data / "0002").glob("*.jpg"):  # header intact, pixel data cut: passes the header check
         raw = jpg.read_bytes()
         jpg.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(DataError, match="cannot decode training image") as err:
+    with pytest.raises(ImageDecodeError, match="cannot decode training image") as err:
         ft.finetune(data, tmp_path / "out", epochs=1, batch_size=12, image_size=64, pretrained=False, num_workers=1)
-    assert str(data / "0002") in str(err.value)
+    assert str(data / "0002") in str(err.value) and err.value.path.startswith(str(data / "0002"))
+    assert "remove or replace it" in str(err.value) and "RuntimeError" not in str(err.value)
+
+
+def _grey16_png(path: Path) -> Path:
+    """A 16-bit greyscale PNG using the whole 0..65535 range."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grey = (np.arange(48 * 40, dtype=np.uint32).reshape(48, 40) * 34).astype(np.uint16)
+    Image.fromarray(grey).save(path)
+    with Image.open(path) as im:
+        assert im.mode in ("I", "I;16") and np.asarray(im).max() > 255
+    return path
+
+
+def test_training_decodes_images_as_evaluation_does(tmp_path, monkeypatch):
+    """A 16-bit grey PNG gives training exactly the pixels evaluation sees (scaled, not clipped),
+    and the whole training pipeline without augmentation gives evaluation's network input."""
+    from vehiclenet import finetune as ft
+    from vehiclenet.errors import ImageDecodeError
+    from vehiclenet.features import _prepare
+    from vehiclenet.preprocessing import load_image
+
+    path = _grey16_png(tmp_path / "0001" / "grey16.png")
+    with Image.open(path) as im:
+        clipped = np.asarray(im.convert("RGB"))  # what training decoded before: every pixel > 255 became 255
+    evaluation = load_image(path)
+    assert not np.array_equal(clipped, evaluation)
+    training, label = ft._ImageSource([str(path)], np.array([3], np.int32))[0]
+    np.testing.assert_array_equal(training, evaluation)
+    assert label == 3
+
+    data = ft.TrainingData(str(tmp_path), "folders", [str(path)] * 2, np.array([0, 1], np.int32), ["a", "b"])
+    dataset = ft.build_train_dataset(data, batch_size=1, image_size=64, shuffle=False, augment=False, num_workers=1)
+    image, _ = next(dataset.create_tuple_iterator(output_numpy=True))
+    np.testing.assert_array_equal(image[0], _prepare(str(path), (64, 64)))  # evaluation's input, to the bit
+
+    monkeypatch.setenv("VEHICLENET_MAX_PIXELS", "1000")  # the same guard as evaluation: 40x48 is too large
+    source = ft._ImageSource([str(path)], np.array([0], np.int32))
+    with pytest.raises(ImageDecodeError, match="cannot decode training image .*VEHICLENET_MAX_PIXELS") as err:
+        source[0]
+    assert err.value.path == str(path) and source.failure is err.value
 
 
 def test_lr_schedule_param_groups_and_augmentations():

@@ -861,7 +861,7 @@ def test_deeply_nested_manifest_is_a_manifest_error(site):
     assert site.server.requests == [] and not site.cache.exists()
 
 
-@pytest.mark.parametrize("name", [".locks", "w\nckpt", "w\r.ckpt", "sub/w.ckpt", "..\\w.ckpt", "/etc/passwd"])
+@pytest.mark.parametrize("name", [".locks", "kernels", "w\nckpt", "w\r.ckpt", "sub/w.ckpt", "..\\w.ckpt", "/etc/passwd"])
 def test_manifest_file_names_the_cache_cannot_hold_are_refused(site, name):
     manifest = write_manifest(site.tmp, [asset_entry("w", name, PAYLOAD, [site.url])])
     proc = cli("download", env=dict(site.env, VEHICLENET_ASSETS=str(manifest)))

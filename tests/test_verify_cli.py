@@ -201,8 +201,11 @@ def test_download_cli_offline_and_failure_exit_1(setup, http_server):
 
 
 def test_info_reports_cache_and_assets(setup):
+    from vehiclenet.cpu_kernels import build_library
+
     tmp, cache, env = setup
     (cache / FILE).write_bytes(DATA)
+    build_library()  # in the session's kernel cache: `info --no-device` reports it, never builds it
     r = run(env, "info", "--json", "--no-device")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
+from . import env
 from .errors import ManifestError
 
-ENV_ASSETS = "VEHICLENET_ASSETS"
+ENV_ASSETS = env.ASSETS  # its name, for messages
 PACKAGED_MANIFEST = Path(__file__).resolve().parent / "assets.json"
 
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")  # a sha256 as 64 hex digits (manifest, verify --sha256)
 _KNOWN_KEYS = {"name", "file", "sha256", "urls", "size", "format", "num_classes", "last_stride", "input_size",
                "metrics", "license", "source"}
 _SUPPORTED_SCHEMAS = (1,)
@@ -124,8 +125,8 @@ def file_name_problem(name: Any) -> Optional[str]:
     # A newline would split the lines of logs, `verify` output and `sha256sum -c` lists.
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         return "must not contain control characters (newline, tab, NUL...)"
-    if name == LOCK_DIR:
-        return f"is the name of the cache's own lock folder ({LOCK_DIR})"
+    if name in (LOCK_DIR, env.KERNEL_FOLDER):
+        return f"is the name of one of the cache's own folders ({LOCK_DIR}, {env.KERNEL_FOLDER})"
     if name.endswith((".part", ".lock", ".corrupt")):
         return "must not end in .part, .lock or .corrupt (the cache uses those suffixes)"
     return None
@@ -135,10 +136,7 @@ def manifest_path(path: Union[str, os.PathLike, None] = None) -> Path:
     """The manifest in use: ``path``, else ``$VEHICLENET_ASSETS``, else the packaged one."""
     if path is not None:
         return Path(path)
-    env = os.environ.get(ENV_ASSETS)
-    if env:
-        return Path(env)
-    return PACKAGED_MANIFEST
+    return env.manifest_override() or PACKAGED_MANIFEST
 
 
 def load_manifest(path: Union[str, os.PathLike, None] = None) -> List[Asset]:
@@ -147,7 +145,7 @@ def load_manifest(path: Union[str, os.PathLike, None] = None) -> List[Asset]:
     Raises :class:`ManifestError` (exit code 2) naming the file, asset and key.
     """
     where = manifest_path(path)
-    source = f" (from ${ENV_ASSETS})" if path is None and os.environ.get(ENV_ASSETS) else ""
+    source = f" (from ${ENV_ASSETS})" if path is None and env.is_set(ENV_ASSETS) else ""
     try:
         text = where.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -234,7 +232,7 @@ def _parse_asset(entry: Any, index: int, where: Path) -> Asset:
         raise bad("file", f"{file!r} {problem}", "give only the file name; the cache folder is chosen by vehiclenet")
 
     sha = entry["sha256"]
-    if not isinstance(sha, str) or not _HEX64.match(sha):
+    if not isinstance(sha, str) or not SHA256_HEX.match(sha):
         raise bad(
             "sha256",
             f"{sha!r} is not 64 hexadecimal characters",

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 import warnings
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import __version__
 from .errors import VehicleNetError
@@ -71,7 +71,8 @@ def _add_asset_commands(sub: "argparse._SubParsersAction") -> None:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument(
-        "--no-device", action="store_true", help="do not import mindspore to find the device (faster)"
+        "--no-device", action="store_true",
+        help="do not import mindspore to find the device, nor compile the CPU kernels (faster)"
     )
     p.set_defaults(func=_cmd_info)
 
@@ -150,45 +151,70 @@ def _describe_blas(lib: dict) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import json
-    import os
+
+    from . import env
+    from .assets import manifest_path, redact_url
+    from .blas import blas_libraries, evaluation_blas
+    from .cpu_kernels import bf16_status
+    from .cpu_kernels import status as cpu_kernels_status
+
+    report = {
+        "versions": _info_versions(),
+        "device": "not checked (--no-device)" if args.no_device else _info_device(),
+        # What CPU inference convolves with (no mindspore import). --no-device promises a quick
+        # look: it reports the kernels without compiling them; otherwise they are built if needed.
+        "cpu_kernels": cpu_kernels_status(build=not args.no_device),
+        "bf16": bf16_status(build=not args.no_device),
+        "blas": {"evaluation": evaluation_blas(), "loaded": blas_libraries()},
+        "manifest": str(manifest_path()),
+        "cache": str(env.cache_dir()),
+        "cache_source": env.HOME if env.is_set(env.HOME) else "platform user cache folder",
+        "offline": env.offline(),
+        "mirror": redact_url(env.mirror()) or None,
+        "assets": _info_assets(),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_info(report)
+    return 0
+
+
+def _info_versions() -> Dict[str, Optional[str]]:
     import platform
     from importlib import metadata
 
-    from .assets import load_manifest, manifest_path, redact_url
-    from .download import ENV_HOME, ENV_MIRROR, ENV_OFFLINE, cache_dir, cached_path
-    from .env import env_flag
-    from .verify import check_file
-
-    versions = {"vehiclenet": __version__, "python": platform.python_version()}
+    versions: Dict[str, Optional[str]] = {"vehiclenet": __version__, "python": platform.python_version()}
     for dist in ("mindspore", "numpy", "requests", "urllib3", "filelock", "platformdirs", "tqdm", "Pillow", "scipy",
                  "onednn-cpu-gomp"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    if args.no_device:
-        device = "not checked (--no-device)"
-    else:
-        # MindSpore warns about every missing device plugin while probing; the report below
-        # says what was chosen, so keep its log to errors unless the user set GLOG_v.
-        os.environ.setdefault("GLOG_v", "3")
-        try:
-            from .device import choose_device
-            from .interrupts import import_mindspore
+    return versions
 
-            import_mindspore()
-            device = choose_device()
-        except Exception as exc:  # info must report, not crash, on a broken install
-            device = f"unknown ({type(exc).__name__}: {exc})"
-    # What CPU inference convolves with (builds the kernels once if needed; no mindspore import).
-    from .cpu_kernels import bf16_status
-    from .cpu_kernels import status as cpu_kernels_status
 
-    cpu_kernels = cpu_kernels_status()
-    bf16 = bf16_status()
-    from .blas import blas_libraries, evaluation_blas
+def _info_device() -> str:
+    import os
 
-    blas = {"evaluation": evaluation_blas(), "loaded": blas_libraries()}
+    # MindSpore warns about every missing device plugin while probing; the report below
+    # says what was chosen, so keep its log to errors unless the user set GLOG_v.
+    os.environ.setdefault("GLOG_v", "3")
+    try:
+        from .device import choose_device
+        from .interrupts import import_mindspore
+
+        import_mindspore()
+        return choose_device()
+    except Exception as exc:  # info must report, not crash, on a broken install
+        return f"unknown ({type(exc).__name__}: {exc})"
+
+
+def _info_assets() -> List[Dict[str, Any]]:
+    from .assets import load_manifest
+    from .download import cached_path
+    from .verify import check_file
+
     assets = []
     for i, asset in enumerate(load_manifest()):
         path = cached_path(asset)
@@ -197,34 +223,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
             result = check_file(path, asset.sha256, asset)
             entry.update(verified=result.ok, size=result.size, problem=result.message or None)
         assets.append(entry)
-    report = {
-        "versions": versions,
-        "device": device,
-        "cpu_kernels": cpu_kernels,
-        "bf16": bf16,
-        "blas": blas,
-        "manifest": str(manifest_path()),
-        "cache": str(cache_dir()),
-        "cache_source": ENV_HOME if os.environ.get(ENV_HOME) else "platform user cache folder",
-        "offline": env_flag(ENV_OFFLINE),
-        "mirror": redact_url(os.environ.get(ENV_MIRROR) or "") or None,
-        "assets": assets,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()))
-    print(f"device:   {device}")
-    print(f"cpu convolutions: {cpu_kernels}")
-    print(f"bf16 inference: {bf16}")
+    return assets
+
+
+def _print_info(report: Dict[str, Any]) -> None:
+    from . import env
+
+    blas = report["blas"]
+    print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items()))
+    print(f"device:   {report['device']}")
+    print(f"cpu convolutions: {report['cpu_kernels']}")
+    print(f"bf16 inference: {report['bf16']}")
     print(f"evaluation BLAS: {_describe_blas(blas['evaluation'])}; also loaded: "
           + ", ".join(_describe_blas(lib) for lib in blas["loaded"] if lib != blas["evaluation"]))
     print(f"manifest: {report['manifest']}")
     print(f"cache:    {report['cache']} ({report['cache_source']})")
-    print(f"network:  {'offline (' + ENV_OFFLINE + ')' if report['offline'] else 'online'}"
+    print(f"network:  {'offline (' + env.OFFLINE + ')' if report['offline'] else 'online'}"
           + (f", mirror {report['mirror']}" if report["mirror"] else ""))
     print("assets:")
-    for a in assets:
+    for a in report["assets"]:
         state = "not cached"
         if a["cached"] and a["size"] is None:  # something that is not a file sits at the cache path
             state = f"FAILED: {a['problem']}"
@@ -232,7 +249,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
             state = f"cached, {a['size']} bytes, " + ("verified OK" if a["verified"] else f"FAILED: {a['problem']}")
         print(f"  {a['name']}{' (default)' if a['default'] else ''}: {state}")
         print(f"    {a['path']}")
-    return 0
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -468,9 +484,8 @@ def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str):
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .features import embed, save_features
-    from .fileio import check_output_file
+    from .fileio import check_output_file, is_image_path
     from .interrupts import doing, kept
-    from .preprocessing import is_image_path
 
     _check_network_args(args)
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
@@ -497,8 +512,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     from .errors import DataError, UsageError
     from .evaluation import parse_veri_name
     from .features import FeatureResult, embed, load_features, nearest
-    from .fileio import check_output_file
-    from .preprocessing import is_image_path, load_image
+    from .fileio import check_output_file, is_image_path
+    from .preprocessing import load_image
     from .visualize import draw_ranking, picture_format
 
     _check_network_args(args)

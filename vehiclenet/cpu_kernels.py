@@ -19,26 +19,27 @@ unchanged: weights and their gradients stay OIHW. ``feature_map``, export, other
 and AMP keep the plain MindSpore graph.
 
 The kernel library is compiled once per machine (about 3 s, with ``$CXX`` or ``c++``)
-against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels and kept in the user
-cache folder. When anything is missing, the network logs why and runs MindSpore's own
-kernels. ``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
+against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels and kept in the cache
+folder's ``kernels/`` (``VEHICLENET_HOME``; ``VEHICLENET_KERNEL_CACHE`` moves it alone).
+When anything is missing, the network logs why and runs MindSpore's own kernels.
+``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
 """
 import ctypes
 import functools
 import importlib.metadata
 import logging
-import os
 import platform
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from . import env
 from .backend import InferenceOps, TrainOps, check_precision, check_stride
 from .errors import Bf16Unsupported
 
 LOG = logging.getLogger(__name__)
 
-ENV_SWITCH = "VEHICLENET_CPU_KERNELS"
+ENV_SWITCH = env.CPU_KERNELS  # its name, for messages
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
 ONEDNN_RUNTIME, ONEDNN_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
@@ -77,26 +78,43 @@ def build_library(build_dir: Optional[Path] = None) -> Path:
     """
     from .native import NativeBuildError, build
 
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        raise KernelsUnavailable(f"the oneDNN kernels are built for x86-64 Linux, not {sys.platform}/{platform.machine()}")
-    library = _file_of(ONEDNN_RUNTIME, "/libdnnl.so.3")
-    include = _file_of(ONEDNN_HEADERS, "/oneapi/dnnl/dnnl.hpp").parents[2]
-    args = [*CXX_FLAGS, f"-I{include}", str(library), f"-Wl,-rpath,{library.parent}"]
+    args, options = _build_inputs(build_dir)
     try:
-        target = build(SOURCE, "cpu_kernels", args, key_extra=[importlib.metadata.version(ONEDNN_RUNTIME)],
-                       build_dir=Path(build_dir) if build_dir is not None else default_build_dir())
+        target = build(SOURCE, "cpu_kernels", args, **options)
     except NativeBuildError as err:
         raise KernelsUnavailable(str(err)) from err
     LOG.debug("oneDNN CPU kernels: %s", target)
     return target
 
 
+def built_library(build_dir: Optional[Path] = None) -> Optional[Path]:
+    """The library :func:`build_library` would return if it is built already, else None;
+    never compiles (for ``vehiclenet info --no-device``). Raises KernelsUnavailable as it does."""
+    from .native import NativeBuildError, library_file
+
+    args, options = _build_inputs(build_dir)
+    try:
+        target = library_file(SOURCE, "cpu_kernels", args, **options)[1]
+    except NativeBuildError as err:
+        raise KernelsUnavailable(str(err)) from err
+    return target if target.is_file() else None
+
+
+def _build_inputs(build_dir: Optional[Path]) -> Tuple[list, dict]:
+    """The compiler arguments and :func:`vehiclenet.native.build` options of the kernel library."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelsUnavailable(f"the oneDNN kernels are built for x86-64 Linux, not {sys.platform}/{platform.machine()}")
+    library = _file_of(ONEDNN_RUNTIME, "/libdnnl.so.3")
+    include = _file_of(ONEDNN_HEADERS, "/oneapi/dnnl/dnnl.hpp").parents[2]
+    args = [*CXX_FLAGS, f"-I{include}", str(library), f"-Wl,-rpath,{library.parent}"]
+    return args, {"key_extra": [importlib.metadata.version(ONEDNN_RUNTIME)],
+                  "build_dir": Path(build_dir) if build_dir is not None else default_build_dir()}
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> Tuple[Optional[str], str]:
-    from .env import env_flag
-
-    if not env_flag(ENV_SWITCH, default=True):
-        reason = f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    if not env.cpu_kernels():
+        reason = env.shown(ENV_SWITCH)
         LOG.info("%s: using MindSpore's own CPU convolutions", reason)
         return None, reason
     try:
@@ -114,10 +132,27 @@ def library_path() -> Optional[str]:
     return _library()[0]
 
 
-def status() -> str:
-    """One line for ``vehiclenet info``: the library in use, or why MindSpore's Conv2D runs."""
-    path, reason = _library()
+def status(build: bool = True) -> str:
+    """One line for ``vehiclenet info``: the library in use, or why MindSpore's Conv2D runs.
+    ``build=False`` reports without compiling: "not built yet" when the library is not there."""
+    if build:
+        path, reason = _library()
+    else:
+        path, reason = _peek()
+    if path == "":
+        return f"oneDNN 3, not built yet (compiled into {default_build_dir()} on first use)"
     return f"oneDNN 3 ({path})" if path else f"MindSpore's Conv2D ({reason})"
+
+
+def _peek() -> Tuple[Optional[str], str]:
+    """Like :func:`_library` without compiling or loading: path "" means not built yet."""
+    if not env.cpu_kernels():
+        return None, env.shown(ENV_SWITCH)
+    try:
+        path = built_library()
+    except KernelsUnavailable as err:
+        return None, str(err)
+    return ("" if path is None else str(path)), ""
 
 
 def convolution_implementation(library: str, batch: int, height: int, width: int, in_channels: int,
@@ -154,10 +189,14 @@ def check_bf16(library: Optional[str]) -> str:
     return isa
 
 
-def bf16_status() -> str:
-    """One line for ``vehiclenet info``: whether bf16 inference is available, on which ISA."""
+def bf16_status(build: bool = True) -> str:
+    """One line for ``vehiclenet info``: whether bf16 inference is available, on which ISA.
+    ``build=False`` asks an already built library only (never compiles)."""
+    library = library_path() if build else _peek()[0]
+    if library == "":
+        return "unknown: the oneDNN kernels are not built yet"
     try:
-        return f"available ({check_bf16(library_path())})"
+        return f"available ({check_bf16(library)})"
     except Bf16Unsupported as err:
         return f"unavailable: {err}"
 

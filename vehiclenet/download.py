@@ -28,10 +28,9 @@ Guarantees:
   written; a folder there is refused;
 * URLs in logs and errors never show credentials (``user:password@`` becomes ``***@``).
 
-Environment: ``VEHICLENET_HOME`` (cache root), ``VEHICLENET_MIRROR`` (base URL tried
-first), ``VEHICLENET_OFFLINE`` (never touch the network), ``VEHICLENET_TIMEOUT``
-(seconds, ``READ`` or ``CONNECT,READ``), ``VEHICLENET_RETRIES``, ``VEHICLENET_BACKOFF``
-(seconds of the first backoff step), ``VEHICLENET_LOCK_TIMEOUT`` (seconds).
+Environment (declared and read in :mod:`vehiclenet.env`): ``VEHICLENET_HOME`` (cache root),
+``VEHICLENET_MIRROR``, ``VEHICLENET_OFFLINE``, ``VEHICLENET_TIMEOUT``, ``VEHICLENET_RETRIES``,
+``VEHICLENET_BACKOFF``, ``VEHICLENET_LOCK_TIMEOUT``.
 
 Heavy imports (requests, filelock, tqdm) happen inside the functions that need them so
 ``vehiclenet verify`` starts fast.
@@ -51,30 +50,26 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import quote, urljoin
 
 from .assets import LOCK_DIR, Asset, get_asset, redact_url, url_problem
-from .env import env_flag, env_int
-from .errors import DownloadChecksumError, DownloadError, OfflineError, UsageError
-from .fileio import NotRegularFileError, describe_entry, open_regular
+from . import env
+from .env import cache_dir  # noqa: F401 (re-exported: the cache root is part of this module's API)
+from .errors import DownloadChecksumError, DownloadError, OfflineError
+from .fileio import NotRegularFileError, describe_entry, open_regular, publish
 
 log = logging.getLogger(__name__)
 
-ENV_HOME = "VEHICLENET_HOME"
-ENV_MIRROR = "VEHICLENET_MIRROR"
-ENV_OFFLINE = "VEHICLENET_OFFLINE"
-ENV_TIMEOUT = "VEHICLENET_TIMEOUT"
-ENV_RETRIES = "VEHICLENET_RETRIES"
-ENV_BACKOFF = "VEHICLENET_BACKOFF"
-ENV_LOCK_TIMEOUT = "VEHICLENET_LOCK_TIMEOUT"
+# The variables' names, for messages (declared, parsed and read in vehiclenet.env).
+ENV_HOME, ENV_MIRROR, ENV_OFFLINE, ENV_TIMEOUT = env.HOME, env.MIRROR, env.OFFLINE, env.TIMEOUT
+ENV_LOCK_TIMEOUT = env.LOCK_TIMEOUT
 
 CHUNK = 1 << 20  # largest network read: 1 MiB
 MIN_PROGRESS = 64 << 10  # bytes that must arrive in every read-timeout window (see _RateWatch)
 HASH_BUFFER = 1 << 22  # file hashing buffer: 4 MiB (fewer syscalls than hashlib's 256 KiB)
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_READ_TIMEOUT = 60.0
-DEFAULT_RETRIES = 4
-DEFAULT_BACKOFF = 0.5  # retries wait 0, 1, 2, 4 s (urllib3 skips the first wait)
+DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT = env.default(env.TIMEOUT)
+DEFAULT_RETRIES = env.default(env.RETRIES)
+DEFAULT_BACKOFF = env.default(env.BACKOFF)  # 0.5: retries wait 0, 1, 2, 4 s (urllib3 skips the first wait)
 MAX_BACKOFF = 30.0
 MAX_RETRY_AFTER = 120.0
-DEFAULT_LOCK_TIMEOUT = 3600.0  # a 300 MB download on a slow link can take many minutes
+DEFAULT_LOCK_TIMEOUT = env.default(env.LOCK_TIMEOUT)  # an hour: a 300 MB download on a slow link takes minutes
 MAX_REDIRECTS = 10
 MAX_RESUMES = 1000
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -90,34 +85,6 @@ _verified_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        result = float(value)
-    except ValueError:
-        raise UsageError(f"{name}={value!r} is not a number of seconds") from None
-    if result < 0:
-        raise UsageError(f"{name}={value!r} must not be negative")
-    return result
-
-
-def _env_timeout() -> Tuple[float, float]:
-    value = os.environ.get(ENV_TIMEOUT)
-    if not value:
-        return DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
-    try:
-        parts = [float(p) for p in value.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1 and parts[0] > 0:
-        return min(DEFAULT_CONNECT_TIMEOUT, parts[0]), parts[0]
-    if len(parts) == 2 and min(parts) > 0:
-        return parts[0], parts[1]
-    raise UsageError(f"{ENV_TIMEOUT}={value!r}: give READ or CONNECT,READ in seconds, e.g. 10,60")
 
 
 @dataclass(frozen=True)
@@ -141,7 +108,7 @@ class DownloadSettings:
         lock_timeout: Optional[float] = None,
     ) -> "DownloadSettings":
         if timeout is None:
-            connect, read = _env_timeout()
+            connect, read = env.timeouts()
         elif isinstance(timeout, tuple):
             connect, read = timeout
         else:
@@ -149,9 +116,9 @@ class DownloadSettings:
         return cls(
             connect_timeout=connect,
             read_timeout=read,
-            retries=env_int(ENV_RETRIES, DEFAULT_RETRIES) if retries is None else retries,
-            backoff=_env_float(ENV_BACKOFF, DEFAULT_BACKOFF) if backoff is None else backoff,
-            lock_timeout=_env_float(ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT) if lock_timeout is None else lock_timeout,
+            retries=env.retries() if retries is None else retries,
+            backoff=env.backoff() if backoff is None else backoff,
+            lock_timeout=env.lock_timeout() if lock_timeout is None else lock_timeout,
         )
 
     def backoff_delay(self, attempt: int) -> float:
@@ -160,16 +127,6 @@ class DownloadSettings:
 
 
 # --------------------------------------------------------------------------- cache
-
-
-def cache_dir() -> Path:
-    """Cache root: ``$VEHICLENET_HOME``, else the platform's user cache folder."""
-    env = os.environ.get(ENV_HOME)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("vehiclenet", appauthor=False))
 
 
 def cached_path(asset: Union[Asset, str, None] = None) -> Path:
@@ -355,7 +312,7 @@ def fetch(
     """
     asset = asset_or_name if isinstance(asset_or_name, Asset) else get_asset(asset_or_name)
     if offline is None:
-        offline = env_flag(ENV_OFFLINE)
+        offline = env.offline()
     path = cached_path(asset)
     _refuse_non_file(asset, path)
 
@@ -522,7 +479,7 @@ def _offline_message(asset: Asset, path: Path, problem: Optional[str]) -> str:
 def candidate_urls(asset: Asset) -> List[str]:
     """URLs to try in order: ``$VEHICLENET_MIRROR/<file>`` first, then the manifest's."""
     urls: List[str] = []
-    mirror = os.environ.get(ENV_MIRROR, "").strip()
+    mirror = env.mirror()
     if mirror:
         url = mirror.rstrip("/") + "/" + quote(asset.file)
         problem = url_problem(url)
@@ -763,21 +720,6 @@ def _content_range(value: str) -> Tuple[int, Optional[int]]:
         raise _UrlFailed(f"unreadable Content-Range header {value!r}") from None
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _download_url(
     session: Any, url: str, asset: Asset, final: Path, settings: DownloadSettings, progress: Optional[bool]
 ) -> None:
@@ -817,8 +759,7 @@ def _publish(out: Any, part: Path, final: Path) -> None:
     if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
         raise DownloadError(f"{part} was replaced by something else during the download; it was not published. "
                             f"Check who else writes to {part.parent}, then run the command again")
-    os.replace(part, final)
-    _fsync_dir(final.parent)
+    publish(part, final, fd=out.fileno())  # the same durable rename as every other output
 
 
 def _progress_bar(asset: Asset, offset: int, progress: Optional[bool]) -> Any:
@@ -1009,8 +950,7 @@ def _stream(resp: Any, t: _Transfer, total: Optional[int], settings: DownloadSet
                              f"the excess (wrong file on the server, or a hostile one)")
         t.append(chunk)
         watch.check(t.offset)
-    t.out.flush()
-    os.fsync(t.out.fileno())
+    t.out.flush()  # the bytes reach the file; _publish syncs them once the hash has matched
     if total is not None and t.offset < total:
         raise requests.exceptions.ChunkedEncodingError(f"IncompleteRead: got {t.offset} of {total} bytes")
 

@@ -29,6 +29,15 @@ class DataError(VehicleNetError):
     """Input images, folders or feature files are missing or unusable."""
 
 
+class ImageDecodeError(DataError):
+    """An image file cannot be decoded (missing, corrupt, truncated, too large, not an image);
+    ``path`` names it."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class OfflineError(DownloadError):
     """VEHICLENET_OFFLINE forbids the network and the cache cannot serve the asset."""
 

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import DataError
-from .fileio import atomic_write, read_npz
+from .fileio import atomic_write, is_image_path, read_npz
 
 __all__ = [
     "VeriSplit",
@@ -57,8 +57,7 @@ __all__ = [
 # VeRi-776 reader
 # ---------------------------------------------------------------------------
 
-_VERI_NAME = re.compile(r"^(-?\d+)_c(\d+)(?:_.*)?\.(?:jpe?g|png|bmp)$", re.IGNORECASE)
-_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp")
+_VERI_NAME = re.compile(r"^(-?\d+)_c(\d+)(?:_.*)?\.[^.]+$")  # and an image extension (is_image_path)
 _SPLIT_DIRS = {"query": "image_query", "test": "image_test", "gallery": "image_test", "train": "image_train"}
 _SPLIT_LISTS = {"query": "name_query.txt", "test": "name_test.txt", "gallery": "name_test.txt", "train": "name_train.txt"}
 
@@ -77,8 +76,9 @@ class VeriSplit:
 
 def parse_veri_name(name: str) -> Tuple[int, int]:
     """``"0002_c002_00030600_0.jpg"`` -> ``(2, 2)``: vehicle id and camera from a VeRi file name."""
-    match = _VERI_NAME.match(os.path.basename(name.strip()))
-    if match is None:
+    base = os.path.basename(name.strip())
+    match = _VERI_NAME.match(base)
+    if match is None or not is_image_path(base):
         raise DataError(
             f"cannot parse a VeRi-776 image name {name!r}: expected 'VVVV_cCCC_....jpg' "
             "(vehicle id, camera), e.g. '0002_c002_00030600_0.jpg'"
@@ -134,7 +134,7 @@ def read_veri_split(root: str, split: str) -> VeriSplit:
     if os.path.isfile(list_path):
         paths, ids, cams = _read_list_file(list_path, image_dir)
     else:
-        names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith(_IMAGE_EXT))
+        names = sorted(n for n in os.listdir(image_dir) if is_image_path(n))
         paths, ids, cams = [], [], []
         for n in names:
             try:

@@ -25,7 +25,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .errors import CheckpointError, UsageError
-from .fileio import check_output_file, private_folder, replace_output
+from .fileio import atomic_output, check_output_file
 from .interrupts import held, import_mindspore
 
 LOG = logging.getLogger(__name__)
@@ -111,13 +111,11 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
     # truncated model under the name a deployment would load. MindSpore adds the suffix itself.
     # Held: an interrupt inside the export's graph compilation would dump MindSpore's analysis
     # files; taken at the end of the block, before the rename, it leaves ``out`` as it was.
-    with private_folder(out) as folder:
-        tmp = folder / f"model{_SUFFIX[fmt]}"
+    with atomic_output(out, f"model{_SUFFIX[fmt]}") as tmp:
         with held(f"exporting {out}"):
-            ms.export(net, example, file_name=str(folder / "model"), file_format=fmt)
+            ms.export(net, example, file_name=str(tmp.with_suffix("")), file_format=fmt)
         if not tmp.is_file():
             raise RuntimeError(f"mindspore.export reported success but {tmp} was not written")
-        replace_output(tmp, out)
     LOG.info("exported %s (%s, input %dx3x%dx%d)", out, fmt, batch_size, image_size, image_size)
     return out
 
@@ -147,11 +145,9 @@ def export_weights(out: Union[str, os.PathLike], *, checkpoint: Optional[Union[s
         _check_num_classes(path, classes, num_classes)
         net = VehicleNet(num_classes=classes, include_top=classes is not None)
         load_weights(net, path)  # every network entry present, with its shape, or CheckpointError
-    with private_folder(out) as folder:
-        tmp = folder / "weights.ckpt"  # save_checkpoint insists on .ckpt
+    with atomic_output(out, "weights.ckpt") as tmp:  # save_checkpoint insists on .ckpt
         with held(f"writing {out}"):  # and its writer logs "Failed to save the checkpoint file"
             ms.save_checkpoint(net, str(tmp))
-        replace_output(tmp, out)
     LOG.info("exported %s (network weights of %s, %s, no training state)", out, path,
              "embedding only" if classes is None else f"head of {classes} identities")
     return out

@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .fileio import atomic_write, read_npz
+from .fileio import atomic_write, is_image_path, read_npz
 from .interrupts import doing, held
-from .preprocessing import INPUT_SIZE, ImageSource, is_image_path, load_image, preprocess
+from .preprocessing import INPUT_SIZE, ImageSource, load_image, preprocess
 
 __all__ = ["FeatureResult", "embed", "extract_features", "input_size", "list_images", "load_features",
            "save_features"]
@@ -358,24 +358,14 @@ def embed(
     )
 
 
-def extract_features(
-    net,
-    images: Inputs,
-    *,
-    batch_size: int = 16,
-    flip: bool = True,
-    skip_bad: bool = False,
-    progress: Optional[bool] = None,
-    num_workers: Optional[int] = None,
-    size: Optional[Tuple[int, int]] = None,
-) -> np.ndarray:
-    """(N, D) float32 L2-normalised features of ``images``, in order: ``embed(...).features``.
+def extract_features(net, images: Inputs, **options: Any) -> np.ndarray:
+    """(N, D) float32 L2-normalised features of ``images``, in order: ``embed(net, images, **options).features``,
+    with :func:`embed`'s keyword options (``batch_size``, ``flip``, ``skip_bad``, ``progress``, ...).
 
     With ``skip_bad=True`` rows no longer line up with the inputs; use :func:`embed` to
     learn which images were kept.
     """
-    return embed(net, images, batch_size=batch_size, flip=flip, skip_bad=skip_bad,
-                 progress=progress, num_workers=num_workers, size=size).features
+    return embed(net, images, **options).features
 
 
 # --------------------------------------------------------------------------- npz files

@@ -24,6 +24,18 @@ _KINDS = (
 )
 
 
+# File name extensions of the images vehiclenet reads (Pillow decodes them all): the one list
+# every folder walk uses (embed, rank, evaluate, finetune).
+IMAGE_EXTENSIONS = frozenset(
+    (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
+)
+
+
+def is_image_path(path: PathLike) -> bool:
+    """True when the file name has one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
 def describe_mode(mode: int) -> str:
     """``"a regular file"``, ``"a folder"``, ``"a FIFO (named pipe)"``, ... for an ``st_mode``."""
     for test, text in _KINDS:
@@ -101,25 +113,8 @@ def _owner() -> str:
     return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:63]}"
 
 
-# .<name>.<pid>@<host>.<12 hex>.tmp (files) or .partial (private folders), made by this module.
+# .<name>.<pid>@<host>.<12 hex>.partial: the private folders of this module (.tmp: files of earlier versions).
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.[0-9a-f]{12}\.(?:tmp|partial)$")
-
-
-def _create_temp(folder: Path, name: str) -> Tuple[int, Path]:
-    """Create a new empty file ``.<name>.<pid>@<host>.<random>.tmp`` in ``folder``; return its fd and path.
-
-    Not tempfile.mkstemp: that creates mode 0600, which the rename would carry over to
-    the user's output. Opening with 0666 lets the kernel apply the umask (and any
-    default ACL), exactly as for a file written with ``open(path, "w")``.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = folder / f".{name}.{_owner()}.{os.urandom(6).hex()}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file for {name} in {folder}")
 
 
 def _process_gone(pid: int) -> bool:
@@ -174,9 +169,8 @@ def _stale_owner(entry: str, name: Optional[str]) -> Optional[int]:
 def private_folder(out: PathLike) -> Iterator[Path]:
     """A new folder ``.<name>.<pid>@<host>.<random>.partial`` beside ``out``, removed afterwards.
 
-    For writers that choose their own temporary names (MindSpore's save_checkpoint and
-    export): a fixed temporary name in a shared folder could be a link planted by someone
-    else, which they would write through. Leftovers of killed runs for ``out`` go first.
+    Leftovers of killed runs for ``out`` go first. Writers get a name inside it, never a
+    fixed temporary name in a shared folder, which could be a link planted by someone else.
     """
     out = Path(out)
     remove_stale_temps(out.parent, out.name)
@@ -196,26 +190,71 @@ def private_folder(out: PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success it replaces ``path`` in one rename.
+def atomic_output(path: PathLike, name: Optional[str] = None) -> Iterator[Path]:
+    """The one way vehiclenet writes a file: no reader ever sees it half-written.
 
-    On any error the temporary file is removed and ``path`` keeps its previous content.
-    The new file gets the mode a plain ``open`` would give it (0666 minus the umask).
-    Only a regular file or a link (the link itself, never its target) is replaced: a
-    device, FIFO or socket at ``path`` raises UsageError and stays as it was.
+    Yields a path in a private folder beside ``path`` (file name ``name``, default
+    ``path``'s own: MindSpore's writers insist on their suffix) for the writer to create.
+    When the block ends normally, :func:`publish` puts that file at ``path``; on any error
+    ``path`` keeps its previous content. The temporary folder goes either way, and one a
+    killed run left for ``path`` goes at the start. A folder, device, FIFO or socket at
+    ``path`` raises UsageError and stays as it was; a link there is replaced itself.
     """
     out = Path(path)
-    _refuse_special(out, "output")  # before the temporary file: /dev is no place for one
+    _refuse_special(out, "output")  # before the temporary folder: /dev is no place for one
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent, out.name)  # what a killed run writing this output left
-    fd, tmp = _create_temp(out.parent, out.name)
-    try:
-        with os.fdopen(fd, mode) as handle:
+    with private_folder(out) as folder:
+        tmp = folder / (name or out.name)
+        yield tmp
+        publish(tmp, out)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+    """:func:`atomic_output` for Python writers: a new file object to write ``path``'s content to.
+
+    The file gets the mode a plain ``open`` would give it (0666 minus the umask), not
+    tempfile's 0600, which the rename would carry over to the user's output.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    with atomic_output(path) as tmp:
+        with os.fdopen(os.open(tmp, flags, 0o666), mode) as handle:
             yield handle
-        replace_output(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def publish(tmp: PathLike, out: PathLike, fd: Optional[int] = None) -> None:
+    """Put the finished file ``tmp`` at ``out`` in one rename, durably: its bytes are synced
+    (through ``fd`` when the writer holds it open) before the rename, the folder after it.
+
+    Without the first sync a crash soon after could leave ``out`` empty on some file
+    systems; without the second, the rename itself could be lost.
+    """
+    if fd is not None:
+        os.fsync(fd)
+    else:
+        own = open_regular(tmp, os.O_RDONLY)
+        try:
+            os.fsync(own)
+        finally:
+            os.close(own)
+    replace_output(tmp, out)
+    sync_folder(Path(out).parent)
+
+
+def sync_folder(folder: PathLike) -> None:
+    """fsync a folder, so a rename in it survives a crash (best effort: not every system can)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def replace_output(tmp: PathLike, out: PathLike) -> None:

@@ -41,8 +41,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import CheckpointError, DataError, TrainingError, UsageError
-from .fileio import atomic_write, private_folder, remove_stale_temps, replace_output
+from .errors import CheckpointError, DataError, ImageDecodeError, TrainingError, UsageError
+from .fileio import atomic_output, atomic_write, is_image_path, remove_stale_temps
 from .interrupts import doing, held, import_mindspore, kept
 
 LOG = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ HEAD_PREFIX = "classifier."
 BACKBONE_LR_FACTOR = 0.1
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
-# Built at run time so the traceback line MindSpore quotes never contains the marker itself.
-_DECODE_MARK = "VEHICLENET" + "_DECODE_ERROR"
 _CKPT_NAME = re.compile(r"^" + CHECKPOINT_PREFIX + r"-e(\d+)\.ckpt$")
 # Temporary names of versions before the private folders: MindSpore wrote .tmp-<name>.tmp, renamed
 # it to .tmp-<name>.ckpt, which was renamed to <name>; a killed run left either behind.
@@ -85,8 +83,6 @@ class TrainingData:
 
 
 def _is_image(name: str) -> bool:
-    from .preprocessing import is_image_path
-
     return not name.startswith(".") and is_image_path(name)
 
 
@@ -206,25 +202,32 @@ def load_label_map(path: PathLike) -> List[str]:
 
 
 class _ImageSource:
-    """Random-access source for GeneratorDataset: (HWC uint8 RGB, int32 label)."""
+    """Random-access source for GeneratorDataset: (HWC uint8 RGB, int32 label).
+
+    Images are decoded by :func:`vehiclenet.preprocessing.load_image`, as for evaluation: the
+    same pixels (16-bit images scaled, not clipped) and the same ``VEHICLENET_MAX_PIXELS`` guard.
+    """
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray) -> None:
         self.paths = list(paths)
         self.labels = labels
+        self.failure: Optional[ImageDecodeError] = None  # the first image that could not be decoded
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from PIL import Image
+        from .preprocessing import load_image
 
         path = self.paths[index]
         try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except Exception as exc:
-            # The pipeline wraps this; the marker lets the training loop turn it back into a DataError.
-            raise RuntimeError(f"{_DECODE_MARK} {path}: {exc}") from None
+            image = load_image(path)
+        except ImageDecodeError as exc:
+            # MindSpore's pipeline re-raises any error here as a RuntimeError holding only text:
+            # the training loop raises this typed error instead (see _train_pipeline).
+            self.failure = self.failure or ImageDecodeError(
+                path, f"cannot decode training image {exc}; remove or replace it")
+            raise self.failure from None
         return image, np.int32(self.labels[index])
 
 
@@ -236,6 +239,13 @@ def build_train_dataset(data: TrainingData, *, batch_size: int = 24, image_size=
     With ``group_size > 1`` each rank reads its own shard. The last incomplete batch is
     dropped (BatchNorm needs more than one sample, and a fixed shape avoids recompiling).
     """
+    return _train_pipeline(data, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
+                           shuffle=shuffle, augment=augment, rank=rank, group_size=group_size, seed=seed)[0]
+
+
+def _train_pipeline(data: TrainingData, *, batch_size: int, image_size, num_workers: int, shuffle: bool = True,
+                    augment: bool = True, rank: int = 0, group_size: int = 1, seed: Optional[int] = None):
+    """:func:`build_train_dataset` and its image source, whose ``failure`` tells why the pipeline failed."""
     import mindspore.dataset as ds
 
     from .augment import size_pair, train_transforms
@@ -248,11 +258,14 @@ def build_train_dataset(data: TrainingData, *, batch_size: int = 24, image_size=
     if seed is not None:
         ds.config.set_seed(seed)
     shard = {"num_shards": group_size, "shard_id": rank} if group_size > 1 else {}
-    dataset = ds.GeneratorDataset(_ImageSource(data.paths, data.labels), ["image", "label"], shuffle=shuffle,
+    # One worker in this process: the pipeline uses ``source`` itself (GeneratorDataset copies
+    # the pipeline but never its source), so its ``failure`` is the one the loop sees.
+    source = _ImageSource(data.paths, data.labels)
+    dataset = ds.GeneratorDataset(source, ["image", "label"], shuffle=shuffle,
                                   num_parallel_workers=1, python_multiprocessing=False, **shard)
     ops = train_transforms(image_size) if augment else eval_transforms(size_pair(image_size))
     dataset = dataset.map(ops, input_columns="image", num_parallel_workers=max(1, num_workers))
-    return dataset.batch(batch_size, drop_remainder=True)
+    return dataset.batch(batch_size, drop_remainder=True), source
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -402,11 +415,9 @@ class CheckpointSaver:
         path = self.out_dir / f"{CHECKPOINT_PREFIX}-e{epoch:03d}.ckpt"
         # Written in a private folder then renamed, so a crash never leaves a half-written file
         # under the final name, and a killed run's leftovers are known by their process id.
-        with private_folder(path) as folder:
-            tmp = folder / path.name  # save_checkpoint insists on a .ckpt suffix
-            LOG.debug("writing %s in %s", path.name, folder)
+        with atomic_output(path) as tmp:  # tmp keeps the .ckpt suffix save_checkpoint insists on
+            LOG.debug("writing %s in %s", path.name, tmp.parent)
             ms.save_checkpoint(train_step, str(tmp), append_dict={"epoch_num": int(epoch), "step_num": int(step)})
-            replace_output(tmp, path)
         # The file just written always stays, even when a resumed run left higher epoch numbers.
         others = [p for p in self.existing() if p != path]
         for old in others[:max(0, len(others) - (self.keep_max - 1))]:
@@ -676,8 +687,8 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
         ms.set_seed(seed)
     note_start(resume)
     with held("preparing the training data"):  # MindSpore's dataset code, in Python
-        dataset = build_train_dataset(training, batch_size=batch_size, image_size=image_size,
-                                      num_workers=num_workers, rank=rank, group_size=size, seed=seed)
+        dataset, source = _train_pipeline(training, batch_size=batch_size, image_size=image_size,
+                                          num_workers=num_workers, rank=rank, group_size=size, seed=seed)
         if max_steps_per_epoch:
             dataset = dataset.take(max_steps_per_epoch)
         steps_per_epoch = dataset.get_dataset_size()
@@ -722,12 +733,9 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
                     # The run's first step includes graph compilation: keep it out of images/s.
                     losses[-1].asnumpy()
                     first_step = (time.perf_counter() - started, seen)
-        except RuntimeError as exc:
-            message = str(exc)
-            marker = message.rfind(_DECODE_MARK + " ")
-            if marker >= 0:
-                detail = message[marker + len(_DECODE_MARK) + 1:].splitlines()[0]
-                raise DataError(f"cannot decode training image {detail}; remove or replace it") from None
+        except RuntimeError:
+            if source.failure is not None:  # what the pipeline's RuntimeError stands for
+                raise source.failure from None
             raise
         mean_loss = float(np.mean([float(v.asnumpy()) for v in losses]))
         seconds = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""Compiling the package's C/C++ sources once per machine into the user cache folder.
+"""Compiling the package's C/C++ sources once per machine into the cache folder's ``kernels/``.
 
 A library is keyed by its source, the compiler's version and the flags, so a changed
 source or compiler never reuses a stale build; concurrent processes build it once
@@ -11,11 +11,13 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
-__all__ = ["NativeBuildError", "default_build_dir", "build", "retrieval_kernels"]
+from . import env
+from .fileio import atomic_output
+
+__all__ = ["NativeBuildError", "default_build_dir", "library_file", "build", "retrieval_kernels"]
 
 LOG = logging.getLogger(__name__)
 
@@ -25,12 +27,11 @@ class NativeBuildError(RuntimeError):
 
 
 def default_build_dir() -> Path:
-    import platformdirs
+    """``$VEHICLENET_KERNEL_CACHE``, else ``kernels/`` in the cache root (``$VEHICLENET_HOME``)."""
+    return env.kernel_dir()
 
-    return Path(platformdirs.user_cache_dir("vehiclenet", appauthor=False)) / "kernels"
 
-
-def build(
+def library_file(
     source: Path,
     name: str,
     args: Sequence[str],
@@ -39,12 +40,9 @@ def build(
     default_compiler: str = "c++",
     key_extra: Sequence[str] = (),
     build_dir: Optional[Path] = None,
-) -> Path:
-    """Compile ``source`` with ``args`` into ``<build_dir>/<name>-<key>.so`` unless it exists.
-
-    ``args`` go after the source (include folders, libraries, flags); ``key_extra`` is
-    anything else the result depends on (e.g. a library's version).
-    """
+) -> Tuple[str, Path]:
+    """The compiler and the ``<build_dir>/<name>-<key>.so`` that :func:`build` makes (or made)
+    for these inputs; nothing is compiled. Raises NativeBuildError without a compiler."""
     compiler = os.environ.get(compiler_env, default_compiler)
     if shutil.which(compiler) is None:
         kind = "C++" if compiler_env == "CXX" else "C"
@@ -53,7 +51,18 @@ def build(
     text = source.read_text(encoding="utf-8")
     key = hashlib.sha256("\0".join([text, version, *args, *key_extra]).encode()).hexdigest()[:16]
     folder = Path(build_dir) if build_dir is not None else default_build_dir()
-    target = folder / f"{name}-{key}.so"
+    return compiler, folder / f"{name}-{key}.so"
+
+
+def build(source: Path, name: str, args: Sequence[str], **options: Any) -> Path:
+    """Compile ``source`` with ``args`` into :func:`library_file`'s path unless it exists.
+
+    ``args`` go after the source (include folders, libraries, flags); ``options`` are
+    :func:`library_file`'s (``key_extra``: anything else the result depends on, e.g. a
+    library's version).
+    """
+    compiler, target = library_file(source, name, args, **options)
+    folder = target.parent
     if target.is_file():
         return target
     from filelock import FileLock
@@ -63,24 +72,18 @@ def build(
         with FileLock(str(target) + ".lock"):
             if target.is_file():  # another process built it while we waited
                 return target
-            _compile(compiler, source, args, folder, name, target)
+            _compile(compiler, source, args, target)
     except OSError as err:
         raise NativeBuildError(f"cannot build {source.name} in {folder}: {err}") from err
     return target
 
 
-def _compile(compiler: str, source: Path, args: Sequence[str], folder: Path, name: str, target: Path) -> None:
-    fd, partial = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.part", dir=folder)
-    os.close(fd)
-    try:
-        command = [compiler, str(source), *args, "-o", partial]
+def _compile(compiler: str, source: Path, args: Sequence[str], target: Path) -> None:
+    with atomic_output(target) as partial:  # a half-written library never has the final name
+        command = [compiler, str(source), *args, "-o", str(partial)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise NativeBuildError(f"compiling {source} failed ({' '.join(command)}):\n{done.stderr.strip()[-2000:]}")
-        os.replace(partial, target)  # a half-written library never has the final name
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,14 +29,14 @@ header, before any pixel is decoded.
 import io
 import os
 import threading
-from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .env import env_int
-from .errors import DataError
+from . import env
+from .errors import DataError, ImageDecodeError
+from .fileio import IMAGE_EXTENSIONS, is_image_path  # re-exported: part of this module's API
 
 __all__ = ["IMAGE_EXTENSIONS", "INPUT_SIZE", "MEAN", "STD", "ImageSource", "eval_transforms", "is_image_path",
            "load_image", "max_pixels", "preprocess", "preprocess_image", "to_rgb_uint8"]
@@ -47,8 +47,7 @@ STD: Tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
-ENV_MAX_PIXELS = "VEHICLENET_MAX_PIXELS"
-DEFAULT_MAX_PIXELS = 40_000_000
+ENV_MAX_PIXELS = env.MAX_PIXELS  # its name, for messages
 DRAFT_MARGIN = 2  # a drafted JPEG keeps at least this many times the network input on each side
 
 _OPS = threading.local()
@@ -120,7 +119,7 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
 def max_pixels() -> int:
     """The largest image (width x height, after JPEG draft) :func:`load_image` decodes:
     ``$VEHICLENET_MAX_PIXELS``, else 40 million."""
-    return env_int(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS, minimum=1)
+    return env.max_pixels()
 
 
 def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -> np.ndarray:
@@ -131,7 +130,9 @@ def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -
     (None: always full size). Files and bytes larger than :func:`max_pixels` are refused.
 
     Raises:
-        DataError: missing, unreadable, corrupt, too large or non-image input; the message names the file.
+        ImageDecodeError: a file or bytes that are missing, unreadable, corrupt, too large or no
+            image; the message names the file.
+        DataError: an array or object that is no image.
     """
     if isinstance(src, np.ndarray):
         return _array_to_rgb(src)
@@ -148,15 +149,15 @@ def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -
             img.load()  # decode now so truncated files fail here, inside the try
             return to_rgb_uint8(img)
     except FileNotFoundError:
-        raise DataError(f"{name}: no such file") from None
+        raise ImageDecodeError(name, f"{name}: no such file") from None
     except PermissionError:
-        raise DataError(f"{name}: permission denied") from None
+        raise ImageDecodeError(name, f"{name}: permission denied") from None
     except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image file (Pillow cannot identify it)") from None
+        raise ImageDecodeError(name, f"{name}: not an image file (Pillow cannot identify it)") from None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{name}: too large to decode ({exc}); shrink the image first") from None
+        raise ImageDecodeError(name, f"{name}: too large to decode ({exc}); shrink the image first") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{name}: corrupt or unreadable image ({exc})") from None
+        raise ImageDecodeError(name, f"{name}: corrupt or unreadable image ({exc})") from None
 
 
 def _opener(src: ImageSource) -> Tuple[str, Callable[[], Any]]:
@@ -180,7 +181,8 @@ def _draft_and_check(img: Image.Image, name: str, size: Optional[Tuple[int, int]
         img.draft(img.mode, (DRAFT_MARGIN * size[1], DRAFT_MARGIN * size[0]))
     width, height = img.size
     if width * height > limit:
-        raise DataError(
+        raise ImageDecodeError(
+            name,
             f"{name}: {width}x{height} is {width * height / 1e6:.1f} million pixels, more than the "
             f"{limit / 1e6:g} million vehiclenet decodes (a decode takes about 7 bytes per pixel; JPEGs are "
             f"decoded at reduced scale, other formats cannot be); shrink the image first (the network sees "
@@ -201,12 +203,3 @@ def preprocess_image(src: ImageSource, size: Tuple[int, int] = INPUT_SIZE) -> np
     """``preprocess(load_image(src, size), size)``: any image source to the network's (3, H, W) float32 input."""
     return preprocess(load_image(src, size), size)
 
-
-def is_image_path(path: Union[str, Path]) -> bool:
-    """True when the file name has an image extension Pillow reads (used to expand folders)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-IMAGE_EXTENSIONS = frozenset(
-    (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
-)

@@ -3,14 +3,13 @@
 No network and no heavy imports: this runs in a process that must start fast.
 """
 import os
-import re
 import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .assets import Asset, find_asset_for_file, load_manifest, manifest_path
+from .assets import SHA256_HEX, Asset, find_asset_for_file, load_manifest, manifest_path
 from .download import cache_dir, cached_path, not_a_file_problem, sha256_file
 from .errors import UsageError
 from .fileio import describe_entry
@@ -18,8 +17,6 @@ from .fileio import describe_entry
 OK = "OK"
 FAILED = "FAILED"
 MISSING = "MISSING"
-
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclass
@@ -140,7 +137,7 @@ def verify_files(
     (when no ``sha256`` is given).
     """
     if sha256 is not None:
-        if not _HEX64.match(sha256):
+        if not SHA256_HEX.match(sha256):
             raise UsageError(f"--sha256 {sha256!r} is not 64 hexadecimal characters")
         return [check_file(f, sha256) for f in files]
     assets = load_manifest(manifest)
