@@ -20,10 +20,16 @@ from typing import Dict, List
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# What `git clean -xdf` would remove, plus the repository's own history: a build from a
-# clean checkout sees none of it (a stale build/lib would even end up in the wheel).
-_NOT_SOURCE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "rank_*",
-               "kernel_meta")
+
+
+def _not_source() -> List[str]:
+    """Names a clean checkout lacks: .git and what .gitignore lists (.venv, build/, checkpoints, ...).
+
+    The build must see the tree as a user's checkout would: a stale build/lib would even end
+    up in the wheel, and a checkpoint lying in the folder would cost a 300 MB copy.
+    """
+    lines = (ROOT / ".gitignore").read_text().splitlines()
+    return [".git"] + [line.strip().rstrip("/") for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _source_version() -> str:
@@ -41,6 +47,7 @@ def _dependency_folders() -> List[str]:
 
 
 def _run(cmd: List[str], cwd: Path, env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion, its output captured as text (asserted on by the caller)."""
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -58,7 +65,7 @@ def installed(tmp_path_factory) -> Dict[str, object]:
 
     base = tmp_path_factory.mktemp("packaging")
     source = base / "source"
-    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*_not_source()))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", GLOG_v="3")
 
