@@ -1,4 +1,5 @@
-"""Export of the embedding network: MindIR reloaded with GraphCell and ONNX under onnxruntime give the same features."""
+"""Export of the embedding network: MindIR reloaded with GraphCell and ONNX under onnxruntime (at two batch sizes,
+one file) give the same features."""
 import os
 import subprocess
 import sys
@@ -19,16 +20,21 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def reference(published_ckpt):
-    """Features of the in-process embedding network (published-layout weights) for two random images."""
-    import mindspore as ms
-
+def embedding_net(published_ckpt):
+    """The in-process embedding network (published-layout weights) whose features the exports must give."""
     from vehiclenet import create_network
 
-    net = create_network(checkpoint=published_ckpt, include_top=False)
+    return create_network(checkpoint=published_ckpt, include_top=False)
+
+
+@pytest.fixture(scope="module")
+def reference(embedding_net):
+    """Features of the embedding network for two random images."""
+    import mindspore as ms
+
     x = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
     x2 = np.random.default_rng(1).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
-    feats = [net(ms.Tensor(v)).asnumpy() for v in (x, x2)]
+    feats = [embedding_net(ms.Tensor(v)).asnumpy() for v in (x, x2)]
     assert feats[0].shape == (1, 512) and np.abs(feats[0]).max() > 1e-2  # non-trivial features to compare
     assert not np.allclose(feats[0], feats[1], atol=1e-3)
     return (x, x2), feats
@@ -50,7 +56,9 @@ def test_export_mindir_reloads_with_graphcell(published_ckpt, reference, tmp_pat
         np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
-def test_export_onnx_runs_in_onnxruntime(published_ckpt, reference, tmp_path):
+def test_export_onnx_has_a_dynamic_batch_axis(published_ckpt, embedding_net, tmp_path):
+    """One ONNX file, run by onnxruntime at batch 1 and 5: the network's own features on the same inputs."""
+    import mindspore as ms
     import onnxruntime as ort
 
     from vehiclenet.export import export_embedding
@@ -59,12 +67,19 @@ def test_export_onnx_runs_in_onnxruntime(published_ckpt, reference, tmp_path):
     assert path == tmp_path / "vn.onnx" and path.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vn.onnx"]  # no temporary file left behind
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (inp,) = session.get_inputs()
-    assert list(inp.shape) == [1, 3, SIZE, SIZE]
-    for x, ref in zip(*reference):
-        (out,) = session.run(None, {inp.name: x})
-        assert out.shape == (1, 512)
-        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert inp.name == "x" and list(inp.shape) == ["batch", 3, SIZE, SIZE]
+    assert not isinstance(out.shape[0], int) and out.shape[1:] == [512], out.shape  # declared dynamic, not 1
+    rng = np.random.default_rng(2)
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+        expected = embedding_net(ms.Tensor(x)).asnumpy()
+        assert expected.shape == (batch, 512) and np.abs(expected).max() > 1e-2
+        (features,) = session.run(None, {inp.name: x})
+        assert features.shape == (batch, 512)
+        assert np.abs(features - expected).max() < 1e-4, f"batch {batch}: max abs diff {np.abs(features - expected).max()}"
+    # Five distinct feature rows, so rows swapped or repeated within the batch would not pass.
+    assert min(np.abs(expected[0] - row).max() for row in expected[1:]) > 1e-3
 
 
 def test_export_rejects_wrong_num_classes_and_format(published_ckpt, tmp_path):

@@ -30,6 +30,8 @@ def _shorten_openmp_spinning() -> bool:
 
 OPENMP_SPIN_SHORTENED = _shorten_openmp_spinning()
 
+# The one place the version is written: pyproject.toml reads it (without importing the package),
+# `vehiclenet --version` and `vehiclenet info` print it.
 __version__ = "1.0.0"
 
 __all__ = ["__version__", "create_network"]

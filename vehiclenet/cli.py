@@ -669,8 +669,9 @@ def _add_export_command(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "export",
         help="export the embedding network (image -> 512-d) to MindIR or ONNX, or a checkpoint's weights alone",
-        description="Export the embedding network for a fixed input (B x 3 x S x S float32, pre-processed) to "
-        "MindIR (reload with mindspore.load + nn.GraphCell) or ONNX (onnxruntime). CKPT writes the network "
+        description="Export the embedding network for a B x 3 x S x S float32 input (pre-processed) to "
+        "MindIR (reload with mindspore.load + nn.GraphCell; B fixed) or ONNX (onnxruntime; any B, the input x "
+        "has a dynamic batch axis). CKPT writes the network "
         "weights of --checkpoint (head included) without the optimizer state of a fine-tuning checkpoint, a "
         "third of its size, for create_network(checkpoint=..., num_classes=N); --image-size and --batch-size "
         "do not apply to it. The last line of stdout is the file written.",
@@ -682,7 +683,8 @@ def _add_export_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="identities of the checkpoint's head, checked against the file")
     p.add_argument("--image-size", type=int, default=384, help="square input size (default 384)")
-    p.add_argument("--batch-size", type=int, default=1, help="fixed batch dimension (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="fixed batch dimension of MINDIR (default 1); "
+                   "ONNX takes any batch")
     p.add_argument("--no-pretrained", action="store_true", help="export random weights (testing only)")
     p.set_defaults(func=_cmd_export)
 
@@ -698,8 +700,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "CKPT":
         print(f"CKPT: network weights, no training state ({path.stat().st_size / 2 ** 20:.1f} MiB)")
     else:
-        print(f"{args.format}: embedding network, input {args.batch_size}x3x{args.image_size}x{args.image_size} "
-              "float32 -> 512-d")
+        batch = "N" if args.format == "ONNX" else args.batch_size
+        print(f"{args.format}: embedding network, input {batch}x3x{args.image_size}x{args.image_size} "
+              "float32 -> 512-d" + (" (any batch N)" if args.format == "ONNX" else ""))
     print(path)
     return 0
 

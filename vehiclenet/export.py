@@ -10,8 +10,10 @@ Example::
     net = nn.GraphCell(ms.load("vehiclenet.mindir"))
     features = net(ms.Tensor(images))        # (1, 3, 384, 384) float32, pre-processed -> (1, 512)
 
-The input size is fixed at export time (``batch_size`` x 3 x S x S, float32,
-pre-processed as in :mod:`vehiclenet.preprocessing`); features are not normalised.
+The input is float32, pre-processed as in :mod:`vehiclenet.preprocessing`, of a size S
+fixed at export time; features are not normalised. MindIR fixes the batch too
+(``batch_size`` x 3 x S x S). ONNX takes any batch: its input ``x`` is (batch, 3, S, S)
+and its output (batch, 512), as deployment tool chains expect.
 
 ``export_weights`` keeps a checkpoint's network (head included) and drops the SGD
 state and position a fine-tuning checkpoint carries, a third of the size; it loads
@@ -32,6 +34,8 @@ LOG = logging.getLogger(__name__)
 
 FORMATS = ("MINDIR", "ONNX", "CKPT")
 _SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx", "CKPT": ".ckpt"}
+ONNX_INPUT = "x"  # the name MindSpore gave the input before the batch axis was dynamic
+ONNX_BATCH_AXIS = "batch"
 
 
 def _with_suffix(out: Union[str, os.PathLike], fmt: str) -> Path:
@@ -85,11 +89,29 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
     return net
 
 
+def _export_onnx(net, file_name: Path, image_size: int) -> None:
+    """Write ``file_name``.onnx for a (batch, 3, S, S) input of any batch size.
+
+    MindSpore compiles the graph for an input whose batch is unknown, so every shape in it
+    that depends on the batch (BatchNorm1d's reshapes, the output) says -1 rather than the
+    batch of an example; ``dynamic_axes`` names the input's axis. ``mindspore.export``
+    cannot do this: it refuses an unknown dimension for ONNX (and is deprecated for ONNX).
+    """
+    import mindspore.onnx
+
+    spec = mindspore.Tensor(shape=[None, 3, image_size, image_size], dtype=mindspore.float32)
+    mindspore.onnx.export(net, spec, file_name=str(file_name), input_names=[ONNX_INPUT],
+                          dynamic_axes={ONNX_INPUT: {0: ONNX_BATCH_AXIS}})
+
+
 def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR",
                      checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
                      num_classes: Optional[int] = None, image_size: int = 384, batch_size: int = 1,
                      device_target: Optional[str] = None) -> Path:
-    """Write the embedding network for a fixed (batch_size, 3, S, S) float32 input; returns the file's path.
+    """Write the embedding network for a (batch_size, 3, S, S) float32 input; returns the file's path.
+
+    ONNX files take any batch size (``batch_size`` does not apply to them); MindIR files
+    exactly ``batch_size``.
 
     MindSpore appends the format's suffix (``.mindir`` / ``.onnx``) when ``out`` lacks
     it; the returned path is the file actually written.
@@ -113,10 +135,14 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
     # files; taken at the end of the block, before the rename, it leaves ``out`` as it was.
     with atomic_output(out, f"model{_SUFFIX[fmt]}") as tmp:
         with held(f"exporting {out}"):
-            ms.export(net, example, file_name=str(tmp.with_suffix("")), file_format=fmt)
+            if fmt == "ONNX":
+                _export_onnx(net, tmp.with_suffix(""), image_size)
+            else:
+                ms.export(net, example, file_name=str(tmp.with_suffix("")), file_format=fmt)
         if not tmp.is_file():
             raise RuntimeError(f"mindspore.export reported success but {tmp} was not written")
-    LOG.info("exported %s (%s, input %dx3x%dx%d)", out, fmt, batch_size, image_size, image_size)
+    batch = ONNX_BATCH_AXIS if fmt == "ONNX" else batch_size
+    LOG.info("exported %s (%s, input (%s, 3, %d, %d))", out, fmt, batch, image_size, image_size)
     return out
 
 
