@@ -187,7 +187,7 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
     x = ms.Tensor(rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32))
     rates = {}
     for kernels in ("onednn", "mindspore"):
-        embed = create_network(pretrained=False, include_top=False)
+        embed = create_network(pretrained=False, include_top=False, mode="graph")
         if kernels == "mindspore":
             embed.model.use_cpu_kernels(None)
         elif embed.model.nhwc_ops is None:
@@ -198,7 +198,7 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
     steps = {}
     y = ms.Tensor(rng.integers(0, 575, batch).astype(np.int32))
     for kernels in rates:
-        net = create_network(pretrained=False)
+        net = create_network(pretrained=False, mode="graph")
         if kernels == "mindspore":
             net.model.use_cpu_kernels(None)
         step = ft.build_train_step(net, ft.create_optimizer(net, ft.lr_schedule(0.02, 1000, 40)))

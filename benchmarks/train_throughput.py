@@ -75,7 +75,7 @@ def main() -> None:
     for kernels in ("onednn", "mindspore"):
         if args.kernels not in ("both", kernels):
             continue
-        net = create_network(pretrained=False, num_classes=args.num_classes)
+        net = create_network(pretrained=False, num_classes=args.num_classes, mode="graph")
         if kernels == "mindspore":
             net.model.use_cpu_kernels(None)
         elif net.model.train_ops is None:
@@ -98,7 +98,7 @@ def main() -> None:
         return
 
     # Same-run inference figure: the machine is shared, so the ratio says more than either number alone.
-    embed = create_network(pretrained=False, include_top=False)
+    embed = create_network(pretrained=False, include_top=False, mode="graph")
     embed(x).asnumpy()
     done_e, start = 0, time.perf_counter()
     while time.perf_counter() - start < args.seconds / 4 or done_e < 2 * b:

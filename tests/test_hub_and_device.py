@@ -129,12 +129,30 @@ def test_device_of_operations_run_before_is_respected():
         net = create_network(pretrained=False, include_top=False, mode="pynative")
         out = net(ms.Tensor(np.zeros((1, 3, 64, 64), np.float32)))
         assert out.shape == (1, 512)
-        net = create_network(pretrained=False, include_top=False)  # and again, now in graph mode
+        net = create_network(pretrained=False, include_top=False)  # no mode: the process's mode is kept
+        assert ms.get_context("mode") == ms.PYNATIVE_MODE
+        net = create_network(pretrained=False, include_top=False, mode="graph")  # and again, now in graph mode
         assert ms.get_context("mode") == ms.GRAPH_MODE
         print("OK")
     """, cwd=REPO)
     assert "OK" in proc.stdout
-    assert proc.stderr.count("device: CPU (set by the process)") == 2
+    assert proc.stderr.count("device: CPU (set by the process)") == 3
+
+
+def test_cli_and_export_build_in_graph_mode():
+    """The command line keeps compiling its networks whatever create_network's default is."""
+    proc = _run("""
+        import mindspore as ms
+        from vehiclenet import cli, export
+        assert ms.get_context("mode") == ms.PYNATIVE_MODE
+        cli._build_network(None, False, "fp32")
+        assert ms.get_context("mode") == ms.GRAPH_MODE
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        export.build_embedding_network(pretrained=False)
+        assert ms.get_context("mode") == ms.GRAPH_MODE
+        print("OK")
+    """, cwd=REPO)
+    assert "OK" in proc.stdout
 
 
 def test_pretrained_without_download_source_fails_clearly(monkeypatch, tmp_path):

@@ -462,7 +462,8 @@ def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str):
     doing("fetching the weights")
     weights = weights_path(checkpoint, pretrained)
     with held("building the network"):
-        return create_network(pretrained=False, checkpoint=weights, include_top=False, precision=precision)
+        return create_network(pretrained=False, checkpoint=weights, include_top=False, precision=precision,
+                              mode="graph")  # compiled once: the fast mode for many images
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:

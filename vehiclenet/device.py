@@ -78,17 +78,19 @@ def choose_device(device_target: Optional[str] = None) -> str:
     return "CPU"
 
 
-def configure(device_target: Optional[str] = None, mode: str = "graph") -> str:
-    """Set MindSpore's device and execution mode; returns the device target in use.
+def configure(device_target: Optional[str] = None, mode: Optional[str] = None) -> str:
+    """Set MindSpore's device and, when ``mode`` is given, its execution mode; returns the device target.
 
     A device the process already uses (``mindspore.set_device``, or operations run
     before this call) is respected; an explicit ``device_target`` that differs from it
-    raises, because MindSpore cannot switch devices once set.
+    raises, because MindSpore cannot switch devices once set. ``mode=None`` keeps the
+    process's execution mode (MindSpore's own default is PyNative); "graph" or
+    "pynative" sets it.
     """
     import mindspore as ms
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None (keep the process's mode), got {mode!r}")
     already = device_already_set()
     target = choose_device(device_target)
     if already and already != target:
@@ -101,7 +103,8 @@ def configure(device_target: Optional[str] = None, mode: str = "graph") -> str:
         LOG.info("device: %s (chosen automatically)" if device_target is None else "device: %s", target)
     else:
         LOG.info("device: %s (set by the process)", target)
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    if mode is not None:
+        ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     return target
 
 

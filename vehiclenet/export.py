@@ -76,7 +76,8 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
     if path is None:
         LOG.warning("exporting random weights (no checkpoint and pretrained=False)")
     with held("building the network"):
-        net = create_network(checkpoint=path, pretrained=False, include_top=False, device_target=device_target)
+        net = create_network(checkpoint=path, pretrained=False, include_top=False, device_target=device_target,
+                             mode="graph")
         # The exported graph must be MindSpore's own operators: custom ops name a library on this machine.
         net.model.use_cpu_kernels(None)
     if net.load_report is not None:

@@ -19,7 +19,7 @@ def create_network(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     last_stride: int = 2,
     device_target: Optional[str] = None,
-    mode: str = "graph",
+    mode: Optional[str] = None,
     amp_level: Optional[str] = None,
     precision: str = "fp32",
 ):
@@ -42,7 +42,10 @@ def create_network(
             (2048x12x12 maps at 384x384); 1 is an explicit, non-published variant.
         device_target: "Ascend", "GPU" or "CPU"; ``None`` keeps a device the process
             already set, else picks Ascend, then GPU, then CPU.
-        mode: "graph" (default) or "pynative".
+        mode: MindSpore's execution mode. ``None`` (default) keeps the process's mode
+            (MindSpore's own default is PyNative); ``"graph"`` compiles the network once
+            and is the fast choice for many images or training; ``"pynative"`` runs it
+            op by op.
         amp_level: MindSpore AMP level; ``None`` means "O2" on Ascend (BatchNorm in
             float32) and "O0" elsewhere.
         precision: CPU inference arithmetic. ``"fp32"`` (default) is the published
