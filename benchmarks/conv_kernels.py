@@ -187,7 +187,8 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
     x = ms.Tensor(rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32))
     rates = {}
     for kernels in ("onednn", "mindspore"):
-        embed = create_network(pretrained=False, include_top=False, cpu_kernels=kernels == "onednn")
+        embed = create_network(pretrained=False, include_top=False, cpu_kernels=kernels == "onednn",
+                               mode="graph")
         if kernels == "onednn" and embed.model.nhwc_ops is None:
             continue
         rates[kernels] = _rate(lambda: embed(x).asnumpy(), seconds)
@@ -196,7 +197,7 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
     steps = {}
     y = ms.Tensor(rng.integers(0, 575, batch).astype(np.int32))
     for kernels in rates:
-        net = create_network(pretrained=False, cpu_kernels=kernels == "onednn")
+        net = create_network(pretrained=False, cpu_kernels=kernels == "onednn", mode="graph")
         step = ft.build_train_step(net, ft.create_optimizer(net, ft.lr_schedule(0.02, 1000, 40)))
         steps[kernels] = _rate(lambda: step(x, y).asnumpy(), 4 * seconds)
     return rates, steps

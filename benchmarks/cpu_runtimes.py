@@ -255,7 +255,7 @@ def run_vehiclenet(checkpoint: Path, x: np.ndarray, seconds: float, precision: s
     # then fails with create_network's own TypeError, which the report prints.
     has_precision = "precision" in inspect.signature(create_network).parameters
     kwargs = {"precision": precision} if has_precision or precision != "fp32" else {}
-    net = create_network(pretrained=False, include_top=False, checkpoint=str(checkpoint), **kwargs)
+    net = create_network(pretrained=False, include_top=False, checkpoint=str(checkpoint), mode="graph", **kwargs)
     tensor = ms.Tensor(x)
     result = measure(lambda: net(tensor).asnumpy(), len(x), seconds)
     result["version"] = f"mindspore {ms.__version__}"

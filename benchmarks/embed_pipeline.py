@@ -74,7 +74,7 @@ def main() -> None:
     n, b = args.images, args.batch_size
     if n % b:
         parser.error("--images must be a multiple of --batch-size (so every variant does the same calls)")
-    net = create_network(pretrained=False, include_top=False, precision=args.precision)
+    net = create_network(pretrained=False, include_top=False, precision=args.precision, mode="graph")
     print(f"mindspore {ms.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{n} JPEGs {args.width}x{args.height}, batch {b}, flip on (2x{b} images per network call), "
           f"{args.precision}")

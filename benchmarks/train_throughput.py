@@ -75,7 +75,8 @@ def main() -> None:
     for kernels in ("onednn", "mindspore"):
         if args.kernels not in ("both", kernels):
             continue
-        net = create_network(pretrained=False, num_classes=args.num_classes, cpu_kernels=kernels == "onednn")
+        net = create_network(pretrained=False, num_classes=args.num_classes, cpu_kernels=kernels == "onednn",
+                             mode="graph")
         if kernels == "onednn" and net.model.train_ops is None:
             print("oneDNN kernels unavailable here (see `vehiclenet info`); skipped")
             continue
@@ -96,7 +97,7 @@ def main() -> None:
         return
 
     # Same-run inference figure: the machine is shared, so the ratio says more than either number alone.
-    embed = create_network(pretrained=False, include_top=False)
+    embed = create_network(pretrained=False, include_top=False, mode="graph")
     embed(x).asnumpy()
     done_e, start = 0, time.perf_counter()
     while time.perf_counter() - start < args.seconds / 4 or done_e < 2 * b:

@@ -37,7 +37,8 @@ def main() -> None:
     steps_per_epoch = dataset.get_dataset_size()
 
     # 2. Network: published backbone and bottleneck, a fresh last layer for our identities.
-    net = vehiclenet.create_network(pretrained=not args.no_pretrained, num_classes=data.num_classes)
+    net = vehiclenet.create_network(pretrained=not args.no_pretrained, num_classes=data.num_classes,
+                                    mode="graph")  # compiled: the fast mode for training
 
     # 3. Optimiser: head at --lr, the rest at 0.1x; SGD momentum 0.9, wd 1e-4; warm-up then step decay.
     optimizer = ft.create_optimizer(net, ft.lr_schedule(args.lr, steps_per_epoch, args.epochs))
@@ -57,7 +58,8 @@ def main() -> None:
               f"{steps_per_epoch * args.batch_size / seconds:.1f} images/s, saved {path}", flush=True)
 
     # 5. Use the result: the embedding network from the last checkpoint.
-    embedder = vehiclenet.create_network(checkpoint=path, num_classes=data.num_classes, include_top=False)
+    embedder = vehiclenet.create_network(checkpoint=path, num_classes=data.num_classes, include_top=False,
+                                         mode="graph")
     images, _ = next(dataset.create_tuple_iterator(num_epochs=1))
     features = embedder(images[:1])
     print(f"reloaded {path}: embedding shape {tuple(features.shape)}, labels in {args.out}/labels.json")

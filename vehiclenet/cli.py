@@ -479,7 +479,8 @@ def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str):
     weights_path(checkpoint, pretrained)  # downloads here, interruptible; create_network finds it verified
     with held("building the network"):
         # pretrained passed on: the asset's input_size and last_stride come with it (net.weights_meta).
-        return create_network(pretrained=pretrained, checkpoint=checkpoint, include_top=False, precision=precision)
+        return create_network(pretrained=pretrained, checkpoint=checkpoint, include_top=False, precision=precision,
+                              mode="graph")  # compiled once: the fast mode for many images
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@
 Ascend is the production target and is chosen whenever it is usable; nothing here
 may fail on a CPU-only machine.
 """
+import contextlib
 import logging
-from typing import Optional
+from typing import Iterator, Optional
 
 LOG = logging.getLogger(__name__)
 
@@ -21,26 +22,61 @@ def _normalise_target(device_target: str) -> str:
                      f"got {device_target!r}")
 
 
-def _usable(target: str) -> bool:
-    """True when the MindSpore package has a working plugin and at least one device for target."""
-    import mindspore as ms
+def _plugin_installed(target: str) -> Optional[bool]:
+    """Whether MindSpore has the plugin package for ``target``, asked without loading it
+    (None: this MindSpore cannot tell)."""
+    try:
+        from mindspore._c_expression import MSContext
+    except ImportError:  # private API
+        return None
+    try:
+        return bool(MSContext.get_instance().is_pkg_support_device(target))
+    except (AttributeError, RuntimeError, TypeError) as exc:
+        LOG.debug("cannot ask MindSpore whether the %s plugin is installed: %s", target, exc)
+        return None
 
-    if target == "CPU":
-        return True
-    module = getattr(ms.device_context, target.lower())
-    # is_available() logs a warning of its own when the plugin is missing; quiet it, we log our choice.
-    ms_logger = logging.getLogger("mindspore")
+
+@contextlib.contextmanager
+def _quiet_mindspore() -> Iterator[None]:
+    """Raise MindSpore's own logger to ERROR for the block.
+
+    MindSpore logs through ``mindspore.log._get_logger()``, which does not propagate to
+    ``logging.getLogger("mindspore")``; probing a missing device logs ~6 warning lines there.
+    """
+    try:
+        from mindspore.log import _get_logger
+        ms_logger = _get_logger()
+    except (ImportError, AttributeError):  # private API; without it the probe stays as loud as MindSpore made it
+        yield
+        return
     level = ms_logger.level
     ms_logger.setLevel(logging.ERROR)
     try:
-        if not module.is_available():
-            return False
-        return module.device_count() > 0
-    except Exception as exc:  # a broken driver must not stop a CPU run
-        LOG.debug("%s unusable: %s", target, exc)
-        return False
+        yield
     finally:
         ms_logger.setLevel(level)
+
+
+def _usable(target: str) -> bool:
+    """True when the MindSpore package has a working plugin and at least one device for target."""
+    if target == "CPU":
+        return True
+    # Most machines lack the plugin: answer from the package list, without the noisy probe.
+    if _plugin_installed(target) is False:
+        LOG.debug("%s: no MindSpore plugin installed", target)
+        return False
+    import mindspore as ms
+
+    module = getattr(ms.device_context, target.lower())
+    # We log our own choice; MindSpore's warnings of a failed probe would only confuse.
+    with _quiet_mindspore():
+        try:
+            if not module.is_available():
+                return False
+            return module.device_count() > 0
+        except Exception as exc:  # a broken driver must not stop a CPU run
+            LOG.debug("%s unusable: %s", target, exc)
+            return False
 
 
 def device_already_set() -> Optional[str]:
@@ -78,17 +114,19 @@ def choose_device(device_target: Optional[str] = None) -> str:
     return "CPU"
 
 
-def configure(device_target: Optional[str] = None, mode: str = "graph") -> str:
-    """Set MindSpore's device and execution mode; returns the device target in use.
+def configure(device_target: Optional[str] = None, mode: Optional[str] = None) -> str:
+    """Set MindSpore's device and, when ``mode`` is given, its execution mode; returns the device target.
 
     A device the process already uses (``mindspore.set_device``, or operations run
     before this call) is respected; an explicit ``device_target`` that differs from it
-    raises, because MindSpore cannot switch devices once set.
+    raises, because MindSpore cannot switch devices once set. ``mode=None`` keeps the
+    process's execution mode (MindSpore's own default is PyNative); "graph" or
+    "pynative" sets it.
     """
     import mindspore as ms
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None (keep the process's mode), got {mode!r}")
     already = device_already_set()
     target = choose_device(device_target)
     if already and already != target:
@@ -101,7 +139,8 @@ def configure(device_target: Optional[str] = None, mode: str = "graph") -> str:
         LOG.info("device: %s (chosen automatically)" if device_target is None else "device: %s", target)
     else:
         LOG.info("device: %s (set by the process)", target)
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    if mode is not None:
+        ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     return target
 
 

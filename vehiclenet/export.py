@@ -83,7 +83,7 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
         # The exported graph must be MindSpore's own operators: custom ops name a library on this machine.
         # pretrained passed on (found verified in the cache now): the asset's last_stride comes with it.
         net = create_network(checkpoint=checkpoint, pretrained=pretrained, include_top=False,
-                             device_target=device_target, cpu_kernels=False)
+                             device_target=device_target, cpu_kernels=False, mode="graph")
     if net.load_report is not None:
         _check_num_classes(path, net.load_report.file_num_classes, num_classes)
     return net

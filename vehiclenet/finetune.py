@@ -376,7 +376,7 @@ def init_data_parallel(device_target: Optional[str] = None) -> Tuple[int, int]:
 
     from .device import configure
 
-    configure(device_target)
+    configure(device_target, mode="graph")
     init()
     rank, size = get_rank(), get_group_size()
     ms.reset_auto_parallel_context()
@@ -693,10 +693,13 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
             dataset = dataset.take(max_steps_per_epoch)
         steps_per_epoch = dataset.get_dataset_size()
 
-    weights = None if resume else weights_path(checkpoint, pretrained)  # a download stays interruptible at once
+    if resume:  # the resumed state brings every weight
+        checkpoint, pretrained = None, False
+    weights_path(checkpoint, pretrained)  # a download stays interruptible; create_network finds it verified
     with held("building the network"):
-        net = create_network(pretrained=False, checkpoint=weights, num_classes=training.num_classes,
-                             device_target=device_target)
+        # pretrained passed on: an asset's last_stride comes with it (net.weights_meta).
+        net = create_network(pretrained=pretrained, checkpoint=checkpoint, num_classes=training.num_classes,
+                             device_target=device_target, mode="graph")  # training runs compiled
         schedule = lr_schedule(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
         optimizer = create_optimizer(net, schedule)
         step_cell = build_train_step(net, optimizer)

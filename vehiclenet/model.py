@@ -57,7 +57,7 @@ def create_network(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     last_stride: Optional[int] = None,
     device_target: Optional[str] = None,
-    mode: str = "graph",
+    mode: Optional[str] = None,
     amp_level: Optional[str] = None,
     precision: str = "fp32",
     cpu_kernels: bool = True,
@@ -84,7 +84,10 @@ def create_network(
             non-published variant.
         device_target: "Ascend", "GPU" or "CPU"; ``None`` keeps a device the process
             already set, else picks Ascend, then GPU, then CPU.
-        mode: "graph" (default) or "pynative".
+        mode: MindSpore's execution mode. ``None`` (default) keeps the process's mode
+            (MindSpore's own default is PyNative); ``"graph"`` compiles the network once
+            and is the fast choice for many images or training; ``"pynative"`` runs it
+            op by op.
         amp_level: MindSpore AMP level; ``None`` means "O2" on Ascend (BatchNorm in
             float32) and "O0" elsewhere.
         precision: CPU inference arithmetic. ``"fp32"`` (default) is the published

@@ -6,7 +6,7 @@ Parameter names and shapes match the published checkpoint exactly (see
 stride 2 (the reference's attempt to set stride 1 never took effect), so that is
 the default; ``last_stride=1`` is an explicit, non-published variant.
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import mindspore as ms
 import mindspore.nn as nn
@@ -204,7 +204,7 @@ class ResNet50(nn.Cell):
         return ops.mean(x, (1, 2))
 
 
-def _kernel_ops(backend: Optional[KernelBackend]):
+def _kernel_ops(backend: Optional[KernelBackend]) -> Tuple[Optional[InferenceOps], Optional[TrainOps]]:
     """(InferenceOps, TrainOps) over ``backend``'s library, or (None, None) for MindSpore's operators."""
     if backend is None:
         return None, None
