@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from . import env
@@ -32,8 +32,6 @@ ENV_ASSETS = env.ASSETS  # its name, for messages
 PACKAGED_MANIFEST = Path(__file__).resolve().parent / "assets.json"
 
 SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")  # a sha256 as 64 hex digits (manifest, verify --sha256)
-_KNOWN_KEYS = {"name", "file", "sha256", "urls", "size", "format", "num_classes", "last_stride", "input_size",
-               "metrics", "license", "source"}
 _SUPPORTED_SCHEMAS = (1,)
 
 
@@ -209,91 +207,155 @@ def parse_manifest(data: Any, where: Union[str, os.PathLike] = "<manifest>") -> 
 
 
 def _parse_asset(entry: Any, index: int, where: Path) -> Asset:
+    """One validated manifest entry; ManifestError names the manifest, the asset and the key."""
     label = f"asset #{index}"
     if isinstance(entry, dict) and isinstance(entry.get("name"), str):
         label += f" ({entry['name']!r})"
-
-    def bad(key: str, problem: str, fix: str) -> ManifestError:
-        return ManifestError(f"manifest {where}: {label}, key {key!r}: {problem}; {fix}")
-
     if not isinstance(entry, dict):
         raise ManifestError(f"manifest {where}: {label} must be a JSON object, got {type(entry).__name__}")
-    for key in ("name", "file", "sha256", "urls"):
+    for key in _REQUIRED_KEYS:
         if key not in entry:
-            raise bad(key, "is missing", "every asset needs name, file, sha256 and urls")
+            raise _bad_key(where, label, key, "is missing", "every asset needs name, file, sha256 and urls")
+    for key, rule in _RULES.items():
+        found = rule(entry.get(key))
+        if found is not None:
+            raise _bad_key(where, label, key, *found)
+    return _asset_from_entry(entry, where)
 
-    name = entry["name"]
-    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
-        raise bad("name", f"{name!r} is not a usable name", "use a non-empty name without spaces")
 
-    file = entry["file"]
-    problem = file_name_problem(file)
-    if problem:
-        raise bad("file", f"{file!r} {problem}", "give only the file name; the cache folder is chosen by vehiclenet")
+def _bad_key(where: Path, label: str, key: str, problem: str, fix: str) -> ManifestError:
+    """The error for one bad key of one asset: manifest, asset, key, what is wrong and what to do."""
+    return ManifestError(f"manifest {where}: {label}, key {key!r}: {problem}; {fix}")
 
-    sha = entry["sha256"]
-    if not isinstance(sha, str) or not SHA256_HEX.match(sha):
-        raise bad(
-            "sha256",
-            f"{sha!r} is not 64 hexadecimal characters",
-            "copy the full SHA-256 of the file (e.g. from `sha256sum FILE` or the model card)",
-        )
 
-    urls = entry["urls"]
-    if isinstance(urls, str) or not isinstance(urls, list) or not urls:
-        raise bad("urls", "must be a non-empty list of URL strings", "list at least one https URL")
-    for i, url in enumerate(urls):
-        if not isinstance(url, str):
-            raise bad("urls", f"entry {i} is not a string", "list URL strings")
-        problem = url_problem(url)
-        if problem:
-            raise bad("urls", f"entry {i} {redact_url(url)!r} {problem}", "use an https URL")
-
-    size = entry.get("size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
-        raise bad("size", f"{size!r} is not a positive integer", "give the size in bytes, or null if unknown")
-
-    num_classes = entry.get("num_classes")
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0
-    ):
-        raise bad("num_classes", f"{num_classes!r} is not a positive integer", "give the classifier's class count")
-
-    last_stride = entry.get("last_stride")
-    if last_stride is not None and (isinstance(last_stride, bool) or last_stride not in (1, 2)):
-        raise bad("last_stride", f"{last_stride!r} is not 1 or 2", "give layer4's stride the weights were trained with")
-
-    try:
-        input_size = _input_size(entry.get("input_size"))
-    except ValueError:
-        raise bad("input_size", f"{entry['input_size']!r} is not [height, width] of at least 32 pixels each",
-                  "give the size the weights were evaluated at, e.g. [384, 384]") from None
-
-    metrics = entry.get("metrics") or {}
-    if not isinstance(metrics, dict):
-        raise bad("metrics", "must be an object", 'e.g. {"mAP": 0.8371, "protocol": "..."}')
-
-    for key in ("format", "license", "source"):
-        value = entry.get(key)
-        if value is not None and not isinstance(value, str):
-            raise bad(key, f"{value!r} is not a string", "give a string or leave the key out")
-
+def _asset_from_entry(entry: Dict[str, Any], where: Path) -> Asset:
+    """The Asset of an entry that has passed every rule of :data:`_RULES`."""
     return Asset(
-        name=name,
-        file=file,
-        sha256=sha.lower(),
-        urls=tuple(urls),
-        size=size,
+        name=entry["name"],
+        file=entry["file"],
+        sha256=entry["sha256"].lower(),
+        urls=tuple(entry["urls"]),
+        size=entry.get("size"),
         format=entry.get("format"),
-        num_classes=num_classes,
-        last_stride=last_stride,
-        input_size=input_size,
-        metrics=dict(metrics),
+        num_classes=entry.get("num_classes"),
+        last_stride=entry.get("last_stride"),
+        input_size=_input_size(entry.get("input_size")),
+        metrics=dict(entry.get("metrics") or {}),
         license=entry.get("license"),
         source=entry.get("source"),
         extra={k: v for k, v in entry.items() if k not in _KNOWN_KEYS},
         manifest=where,
     )
+
+
+# A rule's answer: None when the value is fine, else (what is wrong, how to fix it).
+_Problem = Optional[Tuple[str, str]]
+
+
+def _name_rule(name: Any) -> _Problem:
+    """``name``: a non-empty string without whitespace."""
+    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
+        return f"{name!r} is not a usable name", "use a non-empty name without spaces"
+    return None
+
+
+def _file_rule(file: Any) -> _Problem:
+    """``file``: a bare file name the cache can hold (see :func:`file_name_problem`)."""
+    problem = file_name_problem(file)
+    if problem:
+        return f"{file!r} {problem}", "give only the file name; the cache folder is chosen by vehiclenet"
+    return None
+
+
+def _sha256_rule(sha: Any) -> _Problem:
+    """``sha256``: 64 hexadecimal digits, either case."""
+    if not isinstance(sha, str) or not SHA256_HEX.match(sha):
+        return (f"{sha!r} is not 64 hexadecimal characters",
+                "copy the full SHA-256 of the file (e.g. from `sha256sum FILE` or the model card)")
+    return None
+
+
+def _urls_rule(urls: Any) -> _Problem:
+    """``urls``: a non-empty list of strings, each a URL :func:`url_problem` accepts."""
+    if isinstance(urls, str) or not isinstance(urls, list) or not urls:
+        return "must be a non-empty list of URL strings", "list at least one https URL"
+    for i, url in enumerate(urls):
+        if not isinstance(url, str):
+            return f"entry {i} is not a string", "list URL strings"
+        problem = url_problem(url)
+        if problem:
+            return f"entry {i} {redact_url(url)!r} {problem}", "use an https URL"
+    return None
+
+
+def _is_positive_int(value: Any) -> bool:
+    """True for an int above 0; bool is an int to Python but never a count in a manifest."""
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+
+
+def _size_rule(size: Any) -> _Problem:
+    """``size`` (optional): bytes, a positive integer."""
+    if size is not None and not _is_positive_int(size):
+        return f"{size!r} is not a positive integer", "give the size in bytes, or null if unknown"
+    return None
+
+
+def _num_classes_rule(num_classes: Any) -> _Problem:
+    """``num_classes`` (optional): the head's identities, a positive integer."""
+    if num_classes is not None and not _is_positive_int(num_classes):
+        return f"{num_classes!r} is not a positive integer", "give the classifier's class count"
+    return None
+
+
+def _last_stride_rule(last_stride: Any) -> _Problem:
+    """``last_stride`` (optional): layer4's stride, 1 or 2."""
+    if last_stride is not None and (isinstance(last_stride, bool) or last_stride not in (1, 2)):
+        return f"{last_stride!r} is not 1 or 2", "give layer4's stride the weights were trained with"
+    return None
+
+
+def _input_size_rule(value: Any) -> _Problem:
+    """``input_size`` (optional): [height, width], as :func:`_input_size` reads it."""
+    try:
+        _input_size(value)
+    except ValueError:
+        return (f"{value!r} is not [height, width] of at least 32 pixels each",
+                "give the size the weights were evaluated at, e.g. [384, 384]")
+    return None
+
+
+def _metrics_rule(metrics: Any) -> _Problem:
+    """``metrics`` (optional): an object; null, or any other empty value, means none."""
+    if not isinstance(metrics or {}, dict):
+        return "must be an object", 'e.g. {"mAP": 0.8371, "protocol": "..."}'
+    return None
+
+
+def _optional_string_rule(value: Any) -> _Problem:
+    """``format``, ``license``, ``source`` (optional): a string."""
+    if value is not None and not isinstance(value, str):
+        return f"{value!r} is not a string", "give a string or leave the key out"
+    return None
+
+
+_REQUIRED_KEYS = ("name", "file", "sha256", "urls")
+# Every known key's rule. Keys are checked in this order, so an entry with several bad keys
+# always reports the same one.
+_RULES: Dict[str, Callable[[Any], _Problem]] = {
+    "name": _name_rule,
+    "file": _file_rule,
+    "sha256": _sha256_rule,
+    "urls": _urls_rule,
+    "size": _size_rule,
+    "num_classes": _num_classes_rule,
+    "last_stride": _last_stride_rule,
+    "input_size": _input_size_rule,
+    "metrics": _metrics_rule,
+    "format": _optional_string_rule,
+    "license": _optional_string_rule,
+    "source": _optional_string_rule,
+}
+_KNOWN_KEYS = frozenset(_RULES)  # any other key of an entry goes to Asset.extra
 
 
 def _input_size(value: Any) -> Optional[Tuple[int, int]]:

@@ -352,75 +352,10 @@ def evaluate(
     See the module docstring for the protocol (junk, AP forms, normalisation).
     ``native=False`` ranks with numpy instead of the compiled kernel (the same result).
     """
-    if ap not in ("trapezoid", "standard"):
-        raise ValueError(f"ap must be 'trapezoid' or 'standard', not {ap!r}")
-    dist = np.asarray(distmat)
-    if dist.ndim != 2:
-        raise ValueError(f"distmat must be 2-D, got shape {dist.shape}")
-    if dist.dtype.kind != "f":
-        dist = dist.astype(np.float64)
-    num_q, num_g = dist.shape
-    qi, gi = _as_labels("q_ids", q_ids, num_q), _as_labels("g_ids", g_ids, num_g)
-    qc, gcam = _as_labels("q_cams", q_cams, num_q), _as_labels("g_cams", g_cams, num_g)
-    if max_rank < 1:
-        raise ValueError("max_rank must be >= 1")
-    if np.isnan(dist).any():
-        raise ValueError("distmat contains NaN")
-
-    unlabeled = gi == -1
-
-    def block(start: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        stop = min(start + block_rows, num_q)
-        x = dist[start:stop]
-        same_id = gi[None, :] == qi[start:stop, None]
-        same_cam = gcam[None, :] == qc[start:stop, None]
-        junk = same_id & same_cam
-        junk |= unlabeled[None, :]
-        good = same_id & ~junk
-        if not good.any():
-            return None
-        rows, pos = hit_positions(x, good, ~junk, native=native)
-        return rows + start, pos
-
-    # Blocks are independent and numpy's sorts and element-wise passes release the GIL,
-    # so threads use every core; map() keeps the block order.
-    starts = range(0, num_q, block_rows)
-    workers = min(len(starts), os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            found = [r for r in pool.map(block, starts) if r is not None]
-    else:
-        found = [r for r in map(block, starts) if r is not None]
-    hit_q = [r[0] for r in found]
-    hit_p = [r[1] for r in found]
-
-    n_rank = max(max_rank, 10)
-    cmc = np.zeros(n_rank, dtype=np.float64)
-    per_query_ap = np.zeros(num_q, dtype=np.float64)
-    inp_sum = 0.0
-    num_valid = 0
-    if hit_q:
-        q_all = np.concatenate(hit_q)
-        p_all = np.concatenate(hit_p)
-        order = np.lexsort((p_all, q_all))
-        q_all, p_all = q_all[order], p_all[order]
-        ngood = np.bincount(q_all, minlength=num_q)
-        first = np.concatenate(([0], np.cumsum(ngood)[:-1]))
-        hit_i = np.arange(q_all.shape[0]) - first[q_all]  # 0-based hit index in its query
-        precision = (hit_i + 1) / (p_all + 1.0)
-        if ap == "trapezoid":
-            old = np.where(p_all > 0, hit_i / np.maximum(p_all, 1), 1.0)
-            terms = (old + precision) / 2.0
-        else:
-            terms = precision
-        per_query_ap = np.bincount(q_all, weights=terms, minlength=num_q)
-        valid = ngood > 0
-        per_query_ap[valid] /= ngood[valid]
-        num_valid = int(valid.sum())
-        first_pos = p_all[first[valid]]
-        cmc = (first_pos[None, :] <= np.arange(n_rank)[:, None]).sum(axis=1) / float(num_q)
-        last_pos = p_all[first[valid] + ngood[valid] - 1]
-        inp_sum = float(np.sum(ngood[valid] / (last_pos + 1.0)))
+    dist, labels = _checked_inputs(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=max_rank, ap=ap)
+    num_q = dist.shape[0]
+    found = _hits_by_block(dist, labels, block_rows=block_rows, native=native)
+    cmc, per_query_ap, inp_sum, num_valid = _scores(found, num_q, max(max_rank, 10), ap)
     return EvalResult(
         mAP=float(per_query_ap.sum() / num_q) if num_q else 0.0,
         cmc=cmc,
@@ -430,6 +365,117 @@ def evaluate(
         ap=ap,
         per_query_ap=per_query_ap,
     )
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """Vehicle ids and cameras of the queries and the gallery, checked and int64."""
+
+    q_ids: np.ndarray
+    g_ids: np.ndarray
+    q_cams: np.ndarray
+    g_cams: np.ndarray
+
+
+def _checked_inputs(
+    distmat: np.ndarray,
+    q_ids: Sequence[int],
+    g_ids: Sequence[int],
+    q_cams: Sequence[int],
+    g_cams: Sequence[int],
+    *,
+    max_rank: int,
+    ap: str,
+) -> Tuple[np.ndarray, _Labels]:
+    """:func:`evaluate`'s arguments as a float distance matrix and int64 labels; ValueError if unusable."""
+    if ap not in ("trapezoid", "standard"):
+        raise ValueError(f"ap must be 'trapezoid' or 'standard', not {ap!r}")
+    dist = np.asarray(distmat)
+    if dist.ndim != 2:
+        raise ValueError(f"distmat must be 2-D, got shape {dist.shape}")
+    if dist.dtype.kind != "f":
+        dist = dist.astype(np.float64)
+    num_q, num_g = dist.shape
+    labels = _Labels(
+        q_ids=_as_labels("q_ids", q_ids, num_q),
+        g_ids=_as_labels("g_ids", g_ids, num_g),
+        q_cams=_as_labels("q_cams", q_cams, num_q),
+        g_cams=_as_labels("g_cams", g_cams, num_g),
+    )
+    if max_rank < 1:
+        raise ValueError("max_rank must be >= 1")
+    if np.isnan(dist).any():
+        raise ValueError("distmat contains NaN")
+    return dist, labels
+
+
+_Hits = Tuple[np.ndarray, np.ndarray]  # query rows and 0-based hit positions, one entry per hit
+
+
+def _hits_by_block(dist: np.ndarray, labels: _Labels, *, block_rows: int, native: bool) -> List[_Hits]:
+    """The hits of every block of ``block_rows`` queries that has any, in query order."""
+    block = functools.partial(_block_hits, dist, labels, labels.g_ids == -1, block_rows, native)
+    # Blocks are independent and numpy's sorts and element-wise passes release the GIL,
+    # so threads use every core; map() keeps the block order.
+    starts = range(0, dist.shape[0], block_rows)
+    workers = min(len(starts), os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            return [r for r in pool.map(block, starts) if r is not None]
+    return [r for r in map(block, starts) if r is not None]
+
+
+def _block_hits(
+    dist: np.ndarray, labels: _Labels, unlabeled: np.ndarray, block_rows: int, native: bool, start: int
+) -> Optional[_Hits]:
+    """The hits of the queries from ``start`` on (``block_rows`` of them), None if there is none."""
+    stop = min(start + block_rows, dist.shape[0])
+    x = dist[start:stop]
+    same_id = labels.g_ids[None, :] == labels.q_ids[start:stop, None]
+    same_cam = labels.g_cams[None, :] == labels.q_cams[start:stop, None]
+    junk = same_id & same_cam
+    junk |= unlabeled[None, :]
+    good = same_id & ~junk
+    if not good.any():
+        return None
+    rows, pos = hit_positions(x, good, ~junk, native=native)
+    return rows + start, pos
+
+
+def _scores(found: List[_Hits], num_q: int, n_rank: int, ap: str) -> Tuple[np.ndarray, np.ndarray, float, int]:
+    """CMC over ``n_rank`` ranks, per-query AP, the sum of per-query INP and the number of valid queries."""
+    if not found:
+        return np.zeros(n_rank, dtype=np.float64), np.zeros(num_q, dtype=np.float64), 0.0, 0
+    q_all = np.concatenate([r[0] for r in found])
+    p_all = np.concatenate([r[1] for r in found])
+    order = np.lexsort((p_all, q_all))
+    q_all, p_all = q_all[order], p_all[order]
+    ngood = np.bincount(q_all, minlength=num_q)
+    first = np.concatenate(([0], np.cumsum(ngood)[:-1]))
+    per_query_ap = _average_precision(q_all, p_all, ngood, first, ap)
+    valid = ngood > 0
+    first_pos = p_all[first[valid]]
+    cmc = (first_pos[None, :] <= np.arange(n_rank)[:, None]).sum(axis=1) / float(num_q)
+    last_pos = p_all[first[valid] + ngood[valid] - 1]
+    inp_sum = float(np.sum(ngood[valid] / (last_pos + 1.0)))
+    return cmc, per_query_ap, inp_sum, int(valid.sum())
+
+
+def _average_precision(
+    q_all: np.ndarray, p_all: np.ndarray, ngood: np.ndarray, first: np.ndarray, ap: str
+) -> np.ndarray:
+    """Per-query AP (the ``ap`` form) of hits sorted by (query, position); ``first`` indexes each query's first hit."""
+    hit_i = np.arange(q_all.shape[0]) - first[q_all]  # 0-based hit index in its query
+    precision = (hit_i + 1) / (p_all + 1.0)
+    if ap == "trapezoid":
+        old = np.where(p_all > 0, hit_i / np.maximum(p_all, 1), 1.0)
+        terms = (old + precision) / 2.0
+    else:
+        terms = precision
+    per_query_ap = np.bincount(q_all, weights=terms, minlength=ngood.shape[0])
+    valid = ngood > 0
+    per_query_ap[valid] /= ngood[valid]
+    return per_query_ap
 
 
 # ---------------------------------------------------------------------------

@@ -26,10 +26,10 @@ import os
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -269,93 +269,128 @@ def embed(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
     items, skipped = _expand(images)
-    if skipped and not skip_bad:
-        raise DataError(f"{skipped[0][0]}: {skipped[0][1]}{_BAD_IMAGE_ADVICE}")
-    if not items:
-        raise DataError("no images to embed" + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    _check_anything_to_embed(items, skipped, skip_bad)
     b = _batch_plan(len(items), batch_size)
     size = input_size(net) if size is None else tuple(size)
     doing(f"embedding images (0 of {len(items)} done)")
     workers = num_workers or min(4, os.cpu_count() or 1)
-    window = 2 * b + workers  # keeps the next batch ready while the network works on this one
-
-    features: List[np.ndarray] = []
-    names: List[str] = []
-    pending: deque = deque()
-    batch_arrays: List[np.ndarray] = []
-    batch_names: List[str] = []
-    bar = None
-    if _want_progress(progress, len(items), b):
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), unit="img", file=sys.stderr, desc="embedding", dynamic_ncols=True)
-
-    def flush(arrays: List[np.ndarray], labels: List[str]) -> None:
-        batch = np.stack(arrays)
-        real = batch.shape[0]
-        if real < b:  # pad with copies of the first image: same graph shape, outputs dropped
-            batch = np.concatenate([batch, np.repeat(batch[:1], b - real, axis=0)])
-        # Held: the first call compiles the graph, calling back into Python, where a
-        # KeyboardInterrupt makes MindSpore print pages and write rank_0/om/analyze_fail.ir.
-        with held("compiling the network and embedding the first batch" if not names else None):
-            features.append(_run_net(net, batch, flip)[:real])
-        names.extend(labels)
-        doing(f"embedding images ({len(names)} of {len(items)} done)")
-        if bar is not None:
-            bar.update(real)
-
-    next_item = iter(items)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vehiclenet-decode") as pool:
-            def top_up() -> None:
-                while len(pending) < window:
-                    item = next(next_item, None)
-                    if item is None:
-                        return
-                    pending.append((item[0], pool.submit(_prepare, item[1], size)))
-
-            top_up()
-            while pending:
-                name, fut = pending.popleft()
-                try:
-                    arr = fut.result()
-                except DataError as exc:
-                    if not skip_bad:
-                        for _, other in pending:
-                            other.cancel()
-                        raise DataError(f"{exc}{_BAD_IMAGE_ADVICE}") from None
-                    reason = str(exc)
-                    prefix = f"{name}: "
-                    skipped.append((name, reason[len(prefix):] if reason.startswith(prefix) else reason))
-                    LOG.warning("skipped %s", reason)
-                    if bar is not None:
-                        bar.update(1)
-                    top_up()
-                    continue
-                batch_arrays.append(arr)
-                batch_names.append(name)
-                top_up()
-                if len(batch_arrays) == b:
-                    flush(batch_arrays, batch_names)
-                    batch_arrays, batch_names = [], []
-            if batch_arrays:
-                flush(batch_arrays, batch_names)
-    except KeyboardInterrupt:
-        for _, other in pending:  # the pool's shutdown would otherwise decode them all first
-            other.cancel()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if not features:
+    bar = _progress_bar(len(items)) if _want_progress(progress, len(items), b) else None
+    job = _EmbedRun(net, items, batch=b, flip=flip, size=size, skip_bad=skip_bad, skipped=skipped, bar=bar)
+    job.run(workers)
+    if not job.features:
         raise DataError(f"no usable image among {len(items)} input(s); first problem: "
                         f"{skipped[0][0]}: {skipped[0][1]}")
     return FeatureResult(
-        features=_l2_normalise(np.concatenate(features)),
-        paths=names,
+        features=_l2_normalise(np.concatenate(job.features)),
+        paths=job.names,
         skipped=skipped,
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_anything_to_embed(items: List[Tuple[str, Any]], skipped: List[Tuple[str, str]], skip_bad: bool) -> None:
+    """DataError for a folder without images (unless ``skip_bad``) or when there is no image at all."""
+    if skipped and not skip_bad:
+        raise DataError(f"{skipped[0][0]}: {skipped[0][1]}{_BAD_IMAGE_ADVICE}")
+    if not items:
+        raise DataError("no images to embed" + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+
+
+def _progress_bar(total: int) -> Any:
+    """A tqdm bar on stderr counting ``total`` images."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, desc="embedding", dynamic_ncols=True)
+
+
+class _EmbedRun:
+    """One :func:`embed` run: decodes ahead in a thread pool, batches in input order, calls the network.
+
+    ``features`` and ``names`` grow batch by batch; bad inputs are appended to ``skipped``
+    (with ``skip_bad``) or stop the run with a DataError.
+    """
+
+    def __init__(self, net: Any, items: List[Tuple[str, Any]], *, batch: int, flip: bool, size: Tuple[int, int],
+                 skip_bad: bool, skipped: List[Tuple[str, str]], bar: Any) -> None:
+        self.net, self.items, self.batch, self.flip, self.size = net, items, batch, flip, size
+        self.skip_bad, self.skipped, self.bar = skip_bad, skipped, bar
+        self.features: List[np.ndarray] = []
+        self.names: List[str] = []
+        self.pending: Deque[Tuple[str, Future]] = deque()  # (name, decoding) in input order
+        self.batch_arrays: List[np.ndarray] = []
+        self.batch_names: List[str] = []
+
+    def run(self, workers: int) -> None:
+        """Decode with ``workers`` threads and embed every item; closes the progress bar."""
+        window = 2 * self.batch + workers  # keeps the next batch ready while the network works on this one
+        todo = iter(self.items)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vehiclenet-decode") as pool:
+                self._top_up(pool, todo, window)
+                while self.pending:
+                    self._receive(*self.pending.popleft())
+                    self._top_up(pool, todo, window)
+                    if len(self.batch_arrays) == self.batch:
+                        self._flush()
+                if self.batch_arrays:
+                    self._flush()
+        except KeyboardInterrupt:
+            self._cancel_pending()  # the pool's shutdown would otherwise decode them all first
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _top_up(self, pool: ThreadPoolExecutor, todo: Iterator[Tuple[str, Any]], window: int) -> None:
+        """Start decoding the next items until ``window`` are pending."""
+        while len(self.pending) < window:
+            item = next(todo, None)
+            if item is None:
+                return
+            self.pending.append((item[0], pool.submit(_prepare, item[1], self.size)))
+
+    def _cancel_pending(self) -> None:
+        """Cancel the decodings not yet started."""
+        for _, other in self.pending:
+            other.cancel()
+
+    def _receive(self, name: str, decoding: Future) -> None:
+        """Add the decoded image ``name`` to the batch being collected, or skip it if it is bad."""
+        try:
+            arr = decoding.result()
+        except DataError as exc:
+            self._bad_input(name, exc)
+            return
+        self.batch_arrays.append(arr)
+        self.batch_names.append(name)
+
+    def _bad_input(self, name: str, exc: DataError) -> None:
+        """Skip and log input ``name`` with ``skip_bad``; else stop the run with a DataError naming it."""
+        if not self.skip_bad:
+            self._cancel_pending()
+            raise DataError(f"{exc}{_BAD_IMAGE_ADVICE}") from None
+        reason = str(exc)
+        prefix = f"{name}: "
+        self.skipped.append((name, reason[len(prefix):] if reason.startswith(prefix) else reason))
+        LOG.warning("skipped %s", reason)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _flush(self) -> None:
+        """Embed the collected batch and start a new one."""
+        batch = np.stack(self.batch_arrays)
+        real = batch.shape[0]
+        if real < self.batch:  # pad with copies of the first image: same graph shape, outputs dropped
+            batch = np.concatenate([batch, np.repeat(batch[:1], self.batch - real, axis=0)])
+        # Held: the first call compiles the graph, calling back into Python, where a
+        # KeyboardInterrupt makes MindSpore print pages and write rank_0/om/analyze_fail.ir.
+        with held("compiling the network and embedding the first batch" if not self.names else None):
+            self.features.append(_run_net(self.net, batch, self.flip)[:real])
+        self.names.extend(self.batch_names)
+        doing(f"embedding images ({len(self.names)} of {len(self.items)} done)")
+        if self.bar is not None:
+            self.bar.update(real)
+        self.batch_arrays, self.batch_names = [], []
 
 
 def extract_features(net, images: Inputs, **options: Any) -> np.ndarray:
