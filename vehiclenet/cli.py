@@ -9,10 +9,14 @@ import argparse
 import logging
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from . import __version__
 from .errors import VehicleNetError
+
+if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
+    from .features import FeatureResult
+    from .ranking import Ranking
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,22 +440,6 @@ def _check_inputs(inputs: List[str], skip_bad: bool) -> None:
         list_images(inputs)
 
 
-def _warn_nan_distances(query, gallery, paths: List[str]) -> None:
-    """Warn when features that are not finite make distances NaN (they rank last, meaningless)."""
-    import numpy as np
-
-    log = logging.getLogger("vehiclenet")
-    if not np.isfinite(query).all():
-        log.warning("the query's features are NaN or infinite: every distance is nan and the order means nothing; "
-                    "check the weights (--checkpoint)")
-        return
-    bad = np.flatnonzero(~np.isfinite(gallery).all(axis=1))
-    if bad.size:
-        shown = ", ".join(paths[i] for i in bad[:5]) + (", ..." if bad.size > 5 else "")
-        log.warning("%d of %d gallery images have NaN or infinite features (%s): their distances are nan and they "
-                    "rank last; embed them again", bad.size, len(paths), shown)
-
-
 def _embedding_network(args: argparse.Namespace):
     from .checkpoint import check_checkpoint_file
 
@@ -508,14 +496,31 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
+    from .preprocessing import load_image
+    from .ranking import rank_gallery, veri_id
+    from .visualize import draw_ranking
+
+    _check_rank_args(args)
+    stored = _stored_gallery(args)
+    load_image(args.query)  # a bad query fails here, before the network is built
+    query, gallery = _embed_query_and_gallery(args, _embedding_network(args), stored)
+    ranking = rank_gallery(query.features[0], gallery, args.top_k, leave_out=args.query, source=args.gallery)
+    qid, ids = veri_id(args.query), [veri_id(p) for p in ranking.paths]
+    _print_ranking(args.query, ranking, qid, ids)
+    if not args.no_picture:
+        out = draw_ranking(args.query, ranking.paths, ranking.distances, args.out, query_id=qid, ids=ids,
+                           thumb=args.thumb)
+        print(f"picture: {out}")
+    return 0
+
+
+def _check_rank_args(args: argparse.Namespace) -> None:
+    """Usage errors of ``rank`` and a query that is no file, reported before any work."""
     import os
 
     from .errors import DataError, UsageError
-    from .evaluation import parse_veri_name
-    from .features import FeatureResult, embed, load_features, nearest
     from .fileio import check_output_file, is_image_path
-    from .preprocessing import load_image
-    from .visualize import draw_ranking, picture_format
+    from .visualize import picture_format
 
     _check_network_args(args)
     if args.top_k < 1:
@@ -530,64 +535,50 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         raise UsageError(f"--query {args.query!r} is a folder: give one image file (the gallery can be a folder)")
     if not os.path.isfile(args.query):
         raise DataError(f"{args.query}: query image not found")
-    log = logging.getLogger("vehiclenet")
-    flip = not args.no_flip
-    gallery_is_npz = os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz")
-    if gallery_is_npz:
+
+
+def _stored_gallery(args: argparse.Namespace) -> "Optional[FeatureResult]":
+    """The features of an .npz ``--gallery``; None for a folder, whose images are checked now."""
+    import os
+
+    from .errors import DataError
+    from .features import load_features
+
+    if os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz"):
         gallery = load_features(args.gallery)
-        stored = gallery.extra.get("flip")
+        stored, flip = gallery.extra.get("flip"), not args.no_flip
         if stored is not None and bool(stored) != flip:
-            log.warning("%s was embedded with flip %s but the query uses flip %s; distances mix the two",
-                        args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
-    elif os.path.isdir(args.gallery):
-        gallery = None
+            logging.getLogger("vehiclenet").warning(
+                "%s was embedded with flip %s but the query uses flip %s; distances mix the two",
+                args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
+        return gallery
+    if os.path.isdir(args.gallery):
         _check_inputs([args.gallery], args.skip_bad)
-    else:
-        raise DataError(f"{args.gallery}: neither a folder nor an .npz features file")
+        return None
+    raise DataError(f"{args.gallery}: neither a folder nor an .npz features file")
 
-    load_image(args.query)  # a bad query fails here, before the network is built
-    net = _embedding_network(args)
-    if gallery is None:
-        # Query and gallery in one run: one batch shape, so the graph compiles once. Skipped
-        # files are logged (WARNING) by embed.
-        both = embed(net, [args.query, args.gallery], batch_size=args.batch_size, flip=flip,
-                     skip_bad=args.skip_bad)
-        query = FeatureResult(both.features[:1], both.paths[:1])
-        gallery = FeatureResult(both.features[1:], both.paths[1:])
-    else:
-        query = embed(net, [args.query], batch_size=1, flip=flip)
-    if gallery.features.shape[1] != query.features.shape[1]:
-        raise DataError(f"{args.gallery}: features are {gallery.features.shape[1]}-d, the network gives "
-                        f"{query.features.shape[1]}-d")
-    # The query file itself would be a perfect first match; leave it out of its own gallery.
-    qreal = os.path.realpath(args.query)
-    keep = [i for i, p in enumerate(gallery.paths) if os.path.realpath(p) != qreal]
-    if not keep:
-        raise DataError(f"{args.gallery}: no gallery image besides the query")
-    feats = gallery.features[keep]
-    paths = [gallery.paths[i] for i in keep]
-    _warn_nan_distances(query.features[0], feats, paths)
-    order, distances = nearest(query.features[0], feats, args.top_k)
-    dists = [float(d) for d in distances]
-    ranked = [paths[i] for i in order]
 
-    def vid(path: str):
-        try:
-            return parse_veri_name(path)[0]
-        except DataError:
-            return None
+def _embed_query_and_gallery(args: argparse.Namespace, net,
+                             stored: "Optional[FeatureResult]") -> "Tuple[FeatureResult, FeatureResult]":
+    """Query and gallery features: the gallery's are ``stored``, or embedded with the query's."""
+    from .features import FeatureResult, embed
 
-    qid = vid(args.query)
-    ids = [vid(p) for p in ranked]
-    print(f"query {args.query}" + (f" (id {qid})" if qid is not None else "")
-          + f": top {len(ranked)} of {len(paths)} gallery images, cosine distance 1 - cos")
-    for r, (d, p, g) in enumerate(zip(dists, ranked, ids), 1):
+    flip = not args.no_flip
+    if stored is not None:
+        return embed(net, [args.query], batch_size=1, flip=flip), stored
+    # Query and gallery in one run: one batch shape, so the graph compiles once. Skipped
+    # files are logged (WARNING) by embed.
+    both = embed(net, [args.query, args.gallery], batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
+    return FeatureResult(both.features[:1], both.paths[:1]), FeatureResult(both.features[1:], both.paths[1:])
+
+
+def _print_ranking(query: str, ranking: "Ranking", qid: Optional[int], ids: List[Optional[int]]) -> None:
+    """The ranking as ``rank``'s lines: a heading, then rank, distance, path and same/other id."""
+    print(f"query {query}" + (f" (id {qid})" if qid is not None else "")
+          + f": top {len(ranking.paths)} of {ranking.num_gallery} gallery images, cosine distance 1 - cos")
+    for r, (d, p, g) in enumerate(zip(ranking.distances, ranking.paths, ids), 1):
         mark = "" if qid is None or g is None else ("  same id" if g == qid else "  other id")
         print(f"{r:4d}  {d:.4f}  {p}{mark}")
-    if not args.no_picture:
-        out = draw_ranking(args.query, ranked, dists, args.out, query_id=qid, ids=ids, thumb=args.thumb)
-        print(f"picture: {out}")
-    return 0
 
 # --------------------------------------------------------------------------- finetune / export
 
