@@ -6,15 +6,20 @@ Exit codes: 0 success, 1 failure (mismatch, missing file, download error), 2 usa
 manifest errors, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); see interrupts.py.
 """
 import argparse
+import contextlib
 import logging
 import sys
+import time
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 from . import __version__
 from .errors import VehicleNetError
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
+    import numpy as np
+
+    from .evaluation import EvalResult, FeatureSet
     from .features import FeatureResult
     from .ranking import Ranking
 
@@ -286,17 +291,24 @@ def _add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-    import os
-    import time
-
-    import numpy as np
-
     from . import evaluation
-    from .download import weights_files
+
+    _check_evaluate_args(args)
+    timings: Dict[str, float] = {}
+    with _timed(timings, "features_s"):
+        fs = evaluation.load_features_npz(args.features) if args.features is not None else _embed_veri(args)
+    with _timed(timings, "distance_s"):
+        dist = _distances(args, fs)
+    with _timed(timings, "metrics_s"):
+        result = evaluation.evaluate(dist, fs.query_ids, fs.gallery_ids, fs.query_cams, fs.gallery_cams, ap=args.ap)
+    _print_evaluation(args, result, int(dist.shape[1]), timings)
+    return 0
+
+
+def _check_evaluate_args(args: argparse.Namespace) -> None:
+    """Usage errors of ``evaluate`` and an unusable --save-features path, reported before any work."""
     from .errors import UsageError
     from .fileio import check_output_file
-    from .interrupts import kept
 
     if args.data is None and (args.save_features or args.checkpoint or args.no_flip or args.precision != "fp32"):
         raise UsageError("--save-features, --checkpoint, --no-flip and --precision apply to --data only")
@@ -304,48 +316,69 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1")
     if args.save_features:
         check_output_file(args.save_features, "--save-features")
-    timings = {}
-    t0 = time.perf_counter()
-    if args.features is not None:
-        fs = evaluation.load_features_npz(args.features)
-    else:
-        query, gallery = evaluation.read_veri(args.data)
-        if args.save_features:  # the images, the lists and the weights are inputs; checked before the network
-            check_output_file(args.save_features, "--save-features", [
-                *query.paths, *gallery.paths, *weights_files(args.checkpoint),
-                *(os.path.join(args.data, evaluation._SPLIT_LISTS[s]) for s in ("query", "test"))])
-        from .features import extract_features
 
-        net = _build_network(args.checkpoint, args.checkpoint is None, args.precision)
-        feats = [
-            np.asarray(extract_features(net, split.paths, batch_size=args.batch_size, flip=not args.no_flip),
-                       dtype=np.float32)
-            for split in (query, gallery)
-        ]
-        fs = evaluation.FeatureSet(feats[0], query.ids, query.cams, feats[1], gallery.ids, gallery.cams)
-        if args.save_features:
-            evaluation.save_features_npz(args.save_features, fs)
-            kept(f"{args.save_features} written")
-    timings["features_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    if args.rerank:
-        from .rerank import re_rank
+@contextlib.contextmanager
+def _timed(timings: Dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the block took as ``timings[key]`` (not when it raises)."""
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
 
-        try:
-            dist = re_rank(fs.query_features, fs.gallery_features, k1=args.k1, k2=args.k2,
-                           lambda_value=args.lambda_value)
-        except ValueError as exc:
-            raise UsageError(f"re-ranking: {exc}") from None
-    else:
-        dist = evaluation.cosine_distance(fs.query_features, fs.gallery_features)
-    timings["distance_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = evaluation.evaluate(dist, fs.query_ids, fs.gallery_ids, fs.query_cams, fs.gallery_cams, ap=args.ap)
-    timings["metrics_s"] = time.perf_counter() - t0
+
+def _embed_veri(args: argparse.Namespace) -> "FeatureSet":
+    """The features of ``--data``'s query and gallery images, also written to --save-features if given."""
+    import os
+
+    import numpy as np
+
+    from . import evaluation
+    from .download import weights_files
+    from .fileio import check_output_file
+    from .interrupts import kept
+
+    query, gallery = evaluation.read_veri(args.data)
+    if args.save_features:  # the images, the lists and the weights are inputs; checked before the network
+        check_output_file(args.save_features, "--save-features", [
+            *query.paths, *gallery.paths, *weights_files(args.checkpoint),
+            *(os.path.join(args.data, evaluation._SPLIT_LISTS[s]) for s in ("query", "test"))])
+    from .features import extract_features
+
+    net = _build_network(args.checkpoint, args.checkpoint is None, args.precision)
+    feats = [
+        np.asarray(extract_features(net, split.paths, batch_size=args.batch_size, flip=not args.no_flip),
+                   dtype=np.float32)
+        for split in (query, gallery)
+    ]
+    fs = evaluation.FeatureSet(feats[0], query.ids, query.cams, feats[1], gallery.ids, gallery.cams)
+    if args.save_features:
+        evaluation.save_features_npz(args.save_features, fs)
+        kept(f"{args.save_features} written")
+    return fs
+
+
+def _distances(args: argparse.Namespace, fs: "FeatureSet") -> "np.ndarray":
+    """Query x gallery distances: k-reciprocal re-ranking with --rerank, else cosine distance."""
+    from .errors import UsageError
+    from .evaluation import cosine_distance
+
+    if not args.rerank:
+        return cosine_distance(fs.query_features, fs.gallery_features)
+    from .rerank import re_rank
+
+    try:
+        return re_rank(fs.query_features, fs.gallery_features, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
+    except ValueError as exc:
+        raise UsageError(f"re-ranking: {exc}") from None
+
+
+def _print_evaluation(args: argparse.Namespace, result: "EvalResult", num_gallery: int,
+                      timings: Dict[str, float]) -> None:
+    """The figures as two lines, and with --json as one JSON object on a last line."""
+    import json
 
     out = result.to_dict()
-    out["num_gallery"] = int(dist.shape[1])
+    out["num_gallery"] = num_gallery
     out["rerank"] = {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value} if args.rerank else None
     out["timings"] = {k: round(v, 4) for k, v in timings.items()}
     source = args.features if args.features is not None else args.data
@@ -356,7 +389,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"rank-10 {100 * out['rank10']:.2f} | mINP {100 * out['mINP']:.2f}  ({args.ap} AP)")
     if args.json:
         print(json.dumps(out))
-    return 0
 
 
 # --------------------------------------------------------------------------- embed / rank
