@@ -554,7 +554,7 @@ def _held_steps(iterator):
 
 
 def _save(saver: "CheckpointSaver", step_cell, stats: "EpochStats", checkpoints: List[str]) -> None:
-    """Save after ``stats.epoch`` with signals held, say it is kept, and note the file in ``stats`` and ``checkpoints``."""
+    """Save after ``stats.epoch`` with signals held, say it is kept, note the file in ``stats`` and ``checkpoints``."""
     # Held: an interrupt waits for the file to be complete.
     with held(f"saving the checkpoint of epoch {stats.epoch}"):
         path = saver.save(step_cell, epoch=stats.epoch, step=stats.step)
@@ -674,7 +674,8 @@ def _join_workers(distributed: Optional[bool], device_target: Optional[str]) -> 
 
 
 def _prepare_dataset(training: TrainingData, *, batch_size: int, image_size, num_workers: int, rank: int,
-                     group_size: int, seed: Optional[int], max_steps: Optional[int]) -> Tuple[object, _ImageSource, int]:
+                     group_size: int, seed: Optional[int],
+                     max_steps: Optional[int]) -> Tuple[object, _ImageSource, int]:
     """The run's dataset (at most ``max_steps`` batches an epoch), its image source and its batches per epoch."""
     with held("preparing the training data"):  # MindSpore's dataset code, in Python
         dataset, source = _train_pipeline(training, batch_size=batch_size, image_size=image_size,
@@ -686,7 +687,7 @@ def _prepare_dataset(training: TrainingData, *, batch_size: int, image_size, num
 
 def _build_training(num_classes: int, *, pretrained: Union[bool, str], checkpoint: Optional[PathLike],
                     device_target: Optional[str], schedule: Callable[[], np.ndarray]) -> Tuple[object, object, object]:
-    """``(net, optimizer, train step)``, from the weights ``pretrained``/``checkpoint`` name."""
+    """``(net, optimizer, train step)``: the weights ``pretrained``/``checkpoint`` name, ``schedule()``'s rates."""
     from .model import create_network, weights_path
 
     weights_path(checkpoint, pretrained)  # a download stays interruptible; create_network finds it verified
