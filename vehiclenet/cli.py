@@ -6,13 +6,22 @@ Exit codes: 0 success, 1 failure (mismatch, missing file, download error), 2 usa
 manifest errors, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); see interrupts.py.
 """
 import argparse
+import contextlib
 import logging
 import sys
+import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 from . import __version__
 from .errors import VehicleNetError
+
+if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
+    import numpy as np
+
+    from .evaluation import EvalResult, FeatureSet
+    from .features import FeatureResult
+    from .ranking import Ranking
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,17 +291,24 @@ def _add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-    import os
-    import time
-
-    import numpy as np
-
     from . import evaluation
-    from .download import weights_files
+
+    _check_evaluate_args(args)
+    timings: Dict[str, float] = {}
+    with _timed(timings, "features_s"):
+        fs = evaluation.load_features_npz(args.features) if args.features is not None else _embed_veri(args)
+    with _timed(timings, "distance_s"):
+        dist = _distances(args, fs)
+    with _timed(timings, "metrics_s"):
+        result = evaluation.evaluate(dist, fs.query_ids, fs.gallery_ids, fs.query_cams, fs.gallery_cams, ap=args.ap)
+    _print_evaluation(args, result, int(dist.shape[1]), timings)
+    return 0
+
+
+def _check_evaluate_args(args: argparse.Namespace) -> None:
+    """Usage errors of ``evaluate`` and an unusable --save-features path, reported before any work."""
     from .errors import UsageError
     from .fileio import check_output_file
-    from .interrupts import kept
 
     if args.data is None and (args.save_features or args.checkpoint or args.no_flip or args.precision != "fp32"):
         raise UsageError("--save-features, --checkpoint, --no-flip and --precision apply to --data only")
@@ -300,48 +316,69 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1")
     if args.save_features:
         check_output_file(args.save_features, "--save-features")
-    timings = {}
-    t0 = time.perf_counter()
-    if args.features is not None:
-        fs = evaluation.load_features_npz(args.features)
-    else:
-        query, gallery = evaluation.read_veri(args.data)
-        if args.save_features:  # the images, the lists and the weights are inputs; checked before the network
-            check_output_file(args.save_features, "--save-features", [
-                *query.paths, *gallery.paths, *weights_files(args.checkpoint),
-                *(os.path.join(args.data, evaluation._SPLIT_LISTS[s]) for s in ("query", "test"))])
-        from .features import extract_features
 
-        net = _build_network(args.checkpoint, args.checkpoint is None, args.precision)
-        feats = [
-            np.asarray(extract_features(net, split.paths, batch_size=args.batch_size, flip=not args.no_flip),
-                       dtype=np.float32)
-            for split in (query, gallery)
-        ]
-        fs = evaluation.FeatureSet(feats[0], query.ids, query.cams, feats[1], gallery.ids, gallery.cams)
-        if args.save_features:
-            evaluation.save_features_npz(args.save_features, fs)
-            kept(f"{args.save_features} written")
-    timings["features_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    if args.rerank:
-        from .rerank import re_rank
+@contextlib.contextmanager
+def _timed(timings: Dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the block took as ``timings[key]`` (not when it raises)."""
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
 
-        try:
-            dist = re_rank(fs.query_features, fs.gallery_features, k1=args.k1, k2=args.k2,
-                           lambda_value=args.lambda_value)
-        except ValueError as exc:
-            raise UsageError(f"re-ranking: {exc}") from None
-    else:
-        dist = evaluation.cosine_distance(fs.query_features, fs.gallery_features)
-    timings["distance_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = evaluation.evaluate(dist, fs.query_ids, fs.gallery_ids, fs.query_cams, fs.gallery_cams, ap=args.ap)
-    timings["metrics_s"] = time.perf_counter() - t0
+
+def _embed_veri(args: argparse.Namespace) -> "FeatureSet":
+    """The features of ``--data``'s query and gallery images, also written to --save-features if given."""
+    import os
+
+    import numpy as np
+
+    from . import evaluation
+    from .download import weights_files
+    from .fileio import check_output_file
+    from .interrupts import kept
+
+    query, gallery = evaluation.read_veri(args.data)
+    if args.save_features:  # the images, the lists and the weights are inputs; checked before the network
+        check_output_file(args.save_features, "--save-features", [
+            *query.paths, *gallery.paths, *weights_files(args.checkpoint),
+            *(os.path.join(args.data, evaluation._SPLIT_LISTS[s]) for s in ("query", "test"))])
+    from .features import extract_features
+
+    net = _build_network(args.checkpoint, args.checkpoint is None, args.precision)
+    feats = [
+        np.asarray(extract_features(net, split.paths, batch_size=args.batch_size, flip=not args.no_flip),
+                   dtype=np.float32)
+        for split in (query, gallery)
+    ]
+    fs = evaluation.FeatureSet(feats[0], query.ids, query.cams, feats[1], gallery.ids, gallery.cams)
+    if args.save_features:
+        evaluation.save_features_npz(args.save_features, fs)
+        kept(f"{args.save_features} written")
+    return fs
+
+
+def _distances(args: argparse.Namespace, fs: "FeatureSet") -> "np.ndarray":
+    """Query x gallery distances: k-reciprocal re-ranking with --rerank, else cosine distance."""
+    from .errors import UsageError
+    from .evaluation import cosine_distance
+
+    if not args.rerank:
+        return cosine_distance(fs.query_features, fs.gallery_features)
+    from .rerank import re_rank
+
+    try:
+        return re_rank(fs.query_features, fs.gallery_features, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
+    except ValueError as exc:
+        raise UsageError(f"re-ranking: {exc}") from None
+
+
+def _print_evaluation(args: argparse.Namespace, result: "EvalResult", num_gallery: int,
+                      timings: Dict[str, float]) -> None:
+    """The figures as two lines, and with --json as one JSON object on a last line."""
+    import json
 
     out = result.to_dict()
-    out["num_gallery"] = int(dist.shape[1])
+    out["num_gallery"] = num_gallery
     out["rerank"] = {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value} if args.rerank else None
     out["timings"] = {k: round(v, 4) for k, v in timings.items()}
     source = args.features if args.features is not None else args.data
@@ -352,7 +389,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"rank-10 {100 * out['rank10']:.2f} | mINP {100 * out['mINP']:.2f}  ({args.ap} AP)")
     if args.json:
         print(json.dumps(out))
-    return 0
 
 
 # --------------------------------------------------------------------------- embed / rank
@@ -436,22 +472,6 @@ def _check_inputs(inputs: List[str], skip_bad: bool) -> None:
         list_images(inputs)
 
 
-def _warn_nan_distances(query, gallery, paths: List[str]) -> None:
-    """Warn when features that are not finite make distances NaN (they rank last, meaningless)."""
-    import numpy as np
-
-    log = logging.getLogger("vehiclenet")
-    if not np.isfinite(query).all():
-        log.warning("the query's features are NaN or infinite: every distance is nan and the order means nothing; "
-                    "check the weights (--checkpoint)")
-        return
-    bad = np.flatnonzero(~np.isfinite(gallery).all(axis=1))
-    if bad.size:
-        shown = ", ".join(paths[i] for i in bad[:5]) + (", ..." if bad.size > 5 else "")
-        log.warning("%d of %d gallery images have NaN or infinite features (%s): their distances are nan and they "
-                    "rank last; embed them again", bad.size, len(paths), shown)
-
-
 def _embedding_network(args: argparse.Namespace):
     from .checkpoint import check_checkpoint_file
 
@@ -508,14 +528,31 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
+    from .preprocessing import load_image
+    from .ranking import rank_gallery, veri_id
+    from .visualize import draw_ranking
+
+    _check_rank_args(args)
+    stored = _stored_gallery(args)
+    load_image(args.query)  # a bad query fails here, before the network is built
+    query, gallery = _embed_query_and_gallery(args, _embedding_network(args), stored)
+    ranking = rank_gallery(query.features[0], gallery, args.top_k, leave_out=args.query, source=args.gallery)
+    qid, ids = veri_id(args.query), [veri_id(p) for p in ranking.paths]
+    _print_ranking(args.query, ranking, qid, ids)
+    if not args.no_picture:
+        out = draw_ranking(args.query, ranking.paths, ranking.distances, args.out, query_id=qid, ids=ids,
+                           thumb=args.thumb)
+        print(f"picture: {out}")
+    return 0
+
+
+def _check_rank_args(args: argparse.Namespace) -> None:
+    """Usage errors of ``rank`` and a query that is no file, reported before any work."""
     import os
 
     from .errors import DataError, UsageError
-    from .evaluation import parse_veri_name
-    from .features import FeatureResult, embed, load_features, nearest
     from .fileio import check_output_file, is_image_path
-    from .preprocessing import load_image
-    from .visualize import draw_ranking, picture_format
+    from .visualize import picture_format
 
     _check_network_args(args)
     if args.top_k < 1:
@@ -530,64 +567,50 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         raise UsageError(f"--query {args.query!r} is a folder: give one image file (the gallery can be a folder)")
     if not os.path.isfile(args.query):
         raise DataError(f"{args.query}: query image not found")
-    log = logging.getLogger("vehiclenet")
-    flip = not args.no_flip
-    gallery_is_npz = os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz")
-    if gallery_is_npz:
+
+
+def _stored_gallery(args: argparse.Namespace) -> "Optional[FeatureResult]":
+    """The features of an .npz ``--gallery``; None for a folder, whose images are checked now."""
+    import os
+
+    from .errors import DataError
+    from .features import load_features
+
+    if os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz"):
         gallery = load_features(args.gallery)
-        stored = gallery.extra.get("flip")
+        stored, flip = gallery.extra.get("flip"), not args.no_flip
         if stored is not None and bool(stored) != flip:
-            log.warning("%s was embedded with flip %s but the query uses flip %s; distances mix the two",
-                        args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
-    elif os.path.isdir(args.gallery):
-        gallery = None
+            logging.getLogger("vehiclenet").warning(
+                "%s was embedded with flip %s but the query uses flip %s; distances mix the two",
+                args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
+        return gallery
+    if os.path.isdir(args.gallery):
         _check_inputs([args.gallery], args.skip_bad)
-    else:
-        raise DataError(f"{args.gallery}: neither a folder nor an .npz features file")
+        return None
+    raise DataError(f"{args.gallery}: neither a folder nor an .npz features file")
 
-    load_image(args.query)  # a bad query fails here, before the network is built
-    net = _embedding_network(args)
-    if gallery is None:
-        # Query and gallery in one run: one batch shape, so the graph compiles once. Skipped
-        # files are logged (WARNING) by embed.
-        both = embed(net, [args.query, args.gallery], batch_size=args.batch_size, flip=flip,
-                     skip_bad=args.skip_bad)
-        query = FeatureResult(both.features[:1], both.paths[:1])
-        gallery = FeatureResult(both.features[1:], both.paths[1:])
-    else:
-        query = embed(net, [args.query], batch_size=1, flip=flip)
-    if gallery.features.shape[1] != query.features.shape[1]:
-        raise DataError(f"{args.gallery}: features are {gallery.features.shape[1]}-d, the network gives "
-                        f"{query.features.shape[1]}-d")
-    # The query file itself would be a perfect first match; leave it out of its own gallery.
-    qreal = os.path.realpath(args.query)
-    keep = [i for i, p in enumerate(gallery.paths) if os.path.realpath(p) != qreal]
-    if not keep:
-        raise DataError(f"{args.gallery}: no gallery image besides the query")
-    feats = gallery.features[keep]
-    paths = [gallery.paths[i] for i in keep]
-    _warn_nan_distances(query.features[0], feats, paths)
-    order, distances = nearest(query.features[0], feats, args.top_k)
-    dists = [float(d) for d in distances]
-    ranked = [paths[i] for i in order]
 
-    def vid(path: str):
-        try:
-            return parse_veri_name(path)[0]
-        except DataError:
-            return None
+def _embed_query_and_gallery(args: argparse.Namespace, net,
+                             stored: "Optional[FeatureResult]") -> "Tuple[FeatureResult, FeatureResult]":
+    """Query and gallery features: the gallery's are ``stored``, or embedded with the query's."""
+    from .features import FeatureResult, embed
 
-    qid = vid(args.query)
-    ids = [vid(p) for p in ranked]
-    print(f"query {args.query}" + (f" (id {qid})" if qid is not None else "")
-          + f": top {len(ranked)} of {len(paths)} gallery images, cosine distance 1 - cos")
-    for r, (d, p, g) in enumerate(zip(dists, ranked, ids), 1):
+    flip = not args.no_flip
+    if stored is not None:
+        return embed(net, [args.query], batch_size=1, flip=flip), stored
+    # Query and gallery in one run: one batch shape, so the graph compiles once. Skipped
+    # files are logged (WARNING) by embed.
+    both = embed(net, [args.query, args.gallery], batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
+    return FeatureResult(both.features[:1], both.paths[:1]), FeatureResult(both.features[1:], both.paths[1:])
+
+
+def _print_ranking(query: str, ranking: "Ranking", qid: Optional[int], ids: List[Optional[int]]) -> None:
+    """The ranking as ``rank``'s lines: a heading, then rank, distance, path and same/other id."""
+    print(f"query {query}" + (f" (id {qid})" if qid is not None else "")
+          + f": top {len(ranking.paths)} of {ranking.num_gallery} gallery images, cosine distance 1 - cos")
+    for r, (d, p, g) in enumerate(zip(ranking.distances, ranking.paths, ids), 1):
         mark = "" if qid is None or g is None else ("  same id" if g == qid else "  other id")
         print(f"{r:4d}  {d:.4f}  {p}{mark}")
-    if not args.no_picture:
-        out = draw_ranking(args.query, ranked, dists, args.out, query_id=qid, ids=ids, thumb=args.thumb)
-        print(f"picture: {out}")
-    return 0
 
 # --------------------------------------------------------------------------- finetune / export
 

@@ -553,13 +553,16 @@ def _held_steps(iterator):
         yield batch
 
 
-def _save(saver: "CheckpointSaver", step_cell, epoch: int, step: int) -> Optional[Path]:
-    """``saver.save`` with signals held (an interrupt waits for the file to be complete), then say it is kept."""
-    with held(f"saving the checkpoint of epoch {epoch}"):
-        path = saver.save(step_cell, epoch=epoch, step=step)
+def _save(saver: "CheckpointSaver", step_cell, stats: "EpochStats", checkpoints: List[str]) -> None:
+    """Save after ``stats.epoch`` with signals held, say it is kept, note the file in ``stats`` and ``checkpoints``."""
+    # Held: an interrupt waits for the file to be complete.
+    with held(f"saving the checkpoint of epoch {stats.epoch}"):
+        path = saver.save(step_cell, epoch=stats.epoch, step=stats.step)
         if path is not None:
-            kept(f"kept {path} (epoch {epoch} complete): continue with --resume {path}")
-    return path
+            kept(f"kept {path} (epoch {stats.epoch} complete): continue with --resume {path}")
+    stats.checkpoint = str(path) if path else None
+    if path:
+        checkpoints.append(str(path))
 
 
 def _remove_leftovers(out: PathLike) -> None:
@@ -651,6 +654,118 @@ def _check_out_dir(out: PathLike, resume: Optional[PathLike], training: Training
                             "the data the run was started on")
 
 
+def _check_inputs(data: PathLike, out: PathLike, resume: Optional[PathLike],
+                  eval_data: Optional[PathLike]) -> TrainingData:
+    """The training data, once ``data``, ``out``, ``resume`` and ``eval_data`` are known to be usable."""
+    training = scan_training_data(data)
+    _check_out_dir(out, resume, training)
+    if eval_data is not None:
+        from .evaluation import read_veri
+
+        read_veri(os.fspath(eval_data))  # a wrong --eval-data fails now, not after the first epochs
+    return training
+
+
+def _join_workers(distributed: Optional[bool], device_target: Optional[str]) -> Tuple[int, int]:
+    """``(rank, group_size)``: ``(0, 1)`` unless data-parallel is asked for, or a launcher started several workers."""
+    if distributed or (distributed is None and distributed_env()):
+        return init_data_parallel(device_target)
+    return 0, 1
+
+
+def _prepare_dataset(training: TrainingData, *, batch_size: int, image_size, num_workers: int, rank: int,
+                     group_size: int, seed: Optional[int],
+                     max_steps: Optional[int]) -> Tuple[object, _ImageSource, int]:
+    """The run's dataset (at most ``max_steps`` batches an epoch), its image source and its batches per epoch."""
+    with held("preparing the training data"):  # MindSpore's dataset code, in Python
+        dataset, source = _train_pipeline(training, batch_size=batch_size, image_size=image_size,
+                                          num_workers=num_workers, rank=rank, group_size=group_size, seed=seed)
+        if max_steps:
+            dataset = dataset.take(max_steps)
+        return dataset, source, dataset.get_dataset_size()
+
+
+def _build_training(num_classes: int, *, pretrained: Union[bool, str], checkpoint: Optional[PathLike],
+                    device_target: Optional[str], schedule: Callable[[], np.ndarray]) -> Tuple[object, object, object]:
+    """``(net, optimizer, train step)``: the weights ``pretrained``/``checkpoint`` name, ``schedule()``'s rates."""
+    from .model import create_network, weights_path
+
+    weights_path(checkpoint, pretrained)  # a download stays interruptible; create_network finds it verified
+    with held("building the network"):
+        # pretrained passed on: an asset's last_stride comes with it (net.weights_meta).
+        net = create_network(pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
+                             device_target=device_target, mode="graph")  # training runs compiled
+        optimizer = create_optimizer(net, schedule())
+        return net, optimizer, build_train_step(net, optimizer)
+
+
+def _resume_position(step_cell, optimizer, resume: Optional[PathLike], epochs: int) -> Tuple[int, int]:
+    """``(epoch, step)`` to start from: ``resume``'s state loaded into the step, or ``(0, 0)`` without one."""
+    if resume is None:
+        return 0, 0
+    # Held: MindSpore's reader turns an interrupt into "failed to load the checkpoint".
+    with held(f"loading {os.fspath(resume)}"):
+        start_epoch, global_step = resume_training(step_cell, optimizer, resume)
+    if start_epoch >= epochs:
+        raise CheckpointError(f"{os.fspath(resume)!r} was saved after epoch {start_epoch}; --epochs {epochs} "
+                              "leaves nothing to train. Raise --epochs.")
+    return start_epoch, global_step
+
+
+def _take_over_out_dir(out: PathLike, training: TrainingData, keep_max: int, rank: int, group_size: int,
+                       start_epoch: int) -> Tuple["CheckpointSaver", FinetuneResult]:
+    """On rank 0 clear killed runs' leftovers from ``out`` and write labels.json; the saver and an empty result."""
+    if rank == 0:  # this run owns ``out`` now: what killed runs left there goes
+        _remove_leftovers(out)
+    labels_file = save_label_map(training, out) if rank == 0 else None
+    saver = CheckpointSaver(out, keep_max, enabled=rank == 0)
+    result = FinetuneResult(os.fspath(out), training.num_classes, start_epoch, [], [],
+                            str(labels_file) if labels_file else None, rank, group_size)
+    return saver, result
+
+
+def _train_epoch(step_cell, iterator, source: _ImageSource, *, epoch: int, step: int, group_size: int,
+                 compile_first: bool) -> EpochStats:
+    """Run epoch ``epoch`` (from 1) of ``iterator`` after ``step`` steps; its figures, loss not yet checked."""
+    losses, seen, started = [], 0, time.perf_counter()
+    first_step = None  # (seconds, images) at the end of the step that compiled the graph
+    try:
+        for images, labels in _held_steps(iterator):
+            compiling = compile_first and first_step is None
+            # Held: the first step compiles the graph, calling back into Python.
+            with held(f"compiling the training graph (first step of epoch {epoch})" if compiling else None):
+                losses.append(step_cell(images, labels))
+            seen += images.shape[0]
+            if compiling:
+                # The run's first step includes graph compilation: keep it out of images/s.
+                losses[-1].asnumpy()
+                first_step = (time.perf_counter() - started, seen)
+    except RuntimeError:
+        if source.failure is not None:  # what the pipeline's RuntimeError stands for
+            raise source.failure from None
+        raise
+    mean_loss = float(np.mean([float(v.asnumpy()) for v in losses]))
+    seconds = time.perf_counter() - started  # after reading the losses, which waits for the last step
+    timed_seconds, timed_images = seconds, seen
+    if first_step is not None and seen > first_step[1]:
+        timed_seconds, timed_images = seconds - first_step[0], seen - first_step[1]
+    return EpochStats(epoch, step + len(losses), mean_loss, timed_images * group_size / timed_seconds, seconds,
+                      compile_seconds=first_step[0] if first_step else None)
+
+
+def _check_loss(stats: EpochStats, lr: float, checkpoints: List[str]) -> None:
+    """TrainingError when the epoch's mean loss is not finite: the run diverged."""
+    if not math.isfinite(stats.loss):
+        last = checkpoints[-1] if checkpoints else None
+        raise TrainingError(f"the loss became {stats.loss} in epoch {stats.epoch} (lr {lr:g}): training diverged; "
+                            "lower --lr" + (f" and --resume {last}" if last else ""))
+
+
+def _due(epoch: int, every: int, epochs: int) -> bool:
+    """True after every ``every``-th epoch and after the last one (``every`` >= 1)."""
+    return epoch % every == 0 or epoch == epochs
+
+
 def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int = 24, lr: float = 0.02,
              image_size=384, pretrained: Union[bool, str] = True, checkpoint: Optional[PathLike] = None,
              resume: Optional[PathLike] = None, num_workers: int = 2, save_every: int = 1, keep_max: int = 5,
@@ -668,97 +783,39 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
     """
     ms = import_mindspore()
 
-    from .model import create_network, weights_path
-
     # Everything is checked before anything is written into ``out``: a run that cannot
     # start must not overwrite the labels.json or prune the checkpoints of an earlier one.
     _check_run_arguments(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, save_every=save_every,
                          keep_max=keep_max, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
-    training = scan_training_data(data)
-    _check_out_dir(out, resume, training)
-    if eval_data is not None:
-        from .evaluation import read_veri
-
-        read_veri(os.fspath(eval_data))  # a wrong --eval-data fails now, not after the first epochs
-    rank, size = 0, 1
-    if distributed or (distributed is None and distributed_env()):
-        rank, size = init_data_parallel(device_target)
+    training = _check_inputs(data, out, resume, eval_data)
+    rank, size = _join_workers(distributed, device_target)
     if seed is not None:
         ms.set_seed(seed)
     note_start(resume)
-    with held("preparing the training data"):  # MindSpore's dataset code, in Python
-        dataset, source = _train_pipeline(training, batch_size=batch_size, image_size=image_size,
-                                          num_workers=num_workers, rank=rank, group_size=size, seed=seed)
-        if max_steps_per_epoch:
-            dataset = dataset.take(max_steps_per_epoch)
-        steps_per_epoch = dataset.get_dataset_size()
-
+    dataset, source, steps_per_epoch = _prepare_dataset(
+        training, batch_size=batch_size, image_size=image_size, num_workers=num_workers, rank=rank, group_size=size,
+        seed=seed, max_steps=max_steps_per_epoch)
     if resume:  # the resumed state brings every weight
         checkpoint, pretrained = None, False
-    weights_path(checkpoint, pretrained)  # a download stays interruptible; create_network finds it verified
-    with held("building the network"):
-        # pretrained passed on: an asset's last_stride comes with it (net.weights_meta).
-        net = create_network(pretrained=pretrained, checkpoint=checkpoint, num_classes=training.num_classes,
-                             device_target=device_target, mode="graph")  # training runs compiled
-        schedule = lr_schedule(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
-        optimizer = create_optimizer(net, schedule)
-        step_cell = build_train_step(net, optimizer)
-    start_epoch, global_step = 0, 0
-    if resume is not None:
-        # Held: MindSpore's reader turns an interrupt into "failed to load the checkpoint".
-        with held(f"loading {os.fspath(resume)}"):
-            start_epoch, global_step = resume_training(step_cell, optimizer, resume)
-        if start_epoch >= epochs:
-            raise CheckpointError(f"{os.fspath(resume)!r} was saved after epoch {start_epoch}; --epochs {epochs} "
-                                  "leaves nothing to train. Raise --epochs.")
-    if rank == 0:  # this run owns ``out`` now: what killed runs left there goes
-        _remove_leftovers(out)
-    labels_file = save_label_map(training, out) if rank == 0 else None
-    saver = CheckpointSaver(out, keep_max, enabled=rank == 0)
-    result = FinetuneResult(os.fspath(out), training.num_classes, start_epoch, [], [],
-                            str(labels_file) if labels_file else None, rank, size)
+    net, optimizer, step_cell = _build_training(
+        training.num_classes, pretrained=pretrained, checkpoint=checkpoint, device_target=device_target,
+        schedule=lambda: lr_schedule(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs,
+                                     decay_epochs=decay_epochs))
+    start_epoch, global_step = _resume_position(step_cell, optimizer, resume, epochs)
+    saver, result = _take_over_out_dir(out, training, keep_max, rank, size, start_epoch)
 
     with held("preparing the training data"):
         iterator = dataset.create_tuple_iterator(num_epochs=epochs - start_epoch)
-    for epoch in range(start_epoch, epochs):
-        losses, seen, started = [], 0, time.perf_counter()
-        first_step = None
-        doing(f"training epoch {epoch + 1} of {epochs}")
-        try:
-            for images, labels in _held_steps(iterator):
-                compiling = epoch == start_epoch and first_step is None
-                # Held: the first step compiles the graph, calling back into Python.
-                with held(f"compiling the training graph (first step of epoch {epoch + 1})" if compiling else None):
-                    losses.append(step_cell(images, labels))
-                seen += images.shape[0]
-                global_step += 1
-                if compiling:
-                    # The run's first step includes graph compilation: keep it out of images/s.
-                    losses[-1].asnumpy()
-                    first_step = (time.perf_counter() - started, seen)
-        except RuntimeError:
-            if source.failure is not None:  # what the pipeline's RuntimeError stands for
-                raise source.failure from None
-            raise
-        mean_loss = float(np.mean([float(v.asnumpy()) for v in losses]))
-        seconds = time.perf_counter() - started
-        timed_seconds, timed_images = seconds, seen
-        if first_step is not None and seen > first_step[1]:
-            timed_seconds, timed_images = seconds - first_step[0], seen - first_step[1]
-        stats = EpochStats(epoch + 1, global_step, mean_loss, timed_images * size / timed_seconds, seconds,
-                           compile_seconds=first_step[0] if first_step else None)
-        if not math.isfinite(mean_loss):
-            last = result.checkpoints[-1] if result.checkpoints else None
-            raise TrainingError(f"the loss became {mean_loss} in epoch {epoch + 1} (lr {lr:g}): training diverged; "
-                                "lower --lr" + (f" and --resume {last}" if last else ""))
-        done = epoch + 1
-        if done % save_every == 0 or done == epochs:
-            path = _save(saver, step_cell, done, global_step)
-            stats.checkpoint = str(path) if path else None
-            if path:
-                result.checkpoints.append(str(path))
-        if eval_data is not None and eval_every and (done % eval_every == 0 or done == epochs) and rank == 0:
-            doing(f"evaluating after epoch {done}")
+    for epoch in range(start_epoch + 1, epochs + 1):
+        doing(f"training epoch {epoch} of {epochs}")
+        stats = _train_epoch(step_cell, iterator, source, epoch=epoch, step=global_step, group_size=size,
+                             compile_first=epoch == start_epoch + 1)
+        global_step = stats.step
+        _check_loss(stats, lr, result.checkpoints)
+        if _due(epoch, save_every, epochs):
+            _save(saver, step_cell, stats, result.checkpoints)
+        if eval_data is not None and eval_every and _due(epoch, eval_every, epochs) and rank == 0:
+            doing(f"evaluating after epoch {epoch}")
             stats.evaluation = evaluate_query_gallery(net, eval_data, image_size=image_size)
         result.history.append(stats)
         if on_epoch is not None and rank == 0:
