@@ -32,7 +32,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from .fileio import atomic_write, is_image_path, read_npz
 __all__ = [
     "VeriSplit",
     "parse_veri_name",
+    "veri_id",
     "read_veri_split",
     "read_veri",
     "cosine_distance",
@@ -84,6 +85,14 @@ def parse_veri_name(name: str) -> Tuple[int, int]:
             "(vehicle id, camera), e.g. '0002_c002_00030600_0.jpg'"
         )
     return int(match.group(1)), int(match.group(2))
+
+
+def veri_id(path: Union[str, os.PathLike]) -> Optional[int]:
+    """Vehicle id of a VeRi-776 file name (``0002_c002_....jpg`` -> 2), None for other names."""
+    try:
+        return parse_veri_name(os.fspath(path))[0]
+    except DataError:
+        return None
 
 
 def _read_list_file(list_path: str, image_dir: str) -> Tuple[List[str], List[int], List[int]]:

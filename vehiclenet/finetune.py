@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import CheckpointError, DataError, ImageDecodeError, TrainingError, UsageError
+from .evaluation import veri_id
 from .fileio import atomic_output, atomic_write, is_image_path, remove_stale_temps
 from .interrupts import doing, held, import_mindspore, kept
 
@@ -85,15 +86,6 @@ class TrainingData:
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and is_image_path(name)
 
-
-def _veri_id(name: str) -> Optional[int]:
-    """Vehicle id of a VeRi-776 file name, None for other names."""
-    from .evaluation import parse_veri_name
-
-    try:
-        return parse_veri_name(name)[0]
-    except DataError:
-        return None
 
 
 def _sort_ids(ids) -> List[str]:
@@ -140,14 +132,14 @@ def scan_training_data(root: PathLike, *, check_images: bool = True) -> Training
     else:
         image_dir = root
         top = [n for n in os.listdir(root) if _is_image(n)]
-        layout = "veri" if top and all(_veri_id(n) is not None for n in top) else "folders"
+        layout = "veri" if top and all(veri_id(n) is not None for n in top) else "folders"
 
     per_id: Dict[str, List[str]] = {}
     if layout == "veri":
         for name in sorted(os.listdir(image_dir)):
             if not _is_image(name):
                 continue
-            vid = _veri_id(name)
+            vid = veri_id(name)
             if vid is None:
                 raise DataError(f"{os.path.join(image_dir, name)!r} is not named like a VeRi-776 training image "
                                 "('VVVV_cCCC_....jpg'); rename it or use the ROOT/<id>/*.jpg layout")

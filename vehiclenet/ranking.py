@@ -2,17 +2,18 @@
 
 :func:`rank_gallery` orders gallery features by cosine distance to a query's features
 (:func:`vehiclenet.features.nearest`), leaving the query's own file out of its gallery;
-:func:`veri_id` reads the vehicle id a VeRi-776 file name carries, for same-id marks.
+:func:`veri_id` (from :mod:`vehiclenet.evaluation`) reads the vehicle id a VeRi-776 file name
+carries, for same-id marks.
 """
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import numpy as np
 
 from .errors import DataError
-from .evaluation import parse_veri_name
+from .evaluation import veri_id
 from .features import FeatureResult, nearest
 
 __all__ = ["Ranking", "rank_gallery", "veri_id"]
@@ -28,14 +29,6 @@ class Ranking:
     paths: List[str]
     distances: List[float]
     num_gallery: int  # gallery images ranked, the query's own file left out
-
-
-def veri_id(path: Union[str, os.PathLike]) -> Optional[int]:
-    """Vehicle id of a VeRi-776 file name (``0002_c002_....jpg`` -> 2), None for other names."""
-    try:
-        return parse_veri_name(os.fspath(path))[0]
-    except DataError:
-        return None
 
 
 def rank_gallery(query: np.ndarray, gallery: FeatureResult, k: int, *, leave_out: Optional[str] = None,
