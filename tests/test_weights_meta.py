@@ -133,3 +133,24 @@ def test_embed_command_uses_the_default_assets_settings(http_server, ten_id_chec
     emb = create_network(checkpoint=path, last_stride=1, include_top=False)
     np.testing.assert_allclose(got, embed(emb, files, size=(128, 96)).features, rtol=0, atol=1e-5)
     assert np.abs(got - embed(emb, files, size=(384, 384)).features).max() > 1e-3
+
+
+def test_export_follows_the_assets_input_size(other_asset, tmp_path):
+    """ONNX export of the asset without --image-size: the file takes the asset's 128x96
+    input at any batch; --image-size still wins."""
+    import onnxruntime as ort
+
+    from vehiclenet.export import export_embedding
+
+    net = create_network(pretrained=OTHER, include_top=False, mode="graph")
+    path = export_embedding(tmp_path / "other.onnx", file_format="ONNX", pretrained=OTHER)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [3, 128, 96]
+    x = np.random.default_rng(7).standard_normal((2, 3, 128, 96)).astype(np.float32)
+    import mindspore as ms
+
+    want = net(ms.Tensor(x)).asnumpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], want, rtol=0, atol=1e-4)
+    square = export_embedding(tmp_path / "square.onnx", file_format="ONNX", pretrained=OTHER, image_size=64)
+    shape = ort.InferenceSession(str(square), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    assert shape[1:] == [3, 64, 64]

@@ -706,7 +706,8 @@ def _add_export_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="weights to export (default: the published checkpoint)")
     p.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="identities of the checkpoint's head, checked against the file")
-    p.add_argument("--image-size", type=int, default=384, help="square input size (default 384)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square input size (default: the weights' input size, 384x384 for the published ones)")
     p.add_argument("--batch-size", type=int, default=1, help="fixed batch dimension of MINDIR (default 1); "
                    "ONNX takes any batch")
     p.add_argument("--no-pretrained", action="store_true", help="export random weights (testing only)")
@@ -724,8 +725,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "CKPT":
         print(f"CKPT: network weights, no training state ({path.stat().st_size / 2 ** 20:.1f} MiB)")
     else:
+        from .model import weights_meta
+
         batch = "N" if args.format == "ONNX" else args.batch_size
-        print(f"{args.format}: embedding network, input {batch}x3x{args.image_size}x{args.image_size} "
+        height, width = ((args.image_size,) * 2 if args.image_size else
+                         weights_meta(args.checkpoint, not args.no_pretrained).input_size)
+        print(f"{args.format}: embedding network, input {batch}x3x{height}x{width} "
               "float32 -> 512-d" + (" (any batch N)" if args.format == "ONNX" else ""))
     print(path)
     return 0

@@ -22,7 +22,7 @@ with ``create_network(checkpoint=..., num_classes=N)`` like the original.
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -89,8 +89,8 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
     return net
 
 
-def _export_onnx(net, file_name: Path, image_size: int) -> None:
-    """Write ``file_name``.onnx for a (batch, 3, S, S) input of any batch size.
+def _export_onnx(net, file_name: Path, size: Tuple[int, int]) -> None:
+    """Write ``file_name``.onnx for a (batch, 3, H, W) input of any batch size.
 
     MindSpore compiles the graph for an input whose batch is unknown, so every shape in it
     that depends on the batch (BatchNorm1d's reshapes, the output) says -1 rather than the
@@ -99,16 +99,19 @@ def _export_onnx(net, file_name: Path, image_size: int) -> None:
     """
     import mindspore.onnx
 
-    spec = mindspore.Tensor(shape=[None, 3, image_size, image_size], dtype=mindspore.float32)
+    spec = mindspore.Tensor(shape=[None, 3, *size], dtype=mindspore.float32)
     mindspore.onnx.export(net, spec, file_name=str(file_name), input_names=[ONNX_INPUT],
                           dynamic_axes={ONNX_INPUT: {0: ONNX_BATCH_AXIS}})
 
 
 def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR",
                      checkpoint: Optional[Union[str, os.PathLike]] = None, pretrained: Union[bool, str] = True,
-                     num_classes: Optional[int] = None, image_size: int = 384, batch_size: int = 1,
+                     num_classes: Optional[int] = None, image_size: Optional[int] = None, batch_size: int = 1,
                      device_target: Optional[str] = None) -> Path:
-    """Write the embedding network for a (batch_size, 3, S, S) float32 input; returns the file's path.
+    """Write the embedding network for a (batch_size, 3, H, W) float32 input; returns the file's path.
+
+    (H, W) is ``image_size`` square when given, else the weights' input size
+    (``net.weights_meta.input_size``: the asset's ``input_size``, 384x384 for the published model).
 
     ONNX files take any batch size (``batch_size`` does not apply to them); MindIR files
     exactly ``batch_size``.
@@ -121,14 +124,15 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {file_format!r}")
     if fmt == "CKPT":
         return export_weights(out, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes)
-    if image_size < 32 or batch_size < 1:
+    if (image_size is not None and image_size < 32) or batch_size < 1:
         raise UsageError(f"image size must be >= 32 and batch size >= 1, got {image_size}, {batch_size}")
     out = _output_path(out, fmt, checkpoint, pretrained)
     ms = import_mindspore()  # only after the checks: a refused --out costs no MindSpore start-up
 
     net = build_embedding_network(checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                                   device_target=device_target)
-    example = ms.Tensor(np.zeros((batch_size, 3, image_size, image_size), np.float32))
+    size = (image_size, image_size) if image_size is not None else tuple(net.weights_meta.input_size)
+    example = ms.Tensor(np.zeros((batch_size, 3, *size), np.float32))
     # Written under a temporary name and renamed, so an interrupted export never leaves a
     # truncated model under the name a deployment would load. MindSpore adds the suffix itself.
     # Held: an interrupt inside the export's graph compilation would dump MindSpore's analysis
@@ -136,13 +140,13 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
     with atomic_output(out, f"model{_SUFFIX[fmt]}") as tmp:
         with held(f"exporting {out}"):
             if fmt == "ONNX":
-                _export_onnx(net, tmp.with_suffix(""), image_size)
+                _export_onnx(net, tmp.with_suffix(""), size)
             else:
                 ms.export(net, example, file_name=str(tmp.with_suffix("")), file_format=fmt)
         if not tmp.is_file():
             raise RuntimeError(f"mindspore.export reported success but {tmp} was not written")
     batch = ONNX_BATCH_AXIS if fmt == "ONNX" else batch_size
-    LOG.info("exported %s (%s, input (%s, 3, %d, %d))", out, fmt, batch, image_size, image_size)
+    LOG.info("exported %s (%s, input (%s, 3, %d, %d))", out, fmt, batch, *size)
     return out
 
 
