@@ -221,3 +221,34 @@ def test_nearest_orders_by_cosine_distance_and_keeps_ties_in_gallery_order():
     order, dist = nearest(np.array([0, 1], np.float32), gallery, k=4)
     assert order.tolist() == [1, 3, 2, 0]  # the tie (rows 1 and 3) keeps gallery order
     np.testing.assert_allclose(dist, [0.0, 0.0, 0.2, 1.0], atol=1e-6)
+
+
+def test_interrupted_embedding_does_not_decode_the_waiting_images(tmp_path, monkeypatch):
+    """Ctrl-C while the network runs: the decodings not yet started are cancelled before the
+    pool shuts down (its shutdown would otherwise decode every waiting image first)."""
+    import time
+
+    import vehiclenet.features as features
+
+    files = []
+    for i in range(40):
+        files.append(tmp_path / f"c{i}.png")
+        Image.fromarray(np.full((40, 40, 3), i, np.uint8)).save(files[-1])
+    decoded = []
+    prepare = features._prepare
+
+    def slow_prepare(*args):  # slower than the network, so the decoder cannot run ahead of it
+        time.sleep(0.05)
+        decoded.append(1)
+        return prepare(*args)
+
+    monkeypatch.setattr(features, "_prepare", slow_prepare)
+
+    def interrupted_network(batch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        features.embed(interrupted_network, files, batch_size=4, num_workers=1, flip=False, progress=False,
+                       size=(32, 32))
+    # The first batch (4) and at most the one decoding in flight; the window held 2 * 4 + 1.
+    assert len(decoded) <= 6

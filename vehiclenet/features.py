@@ -326,17 +326,18 @@ class _EmbedRun:
         todo = iter(self.items)
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vehiclenet-decode") as pool:
-                self._top_up(pool, todo, window)
-                while self.pending:
-                    self._receive(*self.pending.popleft())
+                try:
                     self._top_up(pool, todo, window)
-                    if len(self.batch_arrays) == self.batch:
+                    while self.pending:
+                        self._receive(*self.pending.popleft())
+                        self._top_up(pool, todo, window)
+                        if len(self.batch_arrays) == self.batch:
+                            self._flush()
+                    if self.batch_arrays:
                         self._flush()
-                if self.batch_arrays:
-                    self._flush()
-        except KeyboardInterrupt:
-            self._cancel_pending()  # the pool's shutdown would otherwise decode them all first
-            raise
+                except BaseException:  # Ctrl-C or an error: stop before the pool's shutdown decodes the rest
+                    self._cancel_pending()
+                    raise
         finally:
             if self.bar is not None:
                 self.bar.close()
