@@ -344,7 +344,7 @@ def _embed_veri(args: argparse.Namespace) -> "FeatureSet":
             *(os.path.join(args.data, evaluation._SPLIT_LISTS[s]) for s in ("query", "test"))])
     from .features import extract_features
 
-    net = _build_network(args.checkpoint, args.checkpoint is None, args.precision)
+    net = _build_network(args.checkpoint, args.checkpoint is None, args.precision, mode="graph")
     feats = [
         np.asarray(extract_features(net, split.paths, batch_size=args.batch_size, flip=not args.no_flip),
                    dtype=np.float32)
@@ -472,17 +472,36 @@ def _check_inputs(inputs: List[str], skip_bad: bool) -> None:
         list_images(inputs)
 
 
-def _embedding_network(args: argparse.Namespace):
+def _embedding_network(args: argparse.Namespace, inputs: List[str]):
+    """The embedding network for a job over ``inputs`` (files and folders): PyNative for a
+    handful of images, where compiling the graph would take longer than the job."""
     from .checkpoint import check_checkpoint_file
+    from .device import mode_for_images
 
     if args.checkpoint:  # a FIFO or device is refused here, before the network is built
         check_checkpoint_file(args.checkpoint)
     if args.no_pretrained:
         logging.getLogger("vehiclenet").warning("--no-pretrained: random weights, the features mean nothing")
-    return _build_network(args.checkpoint, not args.no_pretrained, args.precision)
+    images = _image_count(inputs)
+    mode = mode_for_images(images)
+    logging.getLogger("vehiclenet").info(
+        "execution mode %s for %d image(s): %s", mode, images,
+        "sooner than compiling the graph" if mode == "pynative" else "the graph is compiled once")
+    return _build_network(args.checkpoint, not args.no_pretrained, args.precision, mode=mode)
 
 
-def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str):
+def _image_count(inputs: List[str]) -> int:
+    """How many images ``inputs`` hold (0 when they cannot be listed: embedding will say why)."""
+    from .errors import DataError
+    from .features import list_images
+
+    try:
+        return len(list_images(inputs))
+    except DataError:
+        return 0
+
+
+def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str, mode: str):
     """The embedding network, with MindSpore imported and the network built with signals held
     (see interrupts.py); only the download of the weights stays interruptible at once."""
     import os
@@ -500,7 +519,7 @@ def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str):
     with held("building the network"):
         # pretrained passed on: the asset's input_size and last_stride come with it (net.weights_meta).
         return create_network(pretrained=pretrained, checkpoint=checkpoint, include_top=False, precision=precision,
-                              mode="graph")  # compiled once: the fast mode for many images
+                              mode=mode)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -513,7 +532,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out", [*args.inputs, *_network_files(args)], accept=is_image_path)
     _check_inputs(args.inputs, args.skip_bad)
     kept(f"nothing written ({args.out} untouched)")
-    net = _embedding_network(args)
+    net = _embedding_network(args, args.inputs)
     res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
     doing(f"writing {args.out}")  # atomically: an interrupt leaves the old file or none
     out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
@@ -535,7 +554,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     _check_rank_args(args)
     stored = _stored_gallery(args)
     load_image(args.query)  # a bad query fails here, before the network is built
-    query, gallery = _embed_query_and_gallery(args, _embedding_network(args), stored)
+    net = _embedding_network(args, [args.query] if stored is not None else [args.query, args.gallery])
+    query, gallery = _embed_query_and_gallery(args, net, stored)
     ranking = rank_gallery(query.features[0], gallery, args.top_k, leave_out=args.query, source=args.gallery)
     qid, ids = veri_id(args.query), [veri_id(p) for p in ranking.paths]
     _print_ranking(args.query, ranking, qid, ids)
