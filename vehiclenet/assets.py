@@ -123,8 +123,8 @@ def file_name_problem(name: Any) -> Optional[str]:
     # A newline would split the lines of logs, `verify` output and `sha256sum -c` lists.
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         return "must not contain control characters (newline, tab, NUL...)"
-    if name in (LOCK_DIR, env.KERNEL_FOLDER):
-        return f"is the name of one of the cache's own folders ({LOCK_DIR}, {env.KERNEL_FOLDER})"
+    if name in (LOCK_DIR, env.KERNEL_FOLDER, env.COMPILED_FOLDER):
+        return f"is the name of one of the cache's own folders ({LOCK_DIR}, {env.KERNEL_FOLDER}, {env.COMPILED_FOLDER})"
     if name.endswith((".part", ".lock", ".corrupt")):
         return "must not end in .part, .lock or .corrupt (the cache uses those suffixes)"
     return None

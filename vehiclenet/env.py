@@ -25,8 +25,10 @@ BACKOFF = "VEHICLENET_BACKOFF"
 LOCK_TIMEOUT = "VEHICLENET_LOCK_TIMEOUT"
 MAX_PIXELS = "VEHICLENET_MAX_PIXELS"
 CPU_KERNELS = "VEHICLENET_CPU_KERNELS"
+COMPILE_CACHE = "VEHICLENET_COMPILE_CACHE"
 
 KERNEL_FOLDER = "kernels"  # the compiled libraries' sub-folder of the cache root
+COMPILED_FOLDER = "compiled"  # the compiled graphs' sub-folder (vehiclenet/compile_cache.py)
 
 _OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on")
 
@@ -111,7 +113,8 @@ class Variable:
 
 
 VARIABLES: Dict[str, Variable] = {v.name: v for v in (
-    Variable(HOME, "", "cache root: verified assets, and the compiled kernels in its `kernels/` folder", _path,
+    Variable(HOME, "", "cache root: verified assets, the compiled kernels in its `kernels/` folder and "
+             "compiled graphs in `compiled/`", _path,
              unset="the platform's user cache folder (`~/.cache/vehiclenet` on Linux)"),
     Variable(KERNEL_CACHE, "", "folder of the compiled oneDNN and retrieval kernel libraries", _path,
              unset="`kernels/` in the cache root"),
@@ -126,6 +129,8 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable(MAX_PIXELS, "40000000", "largest image decoded at full size; larger JPEGs are decoded at reduced "
              "scale, other formats refused (see Safety)", _whole(1)),
     Variable(CPU_KERNELS, "1", "0: MindSpore's own CPU operators instead of the oneDNN kernels", _flag),
+    Variable(COMPILE_CACHE, "1", "0: compile the inference graph in every process instead of keeping it in "
+             "`compiled/` of the cache root", _flag),
 )}
 
 
@@ -183,6 +188,7 @@ backoff: Callable[[], float] = functools.partial(value, BACKOFF)
 lock_timeout: Callable[[], float] = functools.partial(value, LOCK_TIMEOUT)
 max_pixels: Callable[[], int] = functools.partial(value, MAX_PIXELS)
 cpu_kernels: Callable[[], bool] = functools.partial(value, CPU_KERNELS)
+compile_cache: Callable[[], bool] = functools.partial(value, COMPILE_CACHE)
 
 
 def markdown_table() -> str:

@@ -140,6 +140,7 @@ def create_network(
 
         # O2 casts to float16 but keeps BatchNorm in float32, as the Ascend reference ran.
         net = ms.amp.auto_mixed_precision(net, amp_level)
+    net.cached_compile = target == "CPU" and amp_level == "O0"  # the graph cache is tested on CPU only
     net.load_report = report
     net.weights_meta = meta
     net.set_train(False)

@@ -149,6 +149,7 @@ class ResNet50(nn.Cell):
         super().__init__()
         if last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2 (published model: 2), got {last_stride!r}")
+        self.last_stride = last_stride
         self.backend = backend
         self.bf16 = backend is not None and backend.bf16  # inference convolutions in bfloat16
         self.nhwc_ops, self.train_ops = _kernel_ops(backend)
@@ -255,6 +256,17 @@ class VehicleNet(nn.Cell):
         self.classifier = Head(num_classes if include_top else None)
         self.include_top = include_top
         self.num_classes = num_classes if include_top else None
+        self.cached_compile = False  # create_network turns it on for CPU inference
+
+    def compile(self, *args, **kwargs):
+        """MindSpore's graph compile; the first one of an inference network built by
+        create_network goes through the persistent cache (:mod:`vehiclenet.compile_cache`)."""
+        if not self.cached_compile or self.training:
+            return super().compile(*args, **kwargs)
+        from .compile_cache import first_compile
+
+        with first_compile(self, args):
+            return super().compile(*args, **kwargs)
 
     def construct(self, x):
         return self.classifier(self.model(x))

@@ -1,0 +1,195 @@
+"""A persistent cache of the compiled inference graph: a second process skips compilation.
+
+It rides on MindSpore's own compile cache (``enable_compile_cache``), which alone is not safe
+to share: measured on MindSpore 2.8.0, it files the n-th graph a process compiles while it is
+on as ``compile_cache_<n>.mindir`` in a path read once per process, and checks the Python
+sources the graph depends on, but neither the input shapes nor the operators. A batch-2 call
+served from a batch-1 entry returned one row; a bf16 network was served the fp32 graph. So:
+
+- the cache is on for one compile per process only, the first graph-mode call of a network
+  :func:`vehiclenet.create_network` built for CPU inference (later shapes compile as usual);
+- in a folder of ``compiled/`` under the cache root named by a hash of everything that
+  shapes that graph: package version and sources, MindSpore version, device, the input's
+  shapes and dtypes, the parameters' names, shapes and dtypes, layer4's stride, the kernel
+  library and precision, and the train flag;
+- under an exclusive lock, so two processes filling the same entry take turns;
+- the files MindSpore leaves are recorded with their sha256 (``files.json``, written
+  atomically) and checked before the next use: an entry that does not match is removed and
+  compiled again, never loaded. (MindSpore itself also recompiles an unreadable file.)
+
+``VEHICLENET_COMPILE_CACHE=0`` turns it off; a process that enabled MindSpore's compile
+cache itself is left alone.
+"""
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+from . import env
+
+LOG = logging.getLogger(__name__)
+
+_RECORD = "files.json"
+_LOCK = ".lock"
+_used = False  # MindSpore reads the cache path once per process: one cached compile at most
+
+
+def cache_root() -> Path:
+    """Where compiled graphs are kept: ``compiled/`` of the cache root (``VEHICLENET_HOME``)."""
+    return env.cache_dir() / env.COMPILED_FOLDER
+
+
+def graph_key(net: Any, args: Sequence[Any]) -> str:
+    """Hash of everything that shapes the graph ``net`` compiles for ``args``."""
+    import mindspore as ms
+
+    import vehiclenet
+
+    backend = getattr(getattr(net, "model", None), "backend", None)
+    parts = {
+        "package": vehiclenet.__version__,
+        "sources": _sources_digest(),
+        "mindspore": ms.__version__,
+        "device": ms.get_context("device_target"),
+        "inputs": [[list(a.shape), str(a.dtype)] if hasattr(a, "shape") else repr(a) for a in args],
+        "parameters": [[p.name, list(p.shape), str(p.dtype)] for p in net.get_parameters()],
+        "last_stride": getattr(getattr(net, "model", None), "last_stride", None),
+        "backend": None if backend is None else [backend.library, backend.precision],
+        "training": bool(net.training),
+        "class": type(net).__name__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _sources_digest() -> str:
+    """sha256 over the package's Python and C sources (a changed network never reuses a graph)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("*.py"), *root.glob("csrc/*")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _wanted() -> bool:
+    """Whether this compile may use the cache (on, not used yet, MindSpore's cache not the user's)."""
+    if _used or not env.compile_cache():
+        return False
+    import mindspore as ms
+
+    if ms.get_context("enable_compile_cache") or os.environ.get("MS_COMPILER_CACHE_ENABLE", "") == "1":
+        return False
+    return _dependencies_readable()
+
+
+def _dependencies_readable() -> bool:
+    """Whether MindSpore can list the sources the graph depends on (it reads the entry script's
+    imports when the cache is on, and raises on some, e.g. a relative import in ``-m`` mains):
+    better no cache than a failed compile."""
+    from mindspore.common import api
+
+    try:
+        api._get_compile_cache_dep_files()
+    except Exception as exc:  # noqa: BLE001 - any failure here means: compile without the cache
+        LOG.debug("compile cache off: MindSpore cannot list the graph's source files (%s)", exc)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def first_compile(net: Any, args: Sequence[Any]) -> Iterator[None]:
+    """Around the first graph compile of ``net`` in this process: load it from, or file it in,
+    its cache entry. Any other compile passes through untouched."""
+    global _used
+    if not _wanted():
+        yield
+        return
+    _used = True
+    entry = cache_root() / graph_key(net, args)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        lock = contextlib.ExitStack()
+        lock.enter_context(_locked(entry / _LOCK))
+    except OSError as exc:  # an unusable cache folder must not stop inference
+        LOG.warning("compile cache unusable (%s): compiling without it", exc)
+        yield
+        return
+    with lock:
+        before = _trusted_files(entry)
+        with _mindspore_cache(entry):
+            yield
+        after = _files(entry)
+        _record(entry, after)
+    LOG.info("compile cache %s: %s", "hit" if before and before == after else "filled", entry)
+
+
+def _locked(lock_file: Path):
+    from .download import _file_lock
+
+    return _file_lock(lock_file, env.lock_timeout())
+
+
+@contextlib.contextmanager
+def _mindspore_cache(entry: Path) -> Iterator[None]:
+    import mindspore as ms
+
+    ms.set_context(enable_compile_cache=True, compile_cache_path=str(entry))
+    try:
+        yield
+    finally:
+        ms.set_context(enable_compile_cache=False)  # later compiles would land in this entry
+
+
+def _files(entry: Path) -> Dict[str, Dict[str, Any]]:
+    """Every file MindSpore keeps in ``entry``: sha256, size and mtime (a rewrite shows)."""
+    found = {}
+    for path in sorted(entry.rglob("*")):
+        if path.is_file() and path.name not in (_RECORD, _LOCK):
+            st = path.stat()
+            found[str(path.relative_to(entry))] = {"sha256": _sha256(path), "size": st.st_size,
+                                                   "mtime_ns": st.st_mtime_ns}
+    return found
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _trusted_files(entry: Path) -> Optional[Dict[str, Dict[str, Any]]]:
+    """The entry's files if they are exactly those recorded after a good compile; otherwise
+    (none recorded, missing, changed or extra files) the entry is emptied and None returned."""
+    try:
+        recorded = json.loads((entry / _RECORD).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    found = _files(entry)
+    if recorded and {k: v["sha256"] for k, v in found.items()} == {k: v["sha256"] for k, v in recorded.items()}:
+        return found
+    if found:
+        LOG.warning("compile cache entry %s does not match its record: compiling it again", entry)
+    _empty(entry)
+    return None
+
+
+def _empty(entry: Path) -> None:
+    for path in entry.iterdir():
+        if path.name == _LOCK:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _record(entry: Path, files: Dict[str, Dict[str, Any]]) -> None:
+    from .fileio import atomic_write
+
+    with atomic_write(entry / _RECORD, "w") as f:
+        json.dump(files, f, indent=1, sort_keys=True)
