@@ -359,15 +359,18 @@ def test_hub_load_keeps_the_execution_mode(hub_layout, tmp_path):
     assert "OK" in proc.stdout
 
 
-def test_cli_and_export_build_in_graph_mode():
-    """The command line keeps compiling its networks whatever create_network's default is."""
+def test_cli_and_export_choose_their_mode():
+    """The command line sets the mode its job wants whatever create_network's default is:
+    graph for many images and for export, PyNative for a handful of images."""
     proc = _run("""
         import mindspore as ms
         from vehiclenet import cli, export
+        from vehiclenet.device import mode_for_images
         assert ms.get_context("mode") == ms.PYNATIVE_MODE
-        cli._build_network(None, False, "fp32")
+        cli._build_network(None, False, "fp32", mode=mode_for_images(100))
         assert ms.get_context("mode") == ms.GRAPH_MODE
-        ms.set_context(mode=ms.PYNATIVE_MODE)
+        cli._build_network(None, False, "fp32", mode=mode_for_images(1))
+        assert ms.get_context("mode") == ms.PYNATIVE_MODE
         export.build_embedding_network(pretrained=False)
         assert ms.get_context("mode") == ms.GRAPH_MODE
         print("OK")
