@@ -83,7 +83,7 @@ def test_vehicleid_bad_line_names_file_and_line(tmp_path, line):
     _write(os.path.join(root, "train_test_split", "test_list_800.txt"), f"0004396 1\n\n{line}\n")
     with pytest.raises(DataError) as err:
         read_vehicleid(root, "small")
-    assert f"test_list_800.txt:3: expected '<imgid> <vehicle id>'" in str(err.value)
+    assert "test_list_800.txt:3: expected '<imgid> <vehicle id>'" in str(err.value)
 
 
 def test_vehicleid_layout_errors(tmp_path):

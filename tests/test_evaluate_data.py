@@ -54,6 +54,7 @@ def test_evaluate_data_then_features_give_the_same_metrics(tmp_path):
     assert saved["query_features"].shape == (3, 512) and saved["gallery_features"].shape == (6, 512)
     np.testing.assert_allclose(np.linalg.norm(saved["gallery_features"], axis=1), 1.0, rtol=1e-5)
     assert saved["query_ids"].tolist() == [2, 7, 13] and saved["gallery_cams"].tolist() == [1, 2, 1, 2, 1, 2]
+    assert str(saved["dataset"]) == "veri" and "split" not in saved.files  # what --features checks against
 
     from_features = _run("--features", str(feats), "--json")
     for key in ("mAP", "rank1", "rank5", "rank10", "mINP", "num_query", "num_valid_query"):

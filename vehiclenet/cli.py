@@ -310,7 +310,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluation
 
     timings: Dict[str, float] = {}
-    fs = None
     with _timed(timings, "features_s"):
         if args.features is not None:
             fs = evaluation.load_features_npz(args.features)
