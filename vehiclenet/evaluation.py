@@ -1,4 +1,5 @@
-"""Re-identification evaluation: VeRi-776 split reader, distances and mAP / CMC / mINP.
+"""Re-identification evaluation: distances and mAP / CMC / mINP (the VeRi-776 reader is re-exported
+from :mod:`vehiclenet.datasets.veri`).
 
 The protocol is the one behind the published "mAP 83.71 | rank-1 94.34":
 
@@ -29,15 +30,17 @@ about 1 s in the worst case of random distances, where whole rows get sorted
 import ctypes
 import functools
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import DataError
-from .fileio import atomic_write, is_image_path, read_npz
+from .fileio import atomic_write, read_npz
+
+# The VeRi-776 reader lives in vehiclenet.datasets.veri; its names stay importable from here.
+from .datasets.veri import VeriSplit, parse_veri_name, read_veri, read_veri_split, veri_id  # noqa: F401
 
 __all__ = [
     "VeriSplit",
@@ -53,115 +56,6 @@ __all__ = [
     "load_features_npz",
     "save_features_npz",
 ]
-
-# ---------------------------------------------------------------------------
-# VeRi-776 reader
-# ---------------------------------------------------------------------------
-
-_VERI_NAME = re.compile(r"^(-?\d+)_c(\d+)(?:_.*)?\.[^.]+$")  # and an image extension (is_image_path)
-_SPLIT_DIRS = {"query": "image_query", "test": "image_test", "gallery": "image_test", "train": "image_train"}
-_SPLIT_LISTS = {"query": "name_query.txt", "test": "name_test.txt", "gallery": "name_test.txt", "train": "name_train.txt"}
-
-
-@dataclass
-class VeriSplit:
-    """One split: image paths with their vehicle ids and camera numbers (ints)."""
-
-    paths: List[str]
-    ids: np.ndarray = field(repr=False)
-    cams: np.ndarray = field(repr=False)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def parse_veri_name(name: str) -> Tuple[int, int]:
-    """``"0002_c002_00030600_0.jpg"`` -> ``(2, 2)``: vehicle id and camera from a VeRi file name."""
-    base = os.path.basename(name.strip())
-    match = _VERI_NAME.match(base)
-    if match is None or not is_image_path(base):
-        raise DataError(
-            f"cannot parse a VeRi-776 image name {name!r}: expected 'VVVV_cCCC_....jpg' "
-            "(vehicle id, camera), e.g. '0002_c002_00030600_0.jpg'"
-        )
-    return int(match.group(1)), int(match.group(2))
-
-
-def veri_id(path: Union[str, os.PathLike]) -> Optional[int]:
-    """Vehicle id of a VeRi-776 file name (``0002_c002_....jpg`` -> 2), None for other names."""
-    try:
-        return parse_veri_name(os.fspath(path))[0]
-    except DataError:
-        return None
-
-
-def _read_list_file(list_path: str, image_dir: str) -> Tuple[List[str], List[int], List[int]]:
-    names: List[str] = []
-    ids: List[int] = []
-    cams: List[int] = []
-    with open(list_path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                if len(parts) >= 3:
-                    vid, cam = int(parts[1]), int(parts[2])
-                elif len(parts) == 1:
-                    vid, cam = parse_veri_name(parts[0])
-                else:
-                    raise ValueError("expected 'file' or 'file id camera'")
-            except (ValueError, DataError) as exc:
-                raise DataError(f"{list_path}, line {lineno}: {exc}") from None
-            names.append(parts[0])
-            ids.append(vid)
-            cams.append(cam)
-    paths = [os.path.join(image_dir, n) for n in names]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise DataError(f"{list_path} names {len(missing)} image(s) that do not exist: {shown}")
-    return paths, ids, cams
-
-
-def read_veri_split(root: str, split: str) -> VeriSplit:
-    """Read one VeRi-776 split (``"query"``, ``"test"``/``"gallery"`` or ``"train"``).
-
-    Uses ``name_<split>.txt`` when present (lines ``file id camera``, or only ``file``,
-    then id and camera come from the name), else every image in ``image_<split>/``
-    sorted by name.
-    """
-    if split not in _SPLIT_DIRS:
-        raise ValueError(f"unknown VeRi split {split!r}; choose from {sorted(_SPLIT_DIRS)}")
-    if not os.path.isdir(root):
-        raise DataError(f"VeRi-776 root {root!r} is not a directory")
-    image_dir = os.path.join(root, _SPLIT_DIRS[split])
-    if not os.path.isdir(image_dir):
-        raise DataError(f"VeRi-776 folder {image_dir!r} is missing (expected the original layout with "
-                        "image_query/, image_test/, image_train/)")
-    list_path = os.path.join(root, _SPLIT_LISTS[split])
-    if os.path.isfile(list_path):
-        paths, ids, cams = _read_list_file(list_path, image_dir)
-    else:
-        names = sorted(n for n in os.listdir(image_dir) if is_image_path(n))
-        paths, ids, cams = [], [], []
-        for n in names:
-            try:
-                vid, cam = parse_veri_name(n)
-            except DataError as exc:
-                raise DataError(f"{image_dir}: {exc}") from None
-            paths.append(os.path.join(image_dir, n))
-            ids.append(vid)
-            cams.append(cam)
-    if not paths:
-        raise DataError(f"no images found for VeRi-776 split {split!r} in {image_dir!r}")
-    return VeriSplit(paths, np.asarray(ids, dtype=np.int64), np.asarray(cams, dtype=np.int64))
-
-
-def read_veri(root: str) -> Tuple[VeriSplit, VeriSplit]:
-    """The VeRi-776 test protocol: (query split, gallery split = ``image_test``)."""
-    return read_veri_split(root, "query"), read_veri_split(root, "test")
-
 
 # ---------------------------------------------------------------------------
 # Distances
@@ -492,11 +386,17 @@ def _average_precision(
 # ---------------------------------------------------------------------------
 
 FEATURE_KEYS = ("query_features", "query_ids", "query_cams", "gallery_features", "gallery_ids", "gallery_cams")
+# Optional text entries (0-d strings): the dataset and test split the features were computed for.
+RECORD_KEYS = ("dataset", "split")
 
 
 @dataclass
 class FeatureSet:
-    """Query and gallery embeddings with their labels, as stored in a features .npz."""
+    """Query and gallery embeddings with their labels, as stored in a features .npz.
+
+    ``dataset`` and ``split`` record what the features were computed for (None when the
+    file does not say: files written before they were recorded, or by hand).
+    """
 
     query_features: np.ndarray = field(repr=False)
     query_ids: np.ndarray = field(repr=False)
@@ -504,6 +404,8 @@ class FeatureSet:
     gallery_features: np.ndarray = field(repr=False)
     gallery_ids: np.ndarray = field(repr=False)
     gallery_cams: np.ndarray = field(repr=False)
+    dataset: Optional[str] = None
+    split: Optional[str] = None
 
 
 def load_features_npz(path: str) -> FeatureSet:
@@ -531,7 +433,18 @@ def load_features_npz(path: str) -> FeatureSet:
     if arrays["query_features"].shape[1] != arrays["gallery_features"].shape[1]:
         raise DataError(f"{path}: query_features and gallery_features have different widths "
                         f"({arrays['query_features'].shape[1]} vs {arrays['gallery_features'].shape[1]})")
-    return FeatureSet(**{k: arrays[k] for k in FEATURE_KEYS})
+    return FeatureSet(**{k: arrays[k] for k in FEATURE_KEYS}, **read_records(path, arrays))
+
+
+def read_records(path: str, arrays: Dict[str, np.ndarray]) -> Dict[str, Optional[str]]:
+    """The ``RECORD_KEYS`` text entries of a loaded .npz (None where absent); DataError if not text."""
+    out: Dict[str, Optional[str]] = {}
+    for key in RECORD_KEYS:
+        value = arrays.get(key)
+        if value is not None and (value.ndim != 0 or value.dtype.kind != "U"):
+            raise DataError(f"{path}: {key} must be a single string, got shape {value.shape} dtype {value.dtype}")
+        out[key] = None if value is None else str(value)
+    return out
 
 
 def _check_feature_rows(path: str, key: str, feats: np.ndarray) -> None:
@@ -555,7 +468,10 @@ def _check_feature_rows(path: str, key: str, feats: np.ndarray) -> None:
 def save_features_npz(path: str, features: FeatureSet) -> None:
     """Write a features file readable by :func:`load_features_npz` (``evaluate --features``).
 
-    Written atomically, under exactly the name given (no ``.npz`` appended).
+    Written atomically, under exactly the name given (no ``.npz`` appended). ``dataset`` and
+    ``split``, when set, are stored as 0-d strings (read without pickle).
     """
+    arrays = {k: getattr(features, k) for k in FEATURE_KEYS}
+    arrays.update({k: np.asarray(getattr(features, k)) for k in RECORD_KEYS if getattr(features, k) is not None})
     with atomic_write(path) as handle:
-        np.savez(handle, **{k: getattr(features, k) for k in FEATURE_KEYS})
+        np.savez(handle, **arrays)
