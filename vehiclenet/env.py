@@ -191,6 +191,52 @@ cpu_kernels: Callable[[], bool] = functools.partial(value, CPU_KERNELS)
 compile_cache: Callable[[], bool] = functools.partial(value, COMPILE_CACHE)
 
 
+# --------------------------------------------------------------------------- launcher variables
+# Not ours: MindSpore's launcher msrun exports these to each worker it starts (2.8.0 sets
+# RANK_ID, RANK_SIZE, MS_WORKER_NUM, MS_NODE_ID, MS_ROLE, DEVICE_ID, MS_SCHED_HOST/PORT).
+# RANK_ID is set only when msrun knows the worker's rank when it starts it: always on one
+# machine, and on several when msrun is given --node_rank (without it the rank is assigned
+# later, inside mindspore.communication.init()). Read here, never set.
+RANK_ID = "RANK_ID"
+RANK_SIZE = "RANK_SIZE"
+MS_WORKER_NUM = "MS_WORKER_NUM"
+MS_ROLE = "MS_ROLE"
+
+
+def msrun_scheduler() -> bool:
+    """Whether this process is msrun's scheduler (``MS_ROLE=MS_SCHED``): msrun starts the
+    user's command once more for it, besides the workers. Its job is the rendezvous of
+    ``mindspore.communication.init()``; a command whose workers never call ``init()`` must do
+    nothing in it, or it would run the whole job a further time."""
+    return os.environ.get(MS_ROLE, "").strip() == "MS_SCHED"
+
+
+def launcher_rank() -> Tuple[int, int]:
+    """``(rank, world_size)`` of this process as msrun started it; ``(0, 1)`` outside msrun.
+
+    Only a worker of msrun (``MS_ROLE=MS_WORKER``) reads ``RANK_ID`` and ``RANK_SIZE``:
+    a shell that keeps them from another job's set-up must not make a lone process embed
+    a part of its inputs only.
+
+    Raises:
+        UsageError: a worker of msrun whose rank msrun did not export (several machines
+            without ``--node_rank``), or values that are not a rank below the world size.
+    """
+    if os.environ.get(MS_ROLE, "").strip() != "MS_WORKER":
+        return 0, 1
+    size_raw = os.environ.get(RANK_SIZE, "").strip() or os.environ.get(MS_WORKER_NUM, "").strip()
+    rank_raw = os.environ.get(RANK_ID, "").strip()
+    if not rank_raw or not size_raw:
+        raise UsageError(f"this process runs under msrun ({MS_ROLE}=MS_WORKER) but {RANK_ID} or {RANK_SIZE} is "
+                         "not set: on several machines give msrun --node_rank=<machine index> so that each "
+                         "worker knows its rank when it starts")
+    size = _whole(1)(RANK_SIZE, size_raw)
+    rank = _whole(0)(RANK_ID, rank_raw)
+    if rank >= size:
+        raise UsageError(f"{RANK_ID}={rank} is not below {RANK_SIZE}={size}")
+    return rank, size
+
+
 def markdown_table() -> str:
     """README's table of the variables, one row each with its default and meaning."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
