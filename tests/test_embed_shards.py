@@ -136,6 +136,38 @@ def test_msrun_two_workers_give_the_single_process_features(work, finished):
     np.testing.assert_allclose(res.features, work["ref"]["features"], atol=1e-6, rtol=0)
 
 
+def _two_machines(w: dict, tmp_path: Path, node_ranks, *args) -> list:
+    """msrun as on two machines (one worker each, the first one's address as master): two
+    msrun processes at once, here both on this host; their return codes."""
+    port = _free_port()
+    procs = []
+    for machine, node_rank in enumerate(node_ranks):
+        cmd = [str(MSRUN), "--worker_num=2", "--local_worker_num=1", "--master_addr=127.0.0.1",
+               f"--master_port={port}", f"--log_dir={tmp_path / f'logs{machine}'}", "--join=True",
+               "--cluster_time_out=300", *([f"--node_rank={node_rank}"] if node_rank is not None else []),
+               str(CLI), *map(str, args)]
+        procs.append(subprocess.Popen(cmd, env=_env(w), cwd=w["root"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+    return [p.wait(timeout=600) for p in procs]
+
+
+def test_two_machines_with_node_rank_share_the_chunks(work, tmp_path):
+    out_dir, merged = tmp_path / "feats", tmp_path / "merged.npz"
+    assert _two_machines(work, tmp_path, (0, 1), *_embed_args(work, out_dir, "--out", merged)) == [0, 0]
+    logs = {**_worker_logs(tmp_path / "logs0"), **_worker_logs(tmp_path / "logs1")}
+    assert _embedded(logs[0]) == [0, 2, 4, 6, 8] and _embedded(logs[1]) == [1, 3, 5, 7, 9], logs
+    _assert_equals_reference(work, merged)
+
+
+def test_two_machines_without_node_rank_are_refused(work, tmp_path):
+    # msrun cannot tell a worker its rank then (it gets one inside init(), which embed never calls).
+    codes = _two_machines(work, tmp_path, (None, None), *_embed_args(work, tmp_path / "feats"))
+    assert codes == [1, 1]
+    logs = {**_worker_logs(tmp_path / "logs0"), **_worker_logs(tmp_path / "logs1")}
+    assert all("give msrun --node_rank=<machine index>" in log for log in logs.values()), logs
+    assert not (tmp_path / "feats").exists()
+
+
 def test_killed_msrun_job_resumes_without_redoing_finished_chunks(work, tmp_path):
     out_dir = tmp_path / "feats"
     proc = subprocess.Popen(_msrun_cmd(tmp_path / "logs1", *_embed_args(work, out_dir)), env=_env(work),
@@ -239,27 +271,60 @@ def test_folders_and_launchers_that_cannot_work_are_refused(work, tmp_path):
     assert proc.returncode == 2 and "random weights (--no-pretrained) differ in every process" in proc.stderr
     # A worker of msrun: plain --out would have every worker embed everything.
     proc = _cli(work, "embed", work["imgs"], "--out", tmp_path / "f.npz", "--checkpoint", work["ckpt"],
-                MS_ROLE="MS_WORKER", RANK_ID="1", RANK_SIZE="2")
+                MS_ROLE="MS_WORKER", MS_NODE_ID="1", MS_WORKER_NUM="2")
     assert proc.returncode == 2 and "give --out-dir DIR" in proc.stderr, proc.stderr
-    proc = _cli(work, *_embed_args(work, tmp_path / "r"), MS_ROLE="MS_WORKER", RANK_SIZE="4")
+    proc = _cli(work, *_embed_args(work, tmp_path / "r"), MS_ROLE="MS_WORKER", MS_WORKER_NUM="4", RANK_ID="0")
     assert proc.returncode == 2 and "--node_rank" in proc.stderr, proc.stderr
+    proc = _cli(work, "embed", work["imgs"], "--out", tmp_path / "f.npz", "--chunk-size", 5)
+    assert proc.returncode == 2 and "--chunk-size is for --out-dir" in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "f.npz").exists()
 
 
 def test_launcher_rank_reads_msrun_variables_only_in_msrun_workers(monkeypatch):
-    from vehiclenet.env import launcher_rank
+    from vehiclenet.env import launcher_rank, msrun_scheduler
     from vehiclenet.errors import UsageError
 
-    for name in ("MS_ROLE", "RANK_ID", "RANK_SIZE", "MS_WORKER_NUM"):
+    for name in ("MS_ROLE", "MS_NODE_ID", "MS_WORKER_NUM", "RANK_ID", "RANK_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("RANK_ID", "3")
-    monkeypatch.setenv("RANK_SIZE", "8")  # left in a shell by another launcher: not msrun's
-    assert launcher_rank() == (0, 1)
+    monkeypatch.setenv("MS_NODE_ID", "3")
+    monkeypatch.setenv("MS_WORKER_NUM", "8")  # left in a shell by another job: not a worker of msrun
+    assert launcher_rank() == (0, 1) and not msrun_scheduler()
     monkeypatch.setenv("MS_ROLE", "MS_WORKER")
     assert launcher_rank() == (3, 8)
-    monkeypatch.setenv("RANK_ID", "8")
-    with pytest.raises(UsageError, match="RANK_ID=8 is not below RANK_SIZE=8"):
+    monkeypatch.setenv("MS_NODE_ID", "8")
+    with pytest.raises(UsageError, match="MS_NODE_ID=8 is not below MS_WORKER_NUM=8"):
         launcher_rank()
-    monkeypatch.delenv("RANK_ID")
+    # Several machines without --node_rank: msrun exports RANK_ID=0 (its scheduler's) to every
+    # worker of the first machine, but no MS_NODE_ID; the rank is not known.
+    monkeypatch.delenv("MS_NODE_ID")
+    monkeypatch.setenv("RANK_ID", "0")
     with pytest.raises(UsageError, match="--node_rank"):
         launcher_rank()
+    monkeypatch.setenv("MS_ROLE", "MS_SCHED")
+    assert msrun_scheduler() and launcher_rank() == (0, 1)
+
+
+def test_skip_bad_chunks_keep_the_single_process_rows_and_list_what_was_skipped(work, tmp_path):
+    """--skip-bad: chunk 1 of 2 images holds only corrupt files (embed raises there; the chunk
+    records both as skipped), chunk 2 one of two. Rows and paths equal one process's."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(6):
+        if i in (2, 3, 5):
+            (imgs / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+        else:
+            shutil.copy(sorted(work["imgs"].rglob("*.png"))[i], imgs / f"{i}.png")
+    common = ["--checkpoint", work["ckpt"], "--no-flip", "--skip-bad"]
+    proc = _cli(work, "embed", imgs, "--out", tmp_path / "ref.npz", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _cli(work, "embed", imgs, "--out-dir", tmp_path / "feats", "--chunk-size", 2, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _embedded(proc.stderr) == [0, 1, 2]
+
+    from vehiclenet.features import load_features
+
+    ref, res = np.load(tmp_path / "ref.npz"), load_features(tmp_path / "feats")
+    assert res.paths == ref["paths"].tolist() == [str(imgs / f"{i}.png") for i in (0, 1, 4)]
+    np.testing.assert_allclose(res.features, ref["features"], atol=1e-6, rtol=0)
+    assert [p for p, _ in res.skipped] == [str(imgs / f"{i}.png") for i in (2, 3, 5)]
+    assert {reason for _, reason in res.skipped} == {"not an image file (Pillow cannot identify it)"}

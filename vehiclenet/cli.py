@@ -414,13 +414,18 @@ def _add_precision_arg(p: argparse.ArgumentParser, note: str = "") -> None:
                    f"AMX, features within cosine 0.9999 of fp32){note}")
 
 
+_CHUNK_SIZE = 1000  # about 5 minutes of a 2-core CPU per chunk, flip on
+
+
 def _add_embed_command(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "embed",
         help="512-d L2-normalised embeddings of images into an .npz",
         description="Embed image files and folders (recursively, sorted) with the published pre-processing "
-        "and flip-sum. Writes an .npz with `features` (float32 N x 512) and `paths`. Exit codes: 0 success, "
-        "1 bad input (the message names the file) or weights problem, 2 usage.",
+        "and flip-sum. Writes an .npz with `features` (float32 N x 512) and `paths` (--out), or resumable "
+        "chunks into a folder (--out-dir), also from several msrun workers at once (each embeds chunk rank, "
+        "rank + workers, ...). Exit codes: 0 success, 1 bad input (the message names the file) or weights "
+        "problem, 2 usage.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--out", "-o", metavar="FEATS.npz",
@@ -428,7 +433,8 @@ def _add_embed_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--out-dir", metavar="DIR",
                    help="resumable: write the features in chunks into DIR (manifest.json, chunk-NNNNN.npz); the same "
                    "command again skips verified chunks; under msrun each worker embeds chunks rank, rank + N, ...")
-    p.add_argument("--chunk-size", type=int, default=1000, help="images per chunk with --out-dir (default 1000)")
+    p.add_argument("--chunk-size", type=int, metavar="N",
+                   help=f"images per chunk with --out-dir (default {_CHUNK_SIZE}; what a killed run loses at most)")
     _add_network_args(p)
     p.set_defaults(func=_cmd_embed)
 
@@ -552,6 +558,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         return _cmd_embed_chunks(args)
     if args.out is None:
         raise UsageError("give --out FEATS.npz, or --out-dir DIR for resumable chunks")
+    if args.chunk_size is not None:
+        raise UsageError("--chunk-size is for --out-dir: give --out-dir DIR too, or drop --chunk-size")
     if launcher_rank()[1] > 1:
         raise UsageError("under msrun every worker would embed every image: give --out-dir DIR, and each worker "
                          "embeds its share of the chunks")
@@ -593,7 +601,7 @@ def _cmd_embed_chunks(args: argparse.Namespace) -> int:
         check_checkpoint_file(args.checkpoint)
     rank, world = launcher_rank()
     paths = list_images(args.inputs)
-    job = make_job(paths, chunk_size=args.chunk_size, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
+    job = make_job(paths, chunk_size=_CHUNK_SIZE if args.chunk_size is None else args.chunk_size, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
                    flip=not args.no_flip, precision=args.precision, skip_bad=args.skip_bad)
     plan = plan_shards(args.out_dir, job, paths, rank, world)
     kept(f"finished chunks stay in {args.out_dir}; the same command resumes")

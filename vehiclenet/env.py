@@ -192,15 +192,15 @@ compile_cache: Callable[[], bool] = functools.partial(value, COMPILE_CACHE)
 
 
 # --------------------------------------------------------------------------- launcher variables
-# Not ours: MindSpore's launcher msrun exports these to each worker it starts (2.8.0 sets
-# RANK_ID, RANK_SIZE, MS_WORKER_NUM, MS_NODE_ID, MS_ROLE, DEVICE_ID, MS_SCHED_HOST/PORT).
-# RANK_ID is set only when msrun knows the worker's rank when it starts it: always on one
-# machine, and on several when msrun is given --node_rank (without it the rank is assigned
-# later, inside mindspore.communication.init()). Read here, never set.
-RANK_ID = "RANK_ID"
-RANK_SIZE = "RANK_SIZE"
-MS_WORKER_NUM = "MS_WORKER_NUM"
+# Not ours: MindSpore's launcher msrun exports these to the processes it starts (2.8.0 sets
+# MS_ROLE, MS_WORKER_NUM, MS_NODE_ID, MS_SCHED_HOST/PORT, RANK_ID, RANK_SIZE, DEVICE_ID).
+# Read here, never set. The rank is MS_NODE_ID, not RANK_ID: msrun sets RANK_ID=0 in its own
+# environment for the scheduler and every worker it starts afterwards inherits that when msrun
+# does not know the worker's rank (several machines without --node_rank: the rank is assigned
+# later, inside mindspore.communication.init()); MS_NODE_ID is set only when the rank is known.
 MS_ROLE = "MS_ROLE"
+MS_NODE_ID = "MS_NODE_ID"
+MS_WORKER_NUM = "MS_WORKER_NUM"
 
 
 def msrun_scheduler() -> bool:
@@ -214,26 +214,24 @@ def msrun_scheduler() -> bool:
 def launcher_rank() -> Tuple[int, int]:
     """``(rank, world_size)`` of this process as msrun started it; ``(0, 1)`` outside msrun.
 
-    Only a worker of msrun (``MS_ROLE=MS_WORKER``) reads ``RANK_ID`` and ``RANK_SIZE``:
-    a shell that keeps them from another job's set-up must not make a lone process embed
-    a part of its inputs only.
+    Only a worker of msrun (``MS_ROLE=MS_WORKER``) reads ``MS_NODE_ID`` and ``MS_WORKER_NUM``.
 
     Raises:
-        UsageError: a worker of msrun whose rank msrun did not export (several machines
-            without ``--node_rank``), or values that are not a rank below the world size.
+        UsageError: a worker of msrun whose rank msrun did not know when it started it
+            (several machines without ``--node_rank``), or values that are not a rank below
+            the world size.
     """
     if os.environ.get(MS_ROLE, "").strip() != "MS_WORKER":
         return 0, 1
-    size_raw = os.environ.get(RANK_SIZE, "").strip() or os.environ.get(MS_WORKER_NUM, "").strip()
-    rank_raw = os.environ.get(RANK_ID, "").strip()
+    rank_raw, size_raw = os.environ.get(MS_NODE_ID, "").strip(), os.environ.get(MS_WORKER_NUM, "").strip()
     if not rank_raw or not size_raw:
-        raise UsageError(f"this process runs under msrun ({MS_ROLE}=MS_WORKER) but {RANK_ID} or {RANK_SIZE} is "
-                         "not set: on several machines give msrun --node_rank=<machine index> so that each "
+        raise UsageError(f"this process runs under msrun ({MS_ROLE}=MS_WORKER) but {MS_NODE_ID} or {MS_WORKER_NUM} "
+                         "is not set: on several machines give msrun --node_rank=<machine index> so that each "
                          "worker knows its rank when it starts")
-    size = _whole(1)(RANK_SIZE, size_raw)
-    rank = _whole(0)(RANK_ID, rank_raw)
+    size = _whole(1)(MS_WORKER_NUM, size_raw)
+    rank = _whole(0)(MS_NODE_ID, rank_raw)
     if rank >= size:
-        raise UsageError(f"{RANK_ID}={rank} is not below {RANK_SIZE}={size}")
+        raise UsageError(f"{MS_NODE_ID}={rank} is not below {MS_WORKER_NUM}={size}")
     return rank, size
 
 

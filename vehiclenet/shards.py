@@ -185,14 +185,16 @@ def prepare_folder(folder: PathLike, job: ShardJob) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out-dir {str(folder)!r} is a file, not a folder: give a folder for the chunks")
-    if (folder / MANIFEST).exists():
+    # Listed once: a manifest another worker published meanwhile is among the entries, not a stranger.
+    entries = [p.name for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if MANIFEST in entries:
         try:
             recorded = _read_manifest(folder)
         except DataError as exc:
             raise UsageError(str(exc)) from None
         _refuse_other_job(folder, recorded, job)
         return
-    if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+    if entries:
         raise UsageError(f"--out-dir {str(folder)!r} holds files but no {MANIFEST}: it is not a folder of feature "
                          "chunks; give an empty or new folder")
     folder.mkdir(parents=True, exist_ok=True)
