@@ -26,3 +26,24 @@ def test_download_and_info_do_not_import_mindspore(tmp_path, http_server):
     assert _modules_after(["info", "--no-device"], env) == "RC 0 MS False"
     # `info` without --no-device reports the device, for which it does import MindSpore:
     assert _modules_after(["info"], env) == "RC 0 MS True"
+
+
+def test_embed_merge_does_not_import_mindspore(tmp_path):
+    """`embed-merge` only reads chunk files: a folder written here through the library, no network."""
+    import numpy as np
+
+    from vehiclenet import shards
+    from vehiclenet.features import FeatureResult
+
+    paths = [f"img{i}.jpg" for i in range(5)]
+    job = shards.ShardJob(images=5, inputs_sha256=shards.inputs_digest(paths), chunk_size=2, weights="sha256:00",
+                          flip=True, precision="fp32", image_size=(384, 384), skip_bad=False, version="0")
+    shards.prepare_folder(tmp_path / "feats", job)
+    rng = np.random.default_rng(0)
+    for index in range(job.chunks):
+        a, b = job.chunk_range(index)
+        res = FeatureResult(rng.standard_normal((b - a, 8)).astype(np.float32), paths[a:b])
+        shards._write_chunk(tmp_path / "feats", index, paths[a:b], res)
+    argv = ["embed-merge", str(tmp_path / "feats"), "--out", str(tmp_path / "f.npz")]
+    assert _modules_after(argv, subprocess_env()) == "RC 0 MS False"
+    assert np.load(tmp_path / "f.npz")["paths"].tolist() == paths

@@ -515,18 +515,40 @@ def _add_precision_arg(p: argparse.ArgumentParser, note: str = "") -> None:
                    f"AMX, features within cosine 0.9999 of fp32){note}")
 
 
+_CHUNK_SIZE = 1000  # about 5 minutes of a 2-core CPU per chunk, flip on
+
+
 def _add_embed_command(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "embed",
         help="512-d L2-normalised embeddings of images into an .npz",
         description="Embed image files and folders (recursively, sorted) with the published pre-processing "
-        "and flip-sum. Writes an .npz with `features` (float32 N x 512) and `paths`. Exit codes: 0 success, "
-        "1 bad input (the message names the file) or weights problem, 2 usage.",
+        "and flip-sum. Writes an .npz with `features` (float32 N x 512) and `paths` (--out), or resumable "
+        "chunks into a folder (--out-dir), also from several msrun workers at once (each embeds chunk rank, "
+        "rank + workers, ...). Exit codes: 0 success, 1 bad input (the message names the file) or weights "
+        "problem, 2 usage.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--out", "-o", required=True, metavar="FEATS.npz", help="output file")
+    p.add_argument("--out", "-o", metavar="FEATS.npz",
+                   help="output file (with --out-dir: all chunks merged, written once the last one is done)")
+    p.add_argument("--out-dir", metavar="DIR",
+                   help="resumable: write the features in chunks into DIR (manifest.json, chunk-NNNNN.npz); the same "
+                   "command again skips verified chunks; under msrun each worker embeds chunks rank, rank + N, ...")
+    p.add_argument("--chunk-size", type=int, metavar="N",
+                   help=f"images per chunk with --out-dir (default {_CHUNK_SIZE}; what a killed run loses at most)")
     _add_network_args(p)
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser(
+        "embed-merge",
+        help="merge the chunks of `embed --out-dir` into one .npz",
+        description="Verify every chunk of a finished `vehiclenet embed --out-dir` folder and write them as one "
+        ".npz (features and paths in input order, as `embed --out` writes). Exit 1 when chunks are missing or "
+        "damaged (the same embed command finishes or redoes them).",
+    )
+    p.add_argument("folder", metavar="DIR", help="folder written by `vehiclenet embed --out-dir`")
+    p.add_argument("--out", "-o", required=True, metavar="FEATS.npz", help="output file")
+    p.set_defaults(func=_cmd_embed_merge)
 
 
 def _add_rank_command(sub: "argparse._SubParsersAction") -> None:
@@ -624,10 +646,24 @@ def _build_network(checkpoint: Optional[str], pretrained: bool, precision: str, 
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    from .env import launcher_rank, msrun_scheduler
+    from .errors import UsageError
     from .features import embed, save_features
     from .fileio import check_output_file, is_image_path
     from .interrupts import doing, kept
 
+    if msrun_scheduler():  # the workers embed; the scheduler would run the whole job once more
+        print("msrun's scheduler process: the workers embed, nothing to do here")
+        return 0
+    if args.out_dir is not None:
+        return _cmd_embed_chunks(args)
+    if args.out is None:
+        raise UsageError("give --out FEATS.npz, or --out-dir DIR for resumable chunks")
+    if args.chunk_size is not None:
+        raise UsageError("--chunk-size is for --out-dir: give --out-dir DIR too, or drop --chunk-size")
+    if launcher_rank()[1] > 1:
+        raise UsageError("under msrun every worker would embed every image: give --out-dir DIR, and each worker "
+                         "embeds its share of the chunks")
     _check_network_args(args)
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
     check_output_file(args.out, "--out", [*args.inputs, *_network_files(args)], accept=is_image_path)
@@ -644,6 +680,56 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     )
     print(f"embedded {n} image(s) -> {out} ({res.features.shape[1]}-d, flip {'on' if not args.no_flip else 'off'}); "
           f"{skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
+    return 0
+
+
+def _cmd_embed_chunks(args: argparse.Namespace) -> int:
+    """``embed --out-dir``: this worker's chunks (all of them outside msrun), then the merged
+    ``--out`` if every chunk is finished. The worker that finishes last sees every chunk and
+    merges; none waits for another, so a worker that died never leaves one hanging."""
+    from .checkpoint import check_checkpoint_file
+    from .device import mode_for_images
+    from .env import launcher_rank
+    from .features import list_images
+    from .fileio import check_output_file, is_image_path
+    from .interrupts import kept
+    from .shards import make_job, merge_shards, plan_shards, run_shards, unfinished_chunks
+
+    _check_network_args(args)
+    if args.out:
+        check_output_file(args.out, "--out", [*args.inputs, *_network_files(args)], accept=is_image_path)
+    if args.checkpoint:
+        check_checkpoint_file(args.checkpoint)
+    rank, world = launcher_rank()
+    paths = list_images(args.inputs)
+    job = make_job(paths, chunk_size=_CHUNK_SIZE if args.chunk_size is None else args.chunk_size, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
+                   flip=not args.no_flip, precision=args.precision, skip_bad=args.skip_bad)
+    plan = plan_shards(args.out_dir, job, paths, rank, world)
+    kept(f"finished chunks stay in {args.out_dir}; the same command resumes")
+    written = []
+    if plan.todo:
+        net = _build_network(args.checkpoint, True, args.precision, mode=mode_for_images(plan.images_todo))
+        written = run_shards(net, plan, batch_size=args.batch_size)
+    print(f"rank {rank} of {world}: {len(plan.done)} chunk(s) already done, verified; {len(written)} embedded "
+          f"-> {args.out_dir} ({job.chunks} chunks in all)")
+    if args.out:
+        missing = unfinished_chunks(args.out_dir)
+        if missing:
+            print(f"{len(missing)} chunk(s) of other workers not finished yet: the last worker to finish writes "
+                  f"{args.out} (or run `vehiclenet embed-merge {args.out_dir} --out {args.out}`)")
+        else:
+            res = merge_shards(args.out_dir, args.out)
+            print(f"merged {len(res)} image(s) -> {args.out}; skipped {len(res.skipped)}")
+    return 0
+
+
+def _cmd_embed_merge(args: argparse.Namespace) -> int:
+    from .fileio import check_output_file
+    from .shards import merge_shards
+
+    check_output_file(args.out, "--out")
+    res = merge_shards(args.folder, args.out)
+    print(f"merged {len(res)} image(s) from {args.folder} -> {args.out}; skipped {len(res.skipped)}")
     return 0
 
 

@@ -191,6 +191,50 @@ cpu_kernels: Callable[[], bool] = functools.partial(value, CPU_KERNELS)
 compile_cache: Callable[[], bool] = functools.partial(value, COMPILE_CACHE)
 
 
+# --------------------------------------------------------------------------- launcher variables
+# Not ours: MindSpore's launcher msrun exports these to the processes it starts (2.8.0 sets
+# MS_ROLE, MS_WORKER_NUM, MS_NODE_ID, MS_SCHED_HOST/PORT, RANK_ID, RANK_SIZE, DEVICE_ID).
+# Read here, never set. The rank is MS_NODE_ID, not RANK_ID: msrun sets RANK_ID=0 in its own
+# environment for the scheduler and every worker it starts afterwards inherits that when msrun
+# does not know the worker's rank (several machines without --node_rank: the rank is assigned
+# later, inside mindspore.communication.init()); MS_NODE_ID is set only when the rank is known.
+MS_ROLE = "MS_ROLE"
+MS_NODE_ID = "MS_NODE_ID"
+MS_WORKER_NUM = "MS_WORKER_NUM"
+
+
+def msrun_scheduler() -> bool:
+    """Whether this process is msrun's scheduler (``MS_ROLE=MS_SCHED``): msrun starts the
+    user's command once more for it, besides the workers. Its job is the rendezvous of
+    ``mindspore.communication.init()``; a command whose workers never call ``init()`` must do
+    nothing in it, or it would run the whole job a further time."""
+    return os.environ.get(MS_ROLE, "").strip() == "MS_SCHED"
+
+
+def launcher_rank() -> Tuple[int, int]:
+    """``(rank, world_size)`` of this process as msrun started it; ``(0, 1)`` outside msrun.
+
+    Only a worker of msrun (``MS_ROLE=MS_WORKER``) reads ``MS_NODE_ID`` and ``MS_WORKER_NUM``.
+
+    Raises:
+        UsageError: a worker of msrun whose rank msrun did not know when it started it
+            (several machines without ``--node_rank``), or values that are not a rank below
+            the world size.
+    """
+    if os.environ.get(MS_ROLE, "").strip() != "MS_WORKER":
+        return 0, 1
+    rank_raw, size_raw = os.environ.get(MS_NODE_ID, "").strip(), os.environ.get(MS_WORKER_NUM, "").strip()
+    if not rank_raw or not size_raw:
+        raise UsageError(f"this process runs under msrun ({MS_ROLE}=MS_WORKER) but {MS_NODE_ID} or {MS_WORKER_NUM} "
+                         "is not set: on several machines give msrun --node_rank=<machine index> so that each "
+                         "worker knows its rank when it starts")
+    size = _whole(1)(MS_WORKER_NUM, size_raw)
+    rank = _whole(0)(MS_NODE_ID, rank_raw)
+    if rank >= size:
+        raise UsageError(f"{MS_NODE_ID}={rank} is not below {MS_WORKER_NUM}={size}")
+    return rank, size
+
+
 def markdown_table() -> str:
     """README's table of the variables, one row each with its default and meaning."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]

@@ -241,6 +241,7 @@ def embed(
     progress: Optional[bool] = None,
     num_workers: Optional[int] = None,
     size: Optional[Tuple[int, int]] = None,
+    fixed_batch: bool = False,
 ) -> FeatureResult:
     """Embed images with ``net`` (from ``create_network(include_top=False)``).
 
@@ -258,6 +259,9 @@ def embed(
         num_workers: decoding threads (default: ``min(4, cpu count)``).
         size: network input (height, width); ``None``: :func:`input_size` of ``net`` (the
             size its weights' asset gives, else the published 384x384).
+        fixed_batch: run every network call at exactly ``batch_size`` images (the last
+            batch padded) instead of evening the batch size out over this call's images:
+            for callers that embed many parts with one network and want one graph shape.
 
     Returns:
         FeatureResult: ``features`` (N, D) float32 with unit L2 norm, in input order.
@@ -270,7 +274,7 @@ def embed(
     start = time.perf_counter()
     items, skipped = _expand(images)
     _check_anything_to_embed(items, skipped, skip_bad)
-    b = _batch_plan(len(items), batch_size)
+    b = batch_size if fixed_batch else _batch_plan(len(items), batch_size)
     size = input_size(net) if size is None else tuple(size)
     doing(f"embedding images (0 of {len(items)} done)")
     workers = num_workers or min(4, os.cpu_count() or 1)
@@ -426,12 +430,18 @@ def save_features(path: Union[str, os.PathLike], features: np.ndarray, paths: Se
 
 
 def load_features(path: Union[str, os.PathLike]) -> FeatureResult:
-    """Read a file written by :func:`save_features` (or ``vehiclenet embed``).
+    """Read a file written by :func:`save_features` (or ``vehiclenet embed``), or a folder of
+    chunks written by ``vehiclenet embed --out-dir`` (:func:`vehiclenet.shards.load_feature_shards`).
 
     Raises:
-        DataError: missing file, not an .npz, keys ``features``/``paths`` missing or inconsistent.
+        DataError: missing file, not an .npz, keys ``features``/``paths`` missing or inconsistent;
+            for a folder, chunks missing or failing verification.
     """
     name = os.fspath(path)
+    if os.path.isdir(name):
+        from .shards import load_feature_shards
+
+        return load_feature_shards(name)
     arrays = read_npz(name, ("features", "paths"), "a features .npz written by `vehiclenet embed`",
                       "run `vehiclenet embed` to write it")
     feats = arrays.pop("features")

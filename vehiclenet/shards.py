@@ -1,0 +1,450 @@
+"""Chunked, resumable, data-parallel embedding: a folder of feature chunks and its manifest.
+
+A long embedding job writes its features in chunks of ``chunk_size`` consecutive inputs
+(the sorted input list of :func:`vehiclenet.features.list_images`), each to its own file
+``chunk-00000.npz``, ``chunk-00001.npz``, ... with a ``.sha256`` line beside it
+(``sha256sum -c`` reads it). Each chunk and each ``.sha256`` is written atomically (a crash
+leaves the old file or none), the ``.sha256`` after its chunk, so a chunk without one is
+unfinished. ``manifest.json`` records everything that shapes the result (:class:`ShardJob`):
+a re-run with the same job skips the chunks that pass verification (recorded sha256, readable,
+the expected inputs in order, consistent rows) and redoes the others with a warning; a re-run
+with another job into the same folder is refused, naming what differs.
+
+Under MindSpore's launcher ``msrun`` every worker runs the same command: chunk ``c`` goes to
+rank ``c % world_size`` (round robin, so every rank gets a share of the early and the late
+chunks and no rank needs to know how fast the others are). Workers exchange nothing: no
+collective communication, only files in one folder (which must be shared between machines
+when msrun spans several). Because a chunk's content depends only on its inputs and the job,
+a folder can be finished by a run with another worker count, or by a single process. The
+rank is msrun's ``MS_NODE_ID`` (see :func:`vehiclenet.env.launcher_rank`); msrun's scheduler
+process, which runs the command too, embeds nothing.
+
+:func:`load_feature_shards` reads a finished folder as one
+:class:`~vehiclenet.features.FeatureResult` in input order: the same paths and features as
+one ``embed`` of all inputs (bit-identical in the tests on this 2-core CPU; they allow 1e-6,
+as chunks run in other batch shapes than one call over everything).
+"""
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import DataError, UsageError
+from .fileio import atomic_write, read_npz
+from .interrupts import doing, held
+
+if TYPE_CHECKING:
+    from .features import FeatureResult
+
+__all__ = ["ShardJob", "ShardPlan", "inputs_digest", "load_feature_shards", "make_job", "merge_shards", "plan_shards",
+           "prepare_folder", "run_shards", "unfinished_chunks"]
+
+LOG = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+FORMAT = "vehiclenet-feature-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_CHUNK_KEYS = ("features", "paths", "inputs", "kept", "skipped_reasons")
+
+# Where each field of the job comes from on the command line, for the message refusing another job.
+_ARGUMENT_NAMES = {
+    "images": "INPUT arguments",
+    "inputs_sha256": "INPUT arguments: other images, names or order",
+    "chunk_size": "--chunk-size",
+    "weights": "--checkpoint, or the published asset",
+    "flip": "--no-flip",
+    "precision": "--precision",
+    "image_size": "the weights' input size",
+    "skip_bad": "--skip-bad",
+    "version": "the vehiclenet version",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """Everything that shapes a folder's features; recorded in its ``manifest.json``.
+
+    ``weights`` identifies the weights by content (``sha256:<hex>``); ``image_size`` is
+    (height, width); ``version`` the vehiclenet version that embeds.
+    """
+
+    images: int
+    inputs_sha256: str
+    chunk_size: int
+    weights: str
+    flip: bool
+    precision: str
+    image_size: Tuple[int, int]
+    skip_bad: bool
+    version: str
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks the job has."""
+        return -(-self.images // self.chunk_size)
+
+    def chunk_range(self, index: int) -> Tuple[int, int]:
+        """``[start, stop)`` of chunk ``index`` in the input list."""
+        start = index * self.chunk_size
+        return start, min(start + self.chunk_size, self.images)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {**dataclasses.asdict(self), "image_size": list(self.image_size)}
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "ShardJob":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = fields - set(data)
+        if missing:
+            raise ValueError(f"job lacks {', '.join(sorted(missing))}")
+        return cls(**{**{k: data[k] for k in fields}, "image_size": tuple(data["image_size"])})
+
+
+def inputs_digest(paths: Sequence[str]) -> str:
+    """sha256 of the input list (names and order); any str, even with undecodable bytes, hashes."""
+    return hashlib.sha256(json.dumps(list(paths)).encode("ascii")).hexdigest()
+
+
+def chunk_name(index: int) -> str:
+    return f"chunk-{index:05d}.npz"
+
+
+def make_job(paths: Sequence[str], *, chunk_size: int, checkpoint: Optional[PathLike] = None,
+             pretrained: Union[bool, str] = True, flip: bool = True, precision: str = "fp32",
+             skip_bad: bool = False) -> ShardJob:
+    """The :class:`ShardJob` of embedding ``paths`` with these settings (nothing is downloaded;
+    a ``checkpoint`` file is hashed).
+
+    Raises:
+        UsageError: ``chunk_size`` below 1, or random weights (``pretrained`` off without a
+            checkpoint): every process would draw other ones, and chunks must fit together.
+    """
+    from . import __version__
+
+    if chunk_size < 1:
+        raise UsageError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if checkpoint is None and (pretrained is False or pretrained is None):
+        raise UsageError("random weights (--no-pretrained) differ in every process, so chunks of a resumed or "
+                         "parallel job would not fit together: give --checkpoint (or the published weights)")
+    weights, size = _weights_identity(checkpoint, pretrained)
+    return ShardJob(images=len(paths), inputs_sha256=inputs_digest(paths), chunk_size=int(chunk_size),
+                    weights=weights, flip=bool(flip), precision=precision, image_size=tuple(size),
+                    skip_bad=bool(skip_bad), version=__version__)
+
+
+def _weights_identity(checkpoint: Optional[PathLike], pretrained: Union[bool, str]) -> Tuple[str, Tuple[int, int]]:
+    """(``sha256:<hex>`` of the weights, network input size): the rule of
+    :func:`vehiclenet.model.weights_meta`, without importing the network (and MindSpore)."""
+    from .preprocessing import INPUT_SIZE
+
+    if checkpoint is not None:
+        from .download import sha256_file
+
+        return f"sha256:{sha256_file(checkpoint)}", INPUT_SIZE
+    from .assets import get_asset
+
+    asset = get_asset(None if pretrained is True else pretrained)  # its sha256 is what fetch delivers
+    return f"sha256:{asset.sha256}", tuple(asset.input_size or INPUT_SIZE)
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+def _read_manifest(folder: Path) -> ShardJob:
+    path = folder / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format {data.get('format')!r} version {data.get('format_version')!r}, "
+                             f"not {FORMAT!r} version {FORMAT_VERSION}")
+        return ShardJob.from_json(data["job"])
+    except FileNotFoundError:
+        raise DataError(f"{folder}: no {MANIFEST}; not a folder of feature chunks written by "
+                        "`vehiclenet embed --out-dir`") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: unreadable manifest of feature chunks ({exc}); delete the folder and embed "
+                        "again, or use another folder") from None
+
+
+def prepare_folder(folder: PathLike, job: ShardJob) -> None:
+    """Make ``folder`` the home of ``job``: write its manifest, or check the one there.
+
+    Every worker calls this; they all write the same bytes, atomically, so it does not
+    matter which rename lands last.
+
+    Raises:
+        UsageError: the folder holds another job's chunks (names the differing argument),
+            or files but no manifest, or is not a folder.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out-dir {str(folder)!r} is a file, not a folder: give a folder for the chunks")
+    # Listed once: a manifest another worker published meanwhile is among the entries, not a stranger.
+    entries = [p.name for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if MANIFEST in entries:
+        try:
+            recorded = _read_manifest(folder)
+        except DataError as exc:
+            raise UsageError(str(exc)) from None
+        _refuse_other_job(folder, recorded, job)
+        return
+    if entries:
+        raise UsageError(f"--out-dir {str(folder)!r} holds files but no {MANIFEST}: it is not a folder of feature "
+                         "chunks; give an empty or new folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "job": job.to_json()}, indent=2)
+    with atomic_write(folder / MANIFEST, "w") as fh:
+        fh.write(text + "\n")
+
+
+def _refuse_other_job(folder: Path, recorded: ShardJob, job: ShardJob) -> None:
+    differing = [f.name for f in dataclasses.fields(ShardJob) if getattr(recorded, f.name) != getattr(job, f.name)]
+    if not differing:
+        return
+    shown = "; ".join(f"{name} {getattr(recorded, name)!r} there, {getattr(job, name)!r} now ({_ARGUMENT_NAMES[name]})"
+                      for name in differing)
+    raise UsageError(f"--out-dir {str(folder)!r} holds the chunks of another job ({shown}); its chunks would not "
+                     "fit this job's: give another --out-dir, or delete that folder to start over")
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded_sha256(folder: Path, index: int) -> Optional[str]:
+    try:
+        line = (folder / (chunk_name(index) + ".sha256")).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    parts = line.split()
+    return parts[0].lower() if len(parts) == 2 and parts[1] == chunk_name(index) else None
+
+
+def _chunk_problem(folder: Path, index: int, expected: Sequence[str]) -> Optional[str]:
+    """Why chunk ``index`` cannot be trusted to hold ``expected``'s features (None: it can)."""
+    path = folder / chunk_name(index)
+    recorded = _recorded_sha256(folder, index)
+    if recorded is None:
+        return "no recorded sha256 (unfinished or damaged .sha256 file)"
+    try:
+        actual = _sha256_file(path)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if actual != recorded:
+        return f"sha256 {actual[:12]}... is not the recorded {recorded[:12]}..."
+    try:
+        _read_chunk(path, expected)
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
+def _read_chunk(path: Path, expected: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """The arrays of a chunk file, consistent and (unless None) holding the ``expected`` inputs;
+    ``inputs`` and ``paths`` as lists of str. DataError if not."""
+    arrays = read_npz(path, _CHUNK_KEYS, "a chunk of features", "embed again with the same arguments to redo it")
+    inputs = arrays["inputs"] = [str(p) for p in arrays["inputs"].tolist()]
+    paths = arrays["paths"] = [str(p) for p in arrays["paths"].tolist()]
+    kept = arrays["kept"].astype(bool)
+    feats = arrays["features"]
+    if expected is not None and inputs != list(expected):
+        raise DataError(f"{path}: holds other inputs than this chunk's {len(expected)}")
+    lined_up = (kept.shape == (len(inputs),) and paths == [p for p, k in zip(inputs, kept) if k]
+                and feats.ndim == 2 and feats.shape[0] == len(paths)
+                and len(arrays["skipped_reasons"]) == len(inputs) - len(paths))
+    if not lined_up:
+        raise DataError(f"{path}: features, paths and inputs do not line up")
+    if not np.isfinite(feats).all():
+        raise DataError(f"{path}: features hold NaN or infinity")
+    return arrays
+
+
+def _write_chunk(folder: Path, index: int, inputs: Sequence[str], res: Any) -> None:
+    """Write chunk ``index`` (a FeatureResult of ``inputs``), then its sha256 line, each atomically."""
+    skipped = dict(res.skipped)
+    buffer = io.BytesIO()
+    np.savez(buffer, features=np.asarray(res.features, np.float32), paths=np.asarray(res.paths, dtype=str),
+             inputs=np.asarray(list(inputs), dtype=str), kept=np.array([p not in skipped for p in inputs], bool),
+             skipped_reasons=np.asarray([skipped[p] for p in inputs if p in skipped], dtype=str))
+    data = buffer.getvalue()
+    name = chunk_name(index)
+    with held(f"writing {name}"):  # a signal waits: the chunk and its sha256 belong together
+        with atomic_write(folder / name) as fh:
+            fh.write(data)
+        with atomic_write(folder / (name + ".sha256"), "w") as fh:
+            fh.write(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+
+
+# --------------------------------------------------------------------------- a worker's run
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    """What one worker does: its chunks (``rank``, ``rank + world_size``, ...), of which
+    ``done`` passed verification and ``todo`` are to embed (``redo`` of them failed it, with the reason)."""
+
+    folder: Path
+    job: ShardJob
+    paths: List[str]
+    rank: int
+    world_size: int
+    done: List[int]
+    todo: List[int]
+    redo: Dict[int, str]
+
+    @property
+    def images_todo(self) -> int:
+        return sum(b - a for a, b in map(self.job.chunk_range, self.todo))
+
+
+def plan_shards(folder: PathLike, job: ShardJob, paths: Sequence[str], rank: int = 0,
+                world_size: int = 1) -> ShardPlan:
+    """Prepare ``folder`` for ``job`` over ``paths`` and sort this rank's chunks into done and to do.
+
+    Raises:
+        UsageError: another job's folder (see :func:`prepare_folder`), or a bad rank.
+    """
+    if not 0 <= rank < world_size:
+        raise UsageError(f"rank {rank} is not one of 0..{world_size - 1}")
+    if len(paths) != job.images or inputs_digest(paths) != job.inputs_sha256:
+        raise ValueError("paths are not the job's inputs")
+    folder = Path(folder)
+    prepare_folder(folder, job)
+    done, todo, redo = [], [], {}
+    for index in range(rank, job.chunks, world_size):
+        a, b = job.chunk_range(index)
+        problem = _chunk_problem(folder, index, paths[a:b])
+        if problem is None:
+            done.append(index)
+            continue
+        todo.append(index)
+        if (folder / chunk_name(index)).exists():
+            redo[index] = problem
+            LOG.warning("%s failed verification (%s): embedding it again", folder / chunk_name(index), problem)
+    LOG.info("rank %d of %d: %d chunk(s) of %d image(s) in all, %d for this rank: %d chunks already done, "
+             "verified; %d to embed", rank, world_size, job.chunks, job.images, len(done) + len(todo), len(done),
+             len(todo))
+    return ShardPlan(folder, job, list(paths), rank, world_size, done, todo, redo)
+
+
+def run_shards(net: Any, plan: ShardPlan, *, batch_size: int = 16, progress: Optional[bool] = False,
+               num_workers: Optional[int] = None) -> List[int]:
+    """Embed and write the chunks ``plan`` has to do, in order; returns their indices.
+
+    One batch shape for every chunk (the chunk size evened out over ``batch_size``, the last
+    batch padded), so a graph is compiled once per worker.
+    """
+    from .features import FeatureResult, _batch_plan, embed
+
+    job = plan.job
+    batch = _batch_plan(job.chunk_size, batch_size)
+    written = []
+    for index in plan.todo:
+        a, b = job.chunk_range(index)
+        inputs = plan.paths[a:b]
+        doing(f"embedding {chunk_name(index)} ({len(written)} of {len(plan.todo)} chunks done)")
+        start = time.perf_counter()
+        try:
+            res = embed(net, inputs, batch_size=batch, flip=job.flip, skip_bad=job.skip_bad, progress=progress,
+                        num_workers=num_workers, size=job.image_size, fixed_batch=True)
+        except DataError:
+            if not job.skip_bad:
+                raise
+            res = FeatureResult(np.zeros((0, 0), np.float32), [], _reasons_all_bad(inputs, job.image_size))
+        _write_chunk(plan.folder, index, inputs, res)
+        written.append(index)
+        LOG.info("embedded chunk %d (%s): %d image(s), %d skipped, %.1f s", index, chunk_name(index), len(res),
+                 len(res.skipped), time.perf_counter() - start)
+    return written
+
+
+def _reasons_all_bad(inputs: Sequence[str], size: Tuple[int, int]) -> List[Tuple[str, str]]:
+    """(path, reason) for a chunk none of whose images could be used (``embed`` raises then)."""
+    from .preprocessing import load_image
+
+    reasons = []
+    for path in inputs:
+        try:
+            load_image(path, size)
+            reasons.append((path, "unusable"))
+        except DataError as exc:
+            text = str(exc)
+            reasons.append((path, text[len(path) + 2:] if text.startswith(f"{path}: ") else text))
+    return reasons
+
+
+# --------------------------------------------------------------------------- reading a folder
+
+
+def unfinished_chunks(folder: PathLike) -> List[int]:
+    """The chunks of ``folder``'s job not finished yet (no recorded sha256); [] when all are."""
+    folder = Path(folder)
+    job = _read_manifest(folder)
+    return [i for i in range(job.chunks) if _recorded_sha256(folder, i) is None]
+
+
+def load_feature_shards(folder: PathLike) -> "FeatureResult":
+    """Every chunk of a finished ``folder`` as one FeatureResult, in input order (``extra``
+    holds ``flip``), each chunk verified against its recorded sha256 and the manifest.
+
+    Raises:
+        DataError: no manifest, chunks missing or failing verification (names them and says
+            to run the same embed command again to finish or redo them).
+    """
+    from .features import FeatureResult
+
+    folder = Path(folder)
+    job = _read_manifest(folder)
+    missing = unfinished_chunks(folder)
+    if missing:
+        shown = ", ".join(chunk_name(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(f"{folder}: {len(missing)} of {job.chunks} chunk(s) not finished ({shown}); run the same "
+                        "`vehiclenet embed --out-dir` command again to finish them")
+    feats, paths, skipped, inputs = [], [], [], []
+    for index in range(job.chunks):
+        path = folder / chunk_name(index)
+        recorded, actual = _recorded_sha256(folder, index), _sha256_file(path)
+        if actual != recorded:
+            raise DataError(f"{path}: sha256 is not the recorded one (damaged); run the same `vehiclenet embed "
+                            "--out-dir` command again to redo it")
+        arrays = _read_chunk(path, None)  # the inputs are checked below, all chunks at once
+        inputs.extend(arrays["inputs"])
+        if arrays["paths"]:
+            feats.append(arrays["features"].astype(np.float32, copy=False))
+            paths.extend(arrays["paths"])
+        kept = arrays["kept"].astype(bool)
+        skipped.extend(zip([p for p, k in zip(arrays["inputs"], kept) if not k],
+                           [str(r) for r in arrays["skipped_reasons"].tolist()]))
+    if len(inputs) != job.images or inputs_digest(inputs) != job.inputs_sha256:
+        raise DataError(f"{folder}: the chunks' inputs are not the ones {MANIFEST} records; delete the folder "
+                        "and embed again")
+    if not feats:
+        raise DataError(f"{folder}: no image of the job could be embedded (all {job.images} skipped)")
+    return FeatureResult(features=np.concatenate(feats), paths=paths, skipped=skipped,
+                         extra={"flip": np.asarray(job.flip)})
+
+
+def merge_shards(folder: PathLike, out: PathLike) -> "FeatureResult":
+    """Write ``folder``'s features as one .npz at ``out`` (like ``vehiclenet embed --out``),
+    atomically; returns the FeatureResult written."""
+    from .features import save_features
+
+    res = load_feature_shards(folder)
+    save_features(out, res.features, res.paths, **res.extra)
+    return res
