@@ -19,6 +19,7 @@ from .errors import VehicleNetError
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
 
+    from .blocks import RowBlocks
     from .evaluation import EvalResult, FeatureSet
     from .features import FeatureResult
     from .ranking import Ranking
@@ -298,10 +299,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     with _timed(timings, "features_s"):
         fs = evaluation.load_features_npz(args.features) if args.features is not None else _embed_veri(args)
     with _timed(timings, "distance_s"):
-        dist = _distances(args, fs)
+        blocks = _distances(args, fs)
     with _timed(timings, "metrics_s"):
-        result = evaluation.evaluate(dist, fs.query_ids, fs.gallery_ids, fs.query_cams, fs.gallery_cams, ap=args.ap)
-    _print_evaluation(args, result, int(dist.shape[1]), timings)
+        result = evaluation.evaluate_blocks(blocks, fs.query_ids, fs.gallery_ids, fs.query_cams, fs.gallery_cams,
+                                            ap=args.ap)
+    _print_evaluation(args, result, len(fs.gallery_ids), timings)
     return 0
 
 
@@ -357,17 +359,23 @@ def _embed_veri(args: argparse.Namespace) -> "FeatureSet":
     return fs
 
 
-def _distances(args: argparse.Namespace, fs: "FeatureSet") -> "np.ndarray":
-    """Query x gallery distances: k-reciprocal re-ranking with --rerank, else cosine distance."""
+def _distances(args: argparse.Namespace, fs: "FeatureSet") -> "RowBlocks":
+    """Query x gallery distances as row blocks: k-reciprocal re-ranking with --rerank (its
+    neighbour lists, expanded sets and V are computed here), else cosine distance.
+
+    Always the bounded-memory path (blocks ranked and dropped by ``evaluate_blocks``, no
+    (Q, G) matrix at any size): its figures are bit-identical to the whole-matrix ones.
+    """
     from .errors import UsageError
-    from .evaluation import cosine_distance
+    from .evaluation import cosine_distance_blocks
 
     if not args.rerank:
-        return cosine_distance(fs.query_features, fs.gallery_features)
-    from .rerank import re_rank
+        return cosine_distance_blocks(fs.query_features, fs.gallery_features)
+    from .rerank import re_rank_blocks
 
     try:
-        return re_rank(fs.query_features, fs.gallery_features, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
+        return re_rank_blocks(fs.query_features, fs.gallery_features, k1=args.k1, k2=args.k2,
+                              lambda_value=args.lambda_value)
     except ValueError as exc:
         raise UsageError(f"re-ranking: {exc}") from None
 
