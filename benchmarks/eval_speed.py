@@ -105,7 +105,7 @@ def child(mode: str, noise: float, dense_n: int, scale: str = "veri", k1: int = 
         res = evaluate(dist, qi, gi, qc, gc, native=False)
         out["metrics_s"] = time.perf_counter() - t
     elif mode in ("rerank", "rerank-numpy"):
-        if mode == "rerank-numpy":  # anchor: the Jaccard step and the ranking in numpy
+        if mode == "rerank-numpy":  # anchor: neighbour selection, Jaccard step and ranking in numpy
             from vehiclenet import rerank
 
             rerank._native_jaccard = lambda: None
@@ -234,7 +234,7 @@ def main() -> None:
     _print_ratios(results)
     check = _run_child("bounded-check", args)
     print("bounded-memory paths against the whole matrices (bit for bit): "
-          + ", ".join(f"{k} {v}" for k, v in check.items() if k not in ("mode",)))
+          + ", ".join(f"{k} {v}" for k, v in check.items() if k not in ("mode", "rss_after_data_mb", "peak_rss_mb")))
 
 
 def _run_child(mode: str, args: argparse.Namespace) -> dict:

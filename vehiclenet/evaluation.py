@@ -192,7 +192,7 @@ def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 
 
 def cosine_distance_blocks(
-    query: np.ndarray, gallery: np.ndarray, *, block_rows: int = 512, workers: Optional[int] = None
+    query: np.ndarray, gallery: np.ndarray, *, block_rows: int = 256, workers: Optional[int] = None
 ) -> Iterator[Tuple[int, np.ndarray]]:
     """:func:`cosine_distance` as ``(row_start, block)`` pairs of ``block_rows`` queries each, in order.
 
@@ -443,13 +443,15 @@ def evaluate_features(
     *,
     max_rank: int = 10,
     ap: str = "trapezoid",
-    block_rows: int = 512,
+    block_rows: int = 256,
     workers: Optional[int] = None,
     native: bool = True,
 ) -> EvalResult:
     """``evaluate(cosine_distance(q_feats, g_feats), ...)`` without the (Q, G) matrix:
     distances of ``block_rows`` queries at a time (:func:`cosine_distance_blocks`, the same
-    bits), ranked and dropped. Bit-identical figures; memory O(``block_rows`` x G)."""
+    bits), ranked and dropped. Bit-identical figures; memory O(``block_rows`` x G): with
+    ``workers`` W, W + 1 float32 distance blocks and W sets of ranking masks (~5 bytes per
+    element of 256 queries) -- about 0.7 GB beside the features at 10,000 x 128,517 on 2 cores."""
     _check_options(max_rank, ap)
     blocks = cosine_distance_blocks(q_feats, g_feats, block_rows=block_rows, workers=workers)
     return evaluate_blocks(blocks, q_ids, g_ids, q_cams, g_cams, max_rank=max_rank, ap=ap,

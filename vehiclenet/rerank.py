@@ -475,16 +475,17 @@ def re_rank_blocks(
 
     jaccard = _Jaccard(rows_of(0, num_query), _gallery_csc(rows_of, num_query, n, n), workers)
     del v, top
-    return _final_blocks(jaccard, feats, lambda_value, block_rows)
+    # Only lambda > 0 needs the features again; otherwise the stacked copy goes now.
+    return _final_blocks(jaccard, feats if lambda_value != 0.0 else None, lambda_value, block_rows)
 
 
-def _final_blocks(jaccard: _Jaccard, feats: np.ndarray, lambda_value: float,
+def _final_blocks(jaccard: _Jaccard, feats: Optional[np.ndarray], lambda_value: float,
                   block_rows: int) -> Iterator[Tuple[int, np.ndarray]]:
     num_query = jaccard.num_query
     for start in range(0, num_query, block_rows):
         stop = min(start + block_rows, num_query)
         final = jaccard.block(start, stop)
-        if lambda_value != 0.0:
+        if feats is not None:
             with one_blas_thread():
                 original = _row_distance(feats, start, stop)[0][:, num_query:]
             final *= np.float32(1.0 - lambda_value)
