@@ -41,7 +41,14 @@ Memory: the features (twice: the caller's and the stacked copy), ``workers`` blo
 int32), V (about 95 non-zeros per row at k1=100) and the query-expanded V's query and
 gallery rows (float32 + int32 per non-zero, ~1,340 per row on clustered synthetic
 features at k1=100, k2=15), and one (block_rows, G) output block: O(N * k1 * k2), never
-N x N or Q x G. Measured figures at VeRi and VERI-Wild scale: ``benchmarks/eval_speed.py``.
+N x N or Q x G.
+
+Measured on the 2-core test machine (AMD EPYC; ``benchmarks/eval_speed.py``, synthetic
+clustered 512-d features, k1=100, k2=15, lambda=0, default ``block_rows``/``workers``):
+VeRi scale (1,678 x 11,579) 4.8 s and 356 MB peak RSS for the whole process; VERI-Wild
+large (10,000 x 128,517, N = 138,517, 10,000 ids, noise 2.5) 329 s including the ranking
+by ``evaluate_blocks``, 2.6 GB peak RSS (0.37 GB of it the data). The two blocked
+O(N^2 d) passes (neighbours, weights) are most of the time.
 """
 import ctypes
 import functools
