@@ -1,4 +1,5 @@
-"""Retrieval results do not depend on how the work is cut, under every BLAS kernel.
+"""Retrieval results do not depend on how the work is cut, under every BLAS kernel
+(whole matrices and the bounded-memory row-block paths alike).
 
 Each case runs in a fresh interpreter with ``OPENBLAS_CORETYPE`` set (OpenBLAS reads it
 when it is loaded; it steers numpy's and scipy's bundled OpenBLAS alike), and checks
@@ -39,9 +40,10 @@ CHILD = textwrap.dedent(
     import json
     import numpy as np
     from vehiclenet.blas import evaluation_blas, matmul_nt
-    from vehiclenet.evaluation import cosine_distance, evaluate
+    from vehiclenet.blocks import collect
+    from vehiclenet.evaluation import cosine_distance, evaluate, evaluate_features
     from vehiclenet.features import nearest
-    from vehiclenet.rerank import re_rank
+    from vehiclenet.rerank import re_rank, re_rank_blocks
 
     rng = np.random.default_rng(11)
     centres = rng.standard_normal((12, 512)).astype(np.float32)
@@ -66,6 +68,14 @@ CHILD = textwrap.dedent(
         other = evaluate(ref, qi, gi, qc, gc, block_rows=rows)
         same[f"evaluate block_rows={rows}"] = bool(
             np.array_equal(base.per_query_ap, other.per_query_ap) and np.array_equal(base.cmc, other.cmc))
+    for rows, workers in [(256, 2), (45, 3)]:
+        same[f"re_rank_blocks block_rows={rows} workers={workers}"] = bool(np.array_equal(
+            ref, collect(re_rank_blocks(qf, gf, 30, 6, block_rows=rows, workers=workers), ref.shape)))
+    plain = evaluate(dist, qi, gi, qc, gc)
+    for rows in (1, 300):
+        other = evaluate_features(qf, gf, qi, gi, qc, gc, block_rows=rows, workers=2)
+        same[f"evaluate_features block_rows={rows}"] = bool(
+            np.array_equal(plain.per_query_ap, other.per_query_ap) and np.array_equal(plain.cmc, other.cmc))
     order, d = nearest(qf[0], gf, k=20)
     order2, d2 = nearest(qf[0], gf, k=400)
     same["nearest k=20 vs k=400"] = bool(np.array_equal(order, order2[:20]) and np.array_equal(d, d2[:20]))

@@ -130,6 +130,65 @@ def test_cosine_distance_orders_by_similarity():
     assert d[0, 1] == -1.0
 
 
+def _clustered_problem(seed, nq=150, ng=700, dim=24):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((30, dim))
+
+    def make(n):
+        ids = rng.integers(0, 30, n)
+        f = (centres[ids] + 1.2 * rng.standard_normal((n, dim))).astype(np.float32)
+        return f / np.linalg.norm(f, axis=1, keepdims=True), ids, rng.integers(0, 4, n)
+
+    qf, qi, qc = make(nq)
+    gf, gi, gc = make(ng)
+    gi[rng.random(ng) < 0.05] = -1  # unlabelled gallery items are junk
+    return qf, qi, qc, gf, gi, gc
+
+
+def _same(a, b):
+    return (np.array_equal(a.per_query_ap, b.per_query_ap) and np.array_equal(a.cmc, b.cmc)
+            and a.mAP == b.mAP and a.mINP == b.mINP and a.num_valid_query == b.num_valid_query)
+
+
+@pytest.mark.parametrize("ap", ["trapezoid", "standard"])
+def test_evaluate_features_is_bit_identical_to_the_whole_matrix(ap):
+    qf, qi, qc, gf, gi, gc = _clustered_problem(1)
+    whole = evaluate(cosine_distance(qf, gf), qi, gi, qc, gc, ap=ap)
+    assert 0.2 < whole.mAP < 0.99
+    for rows, workers in [(1, 1), (7, 2), (256, 3), (1000, 2)]:
+        got = evaluation.evaluate_features(qf, gf, qi, gi, qc, gc, ap=ap, block_rows=rows, workers=workers)
+        assert _same(got, whole), (rows, workers)
+    # And with the numpy ranking instead of the compiled kernel.
+    assert _same(evaluation.evaluate_features(qf, gf, qi, gi, qc, gc, ap=ap, block_rows=64, native=False), whole)
+
+
+def test_cosine_distance_blocks_are_rows_of_cosine_distance():
+    qf, _, _, gf, _, _ = _clustered_problem(2, nq=300)
+    whole = cosine_distance(qf, gf)
+    blocks = list(evaluation.cosine_distance_blocks(qf, gf, block_rows=70, workers=3))
+    assert [s for s, _ in blocks] == list(range(0, 300, 70))
+    assert all(b.shape[0] <= 70 and b.shape[1] == len(gf) for _, b in blocks)  # never more than a block
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), whole)
+
+
+def test_evaluate_blocks_takes_blocks_in_any_order_and_checks_them():
+    qf, qi, qc, gf, gi, gc = _clustered_problem(3, nq=50, ng=200)
+    dist = cosine_distance(qf, gf)
+    whole = evaluate(dist, qi, gi, qc, gc)
+    shuffled = [(s, dist[s : s + 9]) for s in range(0, 50, 9)][::-1]
+    assert _same(evaluation.evaluate_blocks(shuffled, qi, gi, qc, gc, block_rows=4), whole)
+    with pytest.raises(ValueError, match="row 45 is missing"):
+        evaluation.evaluate_blocks(shuffled[1:], qi, gi, qc, gc)
+    with pytest.raises(ValueError, match="overlap"):
+        evaluation.evaluate_blocks(shuffled + [(3, dist[3:5])], qi, gi, qc, gc)
+    with pytest.raises(ValueError, match="shape"):
+        evaluation.evaluate_blocks([(0, dist[:, :-1])], qi, gi, qc, gc)
+    bad = dist.copy()
+    bad[20, 3] = np.nan
+    with pytest.raises(ValueError, match="queries 18:27 contain NaN"):
+        evaluation.evaluate_blocks([(s, bad[s : s + 9]) for s in range(0, 50, 9)], qi, gi, qc, gc)
+
+
 def test_parse_veri_name():
     assert parse_veri_name("0002_c002_00030600_0.jpg") == (2, 2)
     assert parse_veri_name("/x/image_test/0776_c020_00001_1.JPG") == (776, 20)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vehiclenet.evaluation import evaluate
+from vehiclenet.evaluation import evaluate, evaluate_blocks
 from vehiclenet.rerank import re_rank
 
 
@@ -147,11 +147,160 @@ def test_without_a_c_compiler_the_numpy_path_gives_the_same_result(monkeypatch, 
     monkeypatch.setenv("CC", "no-such-cc")
     native.retrieval_kernels.cache_clear()
     rerank._native_jaccard.cache_clear()
+    rerank._native_neighbour_kernels.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="vehiclenet.native"):
-            assert rerank._native_jaccard() is None
+            assert rerank._native_jaccard() is None and rerank._native_neighbour_kernels() is None
             np.testing.assert_array_equal(re_rank(qf, gf, 20, 6), with_c)
         assert "no C compiler 'no-such-cc'" in caplog.text
     finally:
         native.retrieval_kernels.cache_clear()
         rerank._native_jaccard.cache_clear()
+        rerank._native_neighbour_kernels.cache_clear()
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def _some_problem(seed, nq=60, ng=240, dim=16, num_ids=12):
+    rng = np.random.default_rng(seed)
+    qf, qi = clustered(rng, nq, num_ids=num_ids, dim=dim)
+    gf, gi = clustered(rng, ng, num_ids=num_ids, dim=dim)
+    return qf, qi, rng.integers(0, 3, nq), gf, gi, rng.integers(0, 3, ng)
+
+
+@pytest.mark.parametrize("k1,k2,lam", [(20, 6, 0.0), (30, 1, 0.0), (15, 8, 0.4)])
+def test_blocks_are_bit_identical_to_re_rank_for_any_cut(k1, k2, lam):
+    from vehiclenet.blocks import collect
+    from vehiclenet.rerank import re_rank_blocks
+
+    qf, qi, qc, gf, gi, gc = _some_problem(k1 + k2)
+    whole = re_rank(qf, gf, k1, k2, lam)
+    assert whole.min() < 0.9
+    for rows, workers in [(7, 1), (32, 2), (61, 3), (1000, 2)]:
+        blocks = list(re_rank_blocks(qf, gf, k1, k2, lam, block_rows=rows, workers=workers))
+        assert [s for s, _ in blocks] == list(range(0, len(qf), rows))
+        assert all(b.shape[0] <= rows and b.shape[1] == len(gf) and b.dtype == np.float32 for _, b in blocks)
+        np.testing.assert_array_equal(collect(blocks, whole.shape), whole)
+        streamed = evaluate_blocks(iter(blocks), qi, gi, qc, gc)
+        full = evaluate(whole, qi, gi, qc, gc)
+        np.testing.assert_array_equal(streamed.per_query_ap, full.per_query_ap)
+        assert streamed.mAP == full.mAP and streamed.mINP == full.mINP and np.array_equal(streamed.cmc, full.cmc)
+
+
+def test_an_exact_neighbour_source_gives_identical_results():
+    from vehiclenet import rerank
+
+    qf, _, _, gf, _, _ = _some_problem(21)
+    calls = []
+
+    def dense_stable_argsort(feats, k):  # the whole N x N at once, numpy's sort: another route to the lists
+        calls.append(k)
+        dist, _ = rerank._row_distance(feats, 0, len(feats), native=False)
+        return np.argsort(dist, axis=1, kind="stable")[:, :k]
+
+    want = re_rank(qf, gf, 25, 6, 0.2)
+    np.testing.assert_array_equal(re_rank(qf, gf, 25, 6, 0.2, neighbours=dense_stable_argsort), want)
+    assert calls == [26]
+
+
+def test_faiss_exact_index_as_the_neighbour_source():
+    import faiss
+
+    from vehiclenet.rerank import exact_neighbours
+
+    def flat_index(feats, k):  # what a gallery index's search(feats, k) gives: indices by ascending L2
+        index = faiss.IndexFlatL2(feats.shape[1])
+        index.add(feats)
+        return index.search(feats, k)[1]
+
+    qf, _, _, gf, _, _ = _some_problem(22, dim=32)
+    feats = np.concatenate([qf, gf])
+    # Continuous features: no near-ties, so faiss's own rounding picks the same lists.
+    np.testing.assert_array_equal(flat_index(feats, 31), exact_neighbours(feats, 31))
+    np.testing.assert_array_equal(re_rank(qf, gf, 30, 6, neighbours=flat_index), re_rank(qf, gf, 30, 6))
+
+    def approximate(feats, k):  # an approximate source: the exact lists with the k-th neighbour swapped
+        top = flat_index(feats, k + 1)
+        return np.concatenate([top[:, : k - 1], top[:, k:]], axis=1)
+
+    approx = re_rank(qf, gf, 30, 6, neighbours=approximate)
+    exact = re_rank(qf, gf, 30, 6)
+    assert not np.array_equal(approx, exact) and np.abs(approx - exact).max() < 0.2
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda f, k: np.zeros((len(f), k - 1), dtype=np.int64), "shape"),
+    (lambda f, k: np.full((len(f), k), -1), "outside"),
+    (lambda f, k: np.tile(np.arange(k), (len(f), 1)).astype(np.float32), "integer"),
+    (lambda f, k: np.tile(np.r_[0, np.arange(k - 1)], (len(f), 1)), "repeats"),
+])
+def test_a_bad_neighbour_source_is_named(bad, message):
+    qf, _, _, gf, _, _ = _some_problem(23, nq=5, ng=30)
+    with pytest.raises(ValueError, match=f"neighbours.*{message}|{message}.*neighbours"):
+        re_rank(qf, gf, 10, 4, neighbours=bad)
+
+
+def test_bounded_path_never_holds_a_query_x_gallery_or_n_x_n_matrix():
+    import tracemalloc
+
+    from vehiclenet.rerank import re_rank_blocks
+
+    rng = np.random.default_rng(4)
+    qf, qi = clustered(rng, 1500, num_ids=150, dim=32)
+    gf, gi = clustered(rng, 4500, num_ids=150, dim=32)
+    qc, gc = rng.integers(0, 5, 1500), rng.integers(0, 5, 4500)
+    whole_qg = 1500 * 4500 * 4  # 27 MB of float32; N x N would be 144 MB
+    re_rank(qf[:50], gf[:200], 20, 6)  # builds and loads the C kernels outside the measurement
+
+    def peak(run):
+        tracemalloc.start()
+        try:
+            result = run()
+            return result, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    bounded, bounded_peak = peak(lambda: evaluate_blocks(
+        re_rank_blocks(qf, gf, 20, 6, block_rows=256, workers=2), qi, gi, qc, gc, workers=2))
+    full, full_peak = peak(lambda: evaluate(re_rank(qf, gf, 20, 6, block_rows=256, workers=2), qi, gi, qc, gc))
+    assert np.array_equal(bounded.per_query_ap, full.per_query_ap)
+    assert full_peak > whole_qg  # the measurement sees a whole matrix when there is one
+    assert bounded_peak < 0.75 * whole_qg, (bounded_peak, full_peak)
+
+
+def test_compiled_and_numpy_neighbour_passes_are_bit_identical():
+    from vehiclenet import rerank
+    from vehiclenet.blas import one_blas_thread
+
+    assert rerank._native_neighbour_kernels() is not None, "the C kernels did not build here"
+    rng = np.random.default_rng(9)
+    f = np.zeros((300, 8), dtype=np.float32)  # {0, +-0.5} features: exact products, many exact ties
+    for row in f:
+        row[rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    f[17] = f[3]
+    g, _ = clustered(rng, 300, dim=16)
+    for feats, ties in ((f, True), (g, False)):
+        with one_blas_thread():
+            d_c, m_c = rerank._row_distance(feats, 0, 300)
+            d_n, m_n = rerank._row_distance(feats, 0, 300, native=False)
+        np.testing.assert_array_equal(d_c, d_n)
+        np.testing.assert_array_equal(m_c, m_n)
+        for k in (1, 21, 299, 300):
+            np.testing.assert_array_equal(rerank._top_neighbours(d_c, k), rerank._top_neighbours(d_n, k, native=False))
+        distinct = np.mean([np.unique(row).size for row in d_c])
+        assert (distinct < 30) == ties  # the quantised rows had ties to break, the others none
+
+
+def test_gallery_rows_built_as_csc_by_blocks_equal_scipy_tocsc():
+    from scipy import sparse
+
+    from vehiclenet import rerank
+
+    v = sparse.random(500, 400, density=0.05, format="csr", dtype=np.float32, random_state=1)
+    for rows in (1, 37, 4096):
+        got = rerank._gallery_csc(lambda s, e: v[s:e], 120, 500, 400, block_rows=rows)
+        want = v[120:].tocsc()
+        want.sort_indices()
+        for attr in ("indptr", "indices", "data"):
+            np.testing.assert_array_equal(getattr(got, attr), getattr(want, attr))

@@ -20,11 +20,14 @@ another engine (e.g. bounded-memory evaluation) can replace it for every dataset
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .evaluation import EvalResult, cosine_distance, evaluate
+from .evaluation import EvalResult, cosine_distance_blocks, evaluate_blocks
+
+if TYPE_CHECKING:
+    from .rerank import NeighbourSource
 
 __all__ = ["Rerank", "evaluate_split", "one_image_per_identity", "TrialsResult", "evaluate_vehicleid"]
 
@@ -60,23 +63,27 @@ def evaluate_split(
     rerank: Optional[Rerank] = None,
     ap: str = "trapezoid",
     timings: Optional[Dict[str, float]] = None,
+    neighbours: Optional["NeighbourSource"] = None,
 ) -> EvalResult:
     """mAP / CMC / mINP of one query set against one gallery (VeRi junk rule).
 
-    Cosine distance, or re-ranked distance with ``rerank``; then
-    :func:`vehiclenet.evaluation.evaluate`. Adds ``distance_s`` and ``metrics_s`` to
+    Cosine distance, or re-ranked distance with ``rerank`` (k1-neighbour lists from
+    ``neighbours``, exact by default), a block of queries at a time: no query x gallery
+    matrix is ever held whole, and the figures are bit-identical to
+    ``evaluate(cosine_distance(...))`` / ``evaluate(re_rank(...))``. Adds ``distance_s``
+    (re-ranking's preparation) and ``metrics_s`` (distance blocks and ranking) to
     ``timings``. ValueError for unusable re-ranking parameters.
     """
-    with _timed(timings, "distance_s"):
+    with _timed(timings, "distance_s"):  # re-ranking's neighbour lists, expanded sets and weights
         if rerank is None:
-            dist = cosine_distance(query_features, gallery_features)
+            blocks = cosine_distance_blocks(query_features, gallery_features)
         else:
-            from .rerank import re_rank
+            from .rerank import re_rank_blocks
 
-            dist = re_rank(query_features, gallery_features, k1=rerank.k1, k2=rerank.k2,
-                           lambda_value=rerank.lambda_value)
-    with _timed(timings, "metrics_s"):
-        return evaluate(dist, q_ids, g_ids, q_cams, g_cams, ap=ap)
+            blocks = re_rank_blocks(query_features, gallery_features, k1=rerank.k1, k2=rerank.k2,
+                                    lambda_value=rerank.lambda_value, neighbours=neighbours)
+    with _timed(timings, "metrics_s"):  # distance blocks computed, ranked and dropped
+        return evaluate_blocks(blocks, q_ids, g_ids, q_cams, g_cams, ap=ap)
 
 
 def one_image_per_identity(ids: Sequence[int], seed: int, trial: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,83 @@ int VnJaccardRows(const int64_t *q_ptr, const int32_t *q_idx, const float *q_val
     return 0;
 }
 
+/* Rows of re-ranking's normalised distance, in place: s (rows x n float32 products) becomes
+ * d = t / max(t over the row) with t = (s * -2 + 2)^2, each step one float32 operation as
+ * numpy's multiply, add, multiply and divide do it; row_max gets the maxima. One row at a
+ * time, so a row of a large N stays in cache across the two passes. */
+void VnNormalisedRows(float *s, int64_t rows, int64_t n, float *row_max) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float *x = s + r * n;
+        float m = -1.0f;  /* t >= 0 */
+        for (int64_t j = 0; j < n; ++j) {
+            float t = x[j] * -2.0f;
+            t = t + 2.0f;
+            t = t * t;
+            x[j] = t;
+            m = t > m ? t : m;
+        }
+        for (int64_t j = 0; j < n; ++j) x[j] = x[j] / m;
+        row_max[r] = m;
+    }
+}
+
+typedef struct {
+    float value;
+    int32_t index;
+} Near;
+
+/* (value, index) order: a before b. */
+static int near_before(Near a, Near b) { return a.value < b.value || (a.value == b.value && a.index < b.index); }
+
+static void sift_down(Near *heap, int64_t k, int64_t i) {
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, big = i;
+        if (l < k && near_before(heap[big], heap[l])) big = l;
+        if (r < k && near_before(heap[big], heap[r])) big = r;
+        if (big == i) return;
+        Near tmp = heap[i];
+        heap[i] = heap[big];
+        heap[big] = tmp;
+        i = big;
+    }
+}
+
+/* For each row of d (rows x n float32), the indices of its k smallest entries ordered by
+ * (value, index): what a stable argsort's first k are. A max-heap of the k best so far; items
+ * come by ascending index, so a later item displaces the worst kept one only if strictly
+ * smaller. top is rows x k int32. Returns 0, or -1 when out of memory. */
+int VnTopK(const float *d, int64_t rows, int64_t n, int64_t k, int32_t *top) {
+    if (k <= 0) return 0;
+    Near *heap = (Near *)malloc((size_t)k * sizeof(Near));
+    if (heap == NULL) return -1;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *x = d + r * n;
+        for (int64_t j = 0; j < k; ++j) {
+            heap[j].value = x[j];
+            heap[j].index = (int32_t)j;
+        }
+        for (int64_t i = k / 2 - 1; i >= 0; --i) sift_down(heap, k, i);
+        for (int64_t j = k; j < n; ++j) {
+            if (x[j] < heap[0].value) {
+                heap[0].value = x[j];
+                heap[0].index = (int32_t)j;
+                sift_down(heap, k, 0);
+            }
+        }
+        /* Heap sort: the largest goes to the end each time. */
+        for (int64_t m = k - 1; m > 0; --m) {
+            Near tmp = heap[0];
+            heap[0] = heap[m];
+            heap[m] = tmp;
+            sift_down(heap, m, 0);
+        }
+        int32_t *out = top + r * k;
+        for (int64_t j = 0; j < k; ++j) out[j] = heap[j].index;
+    }
+    free(heap);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------ evaluation */
 
 typedef struct {
