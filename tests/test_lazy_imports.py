@@ -26,3 +26,20 @@ def test_download_and_info_do_not_import_mindspore(tmp_path, http_server):
     assert _modules_after(["info", "--no-device"], env) == "RC 0 MS False"
     # `info` without --no-device reports the device, for which it does import MindSpore:
     assert _modules_after(["info"], env) == "RC 0 MS True"
+
+
+def test_index_commands_and_search_by_features_do_not_import_mindspore(tmp_path):
+    import os
+
+    import numpy as np
+
+    from vehiclenet.features import save_features
+
+    feats = np.eye(8, 16, dtype=np.float32)
+    save_features(tmp_path / "a.npz", feats[:5], [f"g{i}.jpg" for i in range(5)])
+    save_features(tmp_path / "b.npz", feats[5:], [f"g{i}.jpg" for i in range(5, 8)])
+    index = str(tmp_path / "g.index")
+    env = dict(os.environ)
+    assert _modules_after(["index", "build", str(tmp_path / "a.npz"), "--out", index], env) == "RC 0 MS False"
+    assert _modules_after(["index", "add", index, str(tmp_path / "b.npz")], env) == "RC 0 MS False"
+    assert _modules_after(["search", "--index", index, "--features", str(tmp_path / "b.npz")], env) == "RC 0 MS False"
