@@ -55,12 +55,16 @@ __all__ = ["AUTO_EXACT_MAX", "GalleryIndex", "KINDS", "NPROBE", "build_index", "
 
 LOG = logging.getLogger(__name__)
 
-KINDS = ("auto", "exact", "ivf-sq8", "ivf-flat")
+KINDS = ("auto", "exact", "ivf-sq8", "ivf-flat", "hnsw-sq8")
 #: Largest gallery "auto" searches exactly: one exact query over 50,000 x 512 takes ~8 ms on
 #: 2 cores (memory bound), within the 10 ms target; beyond that ivf-sq8 stays near 1-3 ms.
 AUTO_EXACT_MAX = 50_000
 #: Default cells searched per query (measured at 1M rows: see benchmarks/index_speed.py).
 NPROBE = 32
+#: HNSW: neighbours per node, candidate list while building, default candidate list searching.
+HNSW_M = 32
+EF_CONSTRUCTION = 40
+EF_SEARCH = 64
 
 FORMAT = "vehiclenet-gallery-index"
 FORMAT_VERSION = 1
@@ -188,12 +192,13 @@ class GalleryIndex:
     @classmethod
     def build(cls, features: np.ndarray, paths: Sequence[str], *, ids: Optional[Sequence[int]] = None,
               cams: Optional[Sequence[int]] = None, kind: str = "auto", nlist: Optional[int] = None,
-              nprobe: Optional[int] = None, flip: Optional[bool] = None, sources: Sequence[str] = (),
-              seed: int = 0) -> "GalleryIndex":
+              nprobe: Optional[int] = None, ef_search: Optional[int] = None, flip: Optional[bool] = None,
+              sources: Sequence[str] = (), seed: int = 0) -> "GalleryIndex":
         """An index of ``features`` (N, D) L2-normalised float32, row i belonging to ``paths[i]``.
 
-        ``kind``: ``"auto"`` (exact up to :data:`AUTO_EXACT_MAX` rows), ``"exact"``, ``"ivf-sq8"``
-        or ``"ivf-flat"``; ``nlist``/``nprobe`` tune the ivf kinds; ``seed`` fixes their training sample.
+        ``kind``: ``"auto"`` (exact up to :data:`AUTO_EXACT_MAX` rows), ``"exact"``, ``"ivf-sq8"``,
+        ``"ivf-flat"`` or ``"hnsw-sq8"``; ``nlist``/``nprobe`` tune the ivf kinds, ``ef_search`` the
+        hnsw kind (default searches; a search can ask for others); ``seed`` fixes the training sample.
         """
         feats = _check_features(features, paths, "features")
         if kind not in KINDS:
@@ -207,8 +212,14 @@ class GalleryIndex:
                      flip=flip, sources=[os.fspath(s) for s in sources])
         if kind == "exact":
             return cls(meta, vectors=np.array(feats, dtype=np.float32, order="C"))
-        index = _train_ivf(feats, kind, nlist, seed)
-        meta.params = {"nlist": int(index.nlist), "nprobe": int(nprobe or min(NPROBE, index.nlist)), "seed": seed}
+        if kind == "hnsw-sq8":
+            index = _train_hnsw(feats, seed)
+            meta.params = {"M": HNSW_M, "ef_construction": EF_CONSTRUCTION, "ef_search": int(ef_search or EF_SEARCH),
+                           "seed": seed}
+        else:
+            index = _train_ivf(feats, kind, nlist, seed)
+            meta.params = {"nlist": int(index.nlist), "nprobe": int(nprobe or min(NPROBE, index.nlist)),
+                           "seed": seed}
         index.add(feats)
         return cls(meta, faiss_index=index)
 
@@ -241,11 +252,15 @@ class GalleryIndex:
 
     # ------------------------------------------------------------------ searching
 
-    def search(self, queries: np.ndarray, k: int, *, nprobe: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, nprobe: Optional[int] = None,
+               ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Cosine distances (1 - cos, float32) and rows (int64) of the ``k`` nearest rows per query.
 
-        Both (Q, min(k, N)), ascending distance; the exact kind breaks ties by row. Raises
-        DataError when the queries' dimension is not the index's.
+        Both (Q, min(k, N)), ascending distance; the exact kind breaks ties by row (and
+        gives :func:`vehiclenet.features.nearest`'s rows). The ivf kinds search ``nprobe`` cells,
+        the hnsw kind keeps ``ef_search`` candidates (at least k; defaults: the index's); where
+        fewer than k rows are found, rows are -1 and distances inf.
+        Raises DataError when the queries' dimension is not the index's.
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
@@ -261,24 +276,33 @@ class GalleryIndex:
             if self._norm is None:
                 self._norm = _max_norm(self._vectors)
             return _exact_search(self._vectors, q, k, self._norm)
-        self._faiss.nprobe = int(nprobe or self._meta.params.get("nprobe", NPROBE))
-        sims, rows = self._faiss.search(np.ascontiguousarray(q), k)
-        return (1.0 - sims).astype(np.float32), rows.astype(np.int64)
+        if self.kind == "hnsw-sq8":
+            ef = max(k, int(ef_search or self._meta.params.get("ef_search", EF_SEARCH)))
+            params = _faiss().SearchParametersHNSW(efSearch=ef)
+        else:
+            params = _faiss().SearchParametersIVF(nprobe=int(nprobe or self._meta.params.get("nprobe", NPROBE)))
+        sims, rows = self._faiss.search(np.ascontiguousarray(q), k, params=params)
+        dist = (1.0 - sims).astype(np.float32)
+        dist[rows < 0] = np.inf  # fewer than k rows in the cells searched
+        return dist, rows.astype(np.int64)
 
     def vectors(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
-        """Stored rows ``start:stop`` as float32 (the ivf-sq8 kind gives the decoded, quantised rows)."""
+        """Stored rows ``start:stop`` as float32 (the sq8 kinds give the decoded, quantised rows)."""
         stop = len(self) if stop is None else min(stop, len(self))
         if self.kind == "exact":
             return np.asarray(self._vectors[start:stop])
         if stop <= start:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        _ensure_direct_map(self._faiss)
+        if self.kind.startswith("ivf"):
+            _ensure_direct_map(self._faiss)
         return self._faiss.reconstruct_n(start, stop - start)
 
-    def search_self(self, k: int, *, batch: int = 4096, nprobe: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def search_self(self, k: int, *, batch: int = 4096, nprobe: Optional[int] = None,
+                    ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """:meth:`search` with the index's own rows as queries (each row usually finds itself
         first): (N, min(k, N)) distances and rows, computed ``batch`` rows at a time."""
-        parts = [self.search(self.vectors(s, s + batch), k, nprobe=nprobe) for s in range(0, len(self), batch)]
+        parts = [self.search(self.vectors(s, s + batch), k, nprobe=nprobe, ef_search=ef_search)
+                 for s in range(0, len(self), batch)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # ------------------------------------------------------------------ saving
@@ -377,6 +401,18 @@ def _train_ivf(feats: np.ndarray, kind: str, nlist: Optional[int], seed: int) ->
     sample = min(n, 64 * nlist)
     rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)) if sample < n else slice(None)
     index.cp.seed = seed
+    index.train(np.ascontiguousarray(feats[rows]))
+    return index
+
+
+def _train_hnsw(feats: np.ndarray, seed: int) -> Any:
+    """An HNSW graph over 8-bit codes; the quantiser's per-dimension ranges from a sample."""
+    faiss = _faiss()
+    index = faiss.IndexHNSWSQ(feats.shape[1], faiss.ScalarQuantizer.QT_8bit, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = EF_CONSTRUCTION
+    sample = min(len(feats), 65536)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(feats), sample, replace=False)) if sample < len(feats) else slice(None)
     index.train(np.ascontiguousarray(feats[rows]))
     return index
 
@@ -689,11 +725,12 @@ def _joined(columns: List[Optional[np.ndarray]]) -> Optional[np.ndarray]:
 
 
 def build_index(inputs: Sequence[PathLike], *, kind: str = "auto", nlist: Optional[int] = None,
-                nprobe: Optional[int] = None) -> GalleryIndex:
+                nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> GalleryIndex:
     """A :class:`GalleryIndex` of the features files and folders ``inputs`` (in that order)."""
     loaded = read_feature_sources(inputs)
     return GalleryIndex.build(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, kind=kind,
-                              nlist=nlist, nprobe=nprobe, flip=loaded.flip, sources=loaded.sources)
+                              nlist=nlist, nprobe=nprobe, ef_search=ef_search, flip=loaded.flip,
+                              sources=loaded.sources)
 
 
 def add_to_index(index: GalleryIndex, inputs: Sequence[PathLike]) -> int:
