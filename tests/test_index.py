@@ -77,26 +77,30 @@ def test_exact_equals_nearest_for_batches_single_queries_and_ties(tmp_path):
     np.testing.assert_array_equal(loaded.vectors(100, 103), feats[100:103])
 
 
-@pytest.mark.parametrize("kind", ["ivf-sq8", "ivf-flat"])
+@pytest.mark.parametrize("kind", ["ivf-sq8", "ivf-flat", "hnsw-sq8"])
 def test_approximate_recall_on_clustered_features_and_round_trip(tmp_path, kind):
     feats, _, centres = clustered(20000, 64, seed=3)
     rng = np.random.default_rng(4)
     queries = unit(centres[rng.integers(0, len(centres), 300)] + 0.8 * unit(rng.standard_normal((300, 64))))
     exact = GalleryIndex.build(feats, names(20000), kind="exact")
     approx = GalleryIndex.build(feats, names(20000), kind=kind, nprobe=32)
-    assert approx.params["nlist"] == 128  # the power of two nearest sqrt(20000)
     _, truth = exact.search(queries, 10)
     dist, rows = approx.search(queries, 10)
-    # Identities spread evenly over 64-d (no coarser structure): a hard case for cells; measured 0.91.
+    # Identities spread evenly over 64-d (no coarser structure): a hard case for cells
+    # (measured 0.91 for ivf at nprobe 32); search with more effort finds (almost) all.
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])
     assert recall >= 0.85, recall
     assert np.all(np.diff(dist, axis=1) >= -1e-6)
-    # nprobe = nlist searches every cell: the true neighbours come back.
-    _, all_cells = approx.search(queries, 10, nprobe=128)
-    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(all_cells, truth)]) >= 0.99
+    if kind.startswith("ivf"):
+        assert approx.params["nlist"] == 128  # the power of two nearest sqrt(20000)
+        _, more = approx.search(queries, 10, nprobe=128)  # every cell
+    else:
+        assert approx.params["ef_search"] == 64
+        _, more = approx.search(queries, 10, ef_search=400)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(more, truth)]) >= 0.98
 
     loaded = load_index(approx.save(tmp_path / "g.index"))
-    assert loaded._keep_alive is not None  # faiss reads its lists from the memory-mapped file
+    assert loaded._keep_alive is not None  # faiss reads its codes from the memory-mapped file
     d2, r2 = loaded.search(queries, 10)
     assert r2.tolist() == rows.tolist()
     np.testing.assert_array_equal(d2, dist)
@@ -104,7 +108,7 @@ def test_approximate_recall_on_clustered_features_and_round_trip(tmp_path, kind)
     assert self_rows.shape == (20000, 5)
     assert np.mean(self_rows[:, 0] == np.arange(20000)) > 0.95  # each row finds itself first
     decoded = loaded.vectors(0, 50)
-    assert np.abs(decoded - feats[:50]).max() < (0.02 if kind == "ivf-sq8" else 1e-6)
+    assert np.abs(decoded - feats[:50]).max() < (1e-6 if kind == "ivf-flat" else 0.02)
 
 
 def test_add_equals_building_at_once_and_grows_a_mapped_ivf_index(tmp_path):

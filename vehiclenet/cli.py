@@ -666,13 +666,16 @@ def _add_index_commands(sub: "argparse._SubParsersAction") -> None:
         "build", help="index features files (or folders of them), in the order given",
         description="Index the features of FEATURES (.npz files written by `vehiclenet embed`, or folders of "
         "them, read in sorted order), concatenated in the order given. --kind auto is exact up to 50,000 "
-        "features and ivf-sq8 beyond.",
+        "features and ivf-sq8 beyond. The features are held in memory while the index is built.",
     )
     b.add_argument("features", nargs="+", metavar="FEATURES", help="features .npz files or folders of them")
     b.add_argument("--out", "-o", required=True, metavar="INDEX", help="index file to write")
-    b.add_argument("--kind", choices=KINDS, default="auto", help="exact, ivf-sq8, ivf-flat, or auto (default)")
+    b.add_argument("--kind", choices=KINDS, default="auto",
+                   help="exact, hnsw-sq8, ivf-sq8, ivf-flat, or auto (default: exact up to 50,000 features)")
     b.add_argument("--nlist", type=int, default=None, help="ivf kinds: coarse cells (default ~sqrt(N))")
-    b.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched per query (default 32)")
+    b.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched per query (default 64)")
+    b.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw-sq8: candidates kept while searching (default 64)")
     b.set_defaults(func=_cmd_index_build)
     a = actions.add_parser(
         "add", help="append features to an index (replaced atomically)",
@@ -696,6 +699,8 @@ def _add_index_commands(sub: "argparse._SubParsersAction") -> None:
     src.add_argument("--features", metavar="F.npz", help="query features file from `vehiclenet embed`")
     p.add_argument("--top-k", type=int, default=10, help="matches per query (default 10)")
     p.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched (default: the index's)")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw-sq8: candidates kept while searching (default: the index's)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     _add_network_args(p)
     p.set_defaults(func=_cmd_search)
@@ -711,7 +716,8 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     kept(f"nothing written ({args.out} untouched)")
     start = time.perf_counter()
     doing("building the index")
-    index = build_index(args.features, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe)
+    index = build_index(args.features, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe,
+                        ef_search=args.ef_search)
     doing(f"writing {args.out}")
     out = index.save(args.out)
     kept(f"{out} written")
@@ -740,10 +746,10 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
 def _check_index_tuning(args: argparse.Namespace) -> None:
     from .errors import UsageError
 
-    for option in ("nlist", "nprobe"):
+    for option in ("nlist", "nprobe", "ef_search"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
-            raise UsageError(f"--{option} must be >= 1, got {value}")
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
 
 
 def _print_index_summary(done: str, out: Any, index: "GalleryIndex", seconds: float) -> None:
@@ -773,7 +779,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         queries = load_features(args.features)
     else:
         queries = _embed_queries(args, _embedding_network(args, args.query), args.query, index)
-    dist, rows = index.search(queries.features, args.top_k, nprobe=args.nprobe)
+    dist, rows = index.search(queries.features, args.top_k, nprobe=args.nprobe, ef_search=args.ef_search)
     _print_search(args, index, queries.paths, dist, rows)
     return 0
 

@@ -7,25 +7,44 @@ returns cosine distances (1 - cos) and row numbers, best first.
 Kinds (``kind=``):
 
 * ``"exact"``: brute force on the stored float32 matrix with vehiclenet/blas.py (scipy's
-  OpenBLAS, fixed tiles). Results equal :func:`vehiclenet.features.nearest` for every
-  query: same rows, same distance bits, ties in gallery order, for any BLAS kernel and
-  query batch (a batched product finds the candidates within a proven rounding bound of
-  the k-th best, whose distances are then computed the way ``nearest`` computes them).
-  faiss's own flat search was measured beside it: on an AMD EPYC 2-core VM both run at
-  ~140-155 GFLOP/s for 1,000 queries, but faiss-cpu 1.15.1 bundles OpenBLAS 0.3.15, which
-  ran at 20 GFLOP/s on a Sapphire Rapids Xeon that scipy's OpenBLAS drives at ~200.
+  OpenBLAS, fixed tiles). Rows equal :func:`vehiclenet.features.nearest`'s for every query
+  and any BLAS kernel or query batch, ties in gallery order (a batched product finds the
+  candidates within a proven rounding bound of the k-th best, and near-ties are settled with
+  ``nearest``'s own bits: see :func:`_exact_search`); a single query gives ``nearest``'s
+  distance bits too. faiss's own flat search was measured beside it (100,000 x 512, 1,000
+  queries, AMD EPYC 2 cores: faiss 156, blas.py 137 GFLOP/s), but faiss-cpu 1.15.1 bundles
+  OpenBLAS 0.3.15, which ran at 20 GFLOP/s on a Sapphire Rapids Xeon that scipy's OpenBLAS
+  drives at ~200, and faiss returns only the top k, not the scores the bound needs.
 * ``"ivf-sq8"``: faiss IndexIVFScalarQuantizer, 8 bits per dimension (4x smaller than
   float32), inner product, residuals encoded. ``nlist`` (default: the power of two nearest
   sqrt(N), at most N/39 so every centroid trains on 39 points) coarse cells, ``nprobe``
-  (default ``NPROBE``) of them searched per query. Distances are the quantised ones.
+  (default ``NPROBE`` = 64) of them searched per query. Distances are the quantised ones.
 * ``"ivf-flat"``: the same cells with float32 vectors (exact distances, 4x the size).
+* ``"hnsw-sq8"``: faiss IndexHNSWSQ (M 32, efConstruction 40, efSearch 64 by default) over
+  8-bit codes. Its graph is built on faiss's threads, so two builds may differ slightly.
 
 ``"auto"`` (the default) is exact up to ``AUTO_EXACT_MAX`` rows and ivf-sq8 beyond. Measured
-(benchmarks/index_speed.py, 1,000,000 synthetic clustered 512-d features, AMD EPYC 2 cores):
-see the figures in that script's docstring; ivf-sq8 was chosen over ivf-flat for its size on
-disk and in memory (0.5 GB instead of 2 GB at 1M rows) at a recall@10 above 0.95, and over
-HNSW, whose graph build over 1M 512-d vectors takes far longer on 2 cores and keeps the
-float32 vectors (2 GB) beside the graph.
+with benchmarks/index_speed.py on 1,000,000 synthetic 512-d features, 20 images per identity
+(cos ~0.55 between them), AMD EPYC, 2 cores, one run each; exact brute force in the same run:
+~180 ms a single query, 30 queries/s batched, 3.7 GB peak RSS with the gallery in memory.
+
+* Identities grouped around 1,000 vehicle "models" (spread 1.5), ivf-sq8, nlist 1024: build
+  21 s, 524 MiB on disk, search process peak RSS 974 MiB (memory-mapped, sha256 checked on
+  load in 0.4 s); recall@10 0.962 / 0.972 / 0.979 / 0.983 at nprobe 8 / 32 / 64 / 128,
+  p50 0.5 / 1.6 / 3.2 / 6.3 ms a query (p99 1.0 / 2.0 / 3.7 / 7.1 ms), 1,000-query batches
+  4,000 / 1,217 / 663 / 328 queries/s.
+* Identities spread evenly (spread 3: within-identity variation isotropic in 512-d, no
+  coarser structure, the hardest case): ivf-sq8 recall@10 0.51 / 0.74 / 0.86 / 0.94 at
+  nprobe 16 / 64 / 128 / 256 (p50 0.9 / 3.6 / 7.3 / 14.6 ms); ivf-flat the same recall (the
+  cells decide it, not the codes) at 4x the size (1,989 MiB, search RSS 2.4 GB); hnsw-sq8
+  0.32 / 0.63 / 0.75 / 0.82 at efSearch 16 / 64 / 128 / 256 (p50 0.2 / 0.6 / 1.3 / 1.9 ms),
+  but its build took 298 s (13x ivf-sq8's 23 s) and its recall levels off where ivf's keeps
+  rising with nprobe towards exact.
+
+So ivf-sq8 is the default beyond 50,000 rows (fast, deterministic build; recall bought with
+nprobe), with nprobe 64: above 0.95 recall at 3 ms where features cluster, and a setting to
+raise (``nprobe=`` / ``--nprobe``) where they do not. HNSW with float32 vectors was not kept:
+it would hold 2 GB of vectors besides the graph at 1M rows.
 
 File format (one file, ``FORMAT_VERSION``): a 64-byte header (magic ``VNGIDX``, format
 version, offset/length/sha256 of the manifest), the parts at 4096-byte aligned offsets, the
@@ -44,23 +63,24 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import __version__
 from .errors import DataError, UsageError
 
-__all__ = ["AUTO_EXACT_MAX", "GalleryIndex", "KINDS", "NPROBE", "build_index", "is_index_file", "load_index"]
+__all__ = ["AUTO_EXACT_MAX", "GalleryIndex", "KINDS", "NPROBE", "add_to_index", "build_index", "is_index_file",
+           "load_index", "read_feature_sources"]
 
 LOG = logging.getLogger(__name__)
 
 KINDS = ("auto", "exact", "ivf-sq8", "ivf-flat", "hnsw-sq8")
-#: Largest gallery "auto" searches exactly: one exact query over 50,000 x 512 takes ~8 ms on
-#: 2 cores (memory bound), within the 10 ms target; beyond that ivf-sq8 stays near 1-3 ms.
+#: Largest gallery "auto" searches exactly: one exact query over 50,000 x 512 took 10-13 ms on
+#: 2 cores (memory bound), about the 10 ms target; beyond that ivf-sq8 stays near 3 ms.
 AUTO_EXACT_MAX = 50_000
-#: Default cells searched per query (measured at 1M rows: see benchmarks/index_speed.py).
-NPROBE = 32
+#: Default cells searched per query (measured at 1M rows: see the module docstring).
+NPROBE = 64
 #: HNSW: neighbours per node, candidate list while building, default candidate list searching.
 HNSW_M = 32
 EF_CONSTRUCTION = 40
@@ -639,7 +659,8 @@ def load_index(path: PathLike, *, verify: bool = True, mmap: bool = True) -> Gal
         manifest = _read_manifest(name, mm)
         return _from_parts(name, mm, manifest, verify)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{name}: damaged gallery index ({type(exc).__name__}: {exc}); " + _rebuild_hint(name)) from None
+        raise DataError(f"{name}: damaged gallery index ({type(exc).__name__}: {exc}); "
+                        + _rebuild_hint(name)) from None
 
 
 def _from_parts(name: str, mm: np.ndarray, manifest: Dict[str, Any], verify: bool) -> GalleryIndex:
