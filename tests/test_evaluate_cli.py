@@ -63,7 +63,25 @@ def test_rerank_json_matches_library(data):
     want = evaluate(re_rank(qf, gf, 20, 6, 0.3), qi, gi, qc, gc)
     assert out["mAP"] == pytest.approx(want.mAP, abs=1e-9)
     assert out["rank1"] == pytest.approx(want.rank(1))
-    assert out["rerank"] == {"k1": 20, "k2": 6, "lambda": 0.3}
+    assert out["rerank"] == {"k1": 20, "k2": 6, "lambda": 0.3, "neighbours": "exact", "nprobe": None}
+
+
+def test_rerank_with_neighbour_lists_from_a_gallery_index(data):
+    """--neighbours exact (an exact gallery index over query + gallery) gives the default's
+    figures exactly; an ivf index gives approximate re-ranking; both named in the JSON."""
+    path, _ = data
+    args = ("--features", path, "--rerank", "--k1", "20", "--k2", "6", "--json")
+    default = last_json(run_cli(*args).stdout)
+    proc = run_cli(*args, "--neighbours", "exact")
+    assert proc.returncode == 0, proc.stderr
+    out = last_json(proc.stdout)
+    assert {k: out[k] for k in ("mAP", "cmc", "mINP")} == {k: default[k] for k in ("mAP", "cmc", "mINP")}
+    assert out["rerank"]["neighbours"] == "exact"
+    proc = run_cli(*args, "--neighbours", "ivf-flat", "--nprobe", "1")  # 145 items: 3 cells, one searched
+    assert proc.returncode == 0, proc.stderr
+    out = last_json(proc.stdout)
+    assert out["rerank"]["neighbours"] == "ivf-flat" and out["rerank"]["nprobe"] == 1
+    assert abs(out["mAP"] - default["mAP"]) < 0.1
 
 
 def test_features_path_does_not_import_mindspore(data):
@@ -133,5 +151,7 @@ def test_bad_parameters_exit_2(data):
     assert proc.returncode == 2 and "k1" in proc.stderr
     proc = run_cli("--features", path, "--save-features", "x.npz")
     assert proc.returncode == 2 and "--data" in proc.stderr
+    proc = run_cli("--features", path, "--neighbours", "ivf-sq8")
+    assert proc.returncode == 2 and "--rerank" in proc.stderr
     proc = run_cli("--json")  # neither --data nor --features: argparse usage error
     assert proc.returncode == 2

@@ -47,3 +47,20 @@ def test_embed_merge_does_not_import_mindspore(tmp_path):
     argv = ["embed-merge", str(tmp_path / "feats"), "--out", str(tmp_path / "f.npz")]
     assert _modules_after(argv, subprocess_env()) == "RC 0 MS False"
     assert np.load(tmp_path / "f.npz")["paths"].tolist() == paths
+
+
+def test_index_commands_and_search_by_features_do_not_import_mindspore(tmp_path):
+    import os
+
+    import numpy as np
+
+    from vehiclenet.features import save_features
+
+    feats = np.eye(8, 16, dtype=np.float32)
+    save_features(tmp_path / "a.npz", feats[:5], [f"g{i}.jpg" for i in range(5)])
+    save_features(tmp_path / "b.npz", feats[5:], [f"g{i}.jpg" for i in range(5, 8)])
+    index = str(tmp_path / "g.index")
+    env = dict(os.environ)
+    assert _modules_after(["index", "build", str(tmp_path / "a.npz"), "--out", index], env) == "RC 0 MS False"
+    assert _modules_after(["index", "add", index, str(tmp_path / "b.npz")], env) == "RC 0 MS False"
+    assert _modules_after(["search", "--index", index, "--features", str(tmp_path / "b.npz")], env) == "RC 0 MS False"

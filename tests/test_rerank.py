@@ -304,3 +304,20 @@ def test_gallery_rows_built_as_csc_by_blocks_equal_scipy_tocsc():
         want.sort_indices()
         for attr in ("indptr", "indices", "data"):
             np.testing.assert_array_equal(getattr(got, attr), getattr(want, attr))
+
+
+def test_gallery_index_as_the_neighbour_source():
+    """vehiclenet.index.index_neighbours: the exact kind gives today's re-ranking bit for bit;
+    an ivf kind gives approximate re-ranking, close in its figures."""
+    from vehiclenet.index import index_neighbours
+
+    qf, qi, qc, gf, gi, gc = _some_problem(24, nq=60, ng=900, dim=32)
+    exact = re_rank(qf, gf, 20, 6)
+    np.testing.assert_array_equal(re_rank(qf, gf, 20, 6, neighbours=index_neighbours("exact")), exact)
+    approx = re_rank(qf, gf, 20, 6, neighbours=index_neighbours("ivf-sq8", nlist=24, nprobe=3))
+    assert approx.shape == exact.shape and not np.array_equal(approx, exact)  # really approximate
+    assert abs(evaluate(approx, qi, gi, qc, gc).mAP - evaluate(exact, qi, gi, qc, gc).mAP) < 0.05
+    with pytest.raises(ValueError, match="found fewer than 21 neighbours .* search more cells"):
+        re_rank(qf, gf, 20, 6, neighbours=index_neighbours("ivf-sq8", nlist=24, nprobe=1))
+    with pytest.raises(Exception, match="neighbour index kind 'auto'"):
+        index_neighbours("auto")

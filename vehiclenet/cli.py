@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # annotations only: each handler imports what it needs when i
 
     from .evaluation import EvalResult, FeatureSet
     from .features import FeatureResult
+    from .index import GalleryIndex
     from .protocols import TrialsResult
     from .ranking import Ranking
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_command(sub)
     _add_embed_command(sub)
     _add_rank_command(sub)
+    _add_index_commands(sub)
     _add_finetune_command(sub)
     _add_export_command(sub)
     return parser
@@ -292,6 +294,10 @@ def _add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--k1", type=int, default=100, help="re-ranking k1 (default 100)")
     p.add_argument("--k2", type=int, default=15, help="re-ranking k2 (default 15)")
     p.add_argument("--lambda", dest="lambda_value", type=float, default=0.0, help="re-ranking lambda (default 0)")
+    p.add_argument("--neighbours", choices=("exact", "ivf-sq8", "ivf-flat", "hnsw-sq8"), default=None,
+                   help="re-ranking: where the k1-neighbour lists come from: exact (default, brute force) or a "
+                   "gallery index of that kind over query + gallery (approximate re-ranking)")
+    p.add_argument("--nprobe", type=int, default=None, help="--neighbours ivf-*: cells searched per item")
     p.add_argument("--ap", choices=("trapezoid", "standard"), default="trapezoid",
                    help="AP form: the reference's trapezoidal (default) or non-interpolated")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -339,7 +345,9 @@ def _evaluate_split(args: argparse.Namespace, fs: "FeatureSet", timings: Dict[st
 def _rerank(args: argparse.Namespace):
     from .protocols import Rerank
 
-    return Rerank(args.k1, args.k2, args.lambda_value) if args.rerank else None
+    if not args.rerank:
+        return None
+    return Rerank(args.k1, args.k2, args.lambda_value, neighbours=args.neighbours or "exact", nprobe=args.nprobe)
 
 
 def _check_evaluate_args(args: argparse.Namespace) -> None:
@@ -352,6 +360,10 @@ def _check_evaluate_args(args: argparse.Namespace) -> None:
         raise UsageError("--save-features, --checkpoint, --no-flip and --precision apply to --data only")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    if not args.rerank and (args.neighbours is not None or args.nprobe is not None):
+        raise UsageError("--neighbours and --nprobe apply to --rerank only")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise UsageError("--nprobe must be >= 1")
     dataset = get_dataset(args.dataset)
     if args.data is not None or args.split is not None or not dataset.splits:
         dataset.check_split(args.split)
@@ -467,7 +479,8 @@ def _print_evaluation(args: argparse.Namespace, result: "Union[EvalResult, Trial
 
     out = result.to_dict()
     out["num_gallery"] = num_gallery
-    out["rerank"] = {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value} if args.rerank else None
+    out["rerank"] = {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value,
+                     "neighbours": args.neighbours or "exact", "nprobe": args.nprobe} if args.rerank else None
     out["timings"] = {k: round(v, 4) for k, v in timings.items()}
     if args.dataset != "veri":  # VeRi-776's output stays as it was
         out.update(dataset=args.dataset, split=args.split)
@@ -555,13 +568,15 @@ def _add_rank_command(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "rank",
         help="top-k gallery images for a query image, printed and drawn",
-        description="Rank a gallery (a folder of images, or an .npz from `vehiclenet embed`) by cosine distance "
+        description="Rank a gallery (a folder of images, an .npz from `vehiclenet embed` or a gallery index from "
+        "`vehiclenet index build`) by cosine distance "
         "(1 - cos) to a query image; print rank, distance, path and write a picture of the query beside its "
         "top-k matches (green/red frames when VeRi file names give the vehicle ids). The query file itself "
         "is left out of the gallery.",
     )
     p.add_argument("--query", required=True, metavar="IMG", help="query image file")
-    p.add_argument("--gallery", required=True, metavar="DIR|FEATS.npz", help="gallery folder or features file")
+    p.add_argument("--gallery", required=True, metavar="DIR|FEATS.npz|INDEX",
+                   help="gallery folder, features file or gallery index (`vehiclenet index build`)")
     p.add_argument("--top-k", type=int, default=10, help="matches to show (default 10)")
     p.add_argument("--out", "-o", default="ranked.png", metavar="PNG", help="picture to write (default ranked.png)")
     p.add_argument("--no-picture", action="store_true", help="print the ranking only")
@@ -735,15 +750,20 @@ def _cmd_embed_merge(args: argparse.Namespace) -> int:
 
 def _cmd_rank(args: argparse.Namespace) -> int:
     from .preprocessing import load_image
-    from .ranking import rank_gallery, veri_id
+    from .index import GalleryIndex
+    from .ranking import rank_gallery, rank_index, veri_id
     from .visualize import draw_ranking
 
     _check_rank_args(args)
     stored = _stored_gallery(args)
     load_image(args.query)  # a bad query fails here, before the network is built
     net = _embedding_network(args, [args.query] if stored is not None else [args.query, args.gallery])
-    query, gallery = _embed_query_and_gallery(args, net, stored)
-    ranking = rank_gallery(query.features[0], gallery, args.top_k, leave_out=args.query, source=args.gallery)
+    if isinstance(stored, GalleryIndex):
+        query = _embed_queries(args, net, [args.query], stored)
+        ranking = rank_index(query.features[0], stored, args.top_k, leave_out=args.query)
+    else:
+        query, gallery = _embed_query_and_gallery(args, net, stored)
+        ranking = rank_gallery(query.features[0], gallery, args.top_k, leave_out=args.query, source=args.gallery)
     qid, ids = veri_id(args.query), [veri_id(p) for p in ranking.paths]
     _print_ranking(args.query, ranking, qid, ids)
     if not args.no_picture:
@@ -776,13 +796,17 @@ def _check_rank_args(args: argparse.Namespace) -> None:
         raise DataError(f"{args.query}: query image not found")
 
 
-def _stored_gallery(args: argparse.Namespace) -> "Optional[FeatureResult]":
-    """The features of an .npz ``--gallery``; None for a folder, whose images are checked now."""
+def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, GalleryIndex]]":
+    """The features of an .npz ``--gallery`` or the index of a gallery index file; None for a
+    folder, whose images are checked now."""
     import os
 
     from .errors import DataError
     from .features import load_features
+    from .index import is_index_file, load_index
 
+    if is_index_file(args.gallery):
+        return load_index(args.gallery)
     if os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz"):
         gallery = load_features(args.gallery)
         stored, flip = gallery.extra.get("flip"), not args.no_flip
@@ -794,7 +818,7 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[FeatureResult]":
     if os.path.isdir(args.gallery):
         _check_inputs([args.gallery], args.skip_bad)
         return None
-    raise DataError(f"{args.gallery}: neither a folder nor an .npz features file")
+    raise DataError(f"{args.gallery}: neither a folder, an .npz features file nor a gallery index")
 
 
 def _embed_query_and_gallery(args: argparse.Namespace, net,
@@ -818,6 +842,186 @@ def _print_ranking(query: str, ranking: "Ranking", qid: Optional[int], ids: List
     for r, (d, p, g) in enumerate(zip(ranking.distances, ranking.paths, ids), 1):
         mark = "" if qid is None or g is None else ("  same id" if g == qid else "  other id")
         print(f"{r:4d}  {d:.4f}  {p}{mark}")
+
+# --------------------------------------------------------------------------- index / search
+# `index build`/`index add` and `search --features` need numpy and faiss only; `search --query`
+# builds the network like `rank`.
+
+
+def _add_index_commands(sub: "argparse._SubParsersAction") -> None:
+    from .index import KINDS
+
+    p = sub.add_parser(
+        "index",
+        help="build or grow a persisted gallery index from features files",
+        description="A gallery index: features, image paths (and ids/cams when the features files have them), "
+        "searchable by cosine distance, memory-mapped when read. Exit codes: 0 success, 1 unusable features "
+        "or index file, 2 usage.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    b = actions.add_parser(
+        "build", help="index features files (or folders of them), in the order given",
+        description="Index the features of FEATURES (.npz files written by `vehiclenet embed`, or folders of "
+        "them, read in sorted order), concatenated in the order given. --kind auto is exact up to 50,000 "
+        "features and ivf-sq8 beyond. The features are held in memory while the index is built.",
+    )
+    b.add_argument("features", nargs="+", metavar="FEATURES", help="features .npz files or folders of them")
+    b.add_argument("--out", "-o", required=True, metavar="INDEX", help="index file to write")
+    b.add_argument("--kind", choices=KINDS, default="auto",
+                   help="exact, hnsw-sq8, ivf-sq8, ivf-flat, or auto (default: exact up to 50,000 features)")
+    b.add_argument("--nlist", type=int, default=None, help="ivf kinds: coarse cells (default ~sqrt(N))")
+    b.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched per query (default 64)")
+    b.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw-sq8: candidates kept while searching (default 64)")
+    b.set_defaults(func=_cmd_index_build)
+    a = actions.add_parser(
+        "add", help="append features to an index (replaced atomically)",
+        description="Append the features of FEATURES to INDEX and write it back under the same name "
+        "atomically (a reader sees the old or the new index, never half of one). ivf kinds keep their cells.",
+    )
+    a.add_argument("index", metavar="INDEX", help="index file written by `vehiclenet index build`")
+    a.add_argument("features", nargs="+", metavar="FEATURES", help="features .npz files or folders of them")
+    a.set_defaults(func=_cmd_index_add)
+
+    p = sub.add_parser(
+        "search",
+        help="top-k gallery images of a gallery index for query images or features",
+        description="Search a gallery index (`vehiclenet index build`) by cosine distance (1 - cos) for query "
+        "images (embedded like `rank` does) or for the features of an .npz. Exit codes: 0 success, 1 unusable "
+        "file, 2 usage.",
+    )
+    p.add_argument("--index", required=True, metavar="INDEX", help="gallery index file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--query", nargs="+", metavar="IMG", help="query image files or folders")
+    src.add_argument("--features", metavar="F.npz", help="query features file from `vehiclenet embed`")
+    p.add_argument("--top-k", type=int, default=10, help="matches per query (default 10)")
+    p.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched (default: the index's)")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw-sq8: candidates kept while searching (default: the index's)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    _add_network_args(p)
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from .fileio import check_output_file
+    from .index import build_index
+    from .interrupts import doing, kept
+
+    _check_index_tuning(args)
+    check_output_file(args.out, "--out", args.features, accept=lambda name: name.endswith(".npz"))
+    kept(f"nothing written ({args.out} untouched)")
+    start = time.perf_counter()
+    doing("building the index")
+    index = build_index(args.features, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe,
+                        ef_search=args.ef_search)
+    doing(f"writing {args.out}")
+    out = index.save(args.out)
+    kept(f"{out} written")
+    _print_index_summary("built", out, index, time.perf_counter() - start)
+    return 0
+
+
+def _cmd_index_add(args: argparse.Namespace) -> int:
+    from .fileio import check_output_file
+    from .index import add_to_index, load_index
+    from .interrupts import doing, kept
+
+    check_output_file(args.index, "INDEX", args.features, accept=lambda name: name.endswith(".npz"))
+    start = time.perf_counter()
+    index = load_index(args.index)
+    kept(f"nothing written ({args.index} untouched)")
+    doing("adding features")
+    added = add_to_index(index, args.features)
+    doing(f"writing {args.index}")
+    out = index.save(args.index)
+    kept(f"{out} written")
+    _print_index_summary(f"added {added} to", out, index, time.perf_counter() - start)
+    return 0
+
+
+def _check_index_tuning(args: argparse.Namespace) -> None:
+    from .errors import UsageError
+
+    for option in ("nlist", "nprobe", "ef_search"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _print_index_summary(done: str, out: Any, index: "GalleryIndex", seconds: float) -> None:
+    params = ", ".join(f"{k} {v}" for k, v in index.params.items() if k != "seed")
+    print(f"{done} {out}: {index.count} features, {index.dimension}-d, kind {index.kind}"
+          + (f" ({params})" if params else "") + f", {out.stat().st_size / 2 ** 20:.1f} MiB; {seconds:.1f} s")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+    from .features import load_features
+    from .index import load_index
+
+    _check_index_tuning(args)
+    if args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if args.features is not None:
+        _check_network_args(args)
+        if args.checkpoint or args.no_pretrained or args.no_flip or args.skip_bad or args.precision != "fp32":
+            raise UsageError("--checkpoint, --no-pretrained, --no-flip, --skip-bad and --precision apply to "
+                             "--query only")
+    else:
+        _check_network_args(args)
+        _check_inputs(args.query, args.skip_bad)
+    index = load_index(args.index)  # a bad index fails before the network is built
+    if args.features is not None:
+        queries = load_features(args.features)
+    else:
+        queries = _embed_queries(args, _embedding_network(args, args.query), args.query, index)
+    dist, rows = index.search(queries.features, args.top_k, nprobe=args.nprobe, ef_search=args.ef_search)
+    _print_search(args, index, queries.paths, dist, rows)
+    return 0
+
+
+def _embed_queries(args: argparse.Namespace, net, images: List[str], index: "GalleryIndex") -> "FeatureResult":
+    """Query features embedded like the index's (a flip mismatch is warned about)."""
+    from .features import embed
+
+    flip = not args.no_flip
+    if index.flip is not None and index.flip != flip:
+        logging.getLogger("vehiclenet").warning(
+            "%s was embedded with flip %s but the queries use flip %s; distances mix the two",
+            index.source, "on" if index.flip else "off", "on" if flip else "off")
+    return embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
+
+
+def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[str], dist: "np.ndarray",
+                  rows: "np.ndarray") -> None:
+    """Per query a heading and rank, distance, path (id, cam) lines; with --json one JSON object."""
+    import json
+
+    def extra(r: int) -> Dict[str, int]:
+        out = {}
+        if index.ids is not None:
+            out["id"] = int(index.ids[r])
+        if index.cams is not None:
+            out["cam"] = int(index.cams[r])
+        return out
+
+    results = [{"query": name, "matches": [{"rank": i + 1, "row": int(r), "path": index.path(r),
+                                            "distance": float(d), **extra(r)}
+                                           for i, (r, d) in enumerate(zip(rs, ds)) if r >= 0]}
+               for name, rs, ds in zip(names, rows, dist)]
+    if args.json:
+        print(json.dumps({"index": args.index, "kind": index.kind, "count": index.count, "top_k": args.top_k,
+                          "results": results}))
+        return
+    for res in results:
+        print(f"query {res['query']}: top {len(res['matches'])} of {index.count} ({index.kind} index), "
+              "cosine distance 1 - cos")
+        for m in res["matches"]:
+            tail = "".join(f"  {k} {m[k]}" for k in ("id", "cam") if k in m)
+            print(f"{m['rank']:4d}  {m['distance']:.4f}  {m['path']}{tail}")
+
 
 # --------------------------------------------------------------------------- finetune / export
 

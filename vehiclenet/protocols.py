@@ -41,6 +41,10 @@ class Rerank:
     k1: int = 100
     k2: int = 15
     lambda_value: float = 0.0
+    #: Where the k1-neighbour lists come from: "exact" (brute force), or a gallery index kind
+    #: of vehiclenet.index ("ivf-sq8", ...) built over query + gallery: approximate re-ranking.
+    neighbours: str = "exact"
+    nprobe: Optional[int] = None
 
 
 @contextlib.contextmanager
@@ -80,6 +84,10 @@ def evaluate_split(
         else:
             from .rerank import re_rank_blocks
 
+            if neighbours is None and rerank.neighbours != "exact":
+                from .index import index_neighbours
+
+                neighbours = index_neighbours(rerank.neighbours, nprobe=rerank.nprobe)
             blocks = re_rank_blocks(query_features, gallery_features, k1=rerank.k1, k2=rerank.k2,
                                     lambda_value=rerank.lambda_value, neighbours=neighbours)
     with _timed(timings, "metrics_s"):  # distance blocks computed, ranked and dropped

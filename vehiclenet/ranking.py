@@ -16,7 +16,7 @@ from .errors import DataError
 from .evaluation import veri_id
 from .features import FeatureResult, nearest
 
-__all__ = ["Ranking", "rank_gallery", "veri_id"]
+__all__ = ["Ranking", "rank_gallery", "rank_index", "veri_id"]
 
 # Warnings carry the package's name, as ``vehiclenet rank`` has always printed them.
 LOG = logging.getLogger("vehiclenet")
@@ -52,6 +52,29 @@ def rank_gallery(query: np.ndarray, gallery: FeatureResult, k: int, *, leave_out
     _warn_nan_distances(query, feats, paths)
     order, distances = nearest(query, feats, k)
     return Ranking([paths[i] for i in order], [float(d) for d in distances], len(paths))
+
+
+def rank_index(query: np.ndarray, index, k: int, *, leave_out: Optional[str] = None) -> Ranking:
+    """The ``k`` rows of a :class:`vehiclenet.index.GalleryIndex` closest to ``query``.
+
+    ``leave_out`` (the query's file, by real path) is dropped where it turns up among the
+    nearest rows, which is where its own features put it; ``num_gallery`` counts the rows
+    ranked, those dropped left out. Raises DataError when the widths differ (naming the index).
+    """
+    left_out = os.path.realpath(leave_out) if leave_out is not None else None
+    want = k + 1
+    while True:
+        dist, rows = index.search(query.reshape(1, -1), want)
+        kept = [(int(r), float(d)) for r, d in zip(rows[0], dist[0])
+                if r >= 0 and (left_out is None or os.path.realpath(index.path(r)) != left_out)]
+        dropped = int(np.count_nonzero(rows[0] >= 0)) - len(kept)
+        if len(kept) >= k or want >= len(index):
+            break
+        want = min(len(index), 2 * want)  # the query's file is in the index several times
+    if not kept:
+        raise DataError(f"{index.source or 'gallery index'}: no gallery image besides the query")
+    kept = kept[:k]
+    return Ranking([index.path(r) for r, _ in kept], [d for _, d in kept], len(index) - dropped)
 
 
 def _warn_nan_distances(query: np.ndarray, gallery: np.ndarray, paths: List[str]) -> None:
