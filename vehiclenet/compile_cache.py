@@ -155,11 +155,9 @@ def _files(entry: Path) -> Dict[str, Dict[str, Any]]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from .download import sha256_file
+
+    return sha256_file(path)
 
 
 def _trusted_files(entry: Path) -> Optional[Dict[str, Dict[str, Any]]]:

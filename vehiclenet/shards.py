@@ -220,11 +220,9 @@ def _refuse_other_job(folder: Path, recorded: ShardJob, job: ShardJob) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from .download import sha256_file
+
+    return sha256_file(path)
 
 
 def _recorded_sha256(folder: Path, index: int) -> Optional[str]:
