@@ -4,6 +4,10 @@ import argparse
 import logging
 from typing import List, Optional
 
+#: vehiclenet.index.KINDS, written again here because that module imports numpy, which the
+#: parser of every command (verify, download...) must not (tests/test_index.py checks they match).
+INDEX_KINDS = ("auto", "exact", "ivf-sq8", "ivf-flat", "hnsw-sq8")
+
 
 def add_network_args(p: argparse.ArgumentParser, batch_default: int = 16) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="weights to load (default: the published checkpoint)")

@@ -4,7 +4,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Union
 
-from ._network import add_precision_arg, build_network
+from ._network import INDEX_KINDS, add_precision_arg, build_network
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
@@ -40,7 +40,7 @@ def add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--k1", type=int, default=100, help="re-ranking k1 (default 100)")
     p.add_argument("--k2", type=int, default=15, help="re-ranking k2 (default 15)")
     p.add_argument("--lambda", dest="lambda_value", type=float, default=0.0, help="re-ranking lambda (default 0)")
-    p.add_argument("--neighbours", choices=("exact", "ivf-sq8", "ivf-flat", "hnsw-sq8"), default=None,
+    p.add_argument("--neighbours", choices=INDEX_KINDS[1:], default=None,
                    help="re-ranking: where the k1-neighbour lists come from: exact (default, brute force) or a "
                    "gallery index of that kind over query + gallery (approximate re-ranking)")
     p.add_argument("--nprobe", type=int, default=None, help="--neighbours ivf-*: cells searched per item")

@@ -5,7 +5,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from ._network import add_network_args, check_inputs, check_network_args, embedding_network
+from ._network import INDEX_KINDS, add_network_args, check_inputs, check_network_args, embedding_network
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
@@ -15,8 +15,6 @@ if TYPE_CHECKING:  # annotations only: each handler imports what it needs when i
 
 
 def add_index_commands(sub: "argparse._SubParsersAction") -> None:
-    from ..index import KINDS
-
     p = sub.add_parser(
         "index",
         help="build or grow a persisted gallery index from features files",
@@ -34,7 +32,7 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
     )
     b.add_argument("features", nargs="+", metavar="FEATURES", help="features .npz files or folders of them")
     b.add_argument("--out", "-o", required=True, metavar="INDEX", help="index file to write")
-    b.add_argument("--kind", choices=KINDS, default="auto",
+    b.add_argument("--kind", choices=INDEX_KINDS, default="auto",
                    help="exact, hnsw-sq8, ivf-sq8, ivf-flat, or auto (default: exact up to 50,000 features)")
     b.add_argument("--nlist", type=int, default=None, help="ivf kinds: coarse cells (default ~sqrt(N))")
     b.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched per query (default 64)")
