@@ -347,7 +347,7 @@ def test_cli_vehicleid_features(tmp_path):
     assert (out["trials"], out["seed"]) == (10, 0)
     proc = run_cli("--dataset", "vehicleid", "--features", path, "--rerank", "--k1", "3", "--k2", "2", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert last_json(proc.stdout)["rerank"] == {"k1": 3, "k2": 2, "lambda": 0.0}
+    assert last_json(proc.stdout)["rerank"] == {"k1": 3, "k2": 2, "lambda": 0.0, "neighbours": "exact", "nprobe": None}
     proc = run_cli("--dataset", "vehicleid", "--features", path, "--split", "large")
     assert proc.returncode == 1 and "vid.npz: features of split 'small', not 'large'" in proc.stderr
 

@@ -328,3 +328,33 @@ def test_skip_bad_chunks_keep_the_single_process_rows_and_list_what_was_skipped(
     np.testing.assert_allclose(res.features, ref["features"], atol=1e-6, rtol=0)
     assert [p for p, _ in res.skipped] == [str(imgs / f"{i}.png") for i in (2, 3, 5)]
     assert {reason for _, reason in res.skipped} == {"not an image file (Pillow cannot identify it)"}
+
+
+def test_a_killed_runs_leftover_behind_a_finished_chunk_is_cleared(tmp_path):
+    """A kill between publishing a chunk's .sha256 and removing its temporary folder leaves the
+    folder behind a finished chunk, which no later write clears: planning the next run does,
+    for dead processes only (a worker running beside it keeps its own)."""
+    import socket
+
+    from vehiclenet import shards
+    from vehiclenet.features import FeatureResult
+
+    paths = [f"img{i}.jpg" for i in range(4)]
+    job = shards.ShardJob(images=4, inputs_sha256=shards.inputs_digest(paths), chunk_size=2, weights="sha256:00",
+                          flip=False, precision="fp32", image_size=(384, 384), skip_bad=False, version="0")
+    folder = tmp_path / "feats"
+    shards.prepare_folder(folder, job)
+    for index in range(job.chunks):
+        a, b = job.chunk_range(index)
+        shards._write_chunk(folder, index, paths[a:b],
+                            FeatureResult(np.ones((b - a, 8), np.float32), paths[a:b]))
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = folder / f".chunk-00000.npz.sha256.{dead}@{host}.0123456789ab.partial"
+    live = folder / f".chunk-00001.npz.sha256.{os.getpid()}@{host}.0123456789ab.partial"
+    stale.mkdir()
+    live.mkdir()
+    plan = shards.plan_shards(folder, job, paths)
+    assert plan.done == [0, 1] and not plan.todo
+    assert not stale.exists() and live.exists()

@@ -364,12 +364,13 @@ def test_cli_and_export_choose_their_mode():
     graph for many images and for export, PyNative for a handful of images."""
     proc = _run("""
         import mindspore as ms
-        from vehiclenet import cli, export
+        from vehiclenet import export
+        from vehiclenet.cli._network import build_network
         from vehiclenet.device import mode_for_images
         assert ms.get_context("mode") == ms.PYNATIVE_MODE
-        cli._build_network(None, False, "fp32", mode=mode_for_images(100))
+        build_network(None, False, "fp32", mode=mode_for_images(100))
         assert ms.get_context("mode") == ms.GRAPH_MODE
-        cli._build_network(None, False, "fp32", mode=mode_for_images(1))
+        build_network(None, False, "fp32", mode=mode_for_images(1))
         assert ms.get_context("mode") == ms.PYNATIVE_MODE
         export.build_embedding_network(pretrained=False)
         assert ms.get_context("mode") == ms.GRAPH_MODE

@@ -342,3 +342,10 @@ def test_rank_and_search_on_an_index_with_query_images(tmp_path, small_ckpt):
     assert res.returncode == 0, res.stderr
     matches = json.loads(res.stdout.strip().splitlines()[-1])["results"][0]["matches"]
     assert matches[0]["path"] == str(query) and abs(matches[0]["distance"]) < 1e-5  # its own features
+
+
+def test_command_line_offers_every_index_kind():
+    from vehiclenet.cli._network import INDEX_KINDS
+    from vehiclenet.index import KINDS
+
+    assert INDEX_KINDS == KINDS and INDEX_KINDS[0] == "auto"

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .errors import DataError, UsageError
-from .fileio import atomic_write, read_npz
+from .fileio import atomic_write, read_npz, remove_stale_temps
 from .interrupts import doing, held
 
 if TYPE_CHECKING:
@@ -324,6 +324,10 @@ def plan_shards(folder: PathLike, job: ShardJob, paths: Sequence[str], rank: int
         raise ValueError("paths are not the job's inputs")
     folder = Path(folder)
     prepare_folder(folder, job)
+    # A run killed between publishing a file and removing its temporary folder leaves that
+    # folder behind a finished chunk, which no later write of that chunk would clear; only
+    # dead processes' leftovers go (workers running beside this one keep theirs).
+    remove_stale_temps(folder)
     done, todo, redo = [], [], {}
     for index in range(rank, job.chunks, world_size):
         a, b = job.chunk_range(index)

@@ -1,0 +1,85 @@
+"""Command line: a thin layer over the library.
+
+Each sub-command imports what it needs inside its handler, so commands that need no
+network graph (download, verify, info, evaluate --features, embed-merge, index build/add,
+search --features) never import mindspore. One module per group of commands: ``assets``
+(download, verify, info), ``evaluate``, ``embed`` (embed, embed-merge, rank), ``index`` (index,
+search), ``train`` (finetune, export); ``_network`` holds what the commands that run the
+network share.
+Exit codes: 0 success, 1 failure (mismatch, missing file, download error), 2 usage or
+manifest errors, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); see interrupts.py.
+"""
+import argparse
+import logging
+import sys
+import warnings
+from typing import List, Optional
+
+from .. import __version__
+from ..errors import VehicleNetError
+from .assets import add_asset_commands
+from .embed import add_embed_commands, add_rank_command
+from .evaluate import add_evaluate_command
+from .index import add_index_commands
+from .train import add_export_command, add_finetune_command
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vehiclenet",
+        description="VehicleNet vehicle re-identification: weights, embeddings, search, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"vehiclenet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    # Each concern registers its own sub-commands below.
+    add_asset_commands(sub)
+    add_evaluate_command(sub)
+    add_embed_commands(sub)
+    add_rank_command(sub)
+    add_index_commands(sub)
+    add_finetune_command(sub)
+    add_export_command(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ..interrupts import exit_code, handling, report
+
+    command = None
+    # First, before any thread starts: the threads inherit the signal mask handling() sets.
+    with handling():
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            return _run(args)
+        except KeyboardInterrupt as exc:
+            # Ctrl-C (or SIGTERM): one line saying what was interrupted and what is kept.
+            print(report(command, exc), file=sys.stderr)
+            return exit_code(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Images get vehiclenet's own, configurable pixel limit (VEHICLENET_MAX_PIXELS); Pillow's
+    # warning above 89 million pixels would only repeat it, worded as an attack.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    try:
+        return int(args.func(args) or 0)
+    except VehicleNetError as exc:
+        print(f"vehiclenet {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        # A file the command reads or writes failed at the system level (a folder where a
+        # file should be, a read-only folder, a full disk): name it rather than dump a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"vehiclenet {args.command}: error: {where}{exc.strerror or exc} "
+              "(check the path, its permissions and the free space)", file=sys.stderr)
+        return 1

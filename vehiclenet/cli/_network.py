@@ -1,0 +1,103 @@
+"""What the commands that run the network share: their options, the checks made before
+MindSpore is imported, and building the network."""
+import argparse
+import logging
+from typing import List, Optional
+
+#: vehiclenet.index.KINDS, written again here because that module imports numpy, which the
+#: parser of every command (verify, download...) must not (tests/test_index.py checks they match).
+INDEX_KINDS = ("auto", "exact", "ivf-sq8", "ivf-flat", "hnsw-sq8")
+
+
+def add_network_args(p: argparse.ArgumentParser, batch_default: int = 16) -> None:
+    p.add_argument("--checkpoint", metavar="PATH", help="weights to load (default: the published checkpoint)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random weights, nothing downloaded (for tests and timing only)")
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontal-flip feature sum (2x faster)")
+    p.add_argument("--batch-size", type=int, default=batch_default,
+                   help=f"images per network call (default {batch_default})")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip missing, corrupt or non-image files (listed on stderr) instead of failing")
+    add_precision_arg(p)
+
+
+def add_precision_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="CPU inference arithmetic: fp32 (default, the published model exactly) or bf16 "
+                   "(bfloat16 convolutions, float32 accumulation: about 2x faster on CPUs with AVX512-BF16 or "
+                   f"AMX, features within cosine 0.9999 of fp32){note}")
+
+
+def check_network_args(args: argparse.Namespace) -> None:
+    from ..errors import UsageError
+
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    if args.checkpoint and args.no_pretrained:
+        raise UsageError("--checkpoint and --no-pretrained exclude each other")
+
+
+def network_files(args: argparse.Namespace) -> List[str]:
+    """The weights file the network of ``embed``/``rank`` will read (an input like the images)."""
+    from ..download import weights_files
+
+    return weights_files(args.checkpoint, not args.no_pretrained)
+
+
+def check_inputs(inputs: List[str], skip_bad: bool) -> None:
+    """Missing inputs and folders without images, reported before the network is built (and
+    MindSpore imported); with --skip-bad, embed skips them instead."""
+    from ..features import list_images
+
+    if not skip_bad:
+        list_images(inputs)
+
+
+def embedding_network(args: argparse.Namespace, inputs: List[str]):
+    """The embedding network for a job over ``inputs`` (files and folders): PyNative for a
+    handful of images, where compiling the graph would take longer than the job."""
+    from ..checkpoint import check_checkpoint_file
+    from ..device import mode_for_images
+
+    if args.checkpoint:  # a FIFO or device is refused here, before the network is built
+        check_checkpoint_file(args.checkpoint)
+    if args.no_pretrained:
+        logging.getLogger("vehiclenet").warning("--no-pretrained: random weights, the features mean nothing")
+    images = image_count(inputs)
+    mode = mode_for_images(images)
+    logging.getLogger("vehiclenet").info(
+        "execution mode %s for %d image(s): %s", mode, images,
+        "sooner than compiling the graph" if mode == "pynative" else "the graph is compiled once")
+    return build_network(args.checkpoint, not args.no_pretrained, args.precision, mode=mode)
+
+
+def image_count(inputs: List[str]) -> int:
+    """How many images ``inputs`` hold (0 when they cannot be listed: embedding will say why)."""
+    from ..errors import DataError
+    from ..features import list_images
+
+    try:
+        return len(list_images(inputs))
+    except DataError:
+        return 0
+
+
+def build_network(checkpoint: Optional[str], pretrained: bool, precision: str, mode: str):
+    """The embedding network, with MindSpore imported and the network built with signals held
+    (see interrupts.py); only the download of the weights stays interruptible at once."""
+    import os
+
+    from ..interrupts import doing, held, import_mindspore
+
+    # MindSpore logs a warning per missing device plugin; our own log says which device is used.
+    # GLOG_v is read when mindspore is first imported, so set it before importing it.
+    os.environ.setdefault("GLOG_v", "3")
+    import_mindspore()
+    from ..model import create_network, weights_path
+
+    doing("fetching the weights")
+    weights_path(checkpoint, pretrained)  # downloads here, interruptible; create_network finds it verified
+    with held("building the network"):
+        # pretrained passed on: the asset's input_size and last_stride come with it (net.weights_meta).
+        return create_network(pretrained=pretrained, checkpoint=checkpoint, include_top=False, precision=precision,
+                              mode=mode)

@@ -1,0 +1,255 @@
+"""`embed`, `embed-merge` and `rank`: embedding and ranking build the network, so their handlers import
+mindspore (lazily, via the library); `embed-merge` only reads chunk files."""
+import argparse
+import logging
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+
+from ._network import (add_network_args, build_network, check_inputs, check_network_args, embedding_network,
+                       network_files)
+from .index import embed_queries
+
+if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
+    from ..features import FeatureResult
+    from ..index import GalleryIndex
+    from ..ranking import Ranking
+
+
+_CHUNK_SIZE = 1000  # about 5 minutes of a 2-core CPU per chunk, flip on
+
+
+def add_embed_commands(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "embed",
+        help="512-d L2-normalised embeddings of images into an .npz",
+        description="Embed image files and folders (recursively, sorted) with the published pre-processing "
+        "and flip-sum. Writes an .npz with `features` (float32 N x 512) and `paths` (--out), or resumable "
+        "chunks into a folder (--out-dir), also from several msrun workers at once (each embeds chunk rank, "
+        "rank + workers, ...). Exit codes: 0 success, 1 bad input (the message names the file) or weights "
+        "problem, 2 usage.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("--out", "-o", metavar="FEATS.npz",
+                   help="output file (with --out-dir: all chunks merged, written once the last one is done)")
+    p.add_argument("--out-dir", metavar="DIR",
+                   help="resumable: write the features in chunks into DIR (manifest.json, chunk-NNNNN.npz); the same "
+                   "command again skips verified chunks; under msrun each worker embeds chunks rank, rank + N, ...")
+    p.add_argument("--chunk-size", type=int, metavar="N",
+                   help=f"images per chunk with --out-dir (default {_CHUNK_SIZE}; what a killed run loses at most)")
+    add_network_args(p)
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser(
+        "embed-merge",
+        help="merge the chunks of `embed --out-dir` into one .npz",
+        description="Verify every chunk of a finished `vehiclenet embed --out-dir` folder and write them as one "
+        ".npz (features and paths in input order, as `embed --out` writes). Exit 1 when chunks are missing or "
+        "damaged (the same embed command finishes or redoes them).",
+    )
+    p.add_argument("folder", metavar="DIR", help="folder written by `vehiclenet embed --out-dir`")
+    p.add_argument("--out", "-o", required=True, metavar="FEATS.npz", help="output file")
+    p.set_defaults(func=_cmd_embed_merge)
+
+
+def add_rank_command(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "rank",
+        help="top-k gallery images for a query image, printed and drawn",
+        description="Rank a gallery (a folder of images, an .npz from `vehiclenet embed` or a gallery index from "
+        "`vehiclenet index build`) by cosine distance "
+        "(1 - cos) to a query image; print rank, distance, path and write a picture of the query beside its "
+        "top-k matches (green/red frames when VeRi file names give the vehicle ids). The query file itself "
+        "is left out of the gallery.",
+    )
+    p.add_argument("--query", required=True, metavar="IMG", help="query image file")
+    p.add_argument("--gallery", required=True, metavar="DIR|FEATS.npz|INDEX",
+                   help="gallery folder, features file or gallery index (`vehiclenet index build`)")
+    p.add_argument("--top-k", type=int, default=10, help="matches to show (default 10)")
+    p.add_argument("--out", "-o", default="ranked.png", metavar="PNG", help="picture to write (default ranked.png)")
+    p.add_argument("--no-picture", action="store_true", help="print the ranking only")
+    p.add_argument("--thumb", type=int, default=128, help="thumbnail side in pixels (default 128)")
+    add_network_args(p)
+    p.set_defaults(func=_cmd_rank)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from ..env import launcher_rank, msrun_scheduler
+    from ..errors import UsageError
+    from ..features import embed, save_features
+    from ..fileio import check_output_file, is_image_path
+    from ..interrupts import doing, kept
+
+    if msrun_scheduler():  # the workers embed; the scheduler would run the whole job once more
+        print("msrun's scheduler process: the workers embed, nothing to do here")
+        return 0
+    if args.out_dir is not None:
+        return _cmd_embed_chunks(args)
+    if args.out is None:
+        raise UsageError("give --out FEATS.npz, or --out-dir DIR for resumable chunks")
+    if args.chunk_size is not None:
+        raise UsageError("--chunk-size is for --out-dir: give --out-dir DIR too, or drop --chunk-size")
+    if launcher_rank()[1] > 1:
+        raise UsageError("under msrun every worker would embed every image: give --out-dir DIR, and each worker "
+                         "embeds its share of the chunks")
+    check_network_args(args)
+    # Folders stand for the images embed reads from them (an .npz beside them is no input).
+    check_output_file(args.out, "--out", [*args.inputs, *network_files(args)], accept=is_image_path)
+    check_inputs(args.inputs, args.skip_bad)
+    kept(f"nothing written ({args.out} untouched)")
+    net = embedding_network(args, args.inputs)
+    res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
+    doing(f"writing {args.out}")  # atomically: an interrupt leaves the old file or none
+    out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
+    kept(f"{out} written")
+    n = len(res)
+    skipped = f"skipped {len(res.skipped)}" + (
+        f" ({', '.join(p for p, _ in res.skipped[:5])}{', ...' if len(res.skipped) > 5 else ''})" if res.skipped else ""
+    )
+    print(f"embedded {n} image(s) -> {out} ({res.features.shape[1]}-d, flip {'on' if not args.no_flip else 'off'}); "
+          f"{skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
+    return 0
+
+
+def _cmd_embed_chunks(args: argparse.Namespace) -> int:
+    """``embed --out-dir``: this worker's chunks (all of them outside msrun), then the merged
+    ``--out`` if every chunk is finished. The worker that finishes last sees every chunk and
+    merges; none waits for another, so a worker that died never leaves one hanging."""
+    from ..checkpoint import check_checkpoint_file
+    from ..device import mode_for_images
+    from ..env import launcher_rank
+    from ..features import list_images
+    from ..fileio import check_output_file, is_image_path
+    from ..interrupts import kept
+    from ..shards import make_job, merge_shards, plan_shards, run_shards, unfinished_chunks
+
+    check_network_args(args)
+    if args.out:
+        check_output_file(args.out, "--out", [*args.inputs, *network_files(args)], accept=is_image_path)
+    if args.checkpoint:
+        check_checkpoint_file(args.checkpoint)
+    rank, world = launcher_rank()
+    paths = list_images(args.inputs)
+    job = make_job(paths, chunk_size=_CHUNK_SIZE if args.chunk_size is None else args.chunk_size, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
+                   flip=not args.no_flip, precision=args.precision, skip_bad=args.skip_bad)
+    plan = plan_shards(args.out_dir, job, paths, rank, world)
+    kept(f"finished chunks stay in {args.out_dir}; the same command resumes")
+    written = []
+    if plan.todo:
+        net = build_network(args.checkpoint, True, args.precision, mode=mode_for_images(plan.images_todo))
+        written = run_shards(net, plan, batch_size=args.batch_size)
+    print(f"rank {rank} of {world}: {len(plan.done)} chunk(s) already done, verified; {len(written)} embedded "
+          f"-> {args.out_dir} ({job.chunks} chunks in all)")
+    if args.out:
+        missing = unfinished_chunks(args.out_dir)
+        if missing:
+            print(f"{len(missing)} chunk(s) of other workers not finished yet: the last worker to finish writes "
+                  f"{args.out} (or run `vehiclenet embed-merge {args.out_dir} --out {args.out}`)")
+        else:
+            res = merge_shards(args.out_dir, args.out)
+            print(f"merged {len(res)} image(s) -> {args.out}; skipped {len(res.skipped)}")
+    return 0
+
+
+def _cmd_embed_merge(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_file
+    from ..shards import merge_shards
+
+    check_output_file(args.out, "--out")
+    res = merge_shards(args.folder, args.out)
+    print(f"merged {len(res)} image(s) from {args.folder} -> {args.out}; skipped {len(res.skipped)}")
+    return 0
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from ..preprocessing import load_image
+    from ..index import GalleryIndex
+    from ..ranking import rank_gallery, rank_index, veri_id
+    from ..visualize import draw_ranking
+
+    _check_rank_args(args)
+    stored = _stored_gallery(args)
+    load_image(args.query)  # a bad query fails here, before the network is built
+    net = embedding_network(args, [args.query] if stored is not None else [args.query, args.gallery])
+    if isinstance(stored, GalleryIndex):
+        query = embed_queries(args, net, [args.query], stored)
+        ranking = rank_index(query.features[0], stored, args.top_k, leave_out=args.query)
+    else:
+        query, gallery = _embed_query_and_gallery(args, net, stored)
+        ranking = rank_gallery(query.features[0], gallery, args.top_k, leave_out=args.query, source=args.gallery)
+    qid, ids = veri_id(args.query), [veri_id(p) for p in ranking.paths]
+    _print_ranking(args.query, ranking, qid, ids)
+    if not args.no_picture:
+        out = draw_ranking(args.query, ranking.paths, ranking.distances, args.out, query_id=qid, ids=ids,
+                           thumb=args.thumb)
+        print(f"picture: {out}")
+    return 0
+
+
+def _check_rank_args(args: argparse.Namespace) -> None:
+    """Usage errors of ``rank`` and a query that is no file, reported before any work."""
+    import os
+
+    from ..errors import DataError, UsageError
+    from ..fileio import check_output_file, is_image_path
+    from ..visualize import picture_format
+
+    check_network_args(args)
+    if args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if args.thumb < 16:
+        raise UsageError("--thumb must be >= 16")
+    if not args.no_picture:
+        check_output_file(args.out, "--out", [args.query, args.gallery, *network_files(args)],
+                          accept=is_image_path)
+        picture_format(args.out)
+    if os.path.isdir(args.query):
+        raise UsageError(f"--query {args.query!r} is a folder: give one image file (the gallery can be a folder)")
+    if not os.path.isfile(args.query):
+        raise DataError(f"{args.query}: query image not found")
+
+
+def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, GalleryIndex]]":
+    """The features of an .npz ``--gallery`` or the index of a gallery index file; None for a
+    folder, whose images are checked now."""
+    import os
+
+    from ..errors import DataError
+    from ..features import load_features
+    from ..index import is_index_file, load_index
+
+    if is_index_file(args.gallery):
+        return load_index(args.gallery)
+    if os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz"):
+        gallery = load_features(args.gallery)
+        stored, flip = gallery.extra.get("flip"), not args.no_flip
+        if stored is not None and bool(stored) != flip:
+            logging.getLogger("vehiclenet").warning(
+                "%s was embedded with flip %s but the query uses flip %s; distances mix the two",
+                args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
+        return gallery
+    if os.path.isdir(args.gallery):
+        check_inputs([args.gallery], args.skip_bad)
+        return None
+    raise DataError(f"{args.gallery}: neither a folder, an .npz features file nor a gallery index")
+
+
+def _embed_query_and_gallery(args: argparse.Namespace, net,
+                             stored: "Optional[FeatureResult]") -> "Tuple[FeatureResult, FeatureResult]":
+    """Query and gallery features: the gallery's are ``stored``, or embedded with the query's."""
+    from ..features import FeatureResult, embed
+
+    flip = not args.no_flip
+    if stored is not None:
+        return embed(net, [args.query], batch_size=1, flip=flip), stored
+    # Query and gallery in one run: one batch shape, so the graph compiles once. Skipped
+    # files are logged (WARNING) by embed.
+    both = embed(net, [args.query, args.gallery], batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
+    return FeatureResult(both.features[:1], both.paths[:1]), FeatureResult(both.features[1:], both.paths[1:])
+
+
+def _print_ranking(query: str, ranking: "Ranking", qid: Optional[int], ids: List[Optional[int]]) -> None:
+    """The ranking as ``rank``'s lines: a heading, then rank, distance, path and same/other id."""
+    print(f"query {query}" + (f" (id {qid})" if qid is not None else "")
+          + f": top {len(ranking.paths)} of {ranking.num_gallery} gallery images, cosine distance 1 - cos")
+    for r, (d, p, g) in enumerate(zip(ranking.distances, ranking.paths, ids), 1):
+        mark = "" if qid is None or g is None else ("  same id" if g == qid else "  other id")
+        print(f"{r:4d}  {d:.4f}  {p}{mark}")

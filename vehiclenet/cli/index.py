@@ -1,0 +1,187 @@
+"""`index build` / `index add` / `search`: gallery indexes (faiss, imported lazily); only
+`search --query` builds the network."""
+import argparse
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Dict, List
+
+from ._network import INDEX_KINDS, add_network_args, check_inputs, check_network_args, embedding_network
+
+if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
+    import numpy as np
+
+    from ..features import FeatureResult
+    from ..index import GalleryIndex
+
+
+def add_index_commands(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "index",
+        help="build or grow a persisted gallery index from features files",
+        description="A gallery index: features, image paths (and ids/cams when the features files have them), "
+        "searchable by cosine distance, memory-mapped when read. Exit codes: 0 success, 1 unusable features "
+        "or index file, 2 usage.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    b = actions.add_parser(
+        "build", help="index features files (or folders of them), in the order given",
+        description="Index the features of FEATURES (.npz files written by `vehiclenet embed`, or folders of "
+        "them, read in sorted order), concatenated in the order given. --kind auto is exact up to 50,000 "
+        "features and ivf-sq8 beyond. The features are held in memory while the index is built.",
+    )
+    b.add_argument("features", nargs="+", metavar="FEATURES", help="features .npz files or folders of them")
+    b.add_argument("--out", "-o", required=True, metavar="INDEX", help="index file to write")
+    b.add_argument("--kind", choices=INDEX_KINDS, default="auto",
+                   help="exact, hnsw-sq8, ivf-sq8, ivf-flat, or auto (default: exact up to 50,000 features)")
+    b.add_argument("--nlist", type=int, default=None, help="ivf kinds: coarse cells (default ~sqrt(N))")
+    b.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched per query (default 64)")
+    b.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw-sq8: candidates kept while searching (default 64)")
+    b.set_defaults(func=_cmd_index_build)
+    a = actions.add_parser(
+        "add", help="append features to an index (replaced atomically)",
+        description="Append the features of FEATURES to INDEX and write it back under the same name "
+        "atomically (a reader sees the old or the new index, never half of one). ivf kinds keep their cells.",
+    )
+    a.add_argument("index", metavar="INDEX", help="index file written by `vehiclenet index build`")
+    a.add_argument("features", nargs="+", metavar="FEATURES", help="features .npz files or folders of them")
+    a.set_defaults(func=_cmd_index_add)
+
+    p = sub.add_parser(
+        "search",
+        help="top-k gallery images of a gallery index for query images or features",
+        description="Search a gallery index (`vehiclenet index build`) by cosine distance (1 - cos) for query "
+        "images (embedded like `rank` does) or for the features of an .npz. Exit codes: 0 success, 1 unusable "
+        "file, 2 usage.",
+    )
+    p.add_argument("--index", required=True, metavar="INDEX", help="gallery index file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--query", nargs="+", metavar="IMG", help="query image files or folders")
+    src.add_argument("--features", metavar="F.npz", help="query features file from `vehiclenet embed`")
+    p.add_argument("--top-k", type=int, default=10, help="matches per query (default 10)")
+    p.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched (default: the index's)")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw-sq8: candidates kept while searching (default: the index's)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    add_network_args(p)
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_file
+    from ..index import build_index
+    from ..interrupts import doing, kept
+
+    _check_index_tuning(args)
+    check_output_file(args.out, "--out", args.features, accept=lambda name: name.endswith(".npz"))
+    kept(f"nothing written ({args.out} untouched)")
+    start = time.perf_counter()
+    doing("building the index")
+    index = build_index(args.features, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe,
+                        ef_search=args.ef_search)
+    doing(f"writing {args.out}")
+    out = index.save(args.out)
+    kept(f"{out} written")
+    _print_index_summary("built", out, index, time.perf_counter() - start)
+    return 0
+
+
+def _cmd_index_add(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_file
+    from ..index import add_to_index, load_index
+    from ..interrupts import doing, kept
+
+    check_output_file(args.index, "INDEX", args.features, accept=lambda name: name.endswith(".npz"))
+    start = time.perf_counter()
+    index = load_index(args.index)
+    kept(f"nothing written ({args.index} untouched)")
+    doing("adding features")
+    added = add_to_index(index, args.features)
+    doing(f"writing {args.index}")
+    out = index.save(args.index)
+    kept(f"{out} written")
+    _print_index_summary(f"added {added} to", out, index, time.perf_counter() - start)
+    return 0
+
+
+def _check_index_tuning(args: argparse.Namespace) -> None:
+    from ..errors import UsageError
+
+    for option in ("nlist", "nprobe", "ef_search"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _print_index_summary(done: str, out: Any, index: "GalleryIndex", seconds: float) -> None:
+    params = ", ".join(f"{k} {v}" for k, v in index.params.items() if k != "seed")
+    print(f"{done} {out}: {index.count} features, {index.dimension}-d, kind {index.kind}"
+          + (f" ({params})" if params else "") + f", {out.stat().st_size / 2 ** 20:.1f} MiB; {seconds:.1f} s")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+    from ..features import load_features
+    from ..index import load_index
+
+    _check_index_tuning(args)
+    if args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if args.features is not None:
+        check_network_args(args)
+        if args.checkpoint or args.no_pretrained or args.no_flip or args.skip_bad or args.precision != "fp32":
+            raise UsageError("--checkpoint, --no-pretrained, --no-flip, --skip-bad and --precision apply to "
+                             "--query only")
+    else:
+        check_network_args(args)
+        check_inputs(args.query, args.skip_bad)
+    index = load_index(args.index)  # a bad index fails before the network is built
+    if args.features is not None:
+        queries = load_features(args.features)
+    else:
+        queries = embed_queries(args, embedding_network(args, args.query), args.query, index)
+    dist, rows = index.search(queries.features, args.top_k, nprobe=args.nprobe, ef_search=args.ef_search)
+    _print_search(args, index, queries.paths, dist, rows)
+    return 0
+
+
+def embed_queries(args: argparse.Namespace, net, images: List[str], index: "GalleryIndex") -> "FeatureResult":
+    """Query features embedded like the index's (a flip mismatch is warned about)."""
+    from ..features import embed
+
+    flip = not args.no_flip
+    if index.flip is not None and index.flip != flip:
+        logging.getLogger("vehiclenet").warning(
+            "%s was embedded with flip %s but the queries use flip %s; distances mix the two",
+            index.source, "on" if index.flip else "off", "on" if flip else "off")
+    return embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
+
+
+def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[str], dist: "np.ndarray",
+                  rows: "np.ndarray") -> None:
+    """Per query a heading and rank, distance, path (id, cam) lines; with --json one JSON object."""
+    import json
+
+    def extra(r: int) -> Dict[str, int]:
+        out = {}
+        if index.ids is not None:
+            out["id"] = int(index.ids[r])
+        if index.cams is not None:
+            out["cam"] = int(index.cams[r])
+        return out
+
+    results = [{"query": name, "matches": [{"rank": i + 1, "row": int(r), "path": index.path(r),
+                                            "distance": float(d), **extra(r)}
+                                           for i, (r, d) in enumerate(zip(rs, ds)) if r >= 0]}
+               for name, rs, ds in zip(names, rows, dist)]
+    if args.json:
+        print(json.dumps({"index": args.index, "kind": index.kind, "count": index.count, "top_k": args.top_k,
+                          "results": results}))
+        return
+    for res in results:
+        print(f"query {res['query']}: top {len(res['matches'])} of {index.count} ({index.kind} index), "
+              "cosine distance 1 - cos")
+        for m in res["matches"]:
+            tail = "".join(f"  {k} {m[k]}" for k in ("id", "cam") if k in m)
+            print(f"{m['rank']:4d}  {m['distance']:.4f}  {m['path']}{tail}")

@@ -1,0 +1,123 @@
+"""`finetune` and `export`: both build the network."""
+import argparse
+
+
+def add_finetune_command(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune on your own identities (ROOT/<id>/*.jpg or VeRi image_train/)",
+        description="Fine-tune VehicleNet: published backbone and bottleneck, a new last layer for your "
+        "identities. Writes labels.json and vehiclenet-eNNN.ckpt (network + SGD state + epoch) into --out; "
+        "create_network(checkpoint=FILE, num_classes=N) loads them. Under msrun every worker trains on its "
+        "shard with averaged gradients and only rank 0 writes files.",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="ROOT/<id>/*.jpg, or a VeRi-776 folder (image_train/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for labels.json and checkpoints")
+    p.add_argument("--epochs", type=int, default=40, help="total epochs (default 40, the reference VeRi stage)")
+    p.add_argument("--batch-size", type=int, default=24, help="images per step and worker (default 24)")
+    p.add_argument("--lr", type=float, default=0.02, help="head learning rate; the rest trains at 0.1x (default 0.02)")
+    p.add_argument("--image-size", type=int, default=384, help="square training size (default 384)")
+    p.add_argument("--no-pretrained", action="store_true", help="start from random weights, not the published ones")
+    p.add_argument("--checkpoint", metavar="CKPT", help="start from the weights of this file instead")
+    p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint (weights, SGD state, epoch)")
+    p.add_argument("--num-workers", type=int, default=2, help="data pre-processing threads (default 2)")
+    p.add_argument("--save-every", type=int, default=1, metavar="E", help="checkpoint every E epochs (default 1)")
+    p.add_argument("--keep-max", type=int, default=5, metavar="K", help="keep the newest K checkpoints (default 5)")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up epochs (default min(5, epochs // 8): none below 8 epochs)")
+    p.add_argument("--decay-epochs", type=int, nargs="*", default=None, metavar="E",
+                   help="epochs where the lr drops 10x (default 3/4 of --epochs)")
+    p.add_argument("--eval-data", metavar="DIR", help="VeRi-style folder with image_query/ and image_test/")
+    p.add_argument("--eval-every", type=int, default=0, metavar="E", help="evaluate on --eval-data every E epochs")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=None, help="seed for weights, data order and augmentations")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+
+    # Epochs, sizes, lr and the schedule are checked by finetune() itself, before it writes anything.
+    if args.num_workers < 1:
+        raise UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
+    if args.eval_every and not args.eval_data:
+        raise UsageError("--eval-every needs --eval-data")
+    if args.resume and args.checkpoint:
+        raise UsageError("--resume continues a run with its own weights; drop --checkpoint")
+
+    from ..finetune import finetune, note_start
+    from ..interrupts import import_mindspore
+
+    note_start(args.resume)
+    import_mindspore()
+
+    def show(stats) -> None:
+        line = (f"epoch {stats.epoch}/{args.epochs}: loss {stats.loss:.4f}, {stats.images_per_second:.2f} images/s, "
+                f"step {stats.step}, {stats.seconds:.1f} s")
+        if stats.compile_seconds is not None:
+            line += f" (first step incl. compilation {stats.compile_seconds:.1f} s, not in images/s)"
+        if stats.evaluation:
+            line += f", mAP {stats.evaluation['mAP']:.4f}, rank-1 {stats.evaluation['rank1']:.4f}"
+        if stats.checkpoint:
+            line += f", saved {stats.checkpoint}"
+        print(line, flush=True)
+
+    result = finetune(
+        args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+        pretrained=not args.no_pretrained, checkpoint=args.checkpoint, resume=args.resume,
+        num_workers=args.num_workers, save_every=args.save_every, keep_max=args.keep_max,
+        warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs, eval_data=args.eval_data,
+        eval_every=args.eval_every, max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed, on_epoch=show,
+    )
+    if result.rank == 0:
+        print(f"{result.num_classes} identities, labels in {result.labels_file}"
+              + (f", {result.group_size} workers" if result.group_size > 1 else ""))
+        if result.checkpoints:
+            print(result.checkpoints[-1])
+    return 0
+
+
+def add_export_command(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the embedding network (image -> 512-d) to MindIR or ONNX, or a checkpoint's weights alone",
+        description="Export the embedding network for a B x 3 x S x S float32 input (pre-processed) to "
+        "MindIR (reload with mindspore.load + nn.GraphCell; B fixed) or ONNX (onnxruntime; any B, the input x "
+        "has a dynamic batch axis). CKPT writes the network "
+        "weights of --checkpoint (head included) without the optimizer state of a fine-tuning checkpoint, a "
+        "third of its size, for create_network(checkpoint=..., num_classes=N); --image-size and --batch-size "
+        "do not apply to it. The last line of stdout is the file written.",
+    )
+    p.add_argument("--format", required=True, type=str.upper, choices=["MINDIR", "ONNX", "CKPT"],
+                   help="MINDIR, ONNX or CKPT")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (the format's suffix is added if absent)")
+    p.add_argument("--checkpoint", metavar="PATH", help="weights to export (default: the published checkpoint)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="identities of the checkpoint's head, checked against the file")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square input size (default: the weights' input size, 384x384 for the published ones)")
+    p.add_argument("--batch-size", type=int, default=1, help="fixed batch dimension of MINDIR (default 1); "
+                   "ONNX takes any batch")
+    p.add_argument("--no-pretrained", action="store_true", help="export random weights (testing only)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_embedding
+    from ..interrupts import kept
+
+    kept(f"nothing written ({args.out} untouched)")
+    path = export_embedding(args.out, file_format=args.format, checkpoint=args.checkpoint,
+                            pretrained=not args.no_pretrained, num_classes=args.num_classes,
+                            image_size=args.image_size, batch_size=args.batch_size)
+    if args.format == "CKPT":
+        print(f"CKPT: network weights, no training state ({path.stat().st_size / 2 ** 20:.1f} MiB)")
+    else:
+        from ..model import weights_meta
+
+        batch = "N" if args.format == "ONNX" else args.batch_size
+        height, width = ((args.image_size,) * 2 if args.image_size else
+                         weights_meta(args.checkpoint, not args.no_pretrained).input_size)
+        print(f"{args.format}: embedding network, input {batch}x3x{height}x{width} "
+              "float32 -> 512-d" + (" (any batch N)" if args.format == "ONNX" else ""))
+    print(path)
+    return 0
