@@ -205,6 +205,12 @@ def _bounded_check(qf, qi, qc, gf, gi, gc) -> dict:
     out["faiss_flat_rerank_identical"] = bool(np.array_equal(full, via_index))
     out["faiss_flat_rerank_max_abs_diff"] = float(np.abs(full - via_index).max())
     out["faiss_flat_metrics_identical"] = same(full_res, evaluate(via_index, qi, gi, qc, gc))
+    # The package's own exact gallery index (vehiclenet.index, evaluate --rerank --neighbours exact).
+    from vehiclenet.index import index_neighbours
+
+    via_index = collect(re_rank_blocks(qf, gf, neighbours=index_neighbours("exact")), shape)
+    out["gallery_index_exact_rerank_identical"] = bool(np.array_equal(full, via_index))
+    out["gallery_index_exact_metrics_identical"] = same(full_res, evaluate(via_index, qi, gi, qc, gc))
     return out
 
 
