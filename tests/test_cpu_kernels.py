@@ -132,6 +132,39 @@ def test_same_outputs_as_mindspore_convolutions(mode):
     ms.set_context(mode=ms.GRAPH_MODE)
 
 
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+def test_weights_are_reordered_once_and_again_only_when_their_values_change(mode):
+    """Per call the kernels only fingerprint the weights; new values written into the same
+    Parameters (set_data, load_param_into_net, as after a training step) are used at once."""
+    import mindspore as ms
+
+    from vehiclenet.cpu_kernels import weight_reorders
+
+    library = library_path()
+    x = ms.Tensor(np.random.default_rng(4).standard_normal((2, 3, 64, 48)).astype(np.float32))
+    fast, plain = _fast_and_plain(seed=5, mode=mode, include_top=False)
+    before = weight_reorders(library)
+    first = fast(x).asnumpy()
+    assert weight_reorders(library) - before == 53  # every convolution once
+    before = weight_reorders(library)
+    assert np.array_equal(fast(x).asnumpy(), first)
+    assert weight_reorders(library) == before  # nothing reordered on a second call
+
+    block = fast.model.layer3[2]
+    block.conv2.weight.set_data(ms.Tensor(block.conv2.weight.asnumpy() * 1.5))  # weights
+    block.bn3.gamma.set_data(ms.Tensor(block.bn3.gamma.asnumpy() * 0.5))  # only the folded scales
+    assert not ms.load_param_into_net(plain, {p.name: p for p in fast.get_parameters()})[0]
+    changed = fast(x).asnumpy()
+    assert weight_reorders(library) - before == 2
+    assert np.abs(changed - first).max() > 1e-3
+    assert _rel(changed, plain(x).asnumpy()) <= 1e-5
+
+    # A whole checkpoint loaded into the same network: every convolution sees its new values.
+    other, other_plain = _fast_and_plain(seed=6, mode=mode, include_top=False)
+    assert not ms.load_param_into_net(fast, {p.name: ms.Parameter(p.asnumpy(), p.name) for p in other.get_parameters()})[0]
+    assert _rel(fast(x).asnumpy(), other_plain(x).asnumpy()) <= 1e-5
+    ms.set_context(mode=ms.GRAPH_MODE)
+
 def test_full_size_published_layout_features_match(published_ckpt):
     import mindspore as ms
 

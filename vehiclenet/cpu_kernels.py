@@ -8,7 +8,8 @@ tensors take about two thirds of the time on AVX-512 machines, so on x86-64 Linu
 :class:`~vehiclenet.backend.InferenceOps` and :class:`~vehiclenet.backend.TrainOps`):
 
 - inference (:func:`make_ops`): BatchNorm folded into the convolutions, ReLU and the
-  residual addition fused;
+  residual addition fused; the folded weights are reordered once and reused while a
+  fingerprint of their values matches (MindSpore writes new values into the same buffers);
 - training (:func:`make_train_ops`): differentiable ops (convolution, BatchNorm with batch
   statistics and MindSpore's running-statistics update, max-pool) whose gradients are
   oneDNN's backward kernels. MindSpore 2.8.0 has no NHWC BatchNorm on CPU, hence BatchNorm
@@ -165,6 +166,15 @@ def convolution_implementation(library: str, batch: int, height: int, width: int
     if lib.VnConvImplementation(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))) != 0:
         raise KernelsUnavailable(buffer.value.decode(errors="replace"))
     return buffer.value.decode()
+
+
+def weight_reorders(library: str) -> int:
+    """How many times this process reordered convolution weights into oneDNN's layout. The
+    inference kernels do it once per convolution of a network, and again only when its
+    weights or BatchNorm scales change (they compare a fingerprint of the values each call)."""
+    count = ctypes.CDLL(library).VnWeightReorders
+    count.restype = ctypes.c_int64
+    return int(count())
 
 
 def cpu_isa(library: str) -> Tuple[str, bool]:
