@@ -66,6 +66,7 @@ def test_backend_is_chosen_at_construction_and_blocks_get_their_ops_by_role(prec
     for last_stride in (2, 1):
         backbone = VehicleNet(last_stride=last_stride, backend=KernelBackend(library_path(), precision)).model
         assert not hasattr(backbone, "use_cpu_kernels") and backbone.bf16 == (precision == "bf16")
+        assert _kernel(backbone.backbone_op) == f"VnBackbone{bf16}L{last_stride}"  # what inference runs
         assert _kernel(backbone.nhwc_ops.stem) == f"VnConv{bf16}S2Relu"
         assert _kernel(backbone.train_ops.stem) == "VnConvTrainNoInputGradS2"
         blocks = [b for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for b in layer]
@@ -131,6 +132,26 @@ def test_same_outputs_as_mindspore_convolutions(mode):
         assert _rel(got, want) <= 1e-5, (kwargs, _rel(got, want))
     ms.set_context(mode=ms.GRAPH_MODE)
 
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_whole_backbone_op_is_the_per_layer_ops(precision):
+    """Inference runs the 53 convolutions in one op (buffers of its own, residuals added in
+    place); the per-layer ops it replaces give the same features, for both layer4 strides."""
+    import mindspore as ms
+
+    if precision == "bf16" and not cpu_kernels.cpu_isa(library_path())[1]:
+        pytest.skip("this CPU has no bf16 instructions")
+    x = ms.Tensor(np.random.default_rng(7).standard_normal((3, 3, 70, 45)).astype(np.float32))
+    for last_stride in (2, 1):
+        net = create_network(pretrained=False, include_top=False, last_stride=last_stride, precision=precision,
+                             mode="pynative")
+        _randomise_batchnorm(net, 8)
+        model = net.model
+        whole, layers = model(x).asnumpy(), model.construct_nhwc_layers(x).asnumpy()
+        assert whole.shape == layers.shape == (3, 2048)
+        assert _rel(whole, layers) <= 1e-6, (last_stride, _rel(whole, layers))
+        assert np.abs(whole).max() > 0
+    ms.set_context(mode=ms.GRAPH_MODE)
 
 @pytest.mark.parametrize("mode", ["graph", "pynative"])
 def test_weights_are_reordered_once_and_again_only_when_their_values_change(mode):
@@ -481,6 +502,18 @@ def test_kernel_rejects_mismatched_shapes():
     train = cpu_kernels.make_train_ops(library_path())
     with pytest.raises(RuntimeError, match="VnConvTrainS1"):
         train.conv_s1(x, w).asnumpy()
+
+
+def test_backbone_op_rejects_weights_of_another_network():
+    import mindspore as ms
+
+    net = create_network(pretrained=False, include_top=False, mode="pynative")
+    weights = list(net.model.folded_weights())
+    weights[3 * 5] = ms.Tensor(np.ones((64, 128, 1, 1), np.float32))  # layer1.1.conv1 with 128 input channels
+    x = ms.Tensor(np.ones((1, 3, 64, 64), np.float32))
+    with pytest.raises(RuntimeError, match="VnBackboneL2"):
+        net.model.backbone_op(x, *weights).asnumpy()
+    ms.set_context(mode=ms.GRAPH_MODE)
 
 
 def _openmp_spin_count(script: str, **env: str) -> str:

@@ -71,6 +71,14 @@ class InferenceOps:
     conv_s2: Op
     conv_add_relu: Op  # stride 1, residual added before the ReLU
     conv_add_relu_last: Op  # the same for the network's last block (bf16: returns float32)
+    # The whole backbone in one op, by layer4's stride: (image NCHW float32, then the 53
+    # convolutions' weights, scale and bias in network order) -> pooled (N, 2048) float32.
+    backbone_last_stride_1: Op
+    backbone_last_stride_2: Op
+
+    def backbone(self, last_stride: int) -> Op:
+        """The whole-backbone op for ``last_stride``."""
+        return self.backbone_last_stride_2 if check_stride(last_stride) == 2 else self.backbone_last_stride_1
 
     def block(self, stride: int, last: bool = False) -> BlockInferenceOps:
         """The ops of a block whose 3x3 convolution and shortcut have ``stride``;

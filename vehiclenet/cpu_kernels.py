@@ -8,8 +8,11 @@ tensors take about two thirds of the time on AVX-512 machines, so on x86-64 Linu
 :class:`~vehiclenet.backend.InferenceOps` and :class:`~vehiclenet.backend.TrainOps`):
 
 - inference (:func:`make_ops`): BatchNorm folded into the convolutions, ReLU and the
-  residual addition fused; the folded weights are reordered once and reused while a
-  fingerprint of their values matches (MindSpore writes new values into the same buffers);
+  residual addition fused; the network runs its whole backbone as one op (image in, pooled
+  features out: no MindSpore dispatch, transposes or activation tensors between the 53
+  convolutions, each residual added in place), the per-layer ops remaining its reference;
+  the folded weights are reordered once and reused while a fingerprint of their values
+  matches (MindSpore writes new values into the same buffers);
 - training (:func:`make_train_ops`): differentiable ops (convolution, BatchNorm with batch
   statistics and MindSpore's running-statistics update, max-pool) whose gradients are
   oneDNN's backward kernels. MindSpore 2.8.0 has no NHWC BatchNorm on CPU, hence BatchNorm
@@ -240,7 +243,13 @@ def make_ops(library: str, precision: str = "fp32") -> InferenceOps:
     else:
         kind, out = "Bf16", ms.bfloat16  # bfloat16 activations between the convolutions,
         last_add = custom("VnConvBf16AddS1ReluToF32", 1, True, ms.float32)  # float32 to the pooling
+    def backbone(last_stride: int):
+        return ops.Custom(f"{library}:VnBackbone{kind}L{last_stride}", out_shape=lambda x, *_: [x[0], 2048],
+                          out_dtype=lambda x, *_: ms.float32, func_type="aot")
+
     return InferenceOps(
+        backbone_last_stride_1=backbone(1),
+        backbone_last_stride_2=backbone(2),
         stem=custom(f"VnConv{kind}S2Relu", 2, True, out),
         max_pool=custom("VnMaxPool3x3S2", 2, False),
         conv_relu_s1=custom(f"VnConv{kind}S1Relu", 1, True, out),

@@ -125,6 +125,14 @@ class Bottleneck(nn.Cell):
             identity = k.down_sample(x, *_folded(self.down_sample_layer[0], self.down_sample_layer[1]))
         return k.conv3_add(out, *_folded(self.conv3, self.bn3), identity)
 
+    def folded(self):
+        """The block's convolutions with their BatchNorm folded in, as the whole-backbone op
+        takes them: (weights, scale, bias) of conv1, conv2, conv3 and the shortcut if any."""
+        weights = _folded(self.conv1, self.bn1) + _folded(self.conv2, self.bn2) + _folded(self.conv3, self.bn3)
+        if self.down_sample:
+            weights = weights + _folded(self.down_sample_layer[0], self.down_sample_layer[1])
+        return weights
+
     def construct_nhwc_train(self, x):
         """Training forward on NHWC tensors with the differentiable oneDNN ops (batch statistics)."""
         t, eps = self.train_ops, self.bn_eps
@@ -153,6 +161,7 @@ class ResNet50(nn.Cell):
         self.backend = backend
         self.bf16 = backend is not None and backend.bf16  # inference convolutions in bfloat16
         self.nhwc_ops, self.train_ops = _kernel_ops(backend)
+        self.backbone_op = None if self.nhwc_ops is None else self.nhwc_ops.backbone(last_stride)
         self.bn_eps = None if backend is None else ms.Tensor([BN_EPS], ms.float32)
         self.conv1 = _conv(3, 64, 7, 2)
         self.bn1 = _bn(64)
@@ -187,7 +196,22 @@ class ResNet50(nn.Cell):
             return self.construct_nhwc(x)
         return ops.mean(self.feature_map(x), (2, 3))
 
+    def folded_weights(self):
+        """The 53 convolutions with their BatchNorm folded in, in network order, as
+        (weights, scale, bias) after one another: what the whole-backbone op takes."""
+        weights = _folded(self.conv1, self.bn1)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                weights = weights + block.folded()
+        return weights
+
     def construct_nhwc(self, x):
+        """Inference on the oneDNN kernels: the whole backbone in one op (no MindSpore between
+        the 53 convolutions), pooled features out."""
+        return self.backbone_op(x, *self.folded_weights())
+
+    def construct_nhwc_layers(self, x):
+        """The same inference, one op per convolution (what the whole-backbone op replaces)."""
         k = self.nhwc_ops
         x = k.max_pool(k.stem(ops.transpose(x, (0, 2, 3, 1)), *_folded(self.conv1, self.bn1)))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):

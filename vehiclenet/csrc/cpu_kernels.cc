@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <list>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -196,13 +197,16 @@ Plan &keep_plan(const std::string &key, std::unique_ptr<Plan> plan) {
 }
 
 // 53 convolutions of a ResNet-50 have 24 distinct shapes.
+// With `accumulate` the convolution adds itself to what its output buffer holds (oneDNN's sum
+// post-op, before the ReLU): the residual addition in place, without reading another tensor.
+// With `nchw_input` the caller's x is NCHW (the image), converted by the plan.
 ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride, bool relu,
                     bool residual, dt src_type = dt::f32, dt dst_type = dt::f32, dt residual_type = dt::f32,
-                    dt user_src_type = dt::undef) {
+                    dt user_src_type = dt::undef, bool accumulate = false, bool nchw_input = false) {
   if (user_src_type == dt::undef) user_src_type = src_type;
   std::string key = key_of({n, h, w, cin, cout, k, stride, relu, residual, static_cast<int64_t>(src_type),
                             static_cast<int64_t>(dst_type), static_cast<int64_t>(residual_type),
-                            static_cast<int64_t>(user_src_type)});
+                            static_cast<int64_t>(user_src_type), accumulate, nchw_input});
   if (auto *found = cached_plan<ConvPlan>(key)) return *found;
 
   auto plan = std::make_unique<ConvPlan>();
@@ -214,14 +218,16 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
   plan->scales = plan->bias;
   plan->residual = nhwc_desc(window.dst.get_dims()[0], window.dst.get_dims()[2], window.dst.get_dims()[3], cout,
                              residual_type);
-  plan->user_src = nhwc_desc(n, h, w, cin, user_src_type);
-  if (user_src_type != src_type) {
+  plan->user_src = nchw_input ? memory::desc({n, cin, h, w}, user_src_type, tag::nchw)
+                              : nhwc_desc(n, h, w, cin, user_src_type);
+  if (plan->user_src != plan->src) {
     plan->src_buffer = std::make_unique<memory>(plan->src, cpu_engine());
     plan->src_convert = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->user_src, cpu_engine(), plan->src));
   }
 
   dnnl::post_ops post;
   if (residual) post.append_binary(dnnl::algorithm::binary_add, plan->residual);
+  if (accumulate) post.append_sum(1.f);
   if (relu) post.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   dnnl::primitive_attr attr;
   attr.set_post_ops(post);
@@ -269,6 +275,26 @@ memory &prepared_weights(ConvPlan &plan, dnnl::stream &stream, void *weights, vo
   return *prepared.buffer;
 }
 
+// One planned convolution on the caller's buffers (`residual` only for plans with one).
+void execute_conv(ConvPlan &plan, dnnl::stream &stream, void *x, void *weights, void *scales, void *bias, void *y,
+                  void *residual) {
+  auto &engine = cpu_engine();
+  memory src(plan.user_src, engine, x);
+  if (plan.src_buffer) {
+    plan.src_convert.execute(stream, src, *plan.src_buffer);
+    src = *plan.src_buffer;
+  }
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SRC, src},
+      {DNNL_ARG_WEIGHTS, prepared_weights(plan, stream, weights, scales)},
+      {DNNL_ARG_BIAS, memory(plan.bias, engine, bias)},
+      {DNNL_ARG_DST, memory(plan.dst, engine, y)},
+      {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.scratch.desc)},
+  };
+  if (residual) args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = memory(plan.residual, engine, residual);
+  plan.conv.execute(stream, args);
+}
+
 // Shared body of the convolution entry points. Inputs: x (N, H, W, Cin) NHWC, weights
 // (Cout, Cin, K, K), scale (Cout), bias (Cout), [residual (N, OH, OW, Cout) NHWC]; output
 // (N, OH, OW, Cout) NHWC. Computes relu?(conv(x, weights * scale) + bias [+ residual]).
@@ -310,23 +336,8 @@ int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char
     std::lock_guard<std::mutex> lock(kernel_mutex());
     ConvPlan &plan = conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, relu, residual, src_type, dst_type,
                                residual_type, user_src_type);
-    auto &engine = cpu_engine();
-    dnnl::stream stream(engine);
-    memory src(plan.user_src, engine, params[0]);
-    if (plan.src_buffer) {
-      plan.src_convert.execute(stream, src, *plan.src_buffer);
-      src = *plan.src_buffer;
-    }
-    memory &weights = prepared_weights(plan, stream, params[1], params[2]);
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, src},
-        {DNNL_ARG_WEIGHTS, weights},
-        {DNNL_ARG_BIAS, memory(plan.bias, engine, params[3])},
-        {DNNL_ARG_DST, memory(plan.dst, engine, params[out])},
-        {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.scratch.desc)},
-    };
-    if (residual) args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = memory(plan.residual, engine, params[4]);
-    plan.conv.execute(stream, args);
+    dnnl::stream stream(cpu_engine());
+    execute_conv(plan, stream, params[0], params[1], params[2], params[3], params[out], residual ? params[4] : nullptr);
     stream.wait();
   } catch (const dnnl::error &e) {
     return fail(e.what());
@@ -719,6 +730,178 @@ int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, cons
   return 0;
 }
 
+// ----------------------------------------------------------------------------- whole backbone
+// Inference of the whole ResNet-50 backbone in one call: image (N, 3, H, W) float32 and the 53
+// convolutions' (weights OIHW, scale, bias) -> pooled features (N, 2048) float32. The same
+// kernels as the per-layer entry points, without MindSpore between them: the image is converted
+// by the stem's plan, activations live in four buffers of the plan, and each block's residual
+// addition accumulates in place into its identity (the block input, or the shortcut's output).
+// The last block adds its residual into a float32 output as VnConv*AddS1ReluToF32 does, which
+// is then averaged over H and W.
+
+constexpr int kBlocks[4] = {3, 4, 6, 3};
+constexpr int kMidChannels[4] = {64, 128, 256, 512};
+constexpr int kConvs = 53;
+
+// A 64-byte aligned buffer (what oneDNN's kernels prefer).
+struct Buffer {
+  void *data = nullptr;
+  explicit Buffer(size_t bytes) : data(std::aligned_alloc(64, (bytes + 63) / 64 * 64)) {
+    if (!data) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer &) = delete;
+  Buffer &operator=(const Buffer &) = delete;
+};
+
+// One step of the backbone: a planned convolution and where its operands live.
+struct Step {
+  ConvPlan *plan;
+  int in, out, residual;  // buffer indices (-1: the caller's image / none)
+  int64_t weights[4];     // the OIHW shape its weights must have
+};
+
+struct BackbonePlan {
+  std::vector<Step> steps;  // kConvs, in parameter order: stem, then per block conv1, conv2, conv3, shortcut
+  PoolPlan *pool = nullptr;
+  int pool_in = 0, pool_out = 0, features = 0;  // buffers; `features` is float32 (N, h, w, 2048)
+  int64_t n = 0, h = 0, w = 0;  // of the features
+  std::vector<std::unique_ptr<Buffer>> buffers;
+};
+
+// Backbone plans hold their activations: keep the two most recent input shapes only.
+std::list<std::pair<std::string, std::unique_ptr<BackbonePlan>>> &backbone_plans() {
+  static std::list<std::pair<std::string, std::unique_ptr<BackbonePlan>>> plans;
+  return plans;
+}
+
+BackbonePlan &backbone_plan(int64_t n, int64_t h, int64_t w, int64_t last_stride, bool bf16) {
+  const std::string key = key_of({n, h, w, last_stride, bf16});
+  auto &plans = backbone_plans();
+  for (auto it = plans.begin(); it != plans.end(); ++it) {
+    if (it->first == key) {
+      plans.splice(plans.begin(), plans, it);
+      return *plans.front().second;
+    }
+  }
+  const dt act = bf16 ? dt::bf16 : dt::f32;
+  auto plan = std::make_unique<BackbonePlan>();
+  size_t largest = 0;
+  auto add = [&](int64_t nn, int64_t hh, int64_t ww, int64_t cin, int64_t cout, int64_t k, int64_t stride, bool relu,
+                 int in, int out, int residual, bool accumulate, dt src, dt dst, dt user_src, bool nchw) {
+    ConvPlan &conv = conv_plan(nn, hh, ww, cin, cout, k, stride, relu, residual >= 0, src, dst, act, user_src,
+                               accumulate, nchw);
+    plan->steps.push_back({&conv, in, out, residual, {cout, cin, k, k}});
+    largest = std::max(largest, conv.dst.get_size());
+  };
+  // Buffers 0-3 hold activations; the block input moves between them.
+  auto out_size = [](int64_t v, int64_t stride) { return (v + stride - 1) / stride; };
+  int64_t hh = out_size(h, 2), ww = out_size(w, 2);
+  add(n, h, w, 3, 64, 7, 2, true, -1, 0, -1, false, act, act, dt::f32, true);
+  plan->pool = &pool_plan(n, hh, ww, 64, false, act);
+  plan->pool_in = 0, plan->pool_out = 1;
+  hh = out_size(hh, 2), ww = out_size(ww, 2);
+  int cur = 1;
+  int64_t channels = 64;
+  for (int layer = 0; layer < 4; layer++) {
+    for (int b = 0; b < kBlocks[layer]; b++) {
+      const int64_t mid = kMidChannels[layer], out = mid * 4;
+      const int64_t stride = b > 0 ? 1 : layer == 0 ? 1 : layer == 3 ? last_stride : 2;
+      const bool last = layer == 3 && b == kBlocks[layer] - 1;
+      const int t1 = (cur + 1) % 4, t2 = (cur + 2) % 4, shortcut = (cur + 3) % 4;
+      const int64_t oh = out_size(hh, stride), ow = out_size(ww, stride);
+      add(n, hh, ww, channels, mid, 1, 1, true, cur, t1, -1, false, act, act, act, false);
+      add(n, hh, ww, mid, mid, 3, stride, true, t1, t2, -1, false, act, act, act, false);
+      const int identity = b == 0 ? shortcut : cur;
+      if (last) {  // float32 out, into t1 (free by now), the identity read as a residual
+        add(n, oh, ow, mid, out, 1, 1, true, t2, t1, identity, false, act, dt::f32, act, false);
+        plan->features = t1;
+      } else {
+        add(n, oh, ow, mid, out, 1, 1, true, t2, identity, -1, true, act, act, act, false);
+      }
+      if (b == 0) {  // the shortcut runs before conv3, which accumulates into its output
+        add(n, hh, ww, channels, out, 1, stride, false, cur, shortcut, -1, false, act, act, act, false);
+        std::swap(plan->steps[plan->steps.size() - 1], plan->steps[plan->steps.size() - 2]);
+      }
+      cur = identity;
+      channels = out, hh = oh, ww = ow;
+    }
+  }
+  plan->n = n, plan->h = hh, plan->w = ww;
+  for (int i = 0; i < 4; i++) plan->buffers.push_back(std::make_unique<Buffer>(largest));
+  if (plans.size() >= 2) plans.pop_back();
+  plans.emplace_front(key, std::move(plan));
+  return *plans.front().second;
+}
+
+int run_backbone(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t last_stride,
+                 bool bf16) {
+  if (nparam != 1 + 3 * kConvs + 1) return fail("backbone: expected the image, 53 x (weights, scale, bias), and the output");
+  const int out = nparam - 1;
+  if (!is_f32(dtypes[0]) || ndims[0] != 4 || shapes[0][1] != 3 || !is_f32(dtypes[out]) || ndims[out] != 2 ||
+      shapes[out][0] != shapes[0][0] || shapes[out][1] != 2048)
+    return fail("backbone: the image must be float32 (N, 3, H, W) and the output float32 (N, 2048)");
+  for (int i = 1; i < out; i++)
+    if (!is_f32(dtypes[i])) return fail("backbone: weights, scales and biases must be float32");
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    const int64_t *x = shapes[0];
+    BackbonePlan &plan = backbone_plan(x[0], x[2], x[3], last_stride, bf16);
+    // The parameters come in network order (conv3 before the shortcut); the plan runs a first
+    // block's shortcut before its conv3, so map each step to its parameters by position.
+    std::vector<int> order(kConvs);
+    for (int i = 0; i < kConvs; i++) order[i] = i;
+    int step = 1;
+    for (int layer = 0; layer < 4; layer++) {
+      for (int b = 0; b < kBlocks[layer]; b++) {
+        if (b == 0) std::swap(order[step + 2], order[step + 3]);  // steps: conv1, conv2, shortcut, conv3
+        step += b == 0 ? 4 : 3;
+      }
+    }
+    for (int i = 0; i < kConvs; i++) {
+      const int at = 1 + 3 * order[i];
+      const int64_t *want = plan.steps[i].weights;
+      if (ndims[at] != 4 || ndims[at + 1] != 1 || ndims[at + 2] != 1 || !same_shape(shapes[at], want, 4) ||
+          shapes[at + 1][0] != want[0] || shapes[at + 2][0] != want[0]) {
+        char message[200];
+        std::snprintf(message, sizeof(message), "backbone: convolution %d's weights are not %ldx%ldx%ldx%ld", order[i],
+                      (long)want[0], (long)want[1], (long)want[2], (long)want[3]);
+        return fail(message);
+      }
+    }
+    dnnl::stream stream(cpu_engine());
+    auto buffer = [&](int i) { return i < 0 ? params[0] : plan.buffers[i]->data; };
+    for (int i = 0; i < kConvs; i++) {
+      const Step &s = plan.steps[i];
+      const int at = 1 + 3 * order[i];
+      execute_conv(*s.plan, stream, buffer(s.in), params[at], params[at + 1], params[at + 2], buffer(s.out),
+                   s.residual >= 0 ? buffer(s.residual) : nullptr);
+      if (i == 0) {
+        plan.pool->fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.pool->src, cpu_engine(), buffer(plan.pool_in))},
+                                        {DNNL_ARG_DST, memory(plan.pool->dst, cpu_engine(), buffer(plan.pool_out))},
+                                        {DNNL_ARG_SCRATCHPAD, plan.pool->scratch.at(plan.pool->fwd_scratch)}});
+      }
+    }
+    stream.wait();
+    // Global average pooling of the float32 features, per image and channel.
+    const auto *features = static_cast<const float *>(buffer(plan.features));
+    auto *pooled = static_cast<float *>(params[out]);
+    const int64_t pixels = plan.h * plan.w, c = 2048;
+    for (int64_t image = 0; image < plan.n; image++) {
+      float *sum = pooled + image * c;
+      std::fill(sum, sum + c, 0.f);
+      for (int64_t p = 0; p < pixels; p++) {
+        const float *row = features + (image * pixels + p) * c;
+        for (int64_t ch = 0; ch < c; ch++) sum[ch] += row[ch];
+      }
+      for (int64_t ch = 0; ch < c; ch++) sum[ch] /= static_cast<float>(pixels);
+    }
+  } catch (const std::exception &e) {
+    return fail(e.what());
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -741,6 +924,16 @@ VN_CONV(VnConvBf16S1Relu, 1, true, false, true)
 VN_CONV(VnConvBf16S2Relu, 2, true, false, true)
 VN_CONV(VnConvBf16AddS1Relu, 1, true, true, true)
 VN_CONV(VnConvBf16AddS1ReluToF32, 1, true, true, true)
+
+// The whole backbone (see run_backbone), by layer4's stride and precision.
+#define VN_BACKBONE(name, last_stride, bf16)                                                                     \
+  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
+    return run_backbone(nparam, params, ndims, shapes, dtypes, last_stride, bf16);                                \
+  }
+VN_BACKBONE(VnBackboneL1, 1, false)
+VN_BACKBONE(VnBackboneL2, 2, false)
+VN_BACKBONE(VnBackboneBf16L1, 1, true)
+VN_BACKBONE(VnBackboneBf16L2, 2, true)
 
 #define VN_TRAIN_CONV(name, stride, pass)                                                                      \
   int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
@@ -776,12 +969,12 @@ int VnMaxPoolBackward3x3S2(int nparam, void **params, int *ndims, int64_t **shap
   return run_pool(nparam, params, ndims, shapes, dtypes, PoolPass::backward);
 }
 
-// Which oneDNN implementation serves a convolution of this shape (e.g. "brgconv:avx512_core"),
-// for benchmarks and tests. Returns 0 and fills `out`, or 1 with the error in `out`.
-// With bf16 != 0, the bf16 convolution (bf16 in and out).
 // How many times convolution weights were reordered since the library was loaded.
 int64_t VnWeightReorders() { return weight_reorders().load(); }
 
+// Which oneDNN implementation serves a convolution of this shape (e.g. "brgconv:avx512_core"),
+// for benchmarks and tests. Returns 0 and fills `out`, or 1 with the error in `out`.
+// With bf16 != 0, the bf16 convolution (bf16 in and out).
 int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
                          int bf16, char *out, int size) {
   try {
