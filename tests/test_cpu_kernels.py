@@ -149,8 +149,12 @@ def test_whole_backbone_op_is_the_per_layer_ops(precision):
         model = net.model
         whole, layers = model(x).asnumpy(), model.construct_nhwc_layers(x).asnumpy()
         assert whole.shape == layers.shape == (3, 2048)
-        assert _rel(whole, layers) <= 1e-6, (last_stride, _rel(whole, layers))
         assert np.abs(whole).max() > 0
+        if precision == "fp32":
+            assert _rel(whole, layers) <= 1e-6, (last_stride, _rel(whole, layers))
+        else:  # other kernels (blocked layout) round other sums to bfloat16: agreement at bf16's level
+            cosine = (whole * layers).sum(1) / np.linalg.norm(whole, axis=1) / np.linalg.norm(layers, axis=1)
+            assert cosine.min() >= 0.9999 and _rel(whole, layers) <= 1e-2, (last_stride, cosine, _rel(whole, layers))
     ms.set_context(mode=ms.GRAPH_MODE)
 
 @pytest.mark.parametrize("mode", ["graph", "pynative"])
