@@ -227,23 +227,14 @@ def make_batch(batch: int, image_size: int) -> np.ndarray:
     return ((pixels - mean) / std).astype(np.float32)
 
 
-def vehiclenet_implementation(precision: str) -> str:
-    """The oneDNN implementation of a typical 3x3 convolution (layer1 at 384x384)."""
-    from vehiclenet.cpu_kernels import convolution_implementation, library_path
+def vehiclenet_implementation(precision: str, batch: int, height: int, width: int) -> str:
+    """The oneDNN implementations that run the network's whole-backbone op on this input."""
+    from vehiclenet.cpu_kernels import backbone_implementations, library_path
 
     library = library_path()
     if library is None:
         return "MindSpore's Conv2D (oneDNN kernels unavailable)"
-    args = (library, 8, 96, 96, 64, 64, 3, 1)
-    if precision == "fp32":
-        return f"3x3 conv: {convolution_implementation(*args)}"
-    # The query's bf16 switch is new: say so rather than guess where it is missing.
-    parameters = inspect.signature(convolution_implementation).parameters
-    if "bf16" in parameters:
-        return f"3x3 conv: {convolution_implementation(*args, bf16=True)}"
-    if "precision" in parameters:
-        return f"3x3 conv: {convolution_implementation(*args, precision=precision)}"
-    return "3x3 conv: ? (convolution_implementation cannot be asked about bf16)"
+    return backbone_implementations(library, batch, height, width, bf16=precision == "bf16")
 
 
 def run_vehiclenet(checkpoint: Path, x: np.ndarray, seconds: float, precision: str) -> Result:
@@ -259,7 +250,7 @@ def run_vehiclenet(checkpoint: Path, x: np.ndarray, seconds: float, precision: s
     tensor = ms.Tensor(x)
     result = measure(lambda: net(tensor).asnumpy(), len(x), seconds)
     result["version"] = f"mindspore {ms.__version__}"
-    result["implementation"] = vehiclenet_implementation(precision)
+    result["implementation"] = vehiclenet_implementation(precision, *x.shape[:1], *x.shape[2:])
     return result
 
 

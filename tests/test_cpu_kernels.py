@@ -117,6 +117,39 @@ def test_create_network_runs_on_the_kernels_here():
     for shape in [(8, 96, 96, 64, 64, 3, 1), (8, 48, 48, 512, 128, 1, 1), (1, 384, 384, 3, 64, 7, 2)]:
         implementation = convolution_implementation(library, *shape)
         assert "gemm" not in implementation and "ref" not in implementation, (shape, implementation)
+    whole = cpu_kernels.backbone_implementations(library, 2, 96, 64)
+    assert "gemm" not in whole and "ref" not in whole, whole
+    assert sum(int(part.split()[0]) for part in whole.rsplit(" (", 1)[0].split(", ")) == 53, whole
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
+def test_whole_backbone_on_older_instruction_sets(isa, tmp_path):
+    """On a CPU with only AVX2 (or AVX-512 without bf16) the whole-backbone op runs oneDNN's
+    brgemm kernels on NHWC (AVX2 has no kernels for the blocked layout), never its reference
+    code, and gives MindSpore's features. oneDNN's instruction set is capped as on such a CPU."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import numpy as np, mindspore as ms
+from test_cpu_kernels import _fast_and_plain, _rel
+from vehiclenet import cpu_kernels
+library = cpu_kernels.library_path()
+print("ISA", cpu_kernels.cpu_isa(library)[0])
+print("WHOLE", cpu_kernels.backbone_implementations(library, 2, 70, 45))
+fast, plain = _fast_and_plain(seed=9, mode="pynative", include_top=False)
+x = ms.Tensor(np.random.default_rng(9).standard_normal((2, 3, 70, 45)).astype(np.float32))
+print("REL", _rel(fast(x).asnumpy(), plain(x).asnumpy()))
+"""
+    env = dict(os.environ, DNNL_MAX_CPU_ISA=isa, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.split(" ", 1)[0] in ("ISA", "WHOLE", "REL"))
+    assert lines["ISA"] == isa.lower(), lines
+    assert "ref" not in lines["WHOLE"] and "gemm" not in lines["WHOLE"], lines
+    assert lines["WHOLE"].endswith("(NHWC)"), lines  # nChw16c only on AVX512-BF16 without AMX
+    assert float(lines["REL"]) <= 1e-5, lines
 
 
 @pytest.mark.parametrize("mode", ["graph", "pynative"])

@@ -180,6 +180,17 @@ def weight_reorders(library: str) -> int:
     return int(count())
 
 
+def backbone_implementations(library: str, batch: int, height: int, width: int, last_stride: int = 2,
+                             bf16: bool = False) -> str:
+    """The oneDNN implementations that run the whole-backbone op for this input, counted, and the
+    activations' layout, e.g. ``35 jit_1x1:avx512_core, 17 jit:avx512_core, ... (nChw16c)``."""
+    buffer = ctypes.create_string_buffer(512)
+    args = [ctypes.c_int64(v) for v in (batch, height, width, last_stride)]
+    if ctypes.CDLL(library).VnBackboneImplementations(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))):
+        raise KernelsUnavailable(buffer.value.decode(errors="replace"))
+    return buffer.value.decode()
+
+
 def cpu_isa(library: str) -> Tuple[str, bool]:
     """oneDNN's instruction set here (capped by ``DNNL_MAX_CPU_ISA``) and whether it has
     native bf16 arithmetic (AVX512-BF16, AVX512-FP16, AMX or AVX2-VNNI-2)."""

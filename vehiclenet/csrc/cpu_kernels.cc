@@ -748,10 +748,15 @@ int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, cons
 constexpr int kBlocks[4] = {3, 4, 6, 3};
 constexpr int kMidChannels[4] = {64, 128, 256, 512};
 constexpr int kConvs = 53;
-// Activations between the backbone's kernels: channels in blocks of 16 (nChw16c; every channel
-// count here is a multiple of 16). oneDNN's kernels run the network 1.02-1.03x as fast on them
-// as on NHWC (fp32 and bf16, AVX-512), layer1's residual convolutions the most.
-constexpr tag kLayout = tag::nChw16c;
+// The layout of the activations between the backbone's kernels. Where oneDNN runs AVX512-BF16
+// without AMX (AMD Zen 4, Intel Cooper Lake), channels in blocks of 16 (nChw16c; every channel
+// count here is a multiple of 16): its direct kernels on them ran the network 1.02x (fp32) and
+// 1.03x (bf16) as fast as brgemm on NHWC on Zen 4, layer1's residual 1x1 convolutions the most.
+// Elsewhere NHWC: AVX2 has no kernels for nChw16c at all (oneDNN's reference code would run),
+// and AMX's brgemm kernels want NHWC.
+tag preferred_layout() {
+  return dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx512_core_bf16 ? tag::nChw16c : tag::nhwc;
+}
 
 // A 64-byte aligned buffer (what oneDNN's kernels prefer).
 struct Buffer {
@@ -776,8 +781,22 @@ struct BackbonePlan {
   PoolPlan *pool = nullptr;
   int pool_in = 0, pool_out = 0, features = 0;  // buffers; `features` is float32 (N, h, w, 2048)
   int64_t n = 0, h = 0, w = 0;  // of the features
+  tag layout = tag::nhwc;
   std::vector<std::unique_ptr<Buffer>> buffers;
 };
+
+// "17 jit:avx512_core, ..." : how many of the plan's convolutions each oneDNN implementation runs.
+std::string implementations(const BackbonePlan &plan) {
+  std::vector<std::pair<std::string, int>> counts;
+  for (const Step &step : plan.steps) {
+    auto found = std::find_if(counts.begin(), counts.end(), [&](auto &c) { return c.first == step.plan->implementation; });
+    if (found == counts.end()) counts.emplace_back(step.plan->implementation, 1);
+    else found->second++;
+  }
+  std::string out;
+  for (auto &[name, count] : counts) out += (out.empty() ? "" : ", ") + std::to_string(count) + " " + name;
+  return out + (plan.layout == tag::nhwc ? " (NHWC)" : " (nChw16c)");
+}
 
 // Backbone plans hold their activations: keep the two most recent input shapes only.
 std::list<std::pair<std::string, std::unique_ptr<BackbonePlan>>> &backbone_plans() {
@@ -785,22 +804,16 @@ std::list<std::pair<std::string, std::unique_ptr<BackbonePlan>>> &backbone_plans
   return plans;
 }
 
-BackbonePlan &backbone_plan(int64_t n, int64_t h, int64_t w, int64_t last_stride, bool bf16) {
-  const std::string key = key_of({n, h, w, last_stride, bf16});
-  auto &plans = backbone_plans();
-  for (auto it = plans.begin(); it != plans.end(); ++it) {
-    if (it->first == key) {
-      plans.splice(plans.begin(), plans, it);
-      return *plans.front().second;
-    }
-  }
+std::unique_ptr<BackbonePlan> build_backbone_plan(int64_t n, int64_t h, int64_t w, int64_t last_stride, bool bf16,
+                                                  tag layout) {
   const dt act = bf16 ? dt::bf16 : dt::f32;
   auto plan = std::make_unique<BackbonePlan>();
+  plan->layout = layout;
   size_t largest = 0;
   auto add = [&](int64_t nn, int64_t hh, int64_t ww, int64_t cin, int64_t cout, int64_t k, int64_t stride, bool relu,
                  int in, int out, int residual, bool accumulate, dt src, dt dst, dt user_src, bool nchw) {
     ConvPlan &conv = conv_plan(nn, hh, ww, cin, cout, k, stride, relu, residual >= 0, src, dst, act, user_src,
-                               accumulate, nchw, kLayout);
+                               accumulate, nchw, layout);
     plan->steps.push_back({&conv, in, out, residual, {cout, cin, k, k}});
     largest = std::max(largest, conv.dst.get_size());
   };
@@ -808,7 +821,7 @@ BackbonePlan &backbone_plan(int64_t n, int64_t h, int64_t w, int64_t last_stride
   auto out_size = [](int64_t v, int64_t stride) { return (v + stride - 1) / stride; };
   int64_t hh = out_size(h, 2), ww = out_size(w, 2);
   add(n, h, w, 3, 64, 7, 2, true, -1, 0, -1, false, act, act, dt::f32, true);
-  plan->pool = &pool_plan(n, hh, ww, 64, false, act, kLayout);
+  plan->pool = &pool_plan(n, hh, ww, 64, false, act, layout);
   plan->pool_in = 0, plan->pool_out = 1;
   hh = out_size(hh, 2), ww = out_size(ww, 2);
   int cur = 1;
@@ -839,7 +852,25 @@ BackbonePlan &backbone_plan(int64_t n, int64_t h, int64_t w, int64_t last_stride
   }
   plan->n = n, plan->h = hh, plan->w = ww;
   for (int i = 0; i < 4; i++) plan->buffers.push_back(std::make_unique<Buffer>(largest));
-  if (plans.size() >= 2) plans.pop_back();
+  return plan;
+}
+
+BackbonePlan &backbone_plan(int64_t n, int64_t h, int64_t w, int64_t last_stride, bool bf16) {
+  const std::string key = key_of({n, h, w, last_stride, bf16});
+  auto &plans = backbone_plans();
+  for (auto it = plans.begin(); it != plans.end(); ++it) {
+    if (it->first == key) {
+      plans.splice(plans.begin(), plans, it);
+      return *plans.front().second;
+    }
+  }
+  if (plans.size() >= 2) plans.pop_back();  // before the new plan allocates its buffers
+  auto plan = build_backbone_plan(n, h, w, last_stride, bf16, preferred_layout());
+  // Never oneDNN's reference code for a blocked layout where NHWC has real kernels.
+  if (plan->layout != tag::nhwc && implementations(*plan).find("ref") != std::string::npos) {
+    plan.reset();
+    plan = build_backbone_plan(n, h, w, last_stride, bf16, tag::nhwc);
+  }
   plans.emplace_front(key, std::move(plan));
   return *plans.front().second;
 }
@@ -896,17 +927,17 @@ int run_backbone(int nparam, void **params, int *ndims, int64_t **shapes, const 
     // Global average pooling of the float32 features, per image and channel.
     const auto *features = static_cast<const float *>(buffer(plan.features));
     auto *pooled = static_cast<float *>(params[out]);
-    // nChw16c: per image, 2048 / 16 blocks, each a (pixels, 16) matrix.
-    static_assert(kLayout == tag::nChw16c, "the pooling below reads nChw16c");
-    const int64_t pixels = plan.h * plan.w, c = 2048;
-    const float *block = features;
+    // NHWC: per image, (pixels, 2048); nChw16c: per image, 2048 / 16 blocks, each (pixels, 16).
+    const int64_t pixels = plan.h * plan.w, c = 2048, width = plan.layout == tag::nhwc ? c : 16;
     for (int64_t image = 0; image < plan.n; image++) {
-      for (int64_t first = 0; first < c; first += 16, block += pixels * 16) {
-        float sum[16] = {0.f};
+      float *sum = pooled + image * c;
+      std::fill(sum, sum + c, 0.f);
+      for (int64_t first = 0; first < c; first += width) {
+        const float *block = features + image * pixels * c + first * pixels;
         for (int64_t p = 0; p < pixels; p++)
-          for (int j = 0; j < 16; j++) sum[j] += block[p * 16 + j];
-        for (int j = 0; j < 16; j++) pooled[image * c + first + j] = sum[j] / static_cast<float>(pixels);
+          for (int64_t j = 0; j < width; j++) sum[first + j] += block[p * width + j];
       }
+      for (int64_t ch = 0; ch < c; ch++) sum[ch] /= static_cast<float>(pixels);
     }
   } catch (const std::exception &e) {
     return fail(e.what());
@@ -979,6 +1010,19 @@ int VnMaxPoolTrain3x3S2(int nparam, void **params, int *ndims, int64_t **shapes,
 int VnMaxPoolBackward3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                            void *) {
   return run_pool(nparam, params, ndims, shapes, dtypes, PoolPass::backward);
+}
+
+// Which oneDNN implementations run the whole backbone for this input and precision, e.g.
+// "35 jit_1x1:avx512_core, 17 jit:avx512_core, 1 ... (nChw16c)". 0, or 1 with the error in `out`.
+int VnBackboneImplementations(int64_t n, int64_t h, int64_t w, int64_t last_stride, int bf16, char *out, int size) {
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    std::snprintf(out, size, "%s", implementations(backbone_plan(n, h, w, last_stride, bf16 != 0)).c_str());
+  } catch (const std::exception &e) {
+    std::snprintf(out, size, "%s", e.what());
+    return 1;
+  }
+  return 0;
 }
 
 // How many times convolution weights were reordered since the library was loaded.
