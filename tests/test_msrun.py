@@ -103,15 +103,19 @@ def test_two_workers_average_gradients(tmp_path):
     union, half = np.load(tmp_path / "union_0.npz"), np.load(tmp_path / "half_0.npz")
     trainable = [n for n in union.files if not n.endswith(("moving_mean", "moving_variance"))]
     assert len(union.files) == 273 and len(trainable) == 165  # every parameter of the network
-    changed = 0
-    for name in union.files:
-        np.testing.assert_allclose(rank0[name], rank1[name], atol=1e-6, rtol=0, err_msg=name)
-        np.testing.assert_allclose(rank0[name], union[name], atol=1e-5, rtol=0, err_msg=name)
-        changed += not np.allclose(half[name], union[name], atol=1e-4, rtol=0)
-    # Moving statistics stayed frozen, and the step really moved weights differently than rank 0's half alone.
     from vehiclenet.checkpoint import read_checkpoint
 
     init = {p: v.asnumpy() for p, v in read_checkpoint(init_ckpt).items() if p != "__training_state__"}
+    changed = 0
+    for name in union.files:
+        np.testing.assert_allclose(rank0[name], rank1[name], atol=1e-6, rtol=0, err_msg=name)
+        # Averaged halves = the whole batch up to summation order, which oneDNN's kernels change
+        # with the batch size on some instruction sets (AVX2: up to 1.6 % of a step, amplified
+        # through the ReLUs of random weights); one half alone is 40-80 % of a step away.
+        step = np.abs(union[name] - init[name]).max()
+        np.testing.assert_allclose(rank0[name], union[name], atol=max(1e-5, 0.05 * step), rtol=0, err_msg=name)
+        changed += not np.allclose(half[name], union[name], atol=max(1e-4, 0.2 * step), rtol=0)
+    # Moving statistics stayed frozen, and the step really moved weights differently than rank 0's half alone.
     np.testing.assert_array_equal(union["model.bn1.moving_mean"], init["model.bn1.moving_mean"])
     assert not np.allclose(union["classifier.classifier.weight"], init["classifier.classifier.weight"])
     assert changed >= 10, changed
