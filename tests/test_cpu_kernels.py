@@ -223,6 +223,37 @@ def test_weights_are_reordered_once_and_again_only_when_their_values_change(mode
     assert _rel(fast(x).asnumpy(), other_plain(x).asnumpy()) <= 1e-5
     ms.set_context(mode=ms.GRAPH_MODE)
 
+def test_one_ulp_in_one_weight_is_seen_and_batchnorm_shifts_need_no_reorder():
+    """The per-call fingerprint misses no change: one element of the largest weight moved by
+    one ulp is reordered again (exactly that convolution). A BatchNorm's mean and beta only
+    shift the bias, which the op folds on every call: used at once, nothing reordered."""
+    import mindspore as ms
+
+    from vehiclenet.cpu_kernels import weight_reorders
+
+    library = library_path()
+    x = ms.Tensor(np.random.default_rng(7).standard_normal((1, 3, 64, 64)).astype(np.float32))
+    fast, plain = _fast_and_plain(seed=8, include_top=False)
+    first = fast(x).asnumpy()
+    conv = fast.model.layer4[1].conv2.weight  # 512x512x3x3, read through the vectorised fingerprint
+    value = conv.asnumpy()
+    value.flat[1_234_567] = np.nextafter(value.flat[1_234_567], np.float32(np.inf))
+    conv.set_data(ms.Tensor(value))
+    before = weight_reorders(library)
+    fast(x).asnumpy()
+    assert weight_reorders(library) - before == 1
+
+    bn = fast.model.layer2[0].bn2
+    bn.moving_mean.set_data(ms.Tensor(bn.moving_mean.asnumpy() + 0.5))
+    bn.beta.set_data(ms.Tensor(bn.beta.asnumpy() - 0.25))
+    before = weight_reorders(library)
+    shifted = fast(x).asnumpy()
+    assert weight_reorders(library) == before
+    assert not ms.load_param_into_net(plain, {p.name: p for p in fast.get_parameters()})[0]
+    assert np.abs(shifted - first).max() > 1e-3
+    assert _rel(shifted, plain(x).asnumpy()) <= 1e-5
+
+
 def test_full_size_published_layout_features_match(published_ckpt):
     import mindspore as ms
 
@@ -545,11 +576,15 @@ def test_backbone_op_rejects_weights_of_another_network():
     import mindspore as ms
 
     net = create_network(pretrained=False, include_top=False, mode="pynative")
-    weights = list(net.model.folded_weights())
-    weights[3 * 5] = ms.Tensor(np.ones((64, 128, 1, 1), np.float32))  # layer1.1.conv1 with 128 input channels
-    x = ms.Tensor(np.ones((1, 3, 64, 64), np.float32))
+    weights = list(net.model.backbone_parameters())
+    weights[5 * 5] = ms.Tensor(np.ones((64, 128, 1, 1), np.float32))  # layer1.1.conv1 with 128 input channels
+    x, eps = ms.Tensor(np.ones((1, 3, 64, 64), np.float32)), net.model.bn_eps
     with pytest.raises(RuntimeError, match="VnBackboneL2"):
-        net.model.backbone_op(x, *weights).asnumpy()
+        net.model.backbone_op(x, eps, *weights).asnumpy()
+    weights = list(net.model.backbone_parameters())
+    weights[5 * 5 + 4] = ms.Tensor(np.ones(32, np.float32))  # its BatchNorm's variance for 32 channels
+    with pytest.raises(RuntimeError, match="VnBackboneL2"):
+        net.model.backbone_op(x, eps, *weights).asnumpy()
     ms.set_context(mode=ms.GRAPH_MODE)
 
 

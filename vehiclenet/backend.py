@@ -71,8 +71,9 @@ class InferenceOps:
     conv_s2: Op
     conv_add_relu: Op  # stride 1, residual added before the ReLU
     conv_add_relu_last: Op  # the same for the network's last block (bf16: returns float32)
-    # The whole backbone in one op, by layer4's stride: (image NCHW float32, then the 53
-    # convolutions' weights, scale and bias in network order) -> pooled (N, 2048) float32.
+    # The whole backbone in one op, by layer4's stride: (image NCHW float32, BatchNorm epsilon
+    # (1,), then the 53 convolutions' weights, gamma, beta, running mean and variance in network
+    # order) -> pooled (N, 2048) float32.
     backbone_last_stride_1: Op
     backbone_last_stride_2: Op
 
