@@ -108,17 +108,26 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _slow_parts(implementations: str) -> list:
+    """The parts of an implementation report that are oneDNN's reference code or a GEMM-based
+    convolution (what MindSpore's own Conv2D runs). The matrix product under the Winograd
+    convolutions is oneDNN's jit GEMM on AVX2 CPUs: fast, so not listed."""
+    parts = implementations.rsplit(" (", 1)[0].split(", ")
+    return [p for p in parts if "ref" in p or ("gemm" in p and "winograd" not in p)]
+
+
 def test_create_network_runs_on_the_kernels_here():
     library = library_path()
     assert library is not None, "this x86-64 Linux machine has the onednn wheels and a compiler"
     net = create_network(pretrained=False, include_top=False)
     assert net.model.nhwc_ops is not None
     # Not oneDNN's GEMM fallback (what MindSpore's own Conv2D runs) nor its reference code.
-    for shape in [(8, 96, 96, 64, 64, 3, 1), (8, 48, 48, 512, 128, 1, 1), (1, 384, 384, 3, 64, 7, 2)]:
+    for shape in [(8, 96, 96, 64, 64, 3, 1), (8, 48, 48, 512, 128, 1, 1), (1, 384, 384, 3, 64, 7, 2),
+                  (8, 24, 24, 256, 256, 3, 1)]:
         implementation = convolution_implementation(library, *shape)
-        assert "gemm" not in implementation and "ref" not in implementation, (shape, implementation)
+        assert not _slow_parts(implementation), (shape, implementation)
     whole = cpu_kernels.backbone_implementations(library, 2, 96, 64)
-    assert "gemm" not in whole and "ref" not in whole, whole
+    assert not _slow_parts(whole), whole
     assert sum(int(part.split()[0]) for part in whole.rsplit(" (", 1)[0].split(", ")) == 53, whole
 
 
@@ -147,7 +156,7 @@ print("REL", _rel(fast(x).asnumpy(), plain(x).asnumpy()))
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.split(" ", 1)[0] in ("ISA", "WHOLE", "REL"))
     assert lines["ISA"] == isa.lower(), lines
-    assert "ref" not in lines["WHOLE"] and "gemm" not in lines["WHOLE"], lines
+    assert not _slow_parts(lines["WHOLE"]) and "10 winograd_2x2_3x3" in lines["WHOLE"], lines
     assert lines["WHOLE"].endswith("(NHWC)"), lines  # nChw16c only on AVX512-BF16 without AMX
     assert float(lines["REL"]) <= 1e-5, lines
 
@@ -252,6 +261,39 @@ def test_one_ulp_in_one_weight_is_seen_and_batchnorm_shifts_need_no_reorder():
     assert not ms.load_param_into_net(plain, {p.name: p for p in fast.get_parameters()})[0]
     assert np.abs(shifted - first).max() > 1e-3
     assert _rel(shifted, plain(x).asnumpy()) <= 1e-5
+
+
+def _conv3x3_float64(x: np.ndarray, w: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """NHWC 3x3 stride-1 convolution with "same" padding, in float64: the exact answer."""
+    n, h, width, _ = x.shape
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kernel = w.astype(np.float64) * scale.astype(np.float64)[:, None, None, None]
+    out = sum(np.einsum("nhwc,oc->nhwo", padded[:, i:i + h, j:j + width], kernel[:, :, i, j])
+              for i in range(3) for j in range(3))
+    return out + bias
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_winograd_convolution_matches_the_exact_result_at_every_size(relu):
+    """3x3 stride-1 fp32 convolutions of 128+ channels run as Winograd F(2x2, 3x3): odd and
+    tiny sizes (partial tiles, all padding), scale, bias and ReLU, within float32 rounding of
+    the exact float64 result, as close as oneDNN's direct convolution of the same shape."""
+    import mindspore as ms
+
+    library = library_path()
+    ops = cpu_kernels.make_ops(library)
+    op = ops.conv_relu_s1 if relu else ops.conv_s1
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((144, 128, 3, 3)) * np.sqrt(2 / 1152)).astype(np.float32)
+    scale, bias = rng.uniform(0.5, 1.5, 144).astype(np.float32), rng.normal(0, 0.1, 144).astype(np.float32)
+    for h, width in [(1, 1), (2, 3), (5, 7), (13, 12)]:
+        assert "winograd_2x2_3x3" in convolution_implementation(library, 2, h, width, 128, 144, 3, 1)
+        x = rng.standard_normal((2, h, width, 128)).astype(np.float32)
+        got = op(*(ms.Tensor(a) for a in (x, w, scale, bias))).asnumpy()
+        want = _conv3x3_float64(x, w, scale, bias)
+        want = np.maximum(want, 0) if relu else want
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max(), (h, width, np.abs(got - want).max())
 
 
 def test_full_size_published_layout_features_match(published_ckpt):

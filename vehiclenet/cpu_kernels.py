@@ -11,8 +11,9 @@ tensors take about two thirds of the time on AVX-512 machines, so on x86-64 Linu
   residual addition fused; the network runs its whole backbone as one op (image in, pooled
   features out: no MindSpore dispatch, transposes or activation tensors between the 53
   convolutions, each residual added in place), the per-layer ops remaining its reference;
-  the folded weights are reordered once and reused while a fingerprint of their values
-  matches (MindSpore writes new values into the same buffers);
+  fp32 3x3 stride-1 convolutions of 128+ channels as Winograd F(2x2, 3x3) over a oneDNN
+  matmul; the folded weights are reordered once and reused while a fingerprint of their
+  values matches (MindSpore writes new values into the same buffers);
 - training (:func:`make_train_ops`): differentiable ops (convolution, BatchNorm with batch
   statistics and MindSpore's running-statistics update, max-pool) whose gradients are
   oneDNN's backward kernels. MindSpore 2.8.0 has no NHWC BatchNorm on CPU, hence BatchNorm
@@ -22,7 +23,8 @@ The Parameters, their names, checkpoints, optimizer and ``msrun`` data paralleli
 unchanged: weights and their gradients stay OIHW. ``feature_map``, export, other devices
 and AMP keep the plain MindSpore graph.
 
-The kernel library is compiled once per machine (about 3 s, with ``$CXX`` or ``c++``)
+The kernel library is compiled once per machine (about 3 s, with ``$CXX`` or ``c++``; GNU
+OpenMP, the runtime oneDNN's wheel threads with, parallelises the Winograd transforms)
 against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels and kept in the cache
 folder's ``kernels/`` (``VEHICLENET_HOME``; ``VEHICLENET_KERNEL_CACHE`` moves it alone).
 When anything is missing, the network logs why and runs MindSpore's own kernels.
@@ -46,7 +48,7 @@ LOG = logging.getLogger(__name__)
 ENV_SWITCH = env.CPU_KERNELS  # its name, for messages
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
 ONEDNN_RUNTIME, ONEDNN_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
-CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 
 
 

@@ -225,6 +225,204 @@ std::atomic<int64_t> &weight_reorders() {
   return count;
 }
 
+// ------------------------------------------------------------------ Winograd F(2x2, 3x3)
+// fp32 3x3 stride-1 convolutions as 16 matrix products instead of one direct convolution:
+// each 2x2 output tile comes from a 4x4 input tile, transformed (V = B^T d B), multiplied per
+// tile position by the transformed weights (U = G g G^T) summed over input channels (one
+// oneDNN batched matmul of 16 x (tiles x Cin) @ (Cin x Cout)), transformed back
+// (Y = A^T M A) with the bias and ReLU. 2.25x fewer multiplications than the direct
+// convolution; on AMD Zen 4 (batch 8, 384x384) the matmul ran at the direct kernel's rate and
+// layers 2-4's 3x3 convolutions took 0.73x (128 channels), 0.58x (256) and 0.56x (512) of
+// their direct time. With 64 channels (layer1) the transforms' memory traffic left 0.86x for
+// twice the workspace: not used there. The transforms use only +, - and x0.5; the results
+// were as close to the exact convolution as the direct kernel's (~5e-7 relative).
+constexpr int64_t kWinogradMinChannels = 128;
+
+struct WinogradPlan {
+  int64_t n, h, w, cin, cout, tiles_h, tiles_w, tiles;
+  bool relu;
+  // Addressing of NHWC or nChw16c activations: a 16-channel block of image i at pixel p is at
+  // i * image + block * cblock + p * pixel.
+  int64_t in_image, in_block, in_pixel, out_image, out_block, out_pixel;
+  dnnl::matmul product;
+  memory::desc v, u_user, m;  // (16, tiles, Cin), (16, Cin, Cout) plain, (16, tiles, Cout)
+  memory::desc u;             // the matmul's layout of U
+  std::string implementation;
+  Scratch scratch;
+};
+
+// V and M of the convolution running now: shared by all Winograd plans (every kernel call holds
+// kernel_mutex), grown to the largest.
+struct Workspace {
+  float *data = nullptr;
+  size_t floats = 0;
+  float *fit(size_t want) {
+    if (want > floats) {
+      std::free(data);
+      data = static_cast<float *>(std::aligned_alloc(64, (want * 4 + 63) / 64 * 64));
+      if (!data) {
+        floats = 0;
+        throw std::bad_alloc();
+      }
+      floats = want;
+    }
+    return data;
+  }
+  ~Workspace() { std::free(data); }
+};
+
+Workspace &winograd_workspace() {
+  static Workspace workspace;
+  return workspace;
+}
+
+void address(tag layout, int64_t h, int64_t w, int64_t c, int64_t &image, int64_t &block, int64_t &pixel) {
+  if (layout == tag::nhwc) image = h * w * c, block = 16, pixel = c;
+  else image = c * h * w, block = h * w * 16, pixel = 16;
+}
+
+std::unique_ptr<WinogradPlan> winograd_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, bool relu,
+                                            tag layout) {
+  auto plan = std::make_unique<WinogradPlan>();
+  WinogradPlan &p = *plan;
+  p.n = n, p.h = h, p.w = w, p.cin = cin, p.cout = cout, p.relu = relu;
+  p.tiles_h = (h + 1) / 2, p.tiles_w = (w + 1) / 2, p.tiles = n * p.tiles_h * p.tiles_w;
+  address(layout, h, w, cin, p.in_image, p.in_block, p.in_pixel);
+  address(layout, h, w, cout, p.out_image, p.out_block, p.out_pixel);
+  p.v = memory::desc({16, p.tiles, cin}, dt::f32, tag::abc);
+  p.u_user = memory::desc({16, cin, cout}, dt::f32, tag::abc);
+  p.m = memory::desc({16, p.tiles, cout}, dt::f32, tag::abc);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc pd(cpu_engine(), p.v, memory::desc({16, cin, cout}, dt::f32, tag::any), p.m, attr);
+  p.product = dnnl::matmul(pd);
+  p.u = pd.weights_desc();
+  p.implementation = std::string("winograd_2x2_3x3+") + pd.impl_info_str();
+  p.scratch.fit(pd.scratchpad_desc());
+  return plan;
+}
+
+// U = G (g * scale) G^T per (output, input) channel pair, as (16, Cin, Cout).
+void winograd_weights(const WinogradPlan &p, const float *weights, const float *scales, float *u) {
+  const int64_t cin = p.cin, cout = p.cout;
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < cout; o++) {
+    for (int64_t i = 0; i < cin; i++) {
+      const float *g = weights + (o * cin + i) * 9;
+      float a[4][3], t[4][4];
+      for (int c = 0; c < 3; c++) {
+        const float g0 = g[c] * scales[o], g1 = g[3 + c] * scales[o], g2 = g[6 + c] * scales[o];
+        a[0][c] = g0, a[1][c] = 0.5f * (g0 + g1 + g2), a[2][c] = 0.5f * (g0 - g1 + g2), a[3][c] = g2;
+      }
+      for (int r = 0; r < 4; r++) {
+        t[r][0] = a[r][0], t[r][1] = 0.5f * (a[r][0] + a[r][1] + a[r][2]);
+        t[r][2] = 0.5f * (a[r][0] - a[r][1] + a[r][2]), t[r][3] = a[r][2];
+      }
+      for (int xi = 0; xi < 16; xi++) u[(xi * cin + i) * cout + o] = t[xi / 4][xi % 4];
+    }
+  }
+}
+
+// 16 channels, one block of nChw16c: GCC/Clang vector arithmetic, compiled per instruction set
+// below (target_clones: AVX-512, AVX2 or baseline, chosen once when the library loads).
+typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+
+// By reference: a vector of 64 bytes passed by value would have an ABI of its own per target.
+inline void load16(Vec16 &v, const float *p) { std::memcpy(&v, p, sizeof(v)); }
+inline void store16(float *p, const Vec16 &v) { std::memcpy(p, &v, sizeof(v)); }
+
+constexpr int64_t kTilesPerTask = 32;
+
+// V = B^T d B for tiles [first, last) (zero outside the image: the "same" padding of 1).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void winograd_input_tiles(const WinogradPlan &p, const float *x, float *v, int64_t first, int64_t last) {
+  const int64_t blocks = p.cin / 16, per_image = p.tiles_h * p.tiles_w, step = p.tiles * p.cin;
+  const Vec16 zero = {};
+  for (int64_t t = first; t < last; t++) {
+    const int64_t image = t / per_image, y0 = (t % per_image) / p.tiles_w * 2 - 1, x0 = t % p.tiles_w * 2 - 1;
+    const bool interior = y0 >= 0 && y0 + 4 <= p.h && x0 >= 0 && x0 + 4 <= p.w;
+    for (int64_t b = 0; b < blocks; b++) {
+      const float *in = x + image * p.in_image + b * p.in_block;
+      Vec16 d[4][4];
+      for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) {
+          const int64_t yy = y0 + i, xx = x0 + j;
+          if (interior || (yy >= 0 && yy < p.h && xx >= 0 && xx < p.w)) load16(d[i][j], in + (yy * p.w + xx) * p.in_pixel);
+          else d[i][j] = zero;
+        }
+      float *out = v + t * p.cin + b * 16;
+      for (int i = 0; i < 4; i++) {
+        // row i of B^T d, then times B
+        Vec16 r[4];
+        for (int j = 0; j < 4; j++) {
+          r[j] = i == 0 ? d[0][j] - d[2][j] : i == 1 ? d[1][j] + d[2][j] : i == 2 ? d[2][j] - d[1][j] : d[1][j] - d[3][j];
+        }
+        float *row = out + i * 4 * step;
+        const Vec16 v0 = r[0] - r[2], v1 = r[1] + r[2], v2 = r[2] - r[1], v3 = r[1] - r[3];
+        store16(row, v0), store16(row + step, v1), store16(row + 2 * step, v2), store16(row + 3 * step, v3);
+      }
+    }
+  }
+}
+
+// Y = A^T M A + bias (then ReLU) for tiles [first, last), written where the output has pixels.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void winograd_output_tiles(const WinogradPlan &p, const float *m, const float *bias, float *y, int64_t first,
+                           int64_t last) {
+  const int64_t blocks = p.cout / 16, per_image = p.tiles_h * p.tiles_w, step = p.tiles * p.cout;
+  const Vec16 zero = {};
+  for (int64_t t = first; t < last; t++) {
+    const int64_t image = t / per_image, y0 = (t % per_image) / p.tiles_w * 2, x0 = t % p.tiles_w * 2;
+    for (int64_t b = 0; b < blocks; b++) {
+      const float *in = m + t * p.cout + b * 16;
+      Vec16 r[2][4];
+      for (int j = 0; j < 4; j++) {
+        Vec16 m0, m1, m2, m3;
+        load16(m0, in + j * step), load16(m1, in + (4 + j) * step), load16(m2, in + (8 + j) * step);
+        load16(m3, in + (12 + j) * step);
+        r[0][j] = m0 + m1 + m2;
+        r[1][j] = m1 - m2 - m3;
+      }
+      float *out = y + image * p.out_image + b * p.out_block;
+      Vec16 shift;
+      load16(shift, bias + b * 16);
+      for (int i = 0; i < 2 && y0 + i < p.h; i++) {
+        for (int j = 0; j < 2 && x0 + j < p.w; j++) {
+          Vec16 value = (j == 0 ? r[i][0] + r[i][1] + r[i][2] : r[i][1] - r[i][2] - r[i][3]) + shift;
+          if (p.relu) value = value > zero ? value : zero;
+          store16(out + ((y0 + i) * p.w + x0 + j) * p.out_pixel, value);
+        }
+      }
+    }
+  }
+}
+
+void winograd_input(const WinogradPlan &p, const float *x, float *v) {
+  const int64_t tasks = (p.tiles + kTilesPerTask - 1) / kTilesPerTask;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < tasks; task++)
+    winograd_input_tiles(p, x, v, task * kTilesPerTask, std::min(p.tiles, (task + 1) * kTilesPerTask));
+}
+
+void winograd_output(const WinogradPlan &p, const float *m, const float *bias, float *y) {
+  const int64_t tasks = (p.tiles + kTilesPerTask - 1) / kTilesPerTask;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < tasks; task++)
+    winograd_output_tiles(p, m, bias, y, task * kTilesPerTask, std::min(p.tiles, (task + 1) * kTilesPerTask));
+}
+
+void winograd_execute(WinogradPlan &p, dnnl::stream &stream, const float *x, memory &u, const float *bias, float *y) {
+  const size_t v_floats = 16 * p.tiles * p.cin, m_floats = 16 * p.tiles * p.cout;
+  float *v = winograd_workspace().fit(v_floats + m_floats), *m = v + v_floats;
+  winograd_input(p, x, v);
+  p.product.execute(stream, {{DNNL_ARG_SRC, memory(p.v, cpu_engine(), v)},
+                             {DNNL_ARG_WEIGHTS, u},
+                             {DNNL_ARG_DST, memory(p.m, cpu_engine(), m)},
+                             {DNNL_ARG_SCRATCHPAD, p.scratch.at(p.scratch.desc)}});
+  stream.wait();
+  winograd_output(p, m, bias, y);
+}
+
 struct ConvPlan {
   dnnl::convolution_forward conv;
   memory::desc src, user_src, user_weights, weights, scales, bias, dst, residual;
@@ -238,6 +436,7 @@ struct ConvPlan {
   std::unique_ptr<memory> src_buffer;
   Scratch scratch;
   std::string implementation;
+  std::unique_ptr<WinogradPlan> winograd;  // set: Winograd instead of plan.conv
 };
 
 std::string key_of(const std::vector<int64_t> &values) {
@@ -296,6 +495,16 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
     plan->src_convert = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->user_src, cpu_engine(), plan->src));
   }
 
+  if (k == 3 && stride == 1 && src_type == dt::f32 && dst_type == dt::f32 && user_src_type == dt::f32 && !residual &&
+      !accumulate && !nchw_input && cin % 16 == 0 && cout % 16 == 0 && cin >= kWinogradMinChannels &&
+      (layout == tag::nhwc || layout == tag::nChw16c)) {
+    plan->winograd = winograd_plan(n, h, w, cin, cout, relu, layout);
+    plan->weights = plan->winograd->u;
+    plan->implementation = plan->winograd->implementation;
+    plan->weights_reorder =
+        dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->winograd->u_user, cpu_engine(), plan->weights));
+    return keep_plan(key, std::move(plan));
+  }
   dnnl::post_ops post;
   if (residual) post.append_binary(dnnl::algorithm::binary_add, plan->residual);
   if (accumulate) post.append_sum(1.f);
@@ -336,9 +545,17 @@ memory &prepared_weights(ConvPlan &plan, dnnl::stream &stream, void *weights, vo
   PreparedWeights &prepared = plan.prepared.front();
   if (prepared.fingerprint != print || print == 0) {
     prepared.fingerprint = 0;  // a failed reorder leaves nothing that looks valid
-    plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, memory(plan.user_weights, cpu_engine(), weights)},
-                                          {DNNL_ARG_TO, *prepared.buffer},
-                                          {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, memory(plan.scales, cpu_engine(), scales)}});
+    if (plan.winograd) {
+      const WinogradPlan &p = *plan.winograd;
+      std::vector<float> u(16 * p.cin * p.cout);
+      winograd_weights(p, static_cast<const float *>(weights), static_cast<const float *>(scales), u.data());
+      plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, memory(p.u_user, cpu_engine(), u.data())},
+                                            {DNNL_ARG_TO, *prepared.buffer}});
+    } else {
+      plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, memory(plan.user_weights, cpu_engine(), weights)},
+                                            {DNNL_ARG_TO, *prepared.buffer},
+                                            {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, memory(plan.scales, cpu_engine(), scales)}});
+    }
     stream.wait();
     prepared.fingerprint = print;
     ++weight_reorders();
@@ -349,6 +566,12 @@ memory &prepared_weights(ConvPlan &plan, dnnl::stream &stream, void *weights, vo
 // One planned convolution on the caller's buffers (`residual` only for plans with one).
 void execute_conv(ConvPlan &plan, dnnl::stream &stream, void *x, void *weights, void *scales, void *bias, void *y,
                   void *residual) {
+  if (plan.winograd) {
+    memory &u = prepared_weights(plan, stream, weights, scales);
+    winograd_execute(*plan.winograd, stream, static_cast<const float *>(x), u, static_cast<const float *>(bias),
+                     static_cast<float *>(y));
+    return;
+  }
   auto &engine = cpu_engine();
   memory src(plan.user_src, engine, x);
   if (plan.src_buffer) {
