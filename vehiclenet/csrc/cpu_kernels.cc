@@ -231,13 +231,13 @@ std::atomic<int64_t> &weight_reorders() {
 // tile position by the transformed weights (U = G g G^T) summed over input channels (one
 // oneDNN batched matmul of 16 x (tiles x Cin) @ (Cin x Cout)), transformed back
 // (Y = A^T M A) with the bias and ReLU. 2.25x fewer multiplications than the direct
-// convolution; on AMD Zen 4 (batch 8, 384x384) the matmul ran at the direct kernel's rate and
-// layers 2-4's 3x3 convolutions took 0.73x (128 channels), 0.58x (256) and 0.56x (512) of
-// their direct time. With 64 channels (layer1) the transforms' memory traffic left 0.86x for
-// twice the workspace: not used there. The transforms use only +, - and x0.5; in fp32 the
+// convolution; on AMD Zen 4 (batch 8, 384x384; interleaved A/B runs against the direct kernel)
+// one such convolution took 0.70-0.72x (128 channels), 0.66-0.70x (256) and 0.60x (512) of the
+// direct time, the whole fp32 batch 0.89-0.93x. With 64 channels (layer1) the transforms'
+// memory traffic left 0.86x (timed in another run) for twice the workspace: not used there. The transforms use only +, - and x0.5; in fp32 the
 // results were as close to the exact convolution as the direct kernel's (~5e-7 relative).
 // In bf16 (activations, V and U in bf16, the matmul accumulating in f32; only on AVX512-BF16
-// without AMX, where it was measured) the same convolutions ran the whole batch 1.08x as fast,
+// without AMX, where it was measured) the whole batch ran 1.05-1.07x as fast (A/B),
 // with 4.3e-3 relative error per convolution against the direct bf16 kernel's 2.3e-3.
 constexpr int64_t kWinogradMinChannels = 128;
 
