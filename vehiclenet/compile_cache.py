@@ -127,9 +127,9 @@ def first_compile(net: Any, args: Sequence[Any]) -> Iterator[None]:
 
 
 def _locked(lock_file: Path):
-    from .download import _file_lock
+    from .fileio import file_lock
 
-    return _file_lock(lock_file, env.lock_timeout())
+    return file_lock(lock_file, env.lock_timeout())
 
 
 @contextlib.contextmanager
@@ -155,7 +155,7 @@ def _files(entry: Path) -> Dict[str, Dict[str, Any]]:
 
 
 def _sha256(path: Path) -> str:
-    from .download import sha256_file
+    from .fileio import sha256_file
 
     return sha256_file(path)
 

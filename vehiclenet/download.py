@@ -53,7 +53,8 @@ from .assets import LOCK_DIR, Asset, get_asset, redact_url, url_problem
 from . import env
 from .env import cache_dir  # noqa: F401 (re-exported: the cache root is part of this module's API)
 from .errors import DownloadChecksumError, DownloadError, OfflineError
-from .fileio import NotRegularFileError, describe_entry, open_regular, publish
+from .fileio import LockFileError, NotRegularFileError, describe_entry, file_lock, hash_stream, open_regular, publish
+from .fileio import sha256_file  # noqa: F401 (re-exported: part of this module's API since 0.x)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ ENV_LOCK_TIMEOUT = env.LOCK_TIMEOUT
 
 CHUNK = 1 << 20  # largest network read: 1 MiB
 MIN_PROGRESS = 64 << 10  # bytes that must arrive in every read-timeout window (see _RateWatch)
-HASH_BUFFER = 1 << 22  # file hashing buffer: 4 MiB (fewer syscalls than hashlib's 256 KiB)
 DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT = env.default(env.TIMEOUT)
 DEFAULT_RETRIES = env.default(env.RETRIES)
 DEFAULT_BACKOFF = env.default(env.BACKOFF)  # 0.5: retries wait 0, 1, 2, 4 s (urllib3 skips the first wait)
@@ -157,38 +157,6 @@ def _lock_path(final: Path) -> Path:
     return final.parent / LOCK_DIR / (final.name + ".lock")
 
 
-def sha256_file(path: Union[str, os.PathLike]) -> str:
-    """Hex SHA-256 of a regular file (links followed), streamed with a large buffer.
-
-    A FIFO or device raises :class:`~vehiclenet.fileio.NotRegularFileError` (an OSError)
-    at once instead of blocking or reading forever.
-    """
-    fd = open_regular(path, os.O_RDONLY, follow=True)
-    with open(fd, "rb", buffering=0) as f:
-        return _hash_stream(f).hexdigest()
-
-
-def _hash_stream(f: Any) -> "hashlib._Hash":
-    """SHA-256 of a binary file object (``readinto``) from its current position to the end."""
-    digest = hashlib.sha256()
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except OSError:
-            pass
-    # readinto a reused buffer: no per-chunk allocation; hashlib releases the GIL.
-    buf = bytearray(HASH_BUFFER)
-    view = memoryview(buf)
-    readinto = f.readinto
-    update = digest.update
-    while True:
-        n = readinto(buf)
-        if not n:
-            break
-        update(view[:n])
-    return digest
-
-
 def _stat_key(st: os.stat_result) -> Tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -225,7 +193,7 @@ def check_cached(asset: Asset, path: Optional[Path] = None, *, full: bool = Fals
         with _verified_lock:
             known = None if full else _verified.get(key)
         if known is None:
-            known = _hash_stream(f).hexdigest()
+            known = hash_stream(f).hexdigest()
             with _verified_lock:
                 _verified[key] = known
     if known != asset.sha256:
@@ -396,69 +364,15 @@ def _with_lock(asset: Asset, path: Path, settings: DownloadSettings, func: Any) 
         ) from None
     _clear_entry(asset, lock_file, "the lock file")
     try:
-        with _file_lock(lock_file, settings.lock_timeout):
+        with file_lock(lock_file, settings.lock_timeout):
             return func(asset, path)
+    except LockFileError as exc:
+        raise DownloadError(str(exc)) from None
     except TimeoutError:
         raise DownloadError(
             f"another process has been fetching {asset.file} for more than {settings.lock_timeout:g} s "
             f"(lock {lock_file}); wait for it, or raise {ENV_LOCK_TIMEOUT}"
         ) from None
-
-
-@contextlib.contextmanager
-def _file_lock(lock_file: Path, timeout: float) -> Iterator[None]:
-    """An exclusive flock on ``lock_file``, waiting up to ``timeout`` s (TimeoutError after).
-
-    Not filelock's: that opens the lock with O_TRUNC and follows links, so a link planted
-    at the lock's name would truncate its target. Here the lock folder is opened without
-    following links, and the lock file inside it read-only, O_NOFOLLOW, never truncated.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; filelock's msvcrt lock has no such problem there
-        import filelock
-
-        try:
-            with filelock.FileLock(str(lock_file), timeout=timeout):
-                yield
-        except filelock.Timeout:
-            raise TimeoutError(lock_file) from None
-        return
-    fd = _open_lock_file(lock_file)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(lock_file) from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _open_lock_file(lock_file: Path) -> int:
-    nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        # Through a descriptor of the folder: a link swapped in for .locks cannot redirect us.
-        folder_fd = os.open(lock_file.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow)
-    except OSError as exc:
-        raise DownloadError(f"cannot use the lock folder {lock_file.parent}: {exc.strerror or exc}; "
-                            f"remove it if it is not a folder, then run the command again") from None
-    try:
-        fd = os.open(lock_file.name, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | nofollow, 0o666, dir_fd=folder_fd)
-    except OSError as exc:
-        raise DownloadError(f"cannot open the lock file {lock_file}: {exc.strerror or exc}; "
-                            f"remove it if it is not a regular file, then run the command again") from None
-    finally:
-        os.close(folder_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise DownloadError(f"the lock file {lock_file} is not a regular file; remove it, then run the command again")
-    return fd
 
 
 def _offline_message(asset: Asset, path: Path, problem: Optional[str]) -> str:
@@ -817,7 +731,7 @@ def _resume(asset: Asset, out: Any, part: Path, progress: Optional[bool]) -> _Tr
     t = _Transfer(asset, out, part, _progress_bar(asset, offset, progress))
     if offset:
         out.seek(0)
-        t.hasher, t.offset, t.from_disk = _hash_stream(out), offset, True
+        t.hasher, t.offset, t.from_disk = hash_stream(out), offset, True
         log.info("resuming %s at byte %d", part, offset)
     return t
 

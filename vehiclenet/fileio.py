@@ -1,12 +1,15 @@
-"""Writing files so that no reader ever sees a half-written one, and opening files so that
-no link, FIFO or device is ever written through by accident."""
+"""Writing files so that no reader ever sees a half-written one, opening files so that no
+link, FIFO or device is ever written through by accident, and the package's one sha256 of a
+file and one inter-process file lock."""
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import shutil
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
@@ -397,3 +400,101 @@ def read_npz(path: Union[str, os.PathLike], keys: Sequence[str], what: str, reme
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy).
         raise DataError(f"{name}: damaged or not {what} ({type(exc).__name__}: {exc}); {remedy}") from None
+
+
+# --------------------------------------------------------------------------- hashing and locking
+
+HASH_BUFFER = 1 << 22  # file hashing buffer: 4 MiB (fewer syscalls than hashlib's 256 KiB)
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a regular file (links followed), streamed with a large buffer.
+
+    A FIFO or device raises :class:`NotRegularFileError` (an OSError) at once instead of
+    blocking or reading forever.
+    """
+    fd = open_regular(path, os.O_RDONLY, follow=True)
+    with open(fd, "rb", buffering=0) as f:
+        return hash_stream(f).hexdigest()
+
+
+def hash_stream(f: Any) -> "hashlib._Hash":
+    """SHA-256 of a binary file object (``readinto``) from its current position to the end."""
+    digest = hashlib.sha256()
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    # readinto a reused buffer: no per-chunk allocation; hashlib releases the GIL.
+    buf = bytearray(HASH_BUFFER)
+    view = memoryview(buf)
+    readinto = f.readinto
+    update = digest.update
+    while True:
+        n = readinto(buf)
+        if not n:
+            break
+        update(view[:n])
+    return digest
+
+
+class LockFileError(OSError):
+    """A lock file or its folder cannot be used (not a regular file, a link, no permission)."""
+
+
+@contextlib.contextmanager
+def file_lock(lock_file: PathLike, timeout: float) -> Iterator[None]:
+    """An exclusive flock on ``lock_file``, waiting up to ``timeout`` s (TimeoutError after):
+    the one inter-process lock of the package (downloads, kernel builds, compiled graphs).
+
+    Not filelock's: that opens the lock with O_TRUNC and follows links, so a link planted
+    at the lock's name would truncate its target. Here the lock folder is opened without
+    following links, and the lock file inside it read-only, O_NOFOLLOW, never truncated.
+    Raises :class:`LockFileError` when the lock cannot be opened.
+    """
+    lock_file = Path(lock_file)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; filelock's msvcrt lock has no such problem there
+        import filelock
+
+        try:
+            with filelock.FileLock(str(lock_file), timeout=timeout):
+                yield
+        except filelock.Timeout:
+            raise TimeoutError(lock_file) from None
+        return
+    fd = _open_lock_file(lock_file)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(lock_file) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _open_lock_file(lock_file: Path) -> int:
+    nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        # Through a descriptor of the folder: a link swapped in for the folder cannot redirect us.
+        folder_fd = os.open(lock_file.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow)
+    except OSError as exc:
+        raise LockFileError(f"cannot use the lock folder {lock_file.parent}: {exc.strerror or exc}; "
+                            f"remove it if it is not a folder, then run the command again") from None
+    try:
+        fd = os.open(lock_file.name, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | nofollow, 0o666, dir_fd=folder_fd)
+    except OSError as exc:
+        raise LockFileError(f"cannot open the lock file {lock_file}: {exc.strerror or exc}; "
+                            f"remove it if it is not a regular file, then run the command again") from None
+    finally:
+        os.close(folder_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockFileError(f"the lock file {lock_file} is not a regular file; remove it, then run the command again")
+    return fd

@@ -147,7 +147,7 @@ def _weights_identity(checkpoint: Optional[PathLike], pretrained: Union[bool, st
     from .preprocessing import INPUT_SIZE
 
     if checkpoint is not None:
-        from .download import sha256_file
+        from .fileio import sha256_file
 
         return f"sha256:{sha256_file(checkpoint)}", INPUT_SIZE
     from .assets import get_asset
@@ -220,7 +220,7 @@ def _refuse_other_job(folder: Path, recorded: ShardJob, job: ShardJob) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    from .download import sha256_file
+    from .fileio import sha256_file
 
     return sha256_file(path)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .assets import SHA256_HEX, Asset, find_asset_for_file, load_manifest, manifest_path
-from .download import cache_dir, cached_path, not_a_file_problem, sha256_file
+from .download import cache_dir, cached_path, not_a_file_problem
+from .fileio import sha256_file
 from .errors import UsageError
 from .fileio import describe_entry
 
