@@ -66,7 +66,23 @@ def _session_kernel_cache(tmp_path_factory):
     subprocesses, which inherit the variable): compiled once, not once per test's cache root."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VEHICLENET_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
+        # The platform's user cache folder (where compiled code goes when a cache folder is
+        # refused, and where ONNX Runtime keeps its files) is the session's own too.
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user_cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def _execution_mode_restored():
+    """A test that sets MindSpore's execution mode (``create_network(mode=...)``) leaves the next
+    test the mode it found: no test's outcome may depend on which tests ran before it."""
+    import sys
+
+    before = sys.modules["mindspore"].get_context("mode") if "mindspore" in sys.modules else None
+    yield
+    ms = sys.modules.get("mindspore")
+    if ms is not None:
+        ms.set_context(mode=ms.PYNATIVE_MODE if before is None else before)
 
 
 @pytest.fixture(autouse=True)

@@ -135,7 +135,8 @@ def test_create_network_runs_on_the_kernels_here():
 def test_whole_backbone_on_older_instruction_sets(isa, tmp_path):
     """On a CPU with only AVX2 (or AVX-512 without bf16) the whole-backbone op runs oneDNN's
     brgemm kernels on NHWC (AVX2 has no kernels for the blocked layout), never its reference
-    code, and gives MindSpore's features. oneDNN's instruction set is capped as on such a CPU."""
+    code, and gives MindSpore's features. oneDNN's instruction set is capped as on such a CPU
+    (a cap above what this CPU has leaves its own: AVX512_CORE on an AVX2 machine is AVX2)."""
     import subprocess
     import sys
 
@@ -155,7 +156,8 @@ print("REL", _rel(fast(x).asnumpy(), plain(x).asnumpy()))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.split(" ", 1)[0] in ("ISA", "WHOLE", "REL"))
-    assert lines["ISA"] == isa.lower(), lines
+    native = cpu_kernels.cpu_isa(library_path())[0]
+    assert lines["ISA"] == (native if native == "avx2" else isa.lower()), lines
     assert not _slow_parts(lines["WHOLE"]) and "10 winograd_2x2_3x3" in lines["WHOLE"], lines
     assert lines["WHOLE"].endswith("(NHWC)"), lines  # nChw16c only on AVX512-BF16 without AMX
     assert float(lines["REL"]) <= 1e-5, lines
