@@ -1,6 +1,6 @@
 """Cold start: how long one image takes to an answer, each command in a fresh process.
 
-    python benchmarks/cold_start.py [--repeats 2]
+    python benchmarks/cold_start.py [--repeats 2] [--only REGEX]
 
 Measured, each in its own fresh process (wall time and that process's peak RSS, from
 ``os.wait4``): ``vehiclenet embed`` of one image, ``vehiclenet rank`` of one query against a
@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,8 @@ def commands(files: Dict[str, Any]) -> Dict[str, List[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each command (the first is cold)")
+    parser.add_argument("--only", metavar="REGEX", default="",
+                        help="measure only the commands whose name matches (the anchors always run)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="vn-cold-") as tmp:
         work = Path(tmp)
@@ -155,6 +158,8 @@ def main() -> None:
         env = _env(work)
         results = {}
         for name, cmd in commands(files).items():
+            if not (name.startswith("anchor") or re.search(args.only, name)):
+                continue
             runs = [run_measured(cmd, work, env) for _ in range(args.repeats)]
             results[name] = runs
         report(results)

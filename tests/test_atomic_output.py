@@ -115,4 +115,6 @@ def test_a_killed_build_leaves_nothing_the_next_build_keeps(tmp_path):
     import ctypes
 
     assert ctypes.CDLL(str(target)).vn_tiny() == 7
-    assert sorted(p.name for p in build_dir.iterdir() if not p.name.endswith(".lock")) == [target.name]
+    # The library, and the sha256 its build recorded (checked before every load).
+    assert sorted(p.name for p in build_dir.iterdir() if not p.name.endswith(".lock")) == [
+        target.name, target.name + ".sha256"]

@@ -604,7 +604,7 @@ def test_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch, caplo
         build_library(tmp_path)
     assert not [p for p in os.listdir(tmp_path) if not p.endswith(".lock")], "a half-built library was left"
 
-    monkeypatch.setattr(cpu_kernels, "default_build_dir", lambda: tmp_path)
+    monkeypatch.setenv("VEHICLENET_KERNEL_CACHE", str(tmp_path))
     net = create_network(pretrained=False, include_top=False)
     assert "oneDNN CPU kernels unavailable" in caplog.text and "MindSpore's own" in caplog.text
     assert net.model.nhwc_ops is None

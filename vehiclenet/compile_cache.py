@@ -12,6 +12,10 @@ served from a batch-1 entry returned one row; a bf16 network was served the fp32
   shapes that graph: package version and sources, MindSpore version, device, the input's
   shapes and dtypes, the parameters' names, shapes and dtypes, layer4's stride, the kernel
   library and precision, and the train flag;
+- only where nobody else can write (:mod:`vehiclenet.cache_trust`: the cache root and
+  everything below it owned by this user or root, writable by no one else; folders created
+  0700), since a graph names the kernel library its operators load: a ``compiled/`` that
+  fails the rule is refused with one warning and the user's own cache folder used instead;
 - under an exclusive lock, so two processes filling the same entry take turns;
 - the files MindSpore leaves are recorded with their sha256 (``files.json``, written
   atomically) and checked before the next use: an entry that does not match is removed and
@@ -26,10 +30,11 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
 
-from . import env
+from . import cache_trust, env
 
 LOG = logging.getLogger(__name__)
 
@@ -108,9 +113,11 @@ def first_compile(net: Any, args: Sequence[Any]) -> Iterator[None]:
         yield
         return
     _used = True
-    entry = cache_root() / graph_key(net, args)
+    entry = _entry(graph_key(net, args))
+    if entry is None:
+        yield
+        return
     try:
-        entry.mkdir(parents=True, exist_ok=True)
         lock = contextlib.ExitStack()
         lock.enter_context(_locked(entry / _LOCK))
     except OSError as exc:  # an unusable cache folder must not stop inference
@@ -124,6 +131,16 @@ def first_compile(net: Any, args: Sequence[Any]) -> Iterator[None]:
         after = _files(entry)
         _record(entry, after)
     LOG.info("compile cache %s: %s", "hit" if before and before == after else "filled", entry)
+
+
+def _entry(key: str) -> Optional[Path]:
+    """The folder of the graph ``key``: in ``compiled/`` of the cache root, or of the user's
+    own cache folder when that fails :mod:`vehiclenet.cache_trust`'s ownership rule (a
+    compiled graph names the kernel library its operators load); created 0700. None (and a
+    warning) when neither may be used or created."""
+    roots = [env.cache_dir(), env.user_cache_dir()]
+    candidates = [(root / env.COMPILED_FOLDER / key, root) for i, root in enumerate(roots) if root not in roots[:i]]
+    return cache_trust.first_trusted(candidates, "compiled graphs", "compiling without the cache")[0]
 
 
 def _locked(lock_file: Path):
@@ -147,10 +164,13 @@ def _files(entry: Path) -> Dict[str, Dict[str, Any]]:
     """Every file MindSpore keeps in ``entry``: sha256, size and mtime (a rewrite shows)."""
     found = {}
     for path in sorted(entry.rglob("*")):
-        if path.is_file() and path.name not in (_RECORD, _LOCK):
-            st = path.stat()
-            found[str(path.relative_to(entry))] = {"sha256": _sha256(path), "size": st.st_size,
-                                                   "mtime_ns": st.st_mtime_ns}
+        st = path.lstat()
+        if stat.S_ISDIR(st.st_mode) or (path.parent == entry and path.name in (_RECORD, _LOCK)):
+            continue
+        # A link, or a file someone else could write, never matches a record: the entry is compiled again.
+        problem = cache_trust.file_problem(path)
+        found[str(path.relative_to(entry))] = {"sha256": f"refused: {problem}" if problem else _sha256(path),
+                                               "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return found
 
 

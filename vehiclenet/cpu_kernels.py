@@ -26,7 +26,9 @@ and AMP keep the plain MindSpore graph.
 The kernel library is compiled once per machine (about 3 s, with ``$CXX`` or ``c++``; GNU
 OpenMP, the runtime oneDNN's wheel threads with, parallelises the Winograd transforms)
 against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels and kept in the cache
-folder's ``kernels/`` (``VEHICLENET_HOME``; ``VEHICLENET_KERNEL_CACHE`` moves it alone).
+folder's ``kernels/`` (``VEHICLENET_HOME``; ``VEHICLENET_KERNEL_CACHE`` moves it alone),
+loaded only from where nobody else can write and only while it matches the sha256 its build
+recorded (:mod:`vehiclenet.native`, :mod:`vehiclenet.cache_trust`).
 When anything is missing, the network logs why and runs MindSpore's own kernels.
 ``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
 """
@@ -49,7 +51,18 @@ ENV_SWITCH = env.CPU_KERNELS  # its name, for messages
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
 ONEDNN_RUNTIME, ONEDNN_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
-
+# Every function of csrc/cpu_kernels.cc the package calls (a test checks it against the source).
+SYMBOLS = tuple(
+    [f"VnConv{kind}{op}" for kind in ("", "Bf16") for op in ("S1", "S1Relu", "S2", "S2Relu", "AddS1Relu")]
+    + ["VnConvBf16AddS1ReluToF32"]
+    + [f"VnBackbone{kind}L{stride}" for kind in ("", "Bf16") for stride in (1, 2)]
+    + [f"VnConv{op}S{stride}" for op in ("Train", "TrainNoInputGrad", "BackwardData", "BackwardWeights")
+       for stride in (1, 2)]
+    + ["VnMaxPool3x3S2", "VnMaxPoolTrain3x3S2", "VnMaxPoolBackward3x3S2", "VnBackboneImplementations",
+       "VnWeightReorders", "VnConvImplementation", "VnCpuIsa", "VnBatchNormReluWorkspaceBytes"]
+    + [f"VnBatchNorm{name}" for name in ("Train", "ReluTrain", "Backward", "ReluBackward", "AddReluTrain",
+                                         "AddReluBackward")]
+)
 
 
 class KernelsUnavailable(RuntimeError):
@@ -94,16 +107,16 @@ def build_library(build_dir: Optional[Path] = None) -> Path:
 
 
 def built_library(build_dir: Optional[Path] = None) -> Optional[Path]:
-    """The library :func:`build_library` would return if it is built already, else None;
-    never compiles (for ``vehiclenet info --no-device``). Raises KernelsUnavailable as it does."""
-    from .native import NativeBuildError, library_file
+    """The library :func:`build_library` would return if it is built already (and matches
+    its recorded sha256), else None; never compiles (for ``vehiclenet info --no-device``).
+    Raises KernelsUnavailable as it does."""
+    from .native import NativeBuildError, find_built
 
     args, options = _build_inputs(build_dir)
     try:
-        target = library_file(SOURCE, "cpu_kernels", args, **options)[1]
+        return find_built(SOURCE, "cpu_kernels", args, **options)
     except NativeBuildError as err:
         raise KernelsUnavailable(str(err)) from err
-    return target if target.is_file() else None
 
 
 def _build_inputs(build_dir: Optional[Path]) -> Tuple[list, dict]:
@@ -114,7 +127,7 @@ def _build_inputs(build_dir: Optional[Path]) -> Tuple[list, dict]:
     include = _file_of(ONEDNN_HEADERS, "/oneapi/dnnl/dnnl.hpp").parents[2]
     args = [*CXX_FLAGS, f"-I{include}", str(library), f"-Wl,-rpath,{library.parent}"]
     return args, {"key_extra": [importlib.metadata.version(ONEDNN_RUNTIME)],
-                  "build_dir": Path(build_dir) if build_dir is not None else default_build_dir()}
+                  "build_dir": Path(build_dir) if build_dir is not None else None}
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,10 +136,12 @@ def _library() -> Tuple[Optional[str], str]:
         reason = env.shown(ENV_SWITCH)
         LOG.info("%s: using MindSpore's own CPU convolutions", reason)
         return None, reason
+    from .native import NativeBuildError, load
+
     try:
         path = build_library()
-        ctypes.CDLL(str(path))  # fails here, not inside a graph, if oneDNN cannot be loaded
-    except (KernelsUnavailable, OSError) as err:
+        load(path, SYMBOLS)  # fails here, not inside a graph, if it or oneDNN cannot be loaded
+    except (KernelsUnavailable, NativeBuildError) as err:
         LOG.warning("oneDNN CPU kernels unavailable, using MindSpore's own (slower) convolutions: %s", err)
         return None, str(err)
     return str(path), ""

@@ -161,8 +161,13 @@ def shown(name: str) -> str:
 def cache_dir() -> Path:
     """Cache root: ``$VEHICLENET_HOME``, else the platform's user cache folder."""
     home = value(HOME)
-    if home is not None:
-        return home
+    return home if home is not None else user_cache_dir()
+
+
+def user_cache_dir() -> Path:
+    """The platform's per-user cache folder for vehiclenet (``~/.cache/vehiclenet`` on Linux):
+    the cache root without ``$VEHICLENET_HOME``, and where compiled code goes when the
+    configured folders may not hold it (:mod:`vehiclenet.cache_trust`)."""
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("vehiclenet", appauthor=False))
@@ -172,6 +177,12 @@ def kernel_dir() -> Path:
     """Where compiled libraries are kept: ``$VEHICLENET_KERNEL_CACHE``, else ``kernels/`` of the cache root."""
     folder = value(KERNEL_CACHE)
     return folder if folder is not None else cache_dir() / KERNEL_FOLDER
+
+
+def kernel_root() -> Path:
+    """The cache root :func:`kernel_dir` lies in: ``$VEHICLENET_KERNEL_CACHE`` is its own root."""
+    folder = value(KERNEL_CACHE)
+    return folder if folder is not None else cache_dir()
 
 
 def mirror() -> str:
