@@ -4,6 +4,7 @@ file and one inter-process file lock."""
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -424,16 +425,21 @@ def hash_stream(f: Any) -> "hashlib._Hash":
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    # readinto a reused buffer: no per-chunk allocation; hashlib releases the GIL.
-    buf = bytearray(HASH_BUFFER)
-    view = memoryview(buf)
-    readinto = f.readinto
-    update = digest.update
-    while True:
-        n = readinto(buf)
-        if not n:
-            break
-        update(view[:n])
+    # readinto a reused buffer: no per-chunk allocation; hashlib releases the GIL. The buffer is
+    # mapped memory, not malloc's: freeing a 4 MiB malloc block raises glibc's mmap threshold to
+    # 4 MiB, after which the process's later allocations stay in its heap (+38 MB peak RSS
+    # measured for `vehiclenet embed` after hashing a 0.25 MB kernel library).
+    with mmap.mmap(-1, HASH_BUFFER) as buf:
+        view = memoryview(buf)
+        try:
+            readinto, update = f.readinto, digest.update
+            while True:
+                n = readinto(view)
+                if not n:
+                    break
+                update(view[:n])
+        finally:
+            view.release()
     return digest
 
 
