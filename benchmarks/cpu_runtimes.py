@@ -1,47 +1,64 @@
-"""Embedding throughput of VehicleNet on this CPU in five runtimes, one run, same weights, same batch.
+"""Embedding throughput of VehicleNet on this CPU: the ways a user runs it, beside ONNX Runtime
+and OpenVINO, in one run, same weights, same batch.
 
-    python benchmarks/cpu_runtimes.py [--batch-size 8] [--image-size 384] [--seconds 20] [--quick]
-                                      [--venv DIR]
+    python benchmarks/cpu_runtimes.py [--batch-size 8] [--image-size 384] [--cycles 8] [--calls 2]
+                                      [--quick] [--venv DIR]
 
 Measures images/s (fp32 input, batch 8, 384x384 by default) of
 
-1. vehiclenet fp32: ``create_network(precision="fp32")``, graph mode, oneDNN kernels;
-2. vehiclenet bf16: ``create_network(precision="bf16")``;
-3. ONNX Runtime fp32 (CPUExecutionProvider),
-4. OpenVINO f32 and 5. OpenVINO bf16 (CPU plugin, ``INFERENCE_PRECISION_HINT``),
-   all three on the ONNX file written by ``vehiclenet export --format ONNX``.
+1. ``README call fp32``: exactly the README's Python example, in a fresh process (so in
+   MindSpore's default PyNative mode): ``emb = create_network(include_top=False)`` with the
+   published weights (a manifest whose default asset is this run's checkpoint, already in
+   the cache: nothing is downloaded), then ``emb(ms.Tensor(x))``;
+2. ``README call bf16``: the README's ``create_network(include_top=False, precision="bf16")``;
+3. ``hub entry fp32``: what ``mindspore_hub.load(card, include_top=False)`` runs:
+   ``mindspore_hub_conf.create_network("vehiclenet", include_top=False)`` then
+   ``load_param_into_net(net, load_checkpoint(file))``, in the default mode;
+4. ``embed fp32``: the network ``vehiclenet embed`` builds for a job of many images (the
+   mode it picks for them) called as embed calls it, on the batch and its flip in one call
+   (2 x batch images per call, counted as such);
+5. ``graph fp32`` / ``graph bf16``: ``create_network(checkpoint=..., mode="graph")``, the
+   tuned path of earlier rounds;
+   ``README async fp32``: the README call with PyNative's asynchronous operator launch, as
+   it ran before the network launched its operators synchronously (why it was slower);
+6. ONNX Runtime fp32 (CPUExecutionProvider), OpenVINO f32 and bf16 (CPU plugin,
+   ``INFERENCE_PRECISION_HINT``), all three on the ONNX file written by
+   ``vehiclenet export --format ONNX``.
 
 Weights are random (throughput does not depend on them) but the same everywhere: the
-random network is saved to a checkpoint that both ``create_network(checkpoint=...)`` and
-the export load. The input is one seeded batch of random pixels normalised like real
-images. Each runtime gets a first call (compilation, reported apart), one warm-up call,
-then ``--seconds`` of timed calls on that batch (``--quick``: 3 s); the ratio column is
-relative to vehiclenet fp32 of the same run. Runtimes are timed one after the other,
-never at the same time, each with all cores; OpenVINO runs one synchronous request with
-``PERFORMANCE_HINT=LATENCY``, like the other runtimes' one call per batch.
+random network is saved to a checkpoint that every row and the export load. The input is
+one seeded batch of random pixels normalised like real images. Every row lives in a process
+of its own, started once: it builds its network and makes a first call (compilation,
+reported apart) and a warm-up call. Then the rows take turns, each with all cores, in
+``--cycles`` cycles (default 8, the order rotating each cycle) of ``--calls`` timed calls
+each (default 2): rows run seconds apart, not minutes, so a machine whose speed drifts (a
+shared virtual machine: one runtime's rate varied by 40 % between runs minutes apart)
+moves every row alike. A row's rate is the median over the cycles; its ratio to an anchor
+is the median of the cycles' own ratios, printed with their range. OpenVINO runs one
+synchronous request with ``PERFORMANCE_HINT=LATENCY``, like the other runtimes' one call per batch.
 
 ONNX Runtime and OpenVINO are not package dependencies: they are installed into the
 benchmark's own virtual environment (``<vehiclenet cache>/bench-venv``, created on the
-first run, reused after) and run in child processes of it (this file with ``--child``),
-which answer with JSON on stdout. A runtime that cannot run here is reported as "not
-available" with its error; the others are still measured.
+first run, reused after) and run in child processes of it; the vehiclenet rows are children
+of this Python (this file with ``--serve ROW``). A child answers one JSON line per request on
+stdout. A row that cannot run here is reported as "not available" with its error; the
+others are still measured.
 
 Also printed: the CPU model, which ISA/implementation each runtime uses where it says,
 per-image cosine between bf16 and fp32 features (vehiclenet, OpenVINO), and the largest
 difference between vehiclenet fp32 and ONNX Runtime (a check that the weights are the same).
 """
 import argparse
-import gc
-import inspect
 import json
 import os
 import platform
 import subprocess
 import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -52,51 +69,63 @@ sys.path.insert(0, REPO)
 ENV_BEFORE_MINDSPORE = dict(os.environ)
 
 BENCH_MODULES = ("numpy", "onnxruntime", "openvino")  # importable names == PyPI names here
-VEHICLENET_RUNTIMES = {"vehiclenet fp32": "fp32", "vehiclenet bf16": "bf16"}
+VEHICLENET_RUNTIMES = ("README call fp32", "README call bf16", "hub entry fp32", "embed fp32", "graph fp32",
+                       "graph bf16", "README async fp32")
 CHILD_RUNTIMES = ("onnxruntime fp32", "openvino f32", "openvino bf16")
-BASELINE = "vehiclenet fp32"
+ANCHORS = ("onnxruntime fp32", "openvino bf16")  # every row's ratio to each, same run
 # (runtime, reference, what the comparison shows)
 AGREEMENT = (
-    ("vehiclenet bf16", "vehiclenet fp32", "bf16 vs fp32"),
+    ("README call bf16", "README call fp32", "bf16 vs fp32"),
     ("openvino bf16", "openvino f32", "bf16 vs f32"),
-    ("onnxruntime fp32", "vehiclenet fp32", "same weights?"),
-    ("openvino f32", "vehiclenet fp32", "same weights?"),
+    ("onnxruntime fp32", "README call fp32", "same weights?"),
+    ("openvino f32", "README call fp32", "same weights?"),
+    ("graph fp32", "README call fp32", "graph vs PyNative"),
+    ("hub entry fp32", "README call fp32", "hub vs README"),
 )
+BENCH_ASSET = "bench-random"  # the manifest asset the README row's create_network() loads
 Result = Dict[str, object]
 
 
-# --------------------------------------------------------------------------- shared
+# --------------------------------------------------------------------------- children
 
 
-def measure(run: Callable[[], np.ndarray], batch: int, seconds: float) -> Result:
-    """Time ``run`` (one batch per call): the first call apart (it compiles), one warm-up
-    call, then calls for ``seconds`` (at least 3). Returns the rate and the first output."""
+def prepared(call: Callable[[], np.ndarray], images: int, version: str, implementation: str) -> Result:
+    """A row ready to be timed: its first call (compilation) and a warm-up call made."""
     start = time.perf_counter()
-    features = np.asarray(run(), dtype=np.float32)
+    features = np.asarray(call(), dtype=np.float32)
     first = time.perf_counter() - start
-    run()  # warm-up after compilation: first-touch allocations, caches
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or calls < 3:
-        run()
-        calls += 1
-    elapsed = time.perf_counter() - start
-    return {"img_per_s": calls * batch / elapsed, "images": calls * batch, "elapsed_s": elapsed,
-            "first_call_s": first, "features": features}
+    call()  # warm-up after compilation: first-touch allocations, caches
+    return {"call": call, "images_per_call": images, "first_call_s": first, "features": features,
+            "version": version, "implementation": implementation}
 
 
-# --------------------------------------------------------------------------- child (bench venv)
+def serve(prepare: Callable[[], Result]) -> None:
+    """A child's life: set up (one JSON line: its description, or its error), then for each
+    number N read on stdin make N calls and answer their seconds; end at end-of-file."""
+    try:
+        row = prepare()
+    except Exception as exc:  # reported by the parent as "not available"
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return
+    call = row.pop("call")
+    row["features"] = row["features"].tolist()
+    print(json.dumps(row), flush=True)
+    for line in sys.stdin:
+        calls = int(line)
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
-def run_onnxruntime(onnx_path: str, x: np.ndarray, seconds: float) -> Result:
+def prepare_onnxruntime(onnx_path: str, x: np.ndarray) -> Result:
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    result = measure(lambda: session.run(None, {name: x})[0], len(x), seconds)
-    result["version"] = f"onnxruntime {ort.__version__}"
     # MLAS picks its kernels by CPUID at run time and has no API that names them.
-    result["implementation"] = f"{session.get_providers()[0]}, MLAS kernels (ISA not reported)"
-    return result
+    return prepared(lambda: session.run(None, {name: x})[0], len(x), f"onnxruntime {ort.__version__}",
+                    f"{session.get_providers()[0]}, MLAS kernels (ISA not reported)")
 
 
 def openvino_kernels(compiled) -> str:
@@ -112,7 +141,7 @@ def openvino_kernels(compiled) -> str:
     return ", ".join(f"{n} {key}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def run_openvino(onnx_path: str, x: np.ndarray, seconds: float, precision: str) -> Result:
+def prepare_openvino(onnx_path: str, x: np.ndarray, precision: str) -> Result:
     import openvino as ov
 
     core = ov.Core()
@@ -121,34 +150,174 @@ def run_openvino(onnx_path: str, x: np.ndarray, seconds: float, precision: str) 
                                                      "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
 
-    def run() -> np.ndarray:
+    def call() -> np.ndarray:
         request.infer({0: x})
         return request.get_output_tensor(0).data.copy()
 
-    result = measure(run, len(x), seconds)
-    result["version"] = f"openvino {ov.get_version().split('-')[0]}"
-    result["implementation"] = (
+    return prepared(call, len(x), f"openvino {ov.get_version().split('-')[0]}", (
         f"execution precision {compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()}; "
         f"{openvino_kernels(compiled)}; CPU capabilities "
-        f"{' '.join(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))}")
+        f"{' '.join(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))}"))
+
+
+def prepare_vehiclenet(row: str, checkpoint: str, x: np.ndarray) -> Result:
+    """One vehiclenet row, in this (fresh) process: the network built and called as the row says."""
+    import mindspore as ms
+
+    precision = row.split()[-1]
+    if row.startswith("README async"):
+        # Diagnosis, not a way to run it: PyNative's asynchronous launch, as before the network
+        # launched its operators synchronously (vehiclenet.device.synchronous_pynative).
+        import contextlib
+
+        import vehiclenet.device
+
+        vehiclenet.device.synchronous_pynative = contextlib.nullcontext
+        row = "README call fp32"
+    tensor = ms.Tensor(x)
+    images = len(x)
+    if row.startswith("README call"):
+        from vehiclenet import create_network  # the README's lines, with the manifest of this run
+
+        emb = create_network(include_top=False) if precision == "fp32" else create_network(
+            include_top=False, precision="bf16")
+        call = lambda: emb(tensor).asnumpy()  # noqa: E731
+    elif row.startswith("hub entry"):
+        import mindspore_hub_conf  # what mindspore_hub.load runs, then its own weight loading
+
+        hub = mindspore_hub_conf.create_network("vehiclenet", include_top=False)
+        ms.load_param_into_net(hub, ms.load_checkpoint(checkpoint))
+        call = lambda: hub(tensor).asnumpy()  # noqa: E731
+    elif row.startswith("embed"):
+        from vehiclenet.cli._network import build_network
+        from vehiclenet.device import PYNATIVE_MAX_IMAGES, mode_for_images
+        from vehiclenet.features import _run_net
+
+        net = build_network(checkpoint, False, precision, mode=mode_for_images(10 * PYNATIVE_MAX_IMAGES))
+        call, images = (lambda: _run_net(net, x, flip=True)), 2 * len(x)
+    else:
+        from vehiclenet import create_network
+
+        graph = create_network(pretrained=False, include_top=False, checkpoint=checkpoint, mode="graph",
+                               precision=precision)
+        call = lambda: graph(tensor).asnumpy()  # noqa: E731
+    mode = "graph" if ms.get_context("mode") == ms.GRAPH_MODE else "PyNative"
+    result = prepared(call, images, f"mindspore {ms.__version__}, {mode} mode",
+                      vehiclenet_implementation(precision, images, *x.shape[2:]))
+    result["features"] = result["features"][: len(x)]
     return result
 
 
-def child_main(runtime: str, onnx_path: str, batch_path: str, seconds: float) -> None:
-    """Measure one runtime and print its result as one JSON line (features as lists)."""
+def child_main(row: str, onnx_path: str, checkpoint: str, batch_path: str) -> None:
+    """One row as a child process (``--serve ROW``)."""
     x = np.load(batch_path)
-    try:
-        if runtime == "onnxruntime fp32":
-            result = run_onnxruntime(onnx_path, x, seconds)
-        else:
-            result = run_openvino(onnx_path, x, seconds, runtime.split()[-1])
-        result["features"] = result["features"].tolist()
-    except Exception as exc:  # reported by the parent as "not available"
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(result))
+    if row == "onnxruntime fp32":
+        serve(lambda: prepare_onnxruntime(onnx_path, x))
+    elif row.startswith("openvino"):
+        serve(lambda: prepare_openvino(onnx_path, x, row.split()[-1]))
+    else:
+        serve(lambda: prepare_vehiclenet(row, checkpoint, x))
 
 
 # --------------------------------------------------------------------------- parent
+
+
+class Child:
+    """One row's process: started (it sets up and answers), then asked for its calls in turn."""
+
+    def __init__(self, name: str, python: str, args: List[str], env: Dict[str, str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--serve", name, *args], env=env, cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.rates: List[float] = []
+        self.result: Result = self._answer()
+        if "error" in self.result:
+            self.close()
+        else:
+            self.result["features"] = np.asarray(self.result["features"], dtype=np.float32)
+
+    def _answer(self) -> Result:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            return {"error": f"child process exited with {self.proc.returncode} (its stderr is above)"}
+        return json.loads(line)
+
+    def run(self, calls: int) -> Optional[float]:
+        """Images per second over ``calls`` calls made now; None when the row is not available."""
+        if "error" in self.result:
+            return None
+        self.proc.stdin.write(f"{calls}\n")
+        self.proc.stdin.flush()
+        answer = self._answer()
+        if "error" in answer:
+            self.result = answer
+            return None
+        self.rates.append(calls * self.result["images_per_call"] / answer["seconds"])
+        return self.rates[-1]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def take_turns(children: List[Child], cycles: int, calls: int) -> List[Dict[str, float]]:
+    """``cycles`` cycles in which every row makes ``calls`` calls, the order rotating by one
+    each cycle (no row always follows the same one); the rates of each cycle by row."""
+    per_cycle = []
+    for cycle in range(cycles):
+        order = children[cycle % len(children):] + children[:cycle % len(children)]
+        rates = {}
+        for child in order:
+            print(f"cycle {cycle + 1}/{cycles}: {child.name} ...", file=sys.stderr)
+            rate = child.run(calls)
+            if rate is not None:
+                rates[child.name] = rate
+        per_cycle.append(rates)
+    return per_cycle
+
+
+def summarise(children: List[Child], per_cycle: List[Dict[str, float]]) -> Dict[str, Result]:
+    """Each row's description with its median rate, and per anchor the median and range of
+    the cycles' own ratios."""
+    results: Dict[str, Result] = {}
+    for child in children:
+        result = dict(child.result)
+        if "error" not in result and child.rates:
+            result["img_per_s"] = statistics.median(child.rates)
+            result["ratios"] = {}
+            for anchor in ANCHORS:
+                ratios = [c[child.name] / c[anchor] for c in per_cycle if child.name in c and anchor in c]
+                if ratios:
+                    result["ratios"][anchor] = (statistics.median(ratios), min(ratios), max(ratios))
+        results[child.name] = result
+    return results
+
+
+def _ratio(result: Result, anchor: str) -> str:
+    if anchor not in result["ratios"]:
+        return "n/a"
+    median, low, high = result["ratios"][anchor]
+    return f"{median:.2f}x ({low:.2f}-{high:.2f})"
+
+
+def print_throughput(results: Dict[str, Result], batch: int, cycles: int, calls: int) -> None:
+    print(f"\n{'runtime':18s} {'img/s':>7s} {'ms/img':>7s} " + " ".join(f"{'vs ' + a:>22s}" for a in ANCHORS)
+          + f" {'1st call':>9s}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name}: not available: {r['error']}")
+            continue
+        ratios = " ".join(f"{_ratio(r, anchor):>22s}" for anchor in ANCHORS)
+        print(f"{name:18s} {r['img_per_s']:7.2f} {1000 / r['img_per_s']:7.1f} {ratios} {r['first_call_s']:8.1f}s")
+    print(f"(batch {batch}; {cycles} cycles of {calls} calls per row, taking turns; img/s: median over the cycles; "
+          "ratios: median (range) of the cycles' own ratios; embed: the batch and its flip in one call, "
+          f"2 x {batch} images; 1st call: compilation included, not timed)")
+    print("\nwhat runs:")
+    for name, r in results.items():
+        if "error" not in r:
+            print(f"  {name}: {r['version']}; {r['implementation']}")
 
 
 def cpu_description() -> str:
@@ -237,60 +406,25 @@ def vehiclenet_implementation(precision: str, batch: int, height: int, width: in
     return backbone_implementations(library, batch, height, width, bf16=precision == "bf16")
 
 
-def run_vehiclenet(checkpoint: Path, x: np.ndarray, seconds: float, precision: str) -> Result:
-    import mindspore as ms
+def bench_manifest(checkpoint: Path, home: Path) -> Path:
+    """A manifest whose default asset is ``checkpoint``, placed verified in the cache ``home``:
+    ``create_network()`` then loads it as it loads the published weights, offline."""
+    import hashlib
 
-    from vehiclenet import create_network
-
-    # Until create_network has precision=, fp32 is its only path: call it without; bf16
-    # then fails with create_network's own TypeError, which the report prints.
-    has_precision = "precision" in inspect.signature(create_network).parameters
-    kwargs = {"precision": precision} if has_precision or precision != "fp32" else {}
-    net = create_network(pretrained=False, include_top=False, checkpoint=str(checkpoint), mode="graph", **kwargs)
-    tensor = ms.Tensor(x)
-    result = measure(lambda: net(tensor).asnumpy(), len(x), seconds)
-    result["version"] = f"mindspore {ms.__version__}"
-    result["implementation"] = vehiclenet_implementation(precision, *x.shape[:1], *x.shape[2:])
-    return result
-
-
-def run_child(python: str, runtime: str, onnx_path: Path, batch_path: Path, seconds: float) -> Result:
-    """One runtime in its own process of the bench venv; its last stdout line is the JSON result."""
-    done = subprocess.run([python, os.path.abspath(__file__), "--child", runtime, "--onnx", str(onnx_path),
-                           "--batch-file", str(batch_path), "--seconds", str(seconds)],
-                          env=ENV_BEFORE_MINDSPORE, stdout=subprocess.PIPE, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return {"error": f"child process exited with {done.returncode} (its stderr is above)"}
-    result = json.loads(lines[-1])
-    if "features" in result:
-        result["features"] = np.asarray(result["features"], dtype=np.float32)
-    return result
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    manifest = home.parent / "bench-assets.json"
+    manifest.write_text(json.dumps({"schema": 1, "assets": [{
+        "name": BENCH_ASSET, "file": checkpoint.name, "sha256": sha, "num_classes": 575,
+        "urls": ["https://example.invalid/never-fetched.ckpt"]}]}))
+    return manifest
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image cosine similarity of two (N, D) feature matrices."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
-def print_throughput(results: Dict[str, Result], batch: int) -> None:
-    base = results.get(BASELINE, {}).get("img_per_s")
-    print(f"\n{'runtime':18s} {'img/s':>7s} {'ms/img':>7s} {'vs ' + BASELINE:>20s} {'1st call':>9s}  "
-          f"{'timed':>18s}")
-    for name, r in results.items():
-        if "error" in r:
-            print(f"{name}: not available: {r['error']}")
-            continue
-        ratio = f"{r['img_per_s'] / base:.2f}x" if base else "n/a"
-        timed = f"{r['images']} img in {r['elapsed_s']:.1f} s"
-        print(f"{name:18s} {r['img_per_s']:7.2f} {1000 / r['img_per_s']:7.1f} {ratio:>20s} "
-              f"{r['first_call_s']:8.1f}s  {timed:>18s}")
-    print(f"(batch {batch}; 1st call: compilation included, not timed)")
-    print("\nwhat runs:")
-    for name, r in results.items():
-        if "error" not in r:
-            print(f"  {name}: {r['version']}; {r['implementation']}")
 
 
 def print_agreement(results: Dict[str, Result]) -> None:
@@ -311,47 +445,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=384)
-    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per runtime (default 20)")
-    parser.add_argument("--quick", action="store_true", help="3 timed seconds per runtime (a trial run)")
+    parser.add_argument("--cycles", type=int, default=8, help="turns every row takes (default 8)")
+    parser.add_argument("--calls", type=int, default=2, help="timed calls per row and turn (default 2)")
+    parser.add_argument("--quick", action="store_true", help="3 cycles of 1 call (a trial run)")
     parser.add_argument("--venv", type=Path, default=None,
                         help="venv for ONNX Runtime and OpenVINO (default <vehiclenet cache>/bench-venv)")
-    parser.add_argument("--child", choices=CHILD_RUNTIMES, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=(*VEHICLENET_RUNTIMES, *CHILD_RUNTIMES), help=argparse.SUPPRESS)
     parser.add_argument("--onnx", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--batch-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child_main(args.child, args.onnx, args.batch_file, args.seconds)
-    seconds = 3.0 if args.quick else args.seconds
+    if args.serve:
+        return child_main(args.serve, args.onnx, args.checkpoint, args.batch_file)
+    cycles, calls = (3, 1) if args.quick else (args.cycles, args.calls)
 
-    from vehiclenet.download import cache_dir
+    from vehiclenet import env
 
     # Other processes on the same cores skew every row: the load before the run tells.
     print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.2f} before the run")
-    print(f"input: batch {args.batch_size}, 3x{args.image_size}x{args.image_size} float32; "
-          f"{seconds:g} s timed per runtime; random weights, the same checkpoint for all")
-    venv = args.venv or cache_dir() / "bench-venv"
+    print(f"input: batch {args.batch_size}, 3x{args.image_size}x{args.image_size} float32; {cycles} cycles of "
+          f"{calls} timed calls per row; random weights, the same checkpoint for all")
+    venv = args.venv or env.cache_dir() / "bench-venv"
     python, venv_error = bench_python(venv)  # before any timing: a first run installs for a while
     print(f"bench venv: {venv}" + (f" ({venv_error})" if venv_error else ""))
 
-    results: Dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="vehiclenet-cpu-runtimes-") as tmp:
         checkpoint = save_random_weights(Path(tmp) / "random.ckpt")
         onnx_path = export_onnx(checkpoint, Path(tmp) / "model.onnx", args.batch_size, args.image_size)
-        x = make_batch(args.batch_size, args.image_size)
         batch_path = Path(tmp) / "batch.npy"
-        np.save(batch_path, x)
-        for name, precision in VEHICLENET_RUNTIMES.items():
-            print(f"timing {name} ...", file=sys.stderr)
-            try:
-                results[name] = run_vehiclenet(checkpoint, x, seconds, precision)
-            except Exception as exc:  # one runtime failing must not cost the others' figures
-                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            gc.collect()  # the network's weights and workspaces go before the next runtime's
-        for name in CHILD_RUNTIMES:
-            print(f"timing {name} ...", file=sys.stderr)
-            results[name] = (run_child(python, name, onnx_path, batch_path, seconds) if python
-                             else {"error": venv_error})
-    print_throughput(results, args.batch_size)
+        np.save(batch_path, make_batch(args.batch_size, args.image_size))
+        files = ["--onnx", str(onnx_path), "--checkpoint", str(checkpoint), "--batch-file", str(batch_path)]
+        # The README row finds "the published weights" (this run's checkpoint) in its cache, offline;
+        # the kernels are the user's, built once per machine.
+        vehiclenet_env = dict(ENV_BEFORE_MINDSPORE, PYTHONPATH=os.pathsep.join(
+            p for p in (REPO, ENV_BEFORE_MINDSPORE.get("PYTHONPATH")) if p),
+            VEHICLENET_ASSETS=str(bench_manifest(checkpoint, Path(tmp) / "home")),
+            VEHICLENET_HOME=str(Path(tmp) / "home"), VEHICLENET_OFFLINE="1",
+            VEHICLENET_KERNEL_CACHE=str(env.kernel_dir()), GLOG_v="3")
+        children = []
+        try:
+            for name in VEHICLENET_RUNTIMES:
+                print(f"starting {name} ...", file=sys.stderr)
+                children.append(Child(name, sys.executable, files, vehiclenet_env))
+            for name in CHILD_RUNTIMES:
+                print(f"starting {name} ...", file=sys.stderr)
+                children.append(Child(name, python, files, ENV_BEFORE_MINDSPORE) if python else None)
+            children = [c for c in children if c is not None]
+            per_cycle = take_turns(children, cycles, calls)
+        finally:
+            for child in children:
+                child.close()
+    results = summarise(children, per_cycle)
+    for name in CHILD_RUNTIMES:
+        results.setdefault(name, {"error": venv_error})
+    print_throughput(results, args.batch_size, cycles, calls)
     print_agreement(results)
 
 

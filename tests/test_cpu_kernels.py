@@ -177,6 +177,42 @@ def test_same_outputs_as_mindspore_convolutions(mode):
     ms.set_context(mode=ms.GRAPH_MODE)
 
 
+def _synchronous_launch() -> bool:
+    from mindspore._c_expression import ms_ctx_param
+    from mindspore.context import _context
+
+    return bool(_context().get_param(ms_ctx_param.pynative_synchronize))
+
+
+def test_pynative_inference_launches_synchronously_and_gives_the_graphs_features(monkeypatch):
+    """In PyNative (the README's plain call) the network's operators run synchronously, not
+    through MindSpore's launch queues, whose spinning threads took a core from oneDNN's
+    (benchmarks/cpu_runtimes.py, "README async" row); the process's setting is back afterwards,
+    operations queued before the call run first, and the features are graph mode's."""
+    import mindspore as ms
+
+    net = create_network(pretrained=False, include_top=False, mode="pynative")
+    seen = []
+    head = net.classifier.construct
+    monkeypatch.setattr(net.classifier, "construct", lambda x: (seen.append(_synchronous_launch()), head(x))[1])
+    x = ms.Tensor(np.random.default_rng(4).standard_normal((2, 3, 64, 48)).astype(np.float32))
+    queued = x * 2.0 - x  # asynchronous operations whose result the call reads
+    assert not _synchronous_launch()
+    got = net(queued).asnumpy()
+    assert seen == [True] and not _synchronous_launch()
+    # Training keeps MindSpore's asynchronous launch (what it was measured with).
+    trained = create_network(pretrained=False, include_top=False, mode="pynative")
+    trained.set_train(True)
+    trained_head = trained.classifier.construct
+    monkeypatch.setattr(trained.classifier, "construct",
+                        lambda x: (seen.append(_synchronous_launch()), trained_head(x))[1])
+    trained(x)
+    assert seen[-1] is False
+    monkeypatch.undo()  # graph mode parses the head's own construct
+    ms.set_context(mode=ms.GRAPH_MODE)
+    np.testing.assert_array_equal(net(x).asnumpy(), got)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_whole_backbone_op_is_the_per_layer_ops(precision):
     """Inference runs the 53 convolutions in one op (buffers of its own, residuals added in

@@ -292,6 +292,17 @@ class VehicleNet(nn.Cell):
         self.num_classes = num_classes if include_top else None
         self.cached_compile = False  # create_network turns it on for CPU inference
 
+    def __call__(self, *args, **kwargs):
+        """In PyNative inference on the oneDNN kernels, the network's operators are launched
+        synchronously (:func:`vehiclenet.device.synchronous_pynative`): the same features as
+        graph mode, as fast, with no compilation."""
+        if self.training or self.model.nhwc_ops is None:
+            return super().__call__(*args, **kwargs)
+        from .device import synchronous_pynative
+
+        with synchronous_pynative():
+            return super().__call__(*args, **kwargs)
+
     def compile(self, *args, **kwargs):
         """MindSpore's graph compile; the first one of an inference network built by
         create_network goes through the persistent cache (:mod:`vehiclenet.compile_cache`)."""
