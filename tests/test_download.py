@@ -167,6 +167,40 @@ def test_all_urls_fail_lists_each(env, http_server, monkeypatch):
     assert cache_listing(env / "cache") == []
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # bound, never listened on, then closed: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["download"], ["embed", "car.png", "--out", "f.npz"]])
+def test_unreachable_servers_fail_at_once_one_line_each_saying_what_to_do(env, monkeypatch, command):
+    """Offline: a host that does not resolve or refuses the connection is tried once (no retries,
+    no backoff), each URL is one line of the error, which says how to go on without the network."""
+    from PIL import Image
+
+    for key in ("VEHICLENET_RETRIES", "VEHICLENET_BACKOFF", "VEHICLENET_TIMEOUT"):
+        monkeypatch.delenv(key)  # the defaults: 4 retries, backoff from 0.5 s
+    unresolved, refused = "https://vehiclenet-test.invalid/m.ckpt", f"http://127.0.0.1:{_free_port()}/m.ckpt"
+    manifest = write_manifest(env, [asset_entry("test", FILE, PAYLOAD, [unresolved, refused])])
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(env / "car.png")
+    proc = subprocess.run([sys.executable, "-m", "vehiclenet", "--verbose", *command], cwd=env, capture_output=True,
+                          text=True, timeout=300, env=subprocess_env(VEHICLENET_ASSETS=str(manifest), GLOG_v="3"))
+    assert proc.returncode == 1, proc.stderr
+    # One connection attempt per host (urllib3 logs each at debug level), none retried.
+    assert proc.stderr.count("Starting new HTTPS connection (1): vehiclenet-test.invalid:443") == 1, proc.stderr
+    assert proc.stderr.count(f"Starting new HTTP connection (1): 127.0.0.1:{refused.split(':')[2].split('/')[0]}") == 1
+    assert "Starting new HTTP connection (2)" not in proc.stderr and "Retrying" not in proc.stderr
+    assert "WARNING" not in proc.stderr.replace("WARNING vehiclenet: --no-pretrained", "")
+    error = proc.stderr[proc.stderr.index(f"vehiclenet {command[0]}: error:"):]
+    assert f"  {unresolved}: host name could not be resolved\n" in error
+    assert f"  {refused}: connection refused\n" in error
+    assert "is this machine offline?" in error and "--checkpoint FILE" in error and "--no-pretrained" in error
+    assert not (env / "f.npz").exists()
+
+
 def test_wrong_bytes_are_deleted_and_error_shows_hashes(env, http_server, monkeypatch):
     wrong = bytearray(PAYLOAD)
     wrong[12345] ^= 1

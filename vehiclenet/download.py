@@ -413,10 +413,14 @@ class _Mismatch(_UrlFailed):
     pass
 
 
+class _Unreachable(_UrlFailed):
+    """The URL's host does not resolve or refuses connections (no retries were made)."""
+
+
 def _download(asset: Asset, final: Path, settings: DownloadSettings, progress: Optional[bool]) -> None:
     urls = candidate_urls(asset)
     failures: List[Tuple[str, str]] = []
-    mismatches = 0
+    mismatches = unreachable = 0
     session = _session(settings)
     try:
         for url in urls:
@@ -424,15 +428,25 @@ def _download(asset: Asset, final: Path, settings: DownloadSettings, progress: O
                 _download_url(session, url, asset, final, settings, progress)
             except _UrlFailed as exc:
                 mismatches += isinstance(exc, _Mismatch)
+                unreachable += isinstance(exc, _Unreachable)
                 # Masked once here: the failure lines reach logs and the final error.
                 failures.append((redact_url(url), redact_url(str(exc))))
-                log.warning("%s: %s", *failures[-1])
+                # An unreachable host is said once, in the error listing every URL.
+                log.log(logging.INFO if isinstance(exc, _Unreachable) else logging.WARNING, "%s: %s", *failures[-1])
                 continue
             _remember(final, asset.sha256)
             log.info("downloaded and verified %s from %s", final, redact_url(url))
             return
     finally:
         session.close()
+    if unreachable == len(failures):
+        raise DownloadError(
+            f"cannot reach any server of {asset.name} (is this machine offline?):\n"
+            + "\n".join(f"  {url}: {reason}" for url, reason in failures) + "\n"
+            f"To fix: connect to the network (or set HTTPS_PROXY or {ENV_MIRROR}), or put {asset.file} at {final}; "
+            "or load weights you have (--checkpoint FILE; create_network(checkpoint=...)), or use random weights "
+            f"(--no-pretrained; pretrained=False). {ENV_OFFLINE}=1 never tries the network."
+        )
     listing = "\n".join(f"  {url}\n    -> {reason}" for url, reason in failures)
     if mismatches == len(failures):
         raise DownloadChecksumError(
@@ -459,6 +473,15 @@ def _session(settings: DownloadSettings) -> Any:
         # A server asking for an hour's pause should not freeze the caller for an hour.
         def parse_retry_after(self, retry_after: str) -> float:
             return min(super().parse_retry_after(retry_after), cap)
+
+        def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+            # A host that does not resolve or refuses the connection will not answer a second
+            # later: no retries, no backoff (offline, a machine waited ~15 s per command).
+            if error is not None and _unreachable(error):
+                from urllib3.exceptions import MaxRetryError
+
+                raise MaxRetryError(_pool, url, error) from error
+            return super().increment(method, url, response, error, _pool, _stacktrace)
 
     pools = _deadline_pools(settings.read_timeout)
 
@@ -493,6 +516,23 @@ def _session(settings: DownloadSettings) -> Any:
     # Compressed transfer would make Content-Length and Range offsets refer to other bytes.
     session.headers.update({"Accept-Encoding": "identity", "User-Agent": USER_AGENT})
     return session
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether a connection error means the host cannot be reached now: its name does not
+    resolve, or it (or the network) refuses or has no route; not a timeout or a reset."""
+    import errno
+
+    from urllib3.exceptions import NewConnectionError
+
+    if not isinstance(error, NewConnectionError):
+        return False
+    if type(error).__name__ == "NameResolutionError":  # urllib3 2
+        return True
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, socket.gaierror):
+        return True
+    return isinstance(cause, OSError) and cause.errno in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)
 
 
 class _SlowHeaders(Exception):
@@ -584,7 +624,9 @@ def _get(session: Any, url: str, settings: DownloadSettings, headers: Dict[str, 
                 timeout=(settings.connect_timeout, settings.read_timeout),
             )
         except requests.exceptions.RequestException as exc:
-            raise _UrlFailed(_describe(exc, settings)) from None
+            reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+            failed = _Unreachable if isinstance(reason, BaseException) and _unreachable(reason) else _UrlFailed
+            raise failed(_describe(exc, settings)) from None
         except _SlowHeaders:
             raise _UrlFailed(f"too slow: the response headers took more than {settings.read_timeout:g} s "
                              f"(the read timeout, {ENV_TIMEOUT}); abandoned") from None

@@ -207,7 +207,8 @@ def _print_info(report: Dict[str, Any]) -> None:
           + ", ".join(_describe_blas(lib) for lib in blas["loaded"] if lib != blas["evaluation"]))
     print(f"manifest: {report['manifest']}")
     print(f"cache:    {report['cache']} ({report['cache_source']})")
-    print(f"network:  {'offline (' + env.OFFLINE + ')' if report['offline'] else 'online'}"
+    network = f"off ({env.OFFLINE}=1)" if report["offline"] else f"allowed, not checked ({env.OFFLINE}=1 turns it off)"
+    print(f"network:  {network}"
           + (f", mirror {report['mirror']}" if report["mirror"] else ""))
     print("assets:")
     for a in report["assets"]:
