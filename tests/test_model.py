@@ -97,6 +97,32 @@ def test_network_only_file_loads(tmp_path):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
 
 
+def test_the_head_size_comes_from_the_checkpoint_when_not_given(tmp_path, caplog):
+    """A fine-tuned checkpoint of 120 identities without num_classes: its trained head, not a
+    random 575-class one with a warning (issue 24)."""
+    import mindspore as ms
+
+    caplog.set_level(logging.INFO, logger="vehiclenet")
+    src = hub_conf.create_network(pretrained=False, num_classes=120)
+    path = tmp_path / "own120.ckpt"
+    ms.save_checkpoint(src, str(path))
+    net = hub_conf.create_network(checkpoint=path)
+    assert net.num_classes == net.weights_meta.num_classes == net.load_report.file_num_classes == 120
+    assert "freshly initialised" not in caplog.text and net.load_report.reinitialized == []
+    np.testing.assert_array_equal(net.classifier.classifier.weight.asnumpy(),
+                                  src.classifier.classifier.weight.asnumpy())
+    x = ms.Tensor(np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32))
+    np.testing.assert_allclose(net(x).asnumpy(), src(x).asnumpy(), rtol=0, atol=1e-5)
+    assert net(x).shape == (2, 120)
+    # An explicit other size is the caller's choice: that layer is re-initialised, and said.
+    assert hub_conf.create_network(checkpoint=path, num_classes=575).num_classes == 575
+    assert "the checkpoint's head has 120 classes, the network 575" in caplog.text
+    # Without a head in the file (network-only, include_top=False), the published size stays.
+    embedding = tmp_path / "embedding.ckpt"
+    ms.save_checkpoint(hub_conf.create_network(pretrained=False, include_top=False), str(embedding))
+    assert hub_conf.create_network(checkpoint=embedding, include_top=False).weights_meta.num_classes == 575
+
+
 def test_other_num_classes_reinitialises_only_the_last_layer(published_ckpt, caplog):
     caplog.set_level(logging.INFO, logger="vehiclenet")
     net = hub_conf.create_network(checkpoint=published_ckpt, num_classes=12, pretrained=False)

@@ -122,20 +122,27 @@ def read_checkpoint(path: Union[str, os.PathLike], *, keep_training_state: bool 
     return params
 
 
-def load_weights(net, path: Union[str, os.PathLike]) -> LoadReport:
+def head_classes(params: Dict) -> Optional[int]:
+    """The number of identities of the classification head in :func:`read_checkpoint`'s
+    entries (rows of its last Dense), or None for a file without one."""
+    weight = params.get(HEAD_LAST_LAYER[0])
+    return None if weight is None or len(weight.shape) != 2 else int(weight.shape[0])
+
+
+def load_weights(net, path: Union[str, os.PathLike], *, params: Optional[Dict] = None) -> LoadReport:
     """Fill every parameter of ``net`` from the checkpoint at ``path``, all or nothing.
 
     Every network parameter must come from the file with the same shape and dtype and
     finite values, except the head's last Dense when the file has another number of
     classes: that layer keeps its fresh initialisation and the report says so. All of
     this is checked before the first parameter is assigned, so a refused file leaves
-    ``net`` exactly as it was. Raises :class:`CheckpointError` naming the file and entries.
+    ``net`` exactly as it was. ``params``: the file's :func:`read_checkpoint` entries, when
+    the caller has read them already. Raises :class:`CheckpointError` naming the file and entries.
     """
-    params = read_checkpoint(path)
+    params = dict(read_checkpoint(path) if params is None else params)
     report = LoadReport(path=str(path), training_state=params.pop("__training_state__"))
     net_params = {p.name: p for p in net.get_parameters()}
-    if "classifier.classifier.weight" in params:
-        report.file_num_classes = int(params["classifier.classifier.weight"].shape[0])
+    report.file_num_classes = head_classes(params)
     report.unused = sorted(set(params) - set(net_params))
     to_load = _checked_entries(net_params, params, report)
     _assign(net, to_load, report)

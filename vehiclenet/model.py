@@ -73,9 +73,10 @@ def create_network(
             ``False`` keeps the random initialisation. The asset's ``num_classes``,
             ``last_stride`` and ``input_size`` are the defaults of the network built
             (see :class:`WeightsMeta`).
-        num_classes: identities of the classification head; ``None``: the asset's, else
-            575 (the published head). Another value than the checkpoint's keeps its
-            backbone and bottleneck and freshly initialises the last Dense (logged).
+        num_classes: identities of the classification head; ``None``: the weights file's
+            (a checkpoint of 120 identities gives a 120-class head), else the asset's, else
+            575 (the published head). Another value than the file's keeps its backbone and
+            bottleneck and freshly initialises the last Dense (logged).
         include_top: ``True`` returns logits (N, num_classes); ``False`` returns the
             512-d retrieval embedding (the head's ``bn1`` output).
         checkpoint: a local ``.ckpt`` to load instead; wins over ``pretrained`` and
@@ -126,14 +127,14 @@ def create_network(
     target = device_mod.configure(device_target, mode)
     amp_level = amp_level or device_mod.default_amp_level(target)
     backend = _cpu_backend(target, amp_level, precision, cpu_kernels)
-    trained = weights_meta(checkpoint, pretrained)
-    meta = _resolved_meta(trained, num_classes, last_stride)
-
     weights = weights_path(checkpoint, pretrained)
+    params = _read(weights)
+    trained = _with_file_head(weights_meta(checkpoint, pretrained), params)
+    meta = _resolved_meta(trained, num_classes, last_stride)
     with _initialisation_skipped(weights is not None):
         net = VehicleNet(num_classes=meta.num_classes, include_top=include_top, last_stride=meta.last_stride,
                          backend=backend)
-    report = _load(net, weights, trained.last_stride, meta.last_stride)
+    report = _load(net, weights, params, trained.last_stride, meta.last_stride)
     net.init_parameters_data()  # what the file did not fill (a head of another size) is initialised now
     if amp_level != "O0":
         import mindspore as ms
@@ -164,8 +165,27 @@ def _resolved_meta(meta: WeightsMeta, num_classes: Optional[int], last_stride: O
                                last_stride=meta.last_stride if last_stride is None else last_stride)
 
 
-def _load(net, weights: Optional[str], trained_stride: int, last_stride: int):
-    """Load ``weights`` into ``net`` (None: keep the random initialisation); the LoadReport or None."""
+def _read(weights: Optional[str]):
+    """The entries of the weights file (read once: the file decides the head's size), or None."""
+    if weights is None:
+        return None
+    from .checkpoint import read_checkpoint
+
+    return read_checkpoint(weights)
+
+
+def _with_file_head(meta: WeightsMeta, params) -> WeightsMeta:
+    """``meta`` with the head size the weights file has: a checkpoint of 120 identities builds a
+    120-class head unless the caller asks for another (which re-initialises it, logged)."""
+    from .checkpoint import head_classes
+
+    classes = None if params is None else head_classes(params)
+    return meta if classes is None else dataclasses.replace(meta, num_classes=classes)
+
+
+def _load(net, weights: Optional[str], params, trained_stride: int, last_stride: int):
+    """Load ``weights`` (its entries ``params``) into ``net`` (None: keep the random
+    initialisation); the LoadReport or None."""
     if weights is None:
         LOG.info("pretrained=False and no checkpoint: the network keeps its random initialisation")
         return None
@@ -174,7 +194,7 @@ def _load(net, weights: Optional[str], trained_stride: int, last_stride: int):
     if last_stride != trained_stride:  # same parameters, other feature maps: loads, but is not what was trained
         LOG.warning("last_stride=%d: the weights in %s were trained with layer4 stride %d",
                     last_stride, weights, trained_stride)
-    return load_weights(net, weights)
+    return load_weights(net, weights, params=params)
 
 
 def _cpu_backend(target: str, amp_level: str, precision: str, cpu_kernels: bool) -> Optional[KernelBackend]:
