@@ -73,15 +73,16 @@ _BAD_IMAGE_ADVICE = "; replace or remove the file (embedding and ranking can ski
 def _walk_images(folder: str) -> List[str]:
     """Image files below ``folder``, sorted: each real folder searched once, each file listed once.
 
-    Links are followed, but a folder already searched (a link loop, a link to a parent, two
-    links to one folder) is skipped and logged, and a file reached under several names is
-    listed under one. Folders reached without a link are searched first (a heap ordered by
+    Links are followed, but a link to a folder above ``folder``, and a folder already
+    searched (a link loop, two links to one folder), are skipped and logged, and a file
+    reached under several names is listed under one. Folders reached without a link are searched first (a heap ordered by
     "through a link", then path), so a file keeps its plain name over a linked one.
     """
     seen: Set[Tuple[int, int]] = set()
     files: Dict[Tuple[int, int], Tuple[bool, str]] = {}
     unreadable: List[str] = []  # dangling links and the like: listed, so embedding names them
     heap: List[Tuple[bool, str]] = [(False, folder)]
+    root = os.path.realpath(folder)
     while heap:
         linked, path = heapq.heappop(heap)
         try:
@@ -99,10 +100,19 @@ def _walk_images(folder: str) -> List[str]:
                 continue
             via_link = linked or entry.is_symlink()
             if _is_folder(entry):
+                if entry.is_symlink() and _holds(os.path.realpath(entry.path), root):
+                    LOG.info("skipped %s: a link to a folder that holds %s (a parent)", entry.path, folder)
+                    continue
                 heapq.heappush(heap, (via_link, entry.path))
             elif is_image_path(entry.name):
                 _add_file(entry, via_link, files, unreadable)
     return sorted([p for _, p in files.values()] + unreadable)
+
+
+def _holds(outer: str, inner: str) -> bool:
+    """Whether the real folder ``outer`` is one of ``inner``'s parents (a link to ``inner``
+    itself is a loop, which the walk's record of searched folders catches)."""
+    return inner != outer and inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
@@ -159,6 +169,33 @@ def _expand(inputs: Inputs) -> Tuple[List[Tuple[str, Any]], List[Tuple[str, str]
             raise DataError(f"cannot use {type(src).__name__} as an image: give paths, folders, uint8 arrays, "
                             "PIL images or encoded bytes")
     return items, empty
+
+
+@dataclass
+class ImageInputs:
+    """Inputs expanded once (:func:`expand_inputs`): what :func:`embed` takes without walking
+    the folders again. ``items`` are (name, source) per image in input order; ``empty`` the
+    folders holding no image and ``missing`` the named paths that do not exist, each with why."""
+
+    items: List[Tuple[str, Any]]
+    empty: List[Tuple[str, str]]
+    missing: List[Tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def check(self) -> None:
+        """DataError for the first missing path or folder without images, as :func:`list_images`."""
+        for name, reason in (*self.missing, *self.empty):
+            raise DataError(f"{name}: {reason}")
+
+
+def expand_inputs(inputs: Inputs) -> ImageInputs:
+    """``inputs`` with every folder searched (once): see :class:`ImageInputs`."""
+    items, empty = _expand(inputs)
+    named = [os.fspath(src) for src in _as_list(inputs) if isinstance(src, (str, os.PathLike))]
+    missing = [(name, "no such file or folder") for name in named if not os.path.exists(name)]
+    return ImageInputs(items, empty, missing)
 
 
 def list_images(inputs: Inputs) -> List[str]:
@@ -247,7 +284,8 @@ def embed(
 
     Args:
         net: a Cell mapping (B, 3, H, W) float32 to (B, D) embeddings, in inference mode.
-        images: paths, folders, uint8 arrays, PIL images, bytes, or a list mixing them.
+        images: paths, folders, uint8 arrays, PIL images, bytes, or a list mixing them; or
+            :func:`expand_inputs`'s result, which is not listed again.
         batch_size: largest number of images per network call (twice that many inputs
             go through the network when ``flip``).
         flip: add the embedding of the horizontally flipped image before normalising
@@ -272,7 +310,10 @@ def embed(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
-    items, skipped = _expand(images)
+    if isinstance(images, ImageInputs):  # listed by the caller already
+        items, skipped = images.items, list(images.empty)
+    else:
+        items, skipped = _expand(images)
     _check_anything_to_embed(items, skipped, skip_bad)
     b = batch_size if fixed_batch else _batch_plan(len(items), batch_size)
     size = input_size(net) if size is None else tuple(size)

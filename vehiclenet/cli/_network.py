@@ -2,7 +2,10 @@
 MindSpore is imported, and building the network."""
 import argparse
 import logging
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
+
+if TYPE_CHECKING:  # annotations only: the parsers of every command must not import numpy
+    from ..features import ImageInputs
 
 #: vehiclenet.index.KINDS, written again here because that module imports numpy, which the
 #: parser of every command (verify, download...) must not (tests/test_index.py checks they match).
@@ -44,18 +47,21 @@ def network_files(args: argparse.Namespace) -> List[str]:
     return weights_files(args.checkpoint, not args.no_pretrained)
 
 
-def check_inputs(inputs: List[str], skip_bad: bool) -> None:
-    """Missing inputs and folders without images, reported before the network is built (and
-    MindSpore imported); with --skip-bad, embed skips them instead."""
-    from ..features import list_images
+def list_inputs(inputs: List[str], skip_bad: bool) -> "ImageInputs":
+    """The images of ``inputs`` (files and folders), listed once for the whole command; missing
+    inputs and folders without images are reported now, before MindSpore is imported (with
+    --skip-bad, embed skips them instead)."""
+    from ..features import expand_inputs
 
+    listed = expand_inputs(inputs)
     if not skip_bad:
-        list_images(inputs)
+        listed.check()
+    return listed
 
 
-def embedding_network(args: argparse.Namespace, inputs: List[str]):
-    """The embedding network for a job over ``inputs`` (files and folders): PyNative for a
-    handful of images, where compiling the graph would take longer than the job."""
+def embedding_network(args: argparse.Namespace, images: int):
+    """The embedding network for a job of ``images`` images: PyNative for a handful, where
+    compiling the graph would take longer than the job."""
     from ..checkpoint import check_checkpoint_file
     from ..device import mode_for_images
 
@@ -63,23 +69,11 @@ def embedding_network(args: argparse.Namespace, inputs: List[str]):
         check_checkpoint_file(args.checkpoint)
     if args.no_pretrained:
         logging.getLogger("vehiclenet").warning("--no-pretrained: random weights, the features mean nothing")
-    images = image_count(inputs)
     mode = mode_for_images(images)
     logging.getLogger("vehiclenet").info(
         "execution mode %s for %d image(s): %s", mode, images,
         "sooner than compiling the graph" if mode == "pynative" else "the graph is compiled once")
     return build_network(args.checkpoint, not args.no_pretrained, args.precision, mode=mode)
-
-
-def image_count(inputs: List[str]) -> int:
-    """How many images ``inputs`` hold (0 when they cannot be listed: embedding will say why)."""
-    from ..errors import DataError
-    from ..features import list_images
-
-    try:
-        return len(list_images(inputs))
-    except DataError:
-        return 0
 
 
 def build_network(checkpoint: Optional[str], pretrained: bool, precision: str, mode: str):

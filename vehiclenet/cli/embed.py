@@ -4,12 +4,12 @@ import argparse
 import logging
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
-from ._network import (add_network_args, build_network, check_inputs, check_network_args, embedding_network,
+from ._network import (add_network_args, build_network, check_network_args, embedding_network, list_inputs,
                        network_files)
 from .index import embed_queries
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
-    from ..features import FeatureResult
+    from ..features import FeatureResult, ImageInputs
     from ..index import GalleryIndex
     from ..ranking import Ranking
 
@@ -93,10 +93,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     check_network_args(args)
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
     check_output_file(args.out, "--out", [*args.inputs, *network_files(args)], accept=is_image_path)
-    check_inputs(args.inputs, args.skip_bad)
+    images = list_inputs(args.inputs, args.skip_bad)
     kept(f"nothing written ({args.out} untouched)")
-    net = embedding_network(args, args.inputs)
-    res = embed(net, args.inputs, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
+    net = embedding_network(args, len(images))
+    res = embed(net, images, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
     doing(f"writing {args.out}")  # atomically: an interrupt leaves the old file or none
     out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
     kept(f"{out} written")
@@ -168,12 +168,14 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     _check_rank_args(args)
     stored = _stored_gallery(args)
     load_image(args.query)  # a bad query fails here, before the network is built
-    net = embedding_network(args, [args.query] if stored is not None else [args.query, args.gallery])
+    # A gallery folder is listed once, with the query; stored features need the query alone.
+    images = list_inputs([args.query, args.gallery] if stored is None else [args.query], args.skip_bad)
+    net = embedding_network(args, len(images))
     if isinstance(stored, GalleryIndex):
-        query = embed_queries(args, net, [args.query], stored)
+        query = embed_queries(args, net, images, stored)
         ranking = rank_index(query.features[0], stored, args.top_k, leave_out=args.query)
     else:
-        query, gallery = _embed_query_and_gallery(args, net, stored)
+        query, gallery = _embed_query_and_gallery(args, net, stored, images)
         ranking = rank_gallery(query.features[0], gallery, args.top_k, leave_out=args.query, source=args.gallery)
     qid, ids = veri_id(args.query), [veri_id(p) for p in ranking.paths]
     _print_ranking(args.query, ranking, qid, ids)
@@ -227,22 +229,22 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, 
                 args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
         return gallery
     if os.path.isdir(args.gallery):
-        check_inputs([args.gallery], args.skip_bad)
         return None
     raise DataError(f"{args.gallery}: neither a folder, an .npz features file nor a gallery index")
 
 
-def _embed_query_and_gallery(args: argparse.Namespace, net,
-                             stored: "Optional[FeatureResult]") -> "Tuple[FeatureResult, FeatureResult]":
-    """Query and gallery features: the gallery's are ``stored``, or embedded with the query's."""
+def _embed_query_and_gallery(args: argparse.Namespace, net, stored: "Optional[FeatureResult]",
+                             images: "ImageInputs") -> "Tuple[FeatureResult, FeatureResult]":
+    """Query and gallery features: the gallery's are ``stored``, or embedded with the query's
+    (``images``: the query, then the gallery folder's images)."""
     from ..features import FeatureResult, embed
 
     flip = not args.no_flip
     if stored is not None:
-        return embed(net, [args.query], batch_size=1, flip=flip), stored
+        return embed(net, images, batch_size=1, flip=flip), stored
     # Query and gallery in one run: one batch shape, so the graph compiles once. Skipped
     # files are logged (WARNING) by embed.
-    both = embed(net, [args.query, args.gallery], batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
+    both = embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
     return FeatureResult(both.features[:1], both.paths[:1]), FeatureResult(both.features[1:], both.paths[1:])
 
 

@@ -5,12 +5,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from ._network import INDEX_KINDS, add_network_args, check_inputs, check_network_args, embedding_network
+from ._network import INDEX_KINDS, add_network_args, check_network_args, embedding_network, list_inputs
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
 
-    from ..features import FeatureResult
+    from ..features import FeatureResult, ImageInputs
     from ..index import GalleryIndex
 
 
@@ -135,18 +135,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              "--query only")
     else:
         check_network_args(args)
-        check_inputs(args.query, args.skip_bad)
+        images = list_inputs(args.query, args.skip_bad)
     index = load_index(args.index)  # a bad index fails before the network is built
     if args.features is not None:
         queries = load_features(args.features)
     else:
-        queries = embed_queries(args, embedding_network(args, args.query), args.query, index)
+        queries = embed_queries(args, embedding_network(args, len(images)), images, index)
     dist, rows = index.search(queries.features, args.top_k, nprobe=args.nprobe, ef_search=args.ef_search)
     _print_search(args, index, queries.paths, dist, rows)
     return 0
 
 
-def embed_queries(args: argparse.Namespace, net, images: List[str], index: "GalleryIndex") -> "FeatureResult":
+def embed_queries(args: argparse.Namespace, net, images: "ImageInputs", index: "GalleryIndex") -> "FeatureResult":
     """Query features embedded like the index's (a flip mismatch is warned about)."""
     from ..features import embed
 
