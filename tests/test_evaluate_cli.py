@@ -147,8 +147,15 @@ def test_truncated_npz_and_plain_npy_name_file_without_traceback(tmp_path, data)
 
 def test_bad_parameters_exit_2(data):
     path, _ = data
-    proc = run_cli("--features", path, "--rerank", "--k1", "1000")
+    proc = run_cli("--features", path, "--rerank", "--k1", "0")
     assert proc.returncode == 2 and "k1" in proc.stderr
+    proc = run_cli("--features", path, "--rerank", "--k1", "20", "--k2", "30")
+    assert proc.returncode == 2 and "k2=30 needs 1 <= k2 <= k1 + 1" in proc.stderr
+    # A k1 beyond the 145 images is lowered to them, said, and reported as used.
+    proc = run_cli("--features", path, "--rerank", "--k1", "1000", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "k1=1000 is not below their number, so k1=144, k2=15 are used" in proc.stderr
+    assert last_json(proc.stdout)["rerank"]["k1"] == 144 and "re-ranked (k1=144, k2=15" in proc.stdout
     proc = run_cli("--features", path, "--save-features", "x.npz")
     assert proc.returncode == 2 and "--data" in proc.stderr
     proc = run_cli("--features", path, "--neighbours", "ivf-sq8")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from vehiclenet.evaluation import evaluate, evaluate_blocks
-from vehiclenet.rerank import re_rank
+from vehiclenet.rerank import neighbour_counts, re_rank
 
 
 def direct_rerank(qf, gf, k1, k2, lam):
@@ -105,11 +105,24 @@ def test_block_and_thread_settings_do_not_change_result():
 def test_parameter_checks():
     f = np.eye(4, dtype=np.float32)
     with pytest.raises(ValueError, match="k1"):
-        re_rank(f[:2], f[2:], k1=4)
+        re_rank(f[:2], f[2:], k1=0)
     with pytest.raises(ValueError, match="k2"):
         re_rank(f[:2], f[2:], k1=2, k2=4)
     with pytest.raises(ValueError, match="NaN"):
         re_rank(np.full((1, 4), np.nan, np.float32), f, k1=2, k2=2)
+
+
+def test_the_published_k1_on_a_small_set_is_lowered_to_the_data_and_said(caplog):
+    """The README's re_rank(q, g) on fewer than 101 images: k1 becomes N - 1 (every item a
+    neighbour), k2 at most N, with a warning; the result is re-ranking with those values."""
+    rng = np.random.default_rng(5)
+    qf, _ = clustered(rng, 12)
+    gf, _ = clustered(rng, 30)
+    with caplog.at_level("WARNING", logger="vehiclenet.rerank"):
+        got = re_rank(qf, gf)  # k1=100, k2=15
+    assert "re-ranking 42 items: k1=100 is not below their number, so k1=41, k2=15 are used" in caplog.text
+    np.testing.assert_array_equal(got, re_rank(qf, gf, 41, 15))
+    assert neighbour_counts(100, 60, 42) == (41, 42) and neighbour_counts(20, 6, 42) == (20, 6)
 
 
 def test_compiled_and_numpy_jaccard_are_bit_identical():

@@ -52,6 +52,7 @@ O(N^2 d) passes (neighbours, weights) are most of the time.
 """
 import ctypes
 import functools
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional, Tuple
@@ -62,7 +63,9 @@ from scipy import sparse
 from .blas import TILE_ROWS, gram_rows, one_blas_thread
 from .blocks import collect
 
-__all__ = ["re_rank", "re_rank_blocks", "exact_neighbours", "NeighbourSource"]
+__all__ = ["re_rank", "re_rank_blocks", "exact_neighbours", "neighbour_counts", "NeighbourSource"]
+
+LOG = logging.getLogger(__name__)
 
 #: ``neighbours(feats, k) -> (N, k)`` integer indices into ``feats`` (N, dim): row i holds the
 #: k items nearest to item i (normally i itself first), by ascending distance. Any distance
@@ -417,21 +420,40 @@ def _checked_neighbours(top: np.ndarray, n: int, k: int) -> np.ndarray:
 
 
 def _check_parameters(q_feats: np.ndarray, g_feats: np.ndarray, k1: int, k2: int,
-                      lambda_value: float) -> Tuple[np.ndarray, int]:
-    """Query and gallery features stacked (N, dim) float32, and the number of queries."""
+                      lambda_value: float) -> Tuple[np.ndarray, int, int, int]:
+    """Query and gallery features stacked (N, dim) float32, the number of queries, and the
+    k1, k2 used on them (:func:`neighbour_counts`)."""
     q = _check_features("q_feats", q_feats)
     g = _check_features("g_feats", g_feats)
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"feature dimensions differ: {q.shape[1]} vs {g.shape[1]}")
     feats = np.concatenate([q, g], axis=0)
-    n = feats.shape[0]
-    if not 1 <= k1 < n:
-        raise ValueError(f"k1={k1} needs 1 <= k1 < N = {n} (queries + gallery)")
-    if not 1 <= k2 <= k1 + 1:
-        raise ValueError(f"k2={k2} needs 1 <= k2 <= k1 + 1 = {k1 + 1}")
+    k1, k2 = neighbour_counts(k1, k2, feats.shape[0], note=True)
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value={lambda_value} must lie in [0, 1]")
-    return feats, q.shape[0]
+    return feats, q.shape[0], k1, k2
+
+
+def neighbour_counts(k1: int, k2: int, n: int, *, note: bool = False) -> Tuple[int, int]:
+    """The ``(k1, k2)`` re-ranking uses on ``n`` items (queries + gallery).
+
+    A k1 of ``n`` or more (the published 100 on fewer than 101 images) means every item is
+    a neighbour of every other: it becomes ``n - 1`` and k2 at most ``k1 + 1``, logged when
+    ``note``. Raises ValueError for k1 or k2 below 1, an explicit k2 above k1 + 1, or n < 2.
+    """
+    if k1 < 1 or k2 < 1:
+        raise ValueError(f"k1={k1} and k2={k2} must be at least 1")
+    if n < 2:
+        raise ValueError(f"re-ranking needs at least 2 items (queries + gallery), got {n}")
+    if k1 < n:
+        if k2 > k1 + 1:
+            raise ValueError(f"k2={k2} needs 1 <= k2 <= k1 + 1 = {k1 + 1}")
+        return k1, k2
+    used = n - 1, min(k2, n)
+    if note:
+        LOG.warning("re-ranking %d items: k1=%d is not below their number, so k1=%d, k2=%d are used (the published "
+                    "k1=100, k2=15 assume galleries of thousands)", n, k1, *used)
+    return used
 
 
 def re_rank_blocks(
@@ -465,7 +487,7 @@ def re_rank_blocks(
     Every block is bit-identical to those rows of :func:`re_rank` for any ``block_rows``
     and ``workers``.
     """
-    feats, num_query = _check_parameters(q_feats, g_feats, k1, k2, lambda_value)
+    feats, num_query, k1, k2 = _check_parameters(q_feats, g_feats, k1, k2, lambda_value)
     n = feats.shape[0]
     block_rows = _block_rows(block_rows, n)
     workers = _workers(workers)
@@ -515,9 +537,9 @@ def re_rank(
     """k-reciprocal re-ranked distance (num_query, num_gallery) float32; lower is closer.
 
     ``q_feats`` and ``g_feats`` are L2-normalised float32 features. Defaults are the
-    published protocol (k1=100, k2=15, lambda=0: pure Jaccard distance). Needs
-    ``1 <= k1 < N`` and ``1 <= k2 <= k1 + 1`` with N = queries + gallery, as the
-    reference does. The whole matrix of :func:`re_rank_blocks` (same arguments, same
+    published protocol (k1=100, k2=15, lambda=0: pure Jaccard distance). With N = queries +
+    gallery, a k1 of N or more is lowered to N - 1 (and k2 to at most N), logged
+    (:func:`neighbour_counts`); otherwise ``1 <= k2 <= k1 + 1``. The whole matrix of :func:`re_rank_blocks` (same arguments, same
     bits); for large problems use that, whose blocks can be ranked and dropped.
     """
     blocks = re_rank_blocks(q_feats, g_feats, k1, k2, lambda_value, block_rows=block_rows, workers=workers,

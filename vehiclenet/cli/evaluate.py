@@ -225,7 +225,12 @@ def _print_evaluation(args: argparse.Namespace, result: "Union[EvalResult, Trial
 
     out = result.to_dict()
     out["num_gallery"] = num_gallery
-    out["rerank"] = {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value,
+    k1, k2 = args.k1, args.k2
+    if args.rerank:  # the k1, k2 used: lowered to the data on small sets (logged by re-ranking)
+        from ..rerank import neighbour_counts
+
+        k1, k2 = neighbour_counts(args.k1, args.k2, out["num_query"] + num_gallery)
+    out["rerank"] = {"k1": k1, "k2": k2, "lambda": args.lambda_value,
                      "neighbours": args.neighbours or "exact", "nprobe": args.nprobe} if args.rerank else None
     out["timings"] = {k: round(v, 4) for k, v in timings.items()}
     if args.dataset != "veri":  # VeRi-776's output stays as it was
@@ -243,7 +248,7 @@ def _print_evaluation(args: argparse.Namespace, result: "Union[EvalResult, Trial
               if "trials" in out else "")
     print(f"{source}{where}: {out['num_query']} queries ({out['num_valid_query']} with a valid match), "
           f"{out['num_gallery']} gallery images{trials}"
-          + (f", re-ranked (k1={args.k1}, k2={args.k2}, lambda={args.lambda_value})" if args.rerank else ""))
+          + (f", re-ranked (k1={k1}, k2={k2}, lambda={args.lambda_value})" if args.rerank else ""))
     print(f"mAP {figure('mAP')} | rank-1 {figure('rank1')} | rank-5 {figure('rank5')} | "
           f"rank-10 {figure('rank10')} | mINP {figure('mINP')}  ({args.ap} AP"
           + (", mean ± std over trials)" if std else ")"))
