@@ -118,6 +118,7 @@ class _Meta:
     params: Dict[str, Any] = field(default_factory=dict)
     flip: Optional[bool] = None
     sources: List[str] = field(default_factory=list)
+    weights: Optional[str] = None  # vehiclenet.weights identity of the network that embedded the rows
 
 
 class _Paths:
@@ -187,6 +188,11 @@ class GalleryIndex:
         return self._meta.flip
 
     @property
+    def weights(self) -> Optional[str]:
+        """Identity of the weights that embedded the features (:mod:`vehiclenet.weights`); None if unknown."""
+        return self._meta.weights
+
+    @property
     def ids(self) -> Optional[np.ndarray]:
         return self._meta.ids
 
@@ -213,12 +219,13 @@ class GalleryIndex:
     def build(cls, features: np.ndarray, paths: Sequence[str], *, ids: Optional[Sequence[int]] = None,
               cams: Optional[Sequence[int]] = None, kind: str = "auto", nlist: Optional[int] = None,
               nprobe: Optional[int] = None, ef_search: Optional[int] = None, flip: Optional[bool] = None,
-              sources: Sequence[str] = (), seed: int = 0) -> "GalleryIndex":
+              sources: Sequence[str] = (), seed: int = 0, weights: Optional[str] = None) -> "GalleryIndex":
         """An index of ``features`` (N, D) L2-normalised float32, row i belonging to ``paths[i]``.
 
         ``kind``: ``"auto"`` (exact up to :data:`AUTO_EXACT_MAX` rows), ``"exact"``, ``"ivf-sq8"``,
         ``"ivf-flat"`` or ``"hnsw-sq8"``; ``nlist``/``nprobe`` tune the ivf kinds, ``ef_search`` the
-        hnsw kind (default searches; a search can ask for others); ``seed`` fixes the training sample.
+        hnsw kind (default searches; a search can ask for others); ``seed`` fixes the training sample;
+        ``flip`` and ``weights`` record how the features were embedded.
         """
         feats = _check_features(features, paths, "features")
         if kind not in KINDS:
@@ -229,7 +236,7 @@ class GalleryIndex:
             kind = "exact" if len(feats) <= AUTO_EXACT_MAX else "ivf-sq8"
         meta = _Meta(kind=kind, dimension=int(feats.shape[1]), paths=_Paths.from_list(list(paths)),
                      ids=_optional_column(ids, len(feats), "ids"), cams=_optional_column(cams, len(feats), "cams"),
-                     flip=flip, sources=[os.fspath(s) for s in sources])
+                     flip=flip, sources=[os.fspath(s) for s in sources], weights=weights)
         if kind == "exact":
             return cls(meta, vectors=np.array(feats, dtype=np.float32, order="C"))
         if kind == "hnsw-sq8":
@@ -245,7 +252,7 @@ class GalleryIndex:
 
     def add(self, features: np.ndarray, paths: Sequence[str], *, ids: Optional[Sequence[int]] = None,
             cams: Optional[Sequence[int]] = None, flip: Optional[bool] = None,
-            sources: Sequence[str] = ()) -> None:
+            sources: Sequence[str] = (), weights: Optional[str] = None) -> None:
         """Append rows (in memory; :meth:`save` writes them). A memory-mapped index is copied
         into memory first. ivf kinds keep the cells they were trained with."""
         feats = _check_features(features, paths, "features")
@@ -255,11 +262,17 @@ class GalleryIndex:
         if flip is not None and self.flip is not None and flip != self.flip:
             raise DataError(f"{self._name()}: features were embedded with flip {_on(self.flip)}, the added ones "
                             f"with flip {_on(flip)}; embed them again the same way")
+        if weights is not None and self.weights is not None and weights != self.weights:
+            from .weights import describe
+
+            raise DataError(f"{self._name()}: features were embedded with {describe(self.weights)}, the added ones "
+                            f"with {describe(weights)}; embed them again with the index's weights")
         meta = self._meta
         meta.ids = _append_column(meta.ids, ids, len(feats), "ids", self._name())
         meta.cams = _append_column(meta.cams, cams, len(feats), "cams", self._name())
         meta.paths = meta.paths.extend(_Paths.from_list(list(paths)))
         meta.flip = meta.flip if meta.flip is not None else flip
+        meta.weights = meta.weights if meta.weights is not None else weights
         meta.sources = meta.sources + [os.fspath(s) for s in sources]
         if self.kind == "exact":
             self._vectors = np.concatenate([np.asarray(self._vectors), feats]).astype(np.float32, copy=False)
@@ -355,7 +368,7 @@ class GalleryIndex:
         meta = self._meta
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "vehiclenet": __version__,
                 "faiss": _faiss_version(), "kind": meta.kind, "dimension": meta.dimension, "count": len(self),
-                "params": meta.params, "flip": meta.flip, "sources": meta.sources}
+                "params": meta.params, "flip": meta.flip, "sources": meta.sources, "weights": meta.weights}
 
     def _name(self) -> str:
         return self.source or "the gallery index"
@@ -665,10 +678,13 @@ def load_index(path: PathLike, *, verify: bool = True, mmap: bool = True) -> Gal
 
 def _from_parts(name: str, mm: np.ndarray, manifest: Dict[str, Any], verify: bool) -> GalleryIndex:
     parts = {key: _part(name, mm, manifest, key, verify) for key in manifest["parts"]}
+    weights = manifest.get("weights")
+    if weights is not None and not isinstance(weights, str):
+        raise ValueError(f"'weights' is a {type(weights).__name__}, not a string")
     meta = _Meta(kind=manifest["kind"], dimension=int(manifest["dimension"]),
                  paths=_Paths(parts["path_bytes"], parts["path_offsets"]), ids=parts.get("ids"),
                  cams=parts.get("cams"), params=dict(manifest.get("params") or {}), flip=manifest.get("flip"),
-                 sources=list(manifest.get("sources") or []))
+                 sources=list(manifest.get("sources") or []), weights=weights)
     if len(meta.paths) != int(manifest["count"]):
         raise DataError(f"{name}: damaged (manifest says {manifest['count']} rows, {len(meta.paths)} paths stored); "
                         + _rebuild_hint(name, manifest))
@@ -714,15 +730,17 @@ class _Loaded:
     cams: Optional[np.ndarray]
     flip: Optional[bool]
     sources: List[str]
+    weights: Optional[str]
 
 
 def read_feature_sources(inputs: Sequence[PathLike]) -> _Loaded:
-    """Features, paths, ids/cams (keys ``ids``/``cams`` when every file has them) and flip of
-    features files and folders, concatenated in the order given."""
+    """Features, paths, ids/cams (keys ``ids``/``cams`` when every file has them), flip and
+    weights of features files and folders, concatenated in the order given."""
     from .features import load_features
+    from .weights import describe, stored_identity
 
     files = [f for item in inputs for f in _feature_sources(item)]
-    feats, paths, ids, cams, flips = [], [], [], [], []
+    feats, paths, ids, cams, flips, weights = [], [], [], [], [], {}
     for f in files:
         res = load_features(f)
         if feats and res.features.shape[1] != feats[0].shape[1]:
@@ -733,12 +751,19 @@ def read_feature_sources(inputs: Sequence[PathLike]) -> _Loaded:
         ids.append(res.extra.get("ids"))
         cams.append(res.extra.get("cams"))
         flips.append(None if "flip" not in res.extra else bool(res.extra["flip"]))
+        identity = stored_identity(res.extra, f)
+        if identity is not None:
+            weights.setdefault(identity, f)
     known = {fl for fl in flips if fl is not None}
     if len(known) > 1:
         raise DataError(f"{', '.join(files)}: some were embedded with flip on, some with flip off; "
                         "embed them again the same way")
+    if len(weights) > 1:
+        (first, a), (second, b) = list(weights.items())[:2]
+        raise DataError(f"{a} was embedded with {describe(first)}, {b} with {describe(second)}: features of two "
+                        "networks cannot share an index; embed them again with the same weights")
     return _Loaded(np.concatenate(feats), paths, _joined(ids), _joined(cams), known.pop() if known else None,
-                   files)
+                   files, next(iter(weights), None))
 
 
 def _joined(columns: List[Optional[np.ndarray]]) -> Optional[np.ndarray]:
@@ -753,14 +778,14 @@ def build_index(inputs: Sequence[PathLike], *, kind: str = "auto", nlist: Option
     loaded = read_feature_sources(inputs)
     return GalleryIndex.build(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, kind=kind,
                               nlist=nlist, nprobe=nprobe, ef_search=ef_search, flip=loaded.flip,
-                              sources=loaded.sources)
+                              sources=loaded.sources, weights=loaded.weights)
 
 
 def add_to_index(index: GalleryIndex, inputs: Sequence[PathLike]) -> int:
     """Append the features of ``inputs`` to ``index``; returns how many rows were added."""
     loaded = read_feature_sources(inputs)
     index.add(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, flip=loaded.flip,
-              sources=loaded.sources)
+              sources=loaded.sources, weights=loaded.weights)
     return len(loaded.paths)
 
 

@@ -62,6 +62,7 @@ def create_network(
     amp_level: Optional[str] = None,
     precision: str = "fp32",
     cpu_kernels: bool = True,
+    seed: Optional[int] = None,
 ):
     """Build VehicleNet and load its weights, ready for inference.
 
@@ -99,6 +100,10 @@ def create_network(
         cpu_kernels: ``False`` builds the network on MindSpore's own operators even where
             the oneDNN kernels are available (export does: its graph must not name a
             library of this machine). The choice is made here, for the network's life.
+        seed: draws the random initialisation (all of it with ``pretrained=False``, a
+            re-sized head otherwise) from this seed, the same in every process and whatever
+            was drawn before; ``None`` (default) draws anew each time. The global random
+            state of numpy and MindSpore is left as it was.
 
     Returns:
         A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
@@ -124,6 +129,8 @@ def create_network(
         raise ValueError(f"unknown model name {name!r}; this package provides {MODEL_NAMES}")
     if amp_level is not None and amp_level not in device_mod.AMP_LEVELS:
         raise ValueError(f"amp_level must be one of {device_mod.AMP_LEVELS} or None, got {amp_level!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32):
+        raise ValueError(f"seed must be None or an int in [0, 2**32), got {seed!r}")
     target = device_mod.configure(device_target, mode)
     amp_level = amp_level or device_mod.default_amp_level(target)
     backend = _cpu_backend(target, amp_level, precision, cpu_kernels)
@@ -131,11 +138,12 @@ def create_network(
     params = _read(weights)
     trained = _with_file_head(weights_meta(checkpoint, pretrained), params)
     meta = _resolved_meta(trained, num_classes, last_stride)
-    with _initialisation_skipped(weights is not None):
+    with _initialisation_skipped(weights is not None or seed is not None):
         net = VehicleNet(num_classes=meta.num_classes, include_top=include_top, last_stride=meta.last_stride,
                          backend=backend)
     report = _load(net, weights, params, trained.last_stride, meta.last_stride)
-    net.init_parameters_data()  # what the file did not fill (a head of another size) is initialised now
+    with _seeded(seed):
+        net.init_parameters_data()  # what the file did not fill (a head of another size) is initialised now
     if amp_level != "O0":
         import mindspore as ms
 
@@ -156,6 +164,24 @@ def _initialisation_skipped(skip: bool):
     from mindspore.nn.utils import no_init_parameters
 
     return no_init_parameters()
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]):
+    """While initialising parameters: draw from ``seed``. MindSpore's initialisers take each
+    parameter's seed from numpy's global generator, in the network's fixed parameter order, so
+    seeding it makes the weights the same in every process; its state is restored after."""
+    if seed is None:
+        yield
+        return
+    import numpy as np
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def _resolved_meta(meta: WeightsMeta, num_classes: Optional[int], last_stride: Optional[int]) -> WeightsMeta:

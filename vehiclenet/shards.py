@@ -60,7 +60,7 @@ _ARGUMENT_NAMES = {
     "images": "INPUT arguments",
     "inputs_sha256": "INPUT arguments: other images, names or order",
     "chunk_size": "--chunk-size",
-    "weights": "--checkpoint, or the published asset",
+    "weights": "--checkpoint, --seed, or the published asset",
     "flip": "--no-flip",
     "precision": "--precision",
     "image_size": "the weights' input size",
@@ -119,41 +119,29 @@ def chunk_name(index: int) -> str:
 
 
 def make_job(paths: Sequence[str], *, chunk_size: int, checkpoint: Optional[PathLike] = None,
-             pretrained: Union[bool, str] = True, flip: bool = True, precision: str = "fp32",
-             skip_bad: bool = False) -> ShardJob:
+             pretrained: Union[bool, str] = True, seed: Optional[int] = None, flip: bool = True,
+             precision: str = "fp32", skip_bad: bool = False) -> ShardJob:
     """The :class:`ShardJob` of embedding ``paths`` with these settings (nothing is downloaded;
     a ``checkpoint`` file is hashed).
 
     Raises:
-        UsageError: ``chunk_size`` below 1, or random weights (``pretrained`` off without a
-            checkpoint): every process would draw other ones, and chunks must fit together.
+        UsageError: ``chunk_size`` below 1, or unseeded random weights (``pretrained`` off
+            without a checkpoint or seed): every process would draw other ones, and chunks
+            must fit together.
     """
     from . import __version__
+    from .weights import WeightsChoice
 
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be >= 1, got {chunk_size}")
-    if checkpoint is None and (pretrained is False or pretrained is None):
-        raise UsageError("random weights (--no-pretrained) differ in every process, so chunks of a resumed or "
-                         "parallel job would not fit together: give --checkpoint (or the published weights)")
-    weights, size = _weights_identity(checkpoint, pretrained)
+    choice = WeightsChoice(None if checkpoint is None else os.fspath(checkpoint), pretrained, seed)
+    weights, size = choice.identity_and_input_size()
+    if weights is None:
+        raise UsageError("unseeded random weights differ in every process, so chunks of a resumed or parallel "
+                         "job would not fit together: give a seed (--seed), a --checkpoint or the published weights")
     return ShardJob(images=len(paths), inputs_sha256=inputs_digest(paths), chunk_size=int(chunk_size),
                     weights=weights, flip=bool(flip), precision=precision, image_size=tuple(size),
                     skip_bad=bool(skip_bad), version=__version__)
-
-
-def _weights_identity(checkpoint: Optional[PathLike], pretrained: Union[bool, str]) -> Tuple[str, Tuple[int, int]]:
-    """(``sha256:<hex>`` of the weights, network input size): the rule of
-    :func:`vehiclenet.model.weights_meta`, without importing the network (and MindSpore)."""
-    from .preprocessing import INPUT_SIZE
-
-    if checkpoint is not None:
-        from .fileio import sha256_file
-
-        return f"sha256:{sha256_file(checkpoint)}", INPUT_SIZE
-    from .assets import get_asset
-
-    asset = get_asset(None if pretrained is True else pretrained)  # its sha256 is what fetch delivers
-    return f"sha256:{asset.sha256}", tuple(asset.input_size or INPUT_SIZE)
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -439,7 +427,7 @@ def load_feature_shards(folder: PathLike) -> "FeatureResult":
     if not feats:
         raise DataError(f"{folder}: no image of the job could be embedded (all {job.images} skipped)")
     return FeatureResult(features=np.concatenate(feats), paths=paths, skipped=skipped,
-                         extra={"flip": np.asarray(job.flip)})
+                         extra={"flip": np.asarray(job.flip), "weights": np.asarray(job.weights)})
 
 
 def merge_shards(folder: PathLike, out: PathLike) -> "FeatureResult":

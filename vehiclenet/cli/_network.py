@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 if TYPE_CHECKING:  # annotations only: the parsers of every command must not import numpy
     from ..features import ImageInputs
+    from ..weights import WeightsChoice
 
 #: vehiclenet.index.KINDS, written again here because that module imports numpy, which the
 #: parser of every command (verify, download...) must not (tests/test_index.py checks they match).
@@ -16,6 +17,9 @@ def add_network_args(p: argparse.ArgumentParser, batch_default: int = 16) -> Non
     p.add_argument("--checkpoint", metavar="PATH", help="weights to load (default: the published checkpoint)")
     p.add_argument("--no-pretrained", action="store_true",
                    help="random weights, nothing downloaded (for tests and timing only)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="--no-pretrained: draw the random weights from seed N (default 0), so that two "
+                   "commands build the same network; outputs record it")
     p.add_argument("--no-flip", action="store_true", help="skip the horizontal-flip feature sum (2x faster)")
     p.add_argument("--batch-size", type=int, default=batch_default,
                    help=f"images per network call (default {batch_default})")
@@ -38,6 +42,18 @@ def check_network_args(args: argparse.Namespace) -> None:
         raise UsageError("--batch-size must be >= 1")
     if args.checkpoint and args.no_pretrained:
         raise UsageError("--checkpoint and --no-pretrained exclude each other")
+    if args.seed is not None and not args.no_pretrained:
+        raise UsageError("--seed draws the random weights of --no-pretrained; give both, or neither")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+
+
+def weights_choice(args: argparse.Namespace) -> "WeightsChoice":
+    """The weights the command's options choose (random ones are seeded: default 0)."""
+    from ..weights import DEFAULT_SEED, WeightsChoice
+
+    seed = (DEFAULT_SEED if args.seed is None else args.seed) if args.no_pretrained else None
+    return WeightsChoice(args.checkpoint, not args.no_pretrained, seed)
 
 
 def network_files(args: argparse.Namespace) -> List[str]:
@@ -67,16 +83,19 @@ def embedding_network(args: argparse.Namespace, images: int):
 
     if args.checkpoint:  # a FIFO or device is refused here, before the network is built
         check_checkpoint_file(args.checkpoint)
-    if args.no_pretrained:
-        logging.getLogger("vehiclenet").warning("--no-pretrained: random weights, the features mean nothing")
+    choice = weights_choice(args)
+    if choice.random:
+        logging.getLogger("vehiclenet").warning("--no-pretrained: random weights (seed %d), the features mean "
+                                                "nothing", choice.seed)
     mode = mode_for_images(images)
     logging.getLogger("vehiclenet").info(
         "execution mode %s for %d image(s): %s", mode, images,
         "sooner than compiling the graph" if mode == "pynative" else "the graph is compiled once")
-    return build_network(args.checkpoint, not args.no_pretrained, args.precision, mode=mode)
+    return build_network(choice.checkpoint, choice.pretrained, args.precision, mode=mode, seed=choice.seed)
 
 
-def build_network(checkpoint: Optional[str], pretrained: bool, precision: str, mode: str):
+def build_network(checkpoint: Optional[str], pretrained: bool, precision: str, mode: str,
+                  seed: Optional[int] = None):
     """The embedding network, with MindSpore imported and the network built with signals held
     (see interrupts.py); only the download of the weights stays interruptible at once."""
     import os
@@ -94,4 +113,4 @@ def build_network(checkpoint: Optional[str], pretrained: bool, precision: str, m
     with held("building the network"):
         # pretrained passed on: the asset's input_size and last_stride come with it (net.weights_meta).
         return create_network(pretrained=pretrained, checkpoint=checkpoint, include_top=False, precision=precision,
-                              mode=mode)
+                              mode=mode, seed=seed)

@@ -5,7 +5,7 @@ import logging
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from ._network import (add_network_args, build_network, check_network_args, embedding_network, list_inputs,
-                       network_files)
+                       network_files, weights_choice)
 from .index import embed_queries
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
@@ -98,7 +98,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     net = embedding_network(args, len(images))
     res = embed(net, images, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
     doing(f"writing {args.out}")  # atomically: an interrupt leaves the old file or none
-    out = save_features(args.out, res.features, res.paths, flip=not args.no_flip)
+    weights = weights_choice(args).identity()
+    recorded = {} if weights is None else {"weights": weights}
+    out = save_features(args.out, res.features, res.paths, flip=not args.no_flip, **recorded)
     kept(f"{out} written")
     n = len(res)
     skipped = f"skipped {len(res.skipped)}" + (
@@ -128,13 +130,16 @@ def _cmd_embed_chunks(args: argparse.Namespace) -> int:
         check_checkpoint_file(args.checkpoint)
     rank, world = launcher_rank()
     paths = list_images(args.inputs)
-    job = make_job(paths, chunk_size=_CHUNK_SIZE if args.chunk_size is None else args.chunk_size, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
+    choice = weights_choice(args)
+    job = make_job(paths, chunk_size=_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
+                   checkpoint=choice.checkpoint, pretrained=choice.pretrained, seed=choice.seed,
                    flip=not args.no_flip, precision=args.precision, skip_bad=args.skip_bad)
     plan = plan_shards(args.out_dir, job, paths, rank, world)
     kept(f"finished chunks stay in {args.out_dir}; the same command resumes")
     written = []
     if plan.todo:
-        net = build_network(args.checkpoint, True, args.precision, mode=mode_for_images(plan.images_todo))
+        net = build_network(choice.checkpoint, choice.pretrained, args.precision,
+                            mode=mode_for_images(plan.images_todo), seed=choice.seed)
         written = run_shards(net, plan, batch_size=args.batch_size)
     print(f"rank {rank} of {world}: {len(plan.done)} chunk(s) already done, verified; {len(written)} embedded "
           f"-> {args.out_dir} ({job.chunks} chunks in all)")
@@ -217,11 +222,16 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, 
     from ..errors import DataError
     from ..features import load_features
     from ..index import is_index_file, load_index
+    from ..weights import check_same_weights, stored_identity
 
     if is_index_file(args.gallery):
-        return load_index(args.gallery)
+        index = load_index(args.gallery)
+        check_same_weights(index.weights, weights_choice(args).identity(), args.gallery)
+        return index
     if os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz"):
         gallery = load_features(args.gallery)
+        check_same_weights(stored_identity(gallery.extra, args.gallery), weights_choice(args).identity(),
+                           args.gallery)
         stored, flip = gallery.extra.get("flip"), not args.no_flip
         if stored is not None and bool(stored) != flip:
             logging.getLogger("vehiclenet").warning(

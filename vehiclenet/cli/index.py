@@ -5,7 +5,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from ._network import INDEX_KINDS, add_network_args, check_network_args, embedding_network, list_inputs
+from ._network import INDEX_KINDS, add_network_args, check_network_args, embedding_network, list_inputs, weights_choice
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
@@ -124,6 +124,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..features import load_features
     from ..index import load_index
+    from ..weights import check_same_weights, stored_identity
 
     _check_index_tuning(args)
     if args.top_k < 1:
@@ -139,7 +140,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     index = load_index(args.index)  # a bad index fails before the network is built
     if args.features is not None:
         queries = load_features(args.features)
+        check_same_weights(index.weights, stored_identity(queries.extra, args.features), args.index,
+                           what=args.features)
     else:
+        check_same_weights(index.weights, weights_choice(args).identity(), args.index)
         queries = embed_queries(args, embedding_network(args, len(images)), images, index)
     dist, rows = index.search(queries.features, args.top_k, nprobe=args.nprobe, ef_search=args.ef_search)
     _print_search(args, index, queries.paths, dist, rows)
