@@ -255,6 +255,49 @@ def test_cli_build_add_search_json(features_files):
     assert "kind ivf-sq8 (nlist 10, nprobe 10)" in res.stdout  # 400 rows: at most 400/39 cells
 
 
+def test_search_leaves_each_query_own_file_out_as_rank_does(features_files):
+    from vehiclenet.ranking import search_leaving_out
+
+    tmp, feats, _ = features_files
+    assert run_cli("index", "build", "a.npz", "--out", "g.index", cwd=tmp).returncode == 0
+    # Queries that are gallery images: gallery/000003.jpg and gallery/000007.jpg themselves.
+    save_features(tmp / "own.npz", feats[[3, 7]], names(1, 3) + names(1, 7))
+    res = run_cli("search", "--index", "g.index", "--features", "own.npz", "--top-k", "3", "--json", cwd=tmp)
+    assert res.returncode == 0, res.stderr
+    for r, row in zip(json.loads(res.stdout)["results"], (3, 7)):
+        ref_rows, _ = nearest(feats[row], feats[:250], 4)
+        assert ref_rows[0] == row and [m["row"] for m in r["matches"]] == ref_rows[1:].tolist()
+    res = run_cli("search", "--index", "g.index", "--features", "own.npz", "--top-k", "3", "--keep-self", cwd=tmp)
+    assert res.returncode == 0 and "   1  0.0000  gallery/000003.jpg" in res.stdout, res.stdout
+
+    # A file held three times: the search widens until k other rows are found.
+    index = GalleryIndex.build(np.concatenate([feats[:20], feats[[5, 5]]]), names(20) + names(1, 5) * 2)
+    dist, rows, dropped = search_leaving_out(index, feats[[5, 6]], [names(1, 5)[0], None], 4)
+    ref_rows, ref_dist = nearest(feats[5], np.delete(feats[:20], 5, axis=0), 4)
+    assert rows[0].tolist() == [r + (r >= 5) for r in ref_rows.tolist()] and dropped.tolist() == [3, 0]
+    np.testing.assert_allclose(dist[0], ref_dist, atol=1e-6)
+    assert rows[1][0] == 6  # no name: nothing left out
+
+
+def test_index_add_skips_paths_the_index_already_holds(features_files):
+    tmp, feats, _ = features_files
+    assert run_cli("index", "build", "a.npz", "--out", "g.index", cwd=tmp).returncode == 0
+    res = run_cli("index", "add", "g.index", "a.npz", cwd=tmp)
+    assert res.returncode == 0, res.stderr
+    assert "added 0 to g.index: 250 features" in res.stdout
+    assert "250 of 250 added row(s) skipped: their paths are already in the index (gallery/000000.jpg" in res.stderr
+    # Half known, half new, and one new path twice: only the new ones, once each.
+    save_features(tmp / "mix.npz", feats[245:255], names(10, 245), flip=True, ids=np.arange(10),
+                  cams=np.arange(10) % 4)
+    save_features(tmp / "again.npz", feats[[260]], names(1, 250), flip=True, ids=[99], cams=[1])
+    res = run_cli("index", "add", "g.index", "mix.npz", "again.npz", cwd=tmp)
+    assert res.returncode == 0, res.stderr
+    assert "added 5 to g.index: 255 features" in res.stdout and "6 of 11 added row(s) skipped" in res.stderr
+    index = load_index(tmp / "g.index")
+    assert index.paths == names(255) and index.ids[250:].tolist() == [5, 6, 7, 8, 9]
+    np.testing.assert_array_equal(index.vectors(250, 255), feats[250:255])
+
+
 def test_cli_refuses_foreign_damaged_and_mismatched_indexes(features_files):
     tmp, _, _ = features_files
     assert run_cli("index", "build", "a.npz", "b.npz", "--out", "g.index", cwd=tmp).returncode == 0

@@ -140,6 +140,11 @@ class _Paths:
     def __getitem__(self, i: int) -> str:
         return os.fsdecode(self.data[self.offsets[i]:self.offsets[i + 1]].tobytes())
 
+    def encoded(self) -> List[bytes]:
+        """Every path as the bytes stored (one pass over the data, for membership tests)."""
+        raw, offsets = np.asarray(self.data).tobytes(), np.asarray(self.offsets).tolist()
+        return [raw[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
     def extend(self, other: "_Paths") -> "_Paths":
         offsets = np.concatenate([self.offsets, other.offsets[1:] + self.offsets[-1]])
         return _Paths(np.concatenate([np.asarray(self.data), np.asarray(other.data)]), offsets)
@@ -252,9 +257,12 @@ class GalleryIndex:
 
     def add(self, features: np.ndarray, paths: Sequence[str], *, ids: Optional[Sequence[int]] = None,
             cams: Optional[Sequence[int]] = None, flip: Optional[bool] = None,
-            sources: Sequence[str] = (), weights: Optional[str] = None) -> None:
-        """Append rows (in memory; :meth:`save` writes them). A memory-mapped index is copied
-        into memory first. ivf kinds keep the cells they were trained with."""
+            sources: Sequence[str] = (), weights: Optional[str] = None) -> int:
+        """Append rows (in memory; :meth:`save` writes them) and return how many. Rows whose
+        path the index already holds (or that repeat a path added with them) are skipped, with
+        a warning: adding a features file twice must not double its images' matches. A
+        memory-mapped index is copied into memory first. ivf kinds keep the cells they were
+        trained with."""
         feats = _check_features(features, paths, "features")
         if feats.shape[1] != self.dimension:
             raise DataError(f"{self._name()}: holds {self.dimension}-d features, the added ones are "
@@ -267,6 +275,10 @@ class GalleryIndex:
 
             raise DataError(f"{self._name()}: features were embedded with {describe(self.weights)}, the added ones "
                             f"with {describe(weights)}; embed them again with the index's weights")
+        keep = self._new_rows(paths)
+        if len(keep) < len(paths):  # columns of another length are left for _append_column to refuse
+            ids, cams = (c if c is None or len(c) != len(paths) else np.asarray(c)[keep] for c in (ids, cams))
+            feats, paths = feats[keep], [paths[i] for i in keep]
         meta = self._meta
         meta.ids = _append_column(meta.ids, ids, len(feats), "ids", self._name())
         meta.cams = _append_column(meta.cams, cams, len(feats), "cams", self._name())
@@ -282,6 +294,22 @@ class GalleryIndex:
                 self._faiss = _faiss().deserialize_index(np.array(_serialise(self._faiss)))
                 self._keep_alive = None
             self._faiss.add(feats)
+        return len(feats)
+
+    def _new_rows(self, paths: Sequence[str]) -> List[int]:
+        """Rows of ``paths`` to add: those whose path is neither held nor earlier in ``paths``
+        (the skipped ones are logged)."""
+        seen = set(self._meta.paths.encoded())
+        keep, skipped = [], []
+        for i, p in enumerate(paths):
+            key = os.fsencode(p) if not isinstance(p, bytes) else p
+            (skipped if key in seen else keep).append(i)
+            seen.add(key)
+        if skipped:
+            shown = ", ".join(str(paths[i]) for i in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            LOG.warning("%s: %d of %d added row(s) skipped: their paths are already in the index (%s)",
+                        self._name(), len(skipped), len(paths), shown)
+        return keep
 
     # ------------------------------------------------------------------ searching
 
@@ -784,9 +812,8 @@ def build_index(inputs: Sequence[PathLike], *, kind: str = "auto", nlist: Option
 def add_to_index(index: GalleryIndex, inputs: Sequence[PathLike]) -> int:
     """Append the features of ``inputs`` to ``index``; returns how many rows were added."""
     loaded = read_feature_sources(inputs)
-    index.add(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, flip=loaded.flip,
-              sources=loaded.sources, weights=loaded.weights)
-    return len(loaded.paths)
+    return index.add(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, flip=loaded.flip,
+                     sources=loaded.sources, weights=loaded.weights)
 
 
 def index_neighbours(kind: str = "exact", *, nlist: Optional[int] = None, nprobe: Optional[int] = None,

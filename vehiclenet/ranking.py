@@ -8,7 +8,7 @@ carries, for same-id marks.
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from .errors import DataError
 from .evaluation import veri_id
 from .features import FeatureResult, nearest
 
-__all__ = ["Ranking", "rank_gallery", "rank_index", "veri_id"]
+__all__ = ["Ranking", "rank_gallery", "rank_index", "search_leaving_out", "veri_id"]
 
 # Warnings carry the package's name, as ``vehiclenet rank`` has always printed them.
 LOG = logging.getLogger("vehiclenet")
@@ -61,20 +61,47 @@ def rank_index(query: np.ndarray, index, k: int, *, leave_out: Optional[str] = N
     nearest rows, which is where its own features put it; ``num_gallery`` counts the rows
     ranked, those dropped left out. Raises DataError when the widths differ (naming the index).
     """
-    left_out = os.path.realpath(leave_out) if leave_out is not None else None
-    want = k + 1
-    while True:
-        dist, rows = index.search(query.reshape(1, -1), want)
-        kept = [(int(r), float(d)) for r, d in zip(rows[0], dist[0])
-                if r >= 0 and (left_out is None or os.path.realpath(index.path(r)) != left_out)]
-        dropped = int(np.count_nonzero(rows[0] >= 0)) - len(kept)
-        if len(kept) >= k or want >= len(index):
-            break
-        want = min(len(index), 2 * want)  # the query's file is in the index several times
+    dist, rows, dropped = search_leaving_out(index, query.reshape(1, -1), [leave_out], k)
+    kept = [(int(r), float(d)) for r, d in zip(rows[0], dist[0]) if r >= 0]
     if not kept:
         raise DataError(f"{index.source or 'gallery index'}: no gallery image besides the query")
-    kept = kept[:k]
-    return Ranking([index.path(r) for r, _ in kept], [d for _, d in kept], len(index) - dropped)
+    return Ranking([index.path(r) for r, _ in kept], [d for _, d in kept], len(index) - int(dropped[0]))
+
+
+def search_leaving_out(index, queries: np.ndarray, names: Sequence[Optional[str]], k: int,
+                       **params: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`GalleryIndex.search` of ``queries`` with each query's own file (``names[i]``, by
+    real path; None: none) left out, as ``rank`` leaves it out of its gallery.
+
+    Returns (Q, min(k, N)) distances and rows (-1 and inf where fewer are left) and, per
+    query, how many of the index's rows were its own file and dropped. The search widens
+    (doubling) for the queries whose file the index holds several times.
+    """
+    k = min(int(k), len(index))
+    dist_out = np.full((len(queries), k), np.inf, dtype=np.float32)
+    rows_out = np.full((len(queries), k), -1, dtype=np.int64)
+    dropped = np.zeros(len(queries), dtype=np.int64)
+    own = [None if n is None else os.path.realpath(n) for n in names]
+    todo, want = np.arange(len(queries)), min(k + 1, len(index))
+    while todo.size:
+        dist, rows = index.search(queries[todo], want, **params)
+        again = []
+        for q, d_row, r_row in zip(todo, dist, rows):
+            kept = [(r, d) for r, d in zip(r_row, d_row) if r >= 0 and not _is_own(index, r, own[q])]
+            found = int(np.count_nonzero(r_row >= 0))
+            if len(kept) < k and found == want < len(index):
+                again.append(q)  # its own file took more places than one: search wider
+                continue
+            dropped[q] = found - len(kept)
+            kept = kept[:k]
+            rows_out[q, :len(kept)] = [r for r, _ in kept]
+            dist_out[q, :len(kept)] = [d for _, d in kept]
+        todo, want = np.asarray(again, dtype=np.int64), min(len(index), 2 * want)
+    return dist_out, rows_out, dropped
+
+
+def _is_own(index, row: int, own: Optional[str]) -> bool:
+    return own is not None and os.path.realpath(index.path(int(row))) == own
 
 
 def _warn_nan_distances(query: np.ndarray, gallery: np.ndarray, paths: List[str]) -> None:

@@ -42,7 +42,8 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
     a = actions.add_parser(
         "add", help="append features to an index (replaced atomically)",
         description="Append the features of FEATURES to INDEX and write it back under the same name "
-        "atomically (a reader sees the old or the new index, never half of one). ivf kinds keep their cells.",
+        "atomically (a reader sees the old or the new index, never half of one). ivf kinds keep their cells. "
+        "Images whose path the index already holds are skipped, with a warning.",
     )
     a.add_argument("index", metavar="INDEX", help="index file written by `vehiclenet index build`")
     a.add_argument("features", nargs="+", metavar="FEATURES", help="features .npz files or folders of them")
@@ -52,8 +53,9 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
         "search",
         help="top-k gallery images of a gallery index for query images or features",
         description="Search a gallery index (`vehiclenet index build`) by cosine distance (1 - cos) for query "
-        "images (embedded like `rank` does) or for the features of an .npz. Exit codes: 0 success, 1 unusable "
-        "file, 2 usage.",
+        "images (embedded like `rank` does) or for the features of an .npz. A query's own file is left out of "
+        "its matches, as `rank` leaves it out (--keep-self keeps it). Exit codes: 0 success, 1 unusable file, "
+        "2 usage.",
     )
     p.add_argument("--index", required=True, metavar="INDEX", help="gallery index file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -63,6 +65,9 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--nprobe", type=int, default=None, help="ivf kinds: cells searched (default: the index's)")
     p.add_argument("--ef-search", type=int, default=None,
                    help="hnsw-sq8: candidates kept while searching (default: the index's)")
+    p.add_argument("--keep-self", action="store_true",
+                   help="keep a query's own file among its matches (left out by default, as `rank` does: "
+                   "a query embedded into the index would otherwise be its own first match)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     add_network_args(p)
     p.set_defaults(func=_cmd_search)
@@ -124,6 +129,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..features import load_features
     from ..index import load_index
+    from ..ranking import search_leaving_out
     from ..weights import check_same_weights, stored_identity
 
     _check_index_tuning(args)
@@ -145,7 +151,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     else:
         check_same_weights(index.weights, weights_choice(args).identity(), args.index)
         queries = embed_queries(args, embedding_network(args, len(images)), images, index)
-    dist, rows = index.search(queries.features, args.top_k, nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.keep_self:
+        dist, rows = index.search(queries.features, args.top_k, nprobe=args.nprobe, ef_search=args.ef_search)
+    else:
+        dist, rows, _ = search_leaving_out(index, queries.features, queries.paths, args.top_k, nprobe=args.nprobe,
+                                           ef_search=args.ef_search)
     _print_search(args, index, queries.paths, dist, rows)
     return 0
 
