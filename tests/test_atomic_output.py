@@ -69,6 +69,25 @@ def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
     assert (tmp_path / "f.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_every_output_gets_the_mode_of_a_plain_open_whatever_its_writer_chose(tmp_path, umask):
+    """MindSpore writes checkpoints and MindIR 0400; a compiler writes 0777 minus the umask."""
+    old = os.umask(umask)
+    try:
+        assert fileio.current_umask() == umask
+        for name, written, private, expected in (
+                ("weights.ckpt", 0o400, False, 0o666 & ~umask),
+                ("tool", 0o700, False, 0o777 & ~umask),
+                ("lib.so", 0o775, True, 0o777 & ~umask & ~0o022),
+                ("lib.so.sha256", 0o664, True, 0o666 & ~umask & ~0o022)):
+            with fileio.atomic_output(tmp_path / name, private=private) as tmp:
+                tmp.write_bytes(b"x")
+                os.chmod(tmp, written)
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+    finally:
+        os.umask(old)
+
+
 def test_publish_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace

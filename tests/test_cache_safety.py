@@ -184,6 +184,23 @@ def test_a_library_not_matching_its_record_is_built_again_not_loaded(tmp_path):
 
 
 @needs_cc
+def test_a_library_built_under_a_permissive_umask_is_used_again(tmp_path):
+    """umask 002 (user-private groups) would make the library and its record group-writable,
+    which the rule refuses: every run would compile again. They are written without g+w."""
+    options = dict(compiler_env="CC", default_compiler="cc", build_dir=tmp_path / "kernels")
+    old = os.umask(0o002)
+    try:
+        built = native.build(native.RETRIEVAL_SOURCE, "retrieval_kernels", native.RETRIEVAL_FLAGS, **options)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(built.stat().st_mode) == 0o755
+    assert stat.S_IMODE(cache_trust.digest_file(built).stat().st_mode) == 0o644
+    assert cache_trust.library_problem(built) is None
+    assert native.find_built(native.RETRIEVAL_SOURCE, "retrieval_kernels", native.RETRIEVAL_FLAGS,
+                             **options) == built
+
+
+@needs_cc
 def test_a_missing_function_or_a_library_that_fails_to_load_is_named_and_falls_back(
         tmp_path, evaluation_features):
     """A library in our own folder whose record matches (as if this user had put it there) but

@@ -1,6 +1,7 @@
 """Export of the embedding network: MindIR reloaded with GraphCell and ONNX under onnxruntime (at two batch sizes,
 one file) give the same features."""
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,10 @@ def test_export_ckpt_keeps_network_weights_only(published_ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = Path(proc.stdout.splitlines()[-1])
     assert path == tmp_path / "weights.ckpt" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.ckpt"]
+    # MindSpore writes it 0400; like every output it gets the mode a plain open gives.
+    from vehiclenet.fileio import current_umask
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask()
     assert "no training state" in proc.stdout
     entries = ms.load_checkpoint(str(path))
     source = read_checkpoint(published_ckpt, keep_training_state=True)

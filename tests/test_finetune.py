@@ -62,6 +62,10 @@ def test_finetune_loss_falls_checkpoints_reload_and_resume(tiny_data, tmp_path, 
     labels = json.loads((out / "labels.json").read_text())
     assert labels["identities"] == ["0001", "0002", "0003"] and labels["num_classes"] == 3
     last = out / "vehiclenet-e004.ckpt"
+    from vehiclenet.fileio import current_umask
+
+    for written in (last, out / "labels.json"):  # one rule: MindSpore's 0400 is not kept
+        assert os.stat(written).st_mode & 0o777 == 0o666 & ~current_umask(), written
     assert int(_entry(last, "epoch_num")) == 4 and int(_entry(last, "step_num")) == 16
     assert int(_entry(last, "global_step").reshape(-1)[0]) == 16
 

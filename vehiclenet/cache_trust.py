@@ -207,7 +207,7 @@ def write_digest(library: Path, digest: str) -> None:
     in the ``sha256sum -c`` format."""
     from .fileio import atomic_write
 
-    with atomic_write(digest_file(library), "w") as f:
+    with atomic_write(digest_file(library), "w", private=True) as f:
         f.write(f"{digest}  {library.name}\n")
 
 

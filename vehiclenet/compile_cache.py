@@ -128,6 +128,7 @@ def first_compile(net: Any, args: Sequence[Any]) -> Iterator[None]:
         before = _trusted_files(entry)
         with _mindspore_cache(entry):
             yield
+        _private_modes(entry)
         after = _files(entry)
         _record(entry, after)
     LOG.info("compile cache %s: %s", "hit" if before and before == after else "filled", entry)
@@ -188,7 +189,8 @@ def _trusted_files(entry: Path) -> Optional[Dict[str, Dict[str, Any]]]:
     except (OSError, ValueError):
         recorded = None
     found = _files(entry)
-    if recorded and {k: v["sha256"] for k, v in found.items()} == {k: v["sha256"] for k, v in recorded.items()}:
+    refused = any(v["sha256"].startswith("refused") for v in found.values())
+    if recorded and not refused and {k: v["sha256"] for k, v in found.items()} == {k: v["sha256"] for k, v in recorded.items()}:
         return found
     if found:
         LOG.warning("compile cache entry %s does not match its record: compiling it again", entry)
@@ -206,8 +208,17 @@ def _empty(entry: Path) -> None:
             path.unlink()
 
 
+def _private_modes(entry: Path) -> None:
+    """Take group and world write off the files MindSpore just wrote in ``entry`` (it
+    follows the umask, which may allow them; cache_trust would then refuse them)."""
+    for path in entry.rglob("*"):
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o022:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022)
+
+
 def _record(entry: Path, files: Dict[str, Dict[str, Any]]) -> None:
     from .fileio import atomic_write
 
-    with atomic_write(entry / _RECORD, "w") as f:
+    with atomic_write(entry / _RECORD, "w", private=True) as f:
         json.dump(files, f, indent=1, sort_keys=True)

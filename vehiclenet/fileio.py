@@ -193,8 +193,38 @@ def private_folder(out: PathLike) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)  # must not hide the error that got us here
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else set
+    and restored at once (which another thread could see)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def settle_mode(path: PathLike, *, private: bool = False) -> None:
+    """Give the finished file ``path`` the mode of every vehiclenet output: what a plain
+    ``open`` gives under the umask (0666 minus it; 0777 minus it where the writer made it
+    executable), whatever mode its writer chose (MindSpore writes checkpoints and MindIR
+    0400). ``private`` files (the caches' native libraries and records, which
+    :mod:`vehiclenet.cache_trust` refuses when group- or world-writable) never get g+w or o+w,
+    whatever the umask allows."""
+    st = os.lstat(path)
+    want = (0o777 if st.st_mode & 0o111 else 0o666) & ~current_umask()
+    if private:
+        want &= ~0o022
+    if stat.S_IMODE(st.st_mode) != want:
+        os.chmod(path, want)
+
+
 @contextlib.contextmanager
-def atomic_output(path: PathLike, name: Optional[str] = None) -> Iterator[Path]:
+def atomic_output(path: PathLike, name: Optional[str] = None, *, private: bool = False) -> Iterator[Path]:
     """The one way vehiclenet writes a file: no reader ever sees it half-written.
 
     Yields a path in a private folder beside ``path`` (file name ``name``, default
@@ -202,7 +232,8 @@ def atomic_output(path: PathLike, name: Optional[str] = None) -> Iterator[Path]:
     When the block ends normally, :func:`publish` puts that file at ``path``; on any error
     ``path`` keeps its previous content. The temporary folder goes either way, and one a
     killed run left for ``path`` goes at the start. A folder, device, FIFO or socket at
-    ``path`` raises UsageError and stays as it was; a link there is replaced itself.
+    ``path`` raises UsageError and stays as it was; a link there is replaced itself. The
+    file gets the mode of :func:`settle_mode`.
     """
     out = Path(path)
     _refuse_special(out, "output")  # before the temporary folder: /dev is no place for one
@@ -210,18 +241,15 @@ def atomic_output(path: PathLike, name: Optional[str] = None) -> Iterator[Path]:
     with private_folder(out) as folder:
         tmp = folder / (name or out.name)
         yield tmp
+        settle_mode(tmp, private=private)
         publish(tmp, out)
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
-    """:func:`atomic_output` for Python writers: a new file object to write ``path``'s content to.
-
-    The file gets the mode a plain ``open`` would give it (0666 minus the umask), not
-    tempfile's 0600, which the rename would carry over to the user's output.
-    """
+def atomic_write(path: PathLike, mode: str = "wb", *, private: bool = False) -> Iterator[IO]:
+    """:func:`atomic_output` for Python writers: a new file object to write ``path``'s content to."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, private=private) as tmp:
         with os.fdopen(os.open(tmp, flags, 0o666), mode) as handle:
             yield handle
 

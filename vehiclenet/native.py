@@ -147,7 +147,7 @@ def _usable(target: Path) -> bool:
 
 
 def _compile(compiler: str, source: Path, args: Sequence[str], target: Path) -> None:
-    with atomic_output(target) as partial:  # a half-written library never has the final name
+    with atomic_output(target, private=True) as partial:  # a half-written library never has the final name
         command = [compiler, str(source), *args, "-o", str(partial)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
