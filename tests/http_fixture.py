@@ -45,6 +45,7 @@ class RequestRecord:
     range: Optional[str]
     status: int
     authorization: Optional[str] = None  # the Authorization header, e.g. from user:password@ in the URL
+    at: float = field(default_factory=time.monotonic)  # when the request was answered (server clock)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -104,13 +104,17 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         (("embed", img, "--out", img / "f.npz"), "is a file, not a folder"),
         (("rank", "--query", img, "--gallery", tmp_path, "--out", tmp_path / "r.xyz"), "r.xyz"),
         (("rank", "--query", img, "--gallery", tmp_path, "--out", tmp_path / "folder.npz"), "is a folder"),
-        (("rank", "--query", tmp_path, "--gallery", tmp_path, "--no-picture"), "give one image file"),
         (("evaluate", "--data", tmp_path, "--save-features", tmp_path / "folder.npz"), "is a folder"),
     ]
     for args, message in cases:
         res = run_cli(*args, "--checkpoint", missing, cwd=tmp_path)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr[-2000:])
         assert "missing.ckpt" not in res.stderr and "Traceback" not in res.stderr
+    # A query that does not exist is named before the weights are looked at (a bad input: exit 1).
+    res = run_cli("rank", "--query", img, tmp_path / "gone.jpg", "--gallery", tmp_path, "--no-picture",
+                  "--checkpoint", missing, cwd=tmp_path)
+    assert res.returncode == 1 and "gone.jpg: no such file or folder" in res.stderr, res.stderr[-2000:]
+    assert "missing.ckpt" not in res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["car.jpg", "folder.npz"]
 
 

@@ -1,5 +1,6 @@
 """Export of the embedding network: MindIR reloaded with GraphCell and ONNX under onnxruntime (at two batch sizes,
 one file) give the same features."""
+import json
 import os
 import stat
 import subprocess
@@ -152,6 +153,11 @@ def test_export_ckpt_keeps_network_weights_only(published_ckpt, tmp_path):
 
     net = create_network(checkpoint=path, num_classes=575)
     np.testing.assert_array_equal(net.classifier.dense.weight.asnumpy(), source["classifier.dense.weight"].asnumpy())
+
+    proc = _cli("export", "--format", "ckpt", "--out", tmp_path / "j" / "w", "--checkpoint", path, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {"path": str(tmp_path / "j" / "w.ckpt"), "format": "CKPT", "input": None,
+                                       "bytes": path.stat().st_size}
 
     # A file that is not a whole VehicleNet is refused before anything is written.
     partial = tmp_path / "partial.ckpt"

@@ -329,6 +329,14 @@ def test_cli_finetune_prints_progress_and_writes_loadable_checkpoints(tiny_data,
     report = load_weights(VehicleNet(num_classes=3), out / "vehiclenet-e002.ckpt")
     assert not report.reinitialized and len(report.loaded) == len(list(VehicleNet(num_classes=3).get_parameters()))
 
+    # --json: the run as one JSON object, and nothing else on stdout.
+    proc = _cli("finetune", "--data", tiny_data, "--out", tmp_path / "json", "--epochs", 1, "--batch-size", 6,
+                "--image-size", 64, "--no-pretrained", "--num-workers", 1, "--max-steps-per-epoch", 1, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(proc.stdout)
+    assert run["identities"] == 3 and run["checkpoints"] == [str(tmp_path / "json" / "vehiclenet-e001.ckpt")]
+    assert [e["epoch"] for e in run["epochs"]] == [1] and run["epochs"][0]["loss"] > 0
+
 
 def test_cli_finetune_bad_input_exit_codes(tiny_data, tmp_path, published_ckpt):
     import mindspore as ms

@@ -479,7 +479,9 @@ def test_info_masks_mirror_credentials(site):
 # --------------------------------------------------------------------------- item 5: servers that trickle
 
 TRICKLE_T = 4.0  # VEHICLENET_TIMEOUT of these cases: the read timeout that sets the pace
-START_SLACK = 4.0  # starting Python and importing requests, on a shared 2-core machine
+# Between the slow URL's request and the next one (or the process's end), timed at the server:
+# Python's start-up, which a loaded machine can stretch to seconds, is not part of it.
+GIVE_UP_SLACK = 1.5
 
 
 def lock_is_free(lock: Path) -> bool:
@@ -514,15 +516,14 @@ def test_trickling_server_is_abandoned_in_bounded_time_for_the_next_url(site, he
     slow = site.server.add("/slow.ckpt", Route(body=PAYLOAD, trickle=2.0, trickle_head=head))
     manifest = write_manifest(site.tmp, [asset_entry("w", FILE, PAYLOAD, [slow, site.url], size=len(PAYLOAD))])
     env = dict(site.env, VEHICLENET_ASSETS=str(manifest), VEHICLENET_TIMEOUT=f"{TRICKLE_T:g}")
-    start = time.monotonic()
     first = popen_cli("download", env=env)
     wait_for_request(site.server, "/slow.ckpt")  # the first process holds the lock now
     second = popen_cli("download", env=env)
     out1, err1 = first.communicate(timeout=TIMEOUT)
-    elapsed = time.monotonic() - start
     out2, err2 = second.communicate(timeout=TIMEOUT)
     assert first.returncode == 0, err1
-    assert elapsed < 2 * TRICKLE_T + START_SLACK, (elapsed, err1)
+    gave_up = site.server.requests[1].at - site.server.requests[0].at
+    assert gave_up < 2 * TRICKLE_T + GIVE_UP_SLACK, (gave_up, err1)
     assert f"{slow}: too slow" in err1 and f"from {site.url}" in err1
     assert out1.strip().splitlines()[-1] == str(site.cache / FILE)
     assert (site.cache / FILE).read_bytes() == PAYLOAD
@@ -563,11 +564,10 @@ def test_trickling_tls_server_is_abandoned_too(site, tls_server, head):
     manifest = write_manifest(site.tmp, [asset_entry("w", FILE, PAYLOAD, [slow, good], size=len(PAYLOAD))])
     env = dict(site.env, VEHICLENET_ASSETS=str(manifest), VEHICLENET_TIMEOUT=f"{TRICKLE_T:g}",
                REQUESTS_CA_BUNDLE=str(tls_server.cert))
-    start = time.monotonic()
     proc = cli("download", env=env)
-    elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 2 * TRICKLE_T + START_SLACK, (elapsed, proc.stderr)
+    gave_up = tls_server.server.requests[1].at - tls_server.server.requests[0].at
+    assert gave_up < 2 * TRICKLE_T + GIVE_UP_SLACK, (gave_up, proc.stderr)
     reason = "the response headers took more than 4 s" if head else "less than the 64 KiB required in every 4 s"
     assert f"{slow}: too slow: " in proc.stderr and reason in proc.stderr
     assert f"from {good}" in proc.stderr and (site.cache / FILE).read_bytes() == PAYLOAD
@@ -578,11 +578,10 @@ def test_trickling_only_url_ends_with_a_clear_error(site):
     slow = site.server.add("/slow.ckpt", Route(body=PAYLOAD, trickle=2.0))
     manifest = write_manifest(site.tmp, [asset_entry("w", FILE, PAYLOAD, [slow], size=len(PAYLOAD))])
     env = dict(site.env, VEHICLENET_ASSETS=str(manifest), VEHICLENET_TIMEOUT=f"{TRICKLE_T:g}")
-    start = time.monotonic()
     proc = cli("download", env=env)
-    elapsed = time.monotonic() - start
+    gave_up = time.monotonic() - site.server.requests[0].at  # its exit included
     assert proc.returncode == 1
-    assert elapsed < 2 * TRICKLE_T + START_SLACK, (elapsed, proc.stderr)
+    assert gave_up < 2 * TRICKLE_T + GIVE_UP_SLACK, (gave_up, proc.stderr)
     assert f"could not download w ({FILE}):\n  {slow}\n    -> too slow:" in proc.stderr
     assert "KiB required in every 4 s (the read timeout, VEHICLENET_TIMEOUT); abandoned" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -358,8 +358,8 @@ def test_cli_usage_errors_and_outputs_checked_before_work(features_files):
 
 
 def test_rank_and_search_on_an_index_with_query_images(tmp_path, small_ckpt):
-    """One network run per command: embed the gallery, then rank and search against its index.
-    One random-weights checkpoint for all three (--no-pretrained would draw new weights each time)."""
+    """One network run per command: embed the gallery, then rank and search against its index;
+    both leave the query (a gallery image) out of its matches, unless search is told --keep-self."""
 
     gallery = tmp_path / "gallery"
     gallery.mkdir()
@@ -380,8 +380,13 @@ def test_rank_and_search_on_an_index_with_query_images(tmp_path, small_ckpt):
     assert len(lines) == 3 and query.name not in res.stdout.split("\n", 1)[1]
     assert sorted(Path(ln[2]).name for ln in lines) == sorted(p.name for p in gallery.iterdir() if p != query)
 
-    res = run_cli("search", "--index", "g.index", "--query", query, "--top-k", "2", "--json", *common,
+    res = run_cli("search", "--index", "g.index", "--query", query, "--top-k", "3", "--json", *common,
                   cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    matches = json.loads(res.stdout.strip().splitlines()[-1])["results"][0]["matches"]
+    assert [m["path"] for m in matches] == [ln[2] for ln in lines]  # rank's three, in rank's order
+    res = run_cli("search", "--index", "g.index", "--query", query, "--top-k", "2", "--json", "--keep-self",
+                  *common, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     matches = json.loads(res.stdout.strip().splitlines()[-1])["results"][0]["matches"]
     assert matches[0]["path"] == str(query) and abs(matches[0]["distance"]) < 1e-5  # its own features

@@ -63,7 +63,7 @@ _ARGUMENT_NAMES = {
     "weights": "--checkpoint, --seed, or the published asset",
     "flip": "--no-flip",
     "precision": "--precision",
-    "image_size": "the weights' input size",
+    "image_size": "--image-size, or the weights' input size",
     "skip_bad": "--skip-bad",
     "version": "the vehiclenet version",
 }
@@ -120,9 +120,10 @@ def chunk_name(index: int) -> str:
 
 def make_job(paths: Sequence[str], *, chunk_size: int, checkpoint: Optional[PathLike] = None,
              pretrained: Union[bool, str] = True, seed: Optional[int] = None, flip: bool = True,
-             precision: str = "fp32", skip_bad: bool = False) -> ShardJob:
+             precision: str = "fp32", skip_bad: bool = False,
+             image_size: Optional[Tuple[int, int]] = None) -> ShardJob:
     """The :class:`ShardJob` of embedding ``paths`` with these settings (nothing is downloaded;
-    a ``checkpoint`` file is hashed).
+    a ``checkpoint`` file is hashed). ``image_size`` replaces the weights' input size.
 
     Raises:
         UsageError: ``chunk_size`` below 1, or unseeded random weights (``pretrained`` off
@@ -140,7 +141,8 @@ def make_job(paths: Sequence[str], *, chunk_size: int, checkpoint: Optional[Path
         raise UsageError("unseeded random weights differ in every process, so chunks of a resumed or parallel "
                          "job would not fit together: give a seed (--seed), a --checkpoint or the published weights")
     return ShardJob(images=len(paths), inputs_sha256=inputs_digest(paths), chunk_size=int(chunk_size),
-                    weights=weights, flip=bool(flip), precision=precision, image_size=tuple(size),
+                    weights=weights, flip=bool(flip), precision=precision,
+                    image_size=tuple(size if image_size is None else image_size),
                     skip_bad=bool(skip_bad), version=__version__)
 
 

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 from .. import __version__
 from ..errors import VehicleNetError
+from ._common import add_common_options
 from .assets import add_asset_commands
 from .embed import add_embed_commands, add_rank_command
 from .evaluate import add_evaluate_command
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="VehicleNet vehicle re-identification: weights, embeddings, search, evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"vehiclenet {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_common_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     # Each concern registers its own sub-commands below.
@@ -63,8 +64,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # -v wins over -q: asking for debug messages and fewer messages at once keeps the debug ones.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -26,6 +26,22 @@ def add_network_args(p: argparse.ArgumentParser, batch_default: int = 16) -> Non
     p.add_argument("--skip-bad", action="store_true",
                    help="skip missing, corrupt or non-image files (listed on stderr) instead of failing")
     add_precision_arg(p)
+    add_image_size_arg(p)
+
+
+#: Bounds of --image-size on the commands that embed: a network input outside them is a typo.
+IMAGE_SIZES = (32, 2048)
+
+
+def add_image_size_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="square network input the images are resized to (default: the weights' input size, "
+                   f"384 for the published ones; give the size a fine-tuning run used){note}")
+
+
+def image_size(args: argparse.Namespace) -> "Optional[tuple]":
+    """(S, S) of --image-size, or None: the weights' input size."""
+    return None if args.image_size is None else (args.image_size, args.image_size)
 
 
 def add_precision_arg(p: argparse.ArgumentParser, note: str = "") -> None:
@@ -40,12 +56,21 @@ def check_network_args(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    check_image_size(args)
     if args.checkpoint and args.no_pretrained:
         raise UsageError("--checkpoint and --no-pretrained exclude each other")
     if args.seed is not None and not args.no_pretrained:
         raise UsageError("--seed draws the random weights of --no-pretrained; give both, or neither")
     if args.seed is not None and not 0 <= args.seed < 2 ** 32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+
+
+def check_image_size(args: argparse.Namespace) -> None:
+    from ..errors import UsageError
+
+    low, high = IMAGE_SIZES
+    if args.image_size is not None and not low <= args.image_size <= high:
+        raise UsageError(f"--image-size must be in [{low}, {high}], got {args.image_size}")
 
 
 def weights_choice(args: argparse.Namespace) -> "WeightsChoice":

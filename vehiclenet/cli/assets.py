@@ -5,22 +5,24 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .. import __version__
+from ._common import add_command, emit, progress
 
 
 def add_asset_commands(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser(
-        "download",
+    p = add_command(
+        sub, "download",
+        json_help="print the verified file's path as one JSON object",
         help="fetch an asset into the cache and verify its sha256",
         description="Download an asset of the manifest (default: the published checkpoint) into the cache, "
         "verifying its sha256. The last line of stdout is the file's path.",
     )
     p.add_argument("name", nargs="?", help="asset name (default: the manifest's first asset)")
     p.add_argument("--force", action="store_true", help="download again even if a verified copy is cached")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, only the path")
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser(
-        "verify",
+    p = add_command(
+        sub, "verify",
+        json_help="print the results as JSON on stdout",
         help="check files (default: every cached asset) against the manifest's sha256",
         description="Check files against their sha256, like `sha256sum -c`. A file is matched to the manifest "
         "by its name; --sha256 gives the expected hash instead. Exit 0 all good, 1 any mismatch or "
@@ -28,17 +30,15 @@ def add_asset_commands(sub: "argparse._SubParsersAction") -> None:
     )
     p.add_argument("files", nargs="*", metavar="FILE", help="files to check (default: every cached asset)")
     p.add_argument("--sha256", metavar="HEX", help="expected sha256 for the FILEs instead of the manifest's")
-    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only failures")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser(
-        "info",
+    p = add_command(
+        sub, "info",
+        json_help="print the report as JSON on stdout",
         help="versions, device, cache folder and cached assets",
         description="Report versions, the device that would be chosen, the cache folder and which assets are "
         "cached and verified.",
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument(
         "--no-device", action="store_true",
         help="do not import mindspore to find the device, nor compile the CPU kernels (faster)"
@@ -57,8 +57,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
         logging.getLogger("urllib3").setLevel(logging.ERROR)
     doing(f"downloading {args.name or 'the default asset'}")
     kept("what was downloaded stays in the cache as <file>.part; the next download resumes it")
-    path = fetch(args.name, force=args.force, progress=False if args.quiet else None)
-    print(path)
+    path = fetch(args.name, force=args.force, progress=progress(args))
+    emit(args, [str(path)], {"path": str(path), "asset": args.name})
     return 0
 
 

@@ -4,9 +4,10 @@ import argparse
 import logging
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
-from ._network import (add_network_args, build_network, check_network_args, embedding_network, list_inputs,
-                       network_files, weights_choice)
+from ._network import (add_network_args, build_network, check_network_args, embedding_network, image_size,
+                       list_inputs, network_files, weights_choice)
 from .index import embed_queries
+from ._common import add_command, emit, progress
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     from ..features import FeatureResult, ImageInputs
@@ -18,8 +19,9 @@ _CHUNK_SIZE = 1000  # about 5 minutes of a 2-core CPU per chunk, flip on
 
 
 def add_embed_commands(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser(
-        "embed",
+    p = add_command(
+        sub, "embed",
+        json_help="print what was written (file, images, skipped, seconds...) as one JSON object",
         help="512-d L2-normalised embeddings of images into an .npz",
         description="Embed image files and folders (recursively, sorted) with the published pre-processing "
         "and flip-sum. Writes an .npz with `features` (float32 N x 512) and `paths` (--out), or resumable "
@@ -38,8 +40,9 @@ def add_embed_commands(sub: "argparse._SubParsersAction") -> None:
     add_network_args(p)
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser(
-        "embed-merge",
+    p = add_command(
+        sub, "embed-merge",
+        json_help="print what was merged as one JSON object",
         help="merge the chunks of `embed --out-dir` into one .npz",
         description="Verify every chunk of a finished `vehiclenet embed --out-dir` folder and write them as one "
         ".npz (features and paths in input order, as `embed --out` writes). Exit 1 when chunks are missing or "
@@ -51,16 +54,19 @@ def add_embed_commands(sub: "argparse._SubParsersAction") -> None:
 
 
 def add_rank_command(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser(
-        "rank",
-        help="top-k gallery images for a query image, printed and drawn",
+    p = add_command(
+        sub, "rank",
+        json_help="print the rankings (and pictures) as one JSON object",
+        help="top-k gallery images for each query image, printed and drawn",
         description="Rank a gallery (a folder of images, an .npz from `vehiclenet embed` or a gallery index from "
         "`vehiclenet index build`) by cosine distance "
-        "(1 - cos) to a query image; print rank, distance, path and write a picture of the query beside its "
-        "top-k matches (green/red frames when VeRi file names give the vehicle ids). The query file itself "
-        "is left out of the gallery.",
+        "(1 - cos) to each query image; print rank, distance, path and write a picture of the query beside its "
+        "top-k matches (green/red frames when VeRi file names give the vehicle ids; with several queries "
+        "--out's name numbered: ranked-1.png, ranked-2.png, ...). A query's own file is left out of its "
+        "gallery.",
     )
-    p.add_argument("--query", required=True, metavar="IMG", help="query image file")
+    p.add_argument("--query", required=True, nargs="+", metavar="IMG",
+                   help="query image files or folders (as `search --query`)")
     p.add_argument("--gallery", required=True, metavar="DIR|FEATS.npz|INDEX",
                    help="gallery folder, features file or gallery index (`vehiclenet index build`)")
     p.add_argument("--top-k", type=int, default=10, help="matches to show (default 10)")
@@ -74,7 +80,7 @@ def add_rank_command(sub: "argparse._SubParsersAction") -> None:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from ..env import launcher_rank, msrun_scheduler
     from ..errors import UsageError
-    from ..features import embed, save_features
+    from ..features import embed, input_size, save_features
     from ..fileio import check_output_file, is_image_path
     from ..interrupts import doing, kept
 
@@ -96,18 +102,25 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     images = list_inputs(args.inputs, args.skip_bad)
     kept(f"nothing written ({args.out} untouched)")
     net = embedding_network(args, len(images))
-    res = embed(net, images, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad)
+    res = embed(net, images, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad,
+                progress=progress(args), size=image_size(args))
     doing(f"writing {args.out}")  # atomically: an interrupt leaves the old file or none
     weights = weights_choice(args).identity()
     recorded = {} if weights is None else {"weights": weights}
-    out = save_features(args.out, res.features, res.paths, flip=not args.no_flip, **recorded)
+    size = image_size(args) or input_size(net)
+    out = save_features(args.out, res.features, res.paths, flip=not args.no_flip, image_size=list(size), **recorded)
     kept(f"{out} written")
     n = len(res)
     skipped = f"skipped {len(res.skipped)}" + (
         f" ({', '.join(p for p, _ in res.skipped[:5])}{', ...' if len(res.skipped) > 5 else ''})" if res.skipped else ""
     )
-    print(f"embedded {n} image(s) -> {out} ({res.features.shape[1]}-d, flip {'on' if not args.no_flip else 'off'}); "
-          f"{skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
+    line = (f"embedded {n} image(s) -> {out} ({res.features.shape[1]}-d, flip {'on' if not args.no_flip else 'off'}); "
+            f"{skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
+    emit(args, [line], {"out": str(out), "images": n, "dimension": int(res.features.shape[1]),
+                        "flip": not args.no_flip, "weights": weights, "precision": args.precision,
+                        "image_size": list(size),
+                        "skipped": [{"path": p, "reason": r} for p, r in res.skipped],
+                        "seconds": round(res.seconds, 3)})
     return 0
 
 
@@ -133,7 +146,8 @@ def _cmd_embed_chunks(args: argparse.Namespace) -> int:
     choice = weights_choice(args)
     job = make_job(paths, chunk_size=_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
                    checkpoint=choice.checkpoint, pretrained=choice.pretrained, seed=choice.seed,
-                   flip=not args.no_flip, precision=args.precision, skip_bad=args.skip_bad)
+                   flip=not args.no_flip, precision=args.precision, skip_bad=args.skip_bad,
+                   image_size=image_size(args))
     plan = plan_shards(args.out_dir, job, paths, rank, world)
     kept(f"finished chunks stay in {args.out_dir}; the same command resumes")
     written = []
@@ -141,16 +155,20 @@ def _cmd_embed_chunks(args: argparse.Namespace) -> int:
         net = build_network(choice.checkpoint, choice.pretrained, args.precision,
                             mode=mode_for_images(plan.images_todo), seed=choice.seed)
         written = run_shards(net, plan, batch_size=args.batch_size)
-    print(f"rank {rank} of {world}: {len(plan.done)} chunk(s) already done, verified; {len(written)} embedded "
-          f"-> {args.out_dir} ({job.chunks} chunks in all)")
+    lines = [f"rank {rank} of {world}: {len(plan.done)} chunk(s) already done, verified; {len(written)} embedded "
+             f"-> {args.out_dir} ({job.chunks} chunks in all)"]
+    result = {"out_dir": args.out_dir, "rank": rank, "workers": world, "chunks": job.chunks,
+              "verified_before": len(plan.done), "embedded": written, "weights": job.weights, "out": None}
     if args.out:
         missing = unfinished_chunks(args.out_dir)
         if missing:
-            print(f"{len(missing)} chunk(s) of other workers not finished yet: the last worker to finish writes "
-                  f"{args.out} (or run `vehiclenet embed-merge {args.out_dir} --out {args.out}`)")
+            lines.append(f"{len(missing)} chunk(s) of other workers not finished yet: the last worker to finish "
+                         f"writes {args.out} (or run `vehiclenet embed-merge {args.out_dir} --out {args.out}`)")
         else:
             res = merge_shards(args.out_dir, args.out)
-            print(f"merged {len(res)} image(s) -> {args.out}; skipped {len(res.skipped)}")
+            lines.append(f"merged {len(res)} image(s) -> {args.out}; skipped {len(res.skipped)}")
+            result.update(out=args.out, images=len(res), skipped=len(res.skipped))
+    emit(args, lines, result)
     return 0
 
 
@@ -160,42 +178,80 @@ def _cmd_embed_merge(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
     res = merge_shards(args.folder, args.out)
-    print(f"merged {len(res)} image(s) from {args.folder} -> {args.out}; skipped {len(res.skipped)}")
+    emit(args, [f"merged {len(res)} image(s) from {args.folder} -> {args.out}; skipped {len(res.skipped)}"],
+         {"out": args.out, "folder": args.folder, "images": len(res), "skipped": len(res.skipped)})
     return 0
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
+    from ..features import ImageInputs
     from ..preprocessing import load_image
-    from ..index import GalleryIndex
-    from ..ranking import rank_gallery, rank_index, veri_id
     from ..visualize import draw_ranking
 
     _check_rank_args(args)
     stored = _stored_gallery(args)
-    load_image(args.query)  # a bad query fails here, before the network is built
-    # A gallery folder is listed once, with the query; stored features need the query alone.
-    images = list_inputs([args.query, args.gallery] if stored is None else [args.query], args.skip_bad)
+    queries = list_inputs(args.query, False)  # a query is what was asked about: never skipped
+    for name, _ in queries.items:
+        load_image(name)  # a bad query fails here, before the network is built
+    pictures = _picture_names(args, [name for name, _ in queries.items])
+    # A gallery folder is listed once and embedded with the queries, in one run.
+    gallery = None if stored is not None else list_inputs([args.gallery], args.skip_bad)
+    images = queries if gallery is None else ImageInputs(queries.items + gallery.items, gallery.empty,
+                                                         gallery.missing)
     net = embedding_network(args, len(images))
-    if isinstance(stored, GalleryIndex):
-        query = embed_queries(args, net, images, stored)
-        ranking = rank_index(query.features[0], stored, args.top_k, leave_out=args.query)
-    else:
-        query, gallery = _embed_query_and_gallery(args, net, stored, images)
-        ranking = rank_gallery(query.features[0], gallery, args.top_k, leave_out=args.query, source=args.gallery)
-    qid, ids = veri_id(args.query), [veri_id(p) for p in ranking.paths]
-    _print_ranking(args.query, ranking, qid, ids)
-    if not args.no_picture:
-        out = draw_ranking(args.query, ranking.paths, ranking.distances, args.out, query_id=qid, ids=ids,
-                           thumb=args.thumb)
-        print(f"picture: {out}")
+    rankings = _rankings(args, net, stored, images, len(queries))
+    results, lines = [], []
+    for (query, qid, ranking, ids), picture in zip(rankings, pictures):
+        lines.extend(_ranking_lines(query, ranking, qid, ids))
+        if picture is not None:
+            picture = str(draw_ranking(query, ranking.paths, ranking.distances, picture, query_id=qid, ids=ids,
+                                       thumb=args.thumb))
+            lines.append(f"picture: {picture}")
+        results.append({"query": query, "id": qid, "num_gallery": ranking.num_gallery, "picture": picture,
+                        "matches": [{"rank": r, "path": p, "distance": d, "id": g} for r, (p, d, g)
+                                    in enumerate(zip(ranking.paths, ranking.distances, ids), 1)]})
+    emit(args, lines, {"gallery": args.gallery, "top_k": args.top_k, "results": results})
     return 0
 
 
-def _check_rank_args(args: argparse.Namespace) -> None:
-    """Usage errors of ``rank`` and a query that is no file, reported before any work."""
-    import os
+def _rankings(args: argparse.Namespace, net, stored, images: "ImageInputs", queries: int) -> list:
+    """(query, its VeRi id, Ranking, the matches' ids) per query: the first ``queries`` of
+    ``images``, the rest being the gallery folder's images when nothing is ``stored``."""
+    from ..index import GalleryIndex
+    from ..ranking import rank_gallery, rank_index, veri_id
 
-    from ..errors import DataError, UsageError
+    if isinstance(stored, GalleryIndex):
+        feats = embed_queries(args, net, images, stored)
+        ranked = [rank_index(feats.features[i], stored, args.top_k, leave_out=q) for i, q in enumerate(feats.paths)]
+    else:
+        feats, gallery = _embed_query_and_gallery(args, net, stored, images, queries)
+        ranked = [rank_gallery(feats.features[i], gallery, args.top_k, leave_out=q, source=args.gallery)
+                  for i, q in enumerate(feats.paths)]
+    return [(q, veri_id(q), r, [veri_id(p) for p in r.paths]) for q, r in zip(feats.paths, ranked)]
+
+
+def _picture_names(args: argparse.Namespace, queries: List[str]) -> List[Optional[str]]:
+    """Where each query's picture goes: --out for one query; for several, --out's name with
+    the query's number (ranked.png: ranked-1.png, ranked-2.png, ...); None with --no-picture.
+    Checked now, before any work, like every output."""
+    from pathlib import Path
+
+    from ..fileio import check_output_file, is_image_path
+
+    if args.no_picture:
+        return [None] * len(queries)
+    if len(queries) == 1:
+        return [args.out]
+    out = Path(args.out)
+    names = [str(out.with_name(f"{out.stem}-{i}{out.suffix}")) for i in range(1, len(queries) + 1)]
+    for name in names:
+        check_output_file(name, "--out", [*queries, args.gallery, *network_files(args)], accept=is_image_path)
+    return names
+
+
+def _check_rank_args(args: argparse.Namespace) -> None:
+    """Usage errors of ``rank``, reported before any work."""
+    from ..errors import UsageError
     from ..fileio import check_output_file, is_image_path
     from ..visualize import picture_format
 
@@ -205,13 +261,9 @@ def _check_rank_args(args: argparse.Namespace) -> None:
     if args.thumb < 16:
         raise UsageError("--thumb must be >= 16")
     if not args.no_picture:
-        check_output_file(args.out, "--out", [args.query, args.gallery, *network_files(args)],
+        check_output_file(args.out, "--out", [*args.query, args.gallery, *network_files(args)],
                           accept=is_image_path)
         picture_format(args.out)
-    if os.path.isdir(args.query):
-        raise UsageError(f"--query {args.query!r} is a folder: give one image file (the gallery can be a folder)")
-    if not os.path.isfile(args.query):
-        raise DataError(f"{args.query}: query image not found")
 
 
 def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, GalleryIndex]]":
@@ -244,24 +296,28 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, 
 
 
 def _embed_query_and_gallery(args: argparse.Namespace, net, stored: "Optional[FeatureResult]",
-                             images: "ImageInputs") -> "Tuple[FeatureResult, FeatureResult]":
-    """Query and gallery features: the gallery's are ``stored``, or embedded with the query's
-    (``images``: the query, then the gallery folder's images)."""
+                             images: "ImageInputs", queries: int) -> "Tuple[FeatureResult, FeatureResult]":
+    """Query and gallery features: the gallery's are ``stored``, or embedded with the
+    queries' (``images``: the ``queries`` query images, then the gallery folder's images)."""
     from ..features import FeatureResult, embed
 
     flip = not args.no_flip
     if stored is not None:
-        return embed(net, images, batch_size=1, flip=flip), stored
-    # Query and gallery in one run: one batch shape, so the graph compiles once. Skipped
-    # files are logged (WARNING) by embed.
-    both = embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
-    return FeatureResult(both.features[:1], both.paths[:1]), FeatureResult(both.features[1:], both.paths[1:])
+        return embed(net, images, batch_size=args.batch_size, flip=flip, progress=progress(args),
+                     size=image_size(args)), stored
+    # Queries and gallery in one run: one batch shape, so the graph compiles once. Skipped
+    # gallery files are logged (WARNING) by embed; the queries decoded before.
+    both = embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad,
+                 progress=progress(args), size=image_size(args))
+    return (FeatureResult(both.features[:queries], both.paths[:queries]),
+            FeatureResult(both.features[queries:], both.paths[queries:]))
 
 
-def _print_ranking(query: str, ranking: "Ranking", qid: Optional[int], ids: List[Optional[int]]) -> None:
+def _ranking_lines(query: str, ranking: "Ranking", qid: Optional[int], ids: List[Optional[int]]) -> List[str]:
     """The ranking as ``rank``'s lines: a heading, then rank, distance, path and same/other id."""
-    print(f"query {query}" + (f" (id {qid})" if qid is not None else "")
-          + f": top {len(ranking.paths)} of {ranking.num_gallery} gallery images, cosine distance 1 - cos")
+    lines = [f"query {query}" + (f" (id {qid})" if qid is not None else "")
+             + f": top {len(ranking.paths)} of {ranking.num_gallery} gallery images, cosine distance 1 - cos"]
     for r, (d, p, g) in enumerate(zip(ranking.distances, ranking.paths, ids), 1):
         mark = "" if qid is None or g is None else ("  same id" if g == qid else "  other id")
-        print(f"{r:4d}  {d:.4f}  {p}{mark}")
+        lines.append(f"{r:4d}  {d:.4f}  {p}{mark}")
+    return lines

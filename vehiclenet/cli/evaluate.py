@@ -4,7 +4,8 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Union
 
-from ._network import INDEX_KINDS, add_precision_arg, build_network
+from ._network import INDEX_KINDS, add_image_size_arg, add_precision_arg, build_network, check_image_size, image_size
+from ._common import add_command, progress
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
@@ -14,8 +15,9 @@ if TYPE_CHECKING:  # annotations only: each handler imports what it needs when i
 
 
 def add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser(
-        "evaluate",
+    p = add_command(
+        sub, "evaluate",
+        json_help="print the figures as one JSON object on the last line",
         help="mAP / CMC / mINP on VeRi-776, VehicleID or VERI-Wild (images) or on a features .npz",
         description="Evaluate with the published protocol (junk = same id and camera, or label -1; "
         "trapezoidal AP; divided by all queries). --dataset vehicleid draws a gallery of one random image "
@@ -46,12 +48,12 @@ def add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--nprobe", type=int, default=None, help="--neighbours ivf-*: cells searched per item")
     p.add_argument("--ap", choices=("trapezoid", "standard"), default="trapezoid",
                    help="AP form: the reference's trapezoidal (default) or non-interpolated")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch for --data (default 32)")
     p.add_argument("--checkpoint", metavar="PATH", help="weights for --data (default: the published checkpoint)")
     p.add_argument("--no-flip", action="store_true", help="--data: skip the horizontal-flip feature sum")
     p.add_argument("--save-features", metavar="F.npz", help="--data: also write the features for later --features runs")
     add_precision_arg(p, "; --data only")
+    add_image_size_arg(p, "; --data only")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -102,10 +104,13 @@ def _check_evaluate_args(args: argparse.Namespace) -> None:
     from ..errors import UsageError
     from ..fileio import check_output_file
 
-    if args.data is None and (args.save_features or args.checkpoint or args.no_flip or args.precision != "fp32"):
-        raise UsageError("--save-features, --checkpoint, --no-flip and --precision apply to --data only")
+    if args.data is None and (args.save_features or args.checkpoint or args.no_flip or args.precision != "fp32"
+                              or args.image_size is not None):
+        raise UsageError("--save-features, --checkpoint, --no-flip, --precision and --image-size apply to --data "
+                         "only")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    check_image_size(args)
     if not args.rerank and (args.neighbours is not None or args.nprobe is not None):
         raise UsageError("--neighbours and --nprobe apply to --rerank only")
     if args.nprobe is not None and args.nprobe < 1:
@@ -160,8 +165,9 @@ def _embed_images(args: argparse.Namespace, groups: "List[List[str]]", inputs: "
     from ..features import extract_features
 
     net = build_network(args.checkpoint, args.checkpoint is None, args.precision, mode="graph")
-    return [np.asarray(extract_features(net, paths, batch_size=args.batch_size, flip=not args.no_flip),
-                       dtype=np.float32) for paths in groups]
+    return [np.asarray(extract_features(net, paths, batch_size=args.batch_size, flip=not args.no_flip,
+                                        size=image_size(args), progress=progress(args)), dtype=np.float32)
+            for paths in groups]
 
 
 def _embed_query_gallery(args: argparse.Namespace) -> "FeatureSet":

@@ -3,9 +3,11 @@
 import argparse
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from ._network import INDEX_KINDS, add_network_args, check_network_args, embedding_network, list_inputs, weights_choice
+from ._network import (INDEX_KINDS, add_network_args, check_network_args, embedding_network, image_size, list_inputs,
+                       weights_choice)
+from ._common import add_command, emit, progress
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
@@ -15,8 +17,8 @@ if TYPE_CHECKING:  # annotations only: each handler imports what it needs when i
 
 
 def add_index_commands(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser(
-        "index",
+    p = add_command(
+        sub, "index",
         help="build or grow a persisted gallery index from features files",
         description="A gallery index: features, image paths (and ids/cams when the features files have them), "
         "searchable by cosine distance, memory-mapped when read. Exit codes: 0 success, 1 unusable features "
@@ -24,8 +26,10 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    b = actions.add_parser(
-        "build", help="index features files (or folders of them), in the order given",
+    b = add_command(
+        actions, "build",
+        json_help="print the index written (count, dimension, kind, parameters, size) as one JSON object",
+        help="index features files (or folders of them), in the order given",
         description="Index the features of FEATURES (.npz files written by `vehiclenet embed`, or folders of "
         "them, read in sorted order), concatenated in the order given. --kind auto is exact up to 50,000 "
         "features and ivf-sq8 beyond. The features are held in memory while the index is built.",
@@ -39,8 +43,10 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
     b.add_argument("--ef-search", type=int, default=None,
                    help="hnsw-sq8: candidates kept while searching (default 64)")
     b.set_defaults(func=_cmd_index_build)
-    a = actions.add_parser(
-        "add", help="append features to an index (replaced atomically)",
+    a = add_command(
+        actions, "add",
+        json_help="print the rows added and the index written as one JSON object",
+        help="append features to an index (replaced atomically)",
         description="Append the features of FEATURES to INDEX and write it back under the same name "
         "atomically (a reader sees the old or the new index, never half of one). ivf kinds keep their cells. "
         "Images whose path the index already holds are skipped, with a warning.",
@@ -49,8 +55,9 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
     a.add_argument("features", nargs="+", metavar="FEATURES", help="features .npz files or folders of them")
     a.set_defaults(func=_cmd_index_add)
 
-    p = sub.add_parser(
-        "search",
+    p = add_command(
+        sub, "search",
+        json_help="print the results as one JSON object",
         help="top-k gallery images of a gallery index for query images or features",
         description="Search a gallery index (`vehiclenet index build`) by cosine distance (1 - cos) for query "
         "images (embedded like `rank` does) or for the features of an .npz. A query's own file is left out of "
@@ -68,7 +75,6 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--keep-self", action="store_true",
                    help="keep a query's own file among its matches (left out by default, as `rank` does: "
                    "a query embedded into the index would otherwise be its own first match)")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     add_network_args(p)
     p.set_defaults(func=_cmd_search)
 
@@ -88,7 +94,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     doing(f"writing {args.out}")
     out = index.save(args.out)
     kept(f"{out} written")
-    _print_index_summary("built", out, index, time.perf_counter() - start)
+    _print_index_summary(args, "built", out, index, time.perf_counter() - start)
     return 0
 
 
@@ -106,7 +112,7 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
     doing(f"writing {args.index}")
     out = index.save(args.index)
     kept(f"{out} written")
-    _print_index_summary(f"added {added} to", out, index, time.perf_counter() - start)
+    _print_index_summary(args, f"added {added} to", out, index, time.perf_counter() - start, added=added)
     return 0
 
 
@@ -119,10 +125,15 @@ def _check_index_tuning(args: argparse.Namespace) -> None:
             raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _print_index_summary(done: str, out: Any, index: "GalleryIndex", seconds: float) -> None:
+def _print_index_summary(args: argparse.Namespace, done: str, out: Any, index: "GalleryIndex", seconds: float,
+                         added: Optional[int] = None) -> None:
     params = ", ".join(f"{k} {v}" for k, v in index.params.items() if k != "seed")
-    print(f"{done} {out}: {index.count} features, {index.dimension}-d, kind {index.kind}"
-          + (f" ({params})" if params else "") + f", {out.stat().st_size / 2 ** 20:.1f} MiB; {seconds:.1f} s")
+    size = out.stat().st_size
+    line = (f"{done} {out}: {index.count} features, {index.dimension}-d, kind {index.kind}"
+            + (f" ({params})" if params else "") + f", {size / 2 ** 20:.1f} MiB; {seconds:.1f} s")
+    result = {"index": str(out), "count": index.count, "dimension": index.dimension, "kind": index.kind,
+              "params": dict(index.params), "weights": index.weights, "bytes": size, "seconds": round(seconds, 3)}
+    emit(args, [line], result if added is None else {"added": added, **result})
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -137,9 +148,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--top-k must be >= 1")
     if args.features is not None:
         check_network_args(args)
-        if args.checkpoint or args.no_pretrained or args.no_flip or args.skip_bad or args.precision != "fp32":
-            raise UsageError("--checkpoint, --no-pretrained, --no-flip, --skip-bad and --precision apply to "
-                             "--query only")
+        if (args.checkpoint or args.no_pretrained or args.no_flip or args.skip_bad or args.precision != "fp32"
+                or args.image_size is not None):
+            raise UsageError("--checkpoint, --no-pretrained, --no-flip, --skip-bad, --precision and --image-size "
+                             "apply to --query only")
     else:
         check_network_args(args)
         images = list_inputs(args.query, args.skip_bad)
@@ -169,7 +181,8 @@ def embed_queries(args: argparse.Namespace, net, images: "ImageInputs", index: "
         logging.getLogger("vehiclenet").warning(
             "%s was embedded with flip %s but the queries use flip %s; distances mix the two",
             index.source, "on" if index.flip else "off", "on" if flip else "off")
-    return embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad)
+    return embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad, progress=progress(args),
+                 size=image_size(args))
 
 
 def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[str], dist: "np.ndarray",

@@ -1,10 +1,12 @@
 """`finetune` and `export`: both build the network."""
 import argparse
+from ._common import add_command, emit
 
 
 def add_finetune_command(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser(
-        "finetune",
+    p = add_command(
+        sub, "finetune",
+        json_help="print the run (identities, epochs, checkpoints) as one JSON object",
         help="fine-tune on your own identities (ROOT/<id>/*.jpg or VeRi image_train/)",
         description="Fine-tune VehicleNet: published backbone and bottleneck, a new last layer for your "
         "identities. Writes labels.json and vehiclenet-eNNN.ckpt (network + SGD state + epoch) into --out; "
@@ -50,7 +52,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     note_start(args.resume)
     import_mindspore()
 
+    epochs = []
+
     def show(stats) -> None:
+        epochs.append({"epoch": stats.epoch, "loss": stats.loss, "images_per_second": stats.images_per_second,
+                       "step": stats.step, "seconds": stats.seconds, "compile_seconds": stats.compile_seconds,
+                       "evaluation": stats.evaluation, "checkpoint": stats.checkpoint and str(stats.checkpoint)})
+        if args.json:
+            return
         line = (f"epoch {stats.epoch}/{args.epochs}: loss {stats.loss:.4f}, {stats.images_per_second:.2f} images/s, "
                 f"step {stats.step}, {stats.seconds:.1f} s")
         if stats.compile_seconds is not None:
@@ -69,16 +78,19 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed, on_epoch=show,
     )
     if result.rank == 0:
-        print(f"{result.num_classes} identities, labels in {result.labels_file}"
-              + (f", {result.group_size} workers" if result.group_size > 1 else ""))
-        if result.checkpoints:
-            print(result.checkpoints[-1])
+        lines = [f"{result.num_classes} identities, labels in {result.labels_file}"
+                 + (f", {result.group_size} workers" if result.group_size > 1 else "")]
+        lines += [str(result.checkpoints[-1])] if result.checkpoints else []
+        emit(args, lines, {"identities": result.num_classes, "labels": str(result.labels_file),
+                           "workers": result.group_size, "epochs": epochs,
+                           "checkpoints": [str(c) for c in result.checkpoints]})
     return 0
 
 
 def add_export_command(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser(
-        "export",
+    p = add_command(
+        sub, "export",
+        json_help="print the file written, its format and input shape as one JSON object",
         help="export the embedding network (image -> 512-d) to MindIR or ONNX, or a checkpoint's weights alone",
         description="Export the embedding network for a B x 3 x S x S float32 input (pre-processed) to "
         "MindIR (reload with mindspore.load + nn.GraphCell; B fixed) or ONNX (onnxruntime; any B, the input x "
@@ -109,15 +121,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     path = export_embedding(args.out, file_format=args.format, checkpoint=args.checkpoint,
                             pretrained=not args.no_pretrained, num_classes=args.num_classes,
                             image_size=args.image_size, batch_size=args.batch_size)
+    result = {"path": str(path), "format": args.format, "bytes": path.stat().st_size, "input": None}
     if args.format == "CKPT":
-        print(f"CKPT: network weights, no training state ({path.stat().st_size / 2 ** 20:.1f} MiB)")
+        line = f"CKPT: network weights, no training state ({path.stat().st_size / 2 ** 20:.1f} MiB)"
     else:
         from ..model import weights_meta
 
         batch = "N" if args.format == "ONNX" else args.batch_size
         height, width = ((args.image_size,) * 2 if args.image_size else
                          weights_meta(args.checkpoint, not args.no_pretrained).input_size)
-        print(f"{args.format}: embedding network, input {batch}x3x{height}x{width} "
-              "float32 -> 512-d" + (" (any batch N)" if args.format == "ONNX" else ""))
-    print(path)
+        line = (f"{args.format}: embedding network, input {batch}x3x{height}x{width} "
+                "float32 -> 512-d" + (" (any batch N)" if args.format == "ONNX" else ""))
+        result["input"] = [None if batch == "N" else batch, 3, height, width]
+    emit(args, [line, str(path)], result)
     return 0

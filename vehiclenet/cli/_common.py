@@ -1,0 +1,43 @@
+"""The options every command shares, declared once: ``-q/--quiet``, ``-v/--verbose`` and, on
+every command that prints results, ``--json`` (README "Common options")."""
+import argparse
+import json
+from typing import Any, Dict, Iterable, Optional
+
+_COMMON = argparse.ArgumentParser(add_help=False)
+# SUPPRESS: a value given before the command (`vehiclenet -v embed ...`) is not reset by the
+# command's own default.
+_COMMON.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                     help="warnings and errors only: no progress bars, no INFO messages")
+_COMMON.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="also log debug messages")
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``-q`` and ``-v`` on the top-level parser, for `vehiclenet -v COMMAND ...`."""
+    parser.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+
+def add_command(sub: "argparse._SubParsersAction", name: str, *, json_help: Optional[str] = None,
+                **kwargs: Any) -> argparse.ArgumentParser:
+    """A sub-command with the common options (and ``--json``, described by ``json_help``)."""
+    parser = sub.add_parser(name, parents=[_COMMON], **kwargs)
+    if json_help:
+        parser.add_argument("--json", action="store_true", help=json_help)
+    return parser
+
+
+def progress(args: argparse.Namespace) -> Optional[bool]:
+    """Progress bars: off with -q (and --json), else the library's choice (on a terminal)."""
+    return False if args.quiet or getattr(args, "json", False) else None
+
+
+def emit(args: argparse.Namespace, lines: Iterable[str], result: Dict[str, Any]) -> None:
+    """The command's result on stdout: ``lines`` for people, or ``result`` as one JSON
+    object on one line with --json."""
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str), flush=True)
+        return
+    for line in lines:
+        print(line, flush=True)
