@@ -10,7 +10,7 @@ Measures images/s (fp32 input, batch 8, 384x384 by default) of
    MindSpore's default PyNative mode): ``emb = create_network(include_top=False)`` with the
    published weights (a manifest whose default asset is this run's checkpoint, already in
    the cache: nothing is downloaded), then ``emb(ms.Tensor(x))``;
-2. ``README call bf16``: the README's ``create_network(include_top=False, precision="bf16")``;
+2. ``README call bf16``: the same with ``precision="bf16"`` (docs/cpu-kernels.md's bf16 call);
 3. ``hub entry fp32``: what ``mindspore_hub.load(card, include_top=False)`` runs:
    ``mindspore_hub_conf.create_network("vehiclenet", include_top=False)`` then
    ``load_param_into_net(net, load_checkpoint(file))``, in the default mode;

@@ -1,4 +1,4 @@
-"""vehiclenet.env: every VEHICLENET_* variable declared and read in one module, the README table current."""
+"""vehiclenet.env: every VEHICLENET_* variable declared and read in one module, the table of docs/caches.md current."""
 import ast
 import json
 import re
@@ -17,9 +17,9 @@ PACKAGE = REPO / "vehiclenet"
 
 
 def test_readme_table_is_the_declarations():
-    """The README table is generated from the declarations: same variables, defaults and meanings."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert env.markdown_table() in readme, "README's variable table is stale: paste `python -m vehiclenet.env`"
+    """docs/caches.md's table is generated from the declarations: same variables, defaults and meanings."""
+    readme = (REPO / "docs" / "caches.md").read_text(encoding="utf-8")
+    assert env.markdown_table() in readme, "docs/caches.md's variable table is stale: paste `python -m vehiclenet.env`"
     rows = re.findall(r"^\| `(VEHICLENET_[A-Z_]+)` \| ([^|]*) \|", readme, re.MULTILINE)
     assert [name for name, _ in rows] == list(env.VARIABLES)
     for name, shown in rows:  # a default shown as a value is the one the module applies when unset

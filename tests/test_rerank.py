@@ -113,7 +113,7 @@ def test_parameter_checks():
 
 
 def test_the_published_k1_on_a_small_set_is_lowered_to_the_data_and_said(caplog):
-    """The README's re_rank(q, g) on fewer than 101 images: k1 becomes N - 1 (every item a
+    """docs/python-api.md's re_rank(q, g) on fewer than 101 images: k1 becomes N - 1 (every item a
     neighbour), k2 at most N, with a warning; the result is re-ranking with those values."""
     rng = np.random.default_rng(5)
     qf, _ = clustered(rng, 12)

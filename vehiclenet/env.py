@@ -4,7 +4,7 @@ Each variable has a name, a default written as a user would write the value (par
 same rules), a one-line meaning and a parser. The accessors read the environment at every
 call, so a value set between two calls of one process (tests, notebooks) takes effect. A
 value that cannot be understood raises :class:`~vehiclenet.errors.UsageError` naming the
-variable. README's table of variables is :func:`markdown_table` (a test checks it is current).
+variable. docs/caches.md's table of variables is :func:`markdown_table` (a test checks it is current).
 """
 import functools
 import os
@@ -96,7 +96,7 @@ def _path(name: str, raw: str) -> Path:
 @dataclass(frozen=True)
 class Variable:
     """One environment variable: ``default`` is written as a user would set it ("" = none,
-    then ``unset`` says what happens), ``meaning`` is its line in the README table."""
+    then ``unset`` says what happens), ``meaning`` is its line in the table of docs/caches.md."""
 
     name: str
     default: str
@@ -127,7 +127,7 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable(BACKOFF, "0.5", "seconds of the first wait between retries (doubling after each)", _seconds),
     Variable(LOCK_TIMEOUT, "3600", "seconds to wait for another process downloading the same asset", _seconds),
     Variable(MAX_PIXELS, "40000000", "largest image decoded at full size; larger JPEGs are decoded at reduced "
-             "scale, other formats refused (see Safety)", _whole(1)),
+             "scale, other formats refused (see docs/safety.md)", _whole(1)),
     Variable(CPU_KERNELS, "1", "0: MindSpore's own CPU operators instead of the oneDNN kernels", _flag),
     Variable(COMPILE_CACHE, "1", "0: compile the inference graph in every process instead of keeping it in "
              "`compiled/` of the cache root", _flag),
@@ -247,7 +247,7 @@ def launcher_rank() -> Tuple[int, int]:
 
 
 def markdown_table() -> str:
-    """README's table of the variables, one row each with its default and meaning."""
+    """docs/caches.md's table of the variables, one row each with its default and meaning."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for var in VARIABLES.values():
         shown_default = f"`{var.default}`" if var.default else var.unset
@@ -255,5 +255,5 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m vehiclenet.env > table.md: the README table
+if __name__ == "__main__":  # python -m vehiclenet.env > table.md: the table of docs/caches.md
     print(markdown_table(), end="")

@@ -1,5 +1,5 @@
 """The options every command shares, declared once: ``-q/--quiet``, ``-v/--verbose`` and, on
-every command that prints results, ``--json`` (README "Common options")."""
+every command that prints results, ``--json`` (the README table "Common options")."""
 import argparse
 import json
 from typing import Any, Dict, Iterable, Optional
