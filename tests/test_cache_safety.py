@@ -278,6 +278,7 @@ def _poison(entries: Path, source_key: str, target_key: str) -> Path:
     return target
 
 
+@pytest.mark.slow
 @root_only
 def test_a_graph_in_a_compiled_folder_someone_else_owns_is_never_loaded(tmp_path, published_ckpt):
     own, user_cache = tmp_path / "own", tmp_path / "user_cache"

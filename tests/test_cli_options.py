@@ -47,6 +47,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_embed_rank_index_search_speak_json_quietly_at_a_chosen_size(tmp_path):
     gallery, queries = tmp_path / "gallery", tmp_path / "queries"
     gallery.mkdir()

@@ -89,6 +89,7 @@ def _finish(proc, tmp_path, name):
     return np.load(tmp_path / f"{name}.npy"), err
 
 
+@pytest.mark.slow
 def test_second_process_reuses_the_compiled_graph_with_identical_features(tmp_path, published_ckpt):
     home = tmp_path / "home"
     first, log1 = _run(tmp_path, published_ckpt, home, "first")
@@ -128,6 +129,7 @@ def test_another_shape_precision_or_version_gets_its_own_entry(published_ckpt, m
     assert graph_key(net, (x2,)) != key
 
 
+@pytest.mark.slow
 def test_a_truncated_cache_file_is_rebuilt_not_trusted(tmp_path, published_ckpt):
     home = tmp_path / "home"
     first, _ = _run(tmp_path, published_ckpt, home, "first")

@@ -530,6 +530,7 @@ def test_training_blocks_match_mindspore():
             x = want_y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["graph", "pynative"])
 def test_training_step_matches_mindspore(mode):
     """One fine-tuning step through the kernels against MindSpore's own operators: the

@@ -63,6 +63,7 @@ def world(tmp_path_factory, published_ckpt):
         server.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page, lang, code, why", RUN)
 def test_example_runs(world, page, lang, code, why):
     root, env = world

@@ -48,6 +48,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_embed_real_files_fails_on_corrupt_then_skips_it(tmp_path, small_ckpt):
     from vehiclenet import create_network
     from vehiclenet.features import embed

@@ -115,6 +115,7 @@ def finished(work) -> dict:
     return {"dir": out_dir, "merged": merged, "logs": logs, "logs_dir": work["root"] / "logs"}
 
 
+@pytest.mark.slow
 def test_msrun_two_workers_give_the_single_process_features(work, finished):
     logs = finished["logs"]
     # Round robin: chunk c on rank c % 2, each worker its 5 chunks, nothing done twice.
@@ -168,6 +169,7 @@ def test_two_machines_without_node_rank_are_refused(work, tmp_path):
     assert not (tmp_path / "feats").exists()
 
 
+@pytest.mark.slow
 def test_killed_msrun_job_resumes_without_redoing_finished_chunks(work, tmp_path):
     out_dir = tmp_path / "feats"
     proc = subprocess.Popen(_msrun_cmd(tmp_path / "logs1", *_embed_args(work, out_dir)), env=_env(work),

@@ -125,6 +125,7 @@ def test_export_checks_out_path_and_headless_files_before_work(published_ckpt, t
     assert "embedding only" in proc.stderr + proc.stdout and "None" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_export_ckpt_keeps_network_weights_only(published_ckpt, tmp_path):
     """CKPT: the 273 network entries (head included), no SGD state; loads like the original."""
     import mindspore as ms

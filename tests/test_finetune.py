@@ -42,6 +42,7 @@ def _entry(path, name):
     return read_checkpoint(path, keep_training_state=True)[name].asnumpy()
 
 
+@pytest.mark.slow
 def test_finetune_loss_falls_checkpoints_reload_and_resume(tiny_data, tmp_path, caplog, capfd):
     from vehiclenet import create_network
     from vehiclenet import finetune as ft
@@ -156,6 +157,7 @@ def test_bad_training_data_raises_clear_errors(tmp_path):
         ft.build_train_dataset(few, batch_size=8, image_size=64)
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_never_overwritten_or_pruned(tiny_data, tmp_path):
     from vehiclenet import finetune as ft
     from vehiclenet.errors import CheckpointError, UsageError
@@ -214,6 +216,7 @@ def test_bad_run_arguments_are_refused_before_anything_is_written(tiny_data, tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_diverging_training_is_a_clear_error(tiny_data, tmp_path):
     from vehiclenet import finetune as ft
     from vehiclenet.errors import TrainingError
@@ -311,6 +314,7 @@ def _cli(*args, timeout=300):
                           timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_cli_finetune_prints_progress_and_writes_loadable_checkpoints(tiny_data, tmp_path):
     from vehiclenet.checkpoint import load_weights
     from vehiclenet.network import VehicleNet
@@ -338,6 +342,7 @@ def test_cli_finetune_prints_progress_and_writes_loadable_checkpoints(tiny_data,
     assert [e["epoch"] for e in run["epochs"]] == [1] and run["epochs"][0]["loss"] > 0
 
 
+@pytest.mark.slow
 def test_cli_finetune_bad_input_exit_codes(tiny_data, tmp_path, published_ckpt):
     import mindspore as ms
     import mindspore.nn as nn
@@ -361,6 +366,7 @@ def test_cli_finetune_bad_input_exit_codes(tiny_data, tmp_path, published_ckpt):
     assert proc.returncode == 2 and "--epochs must be >= 1" in proc.stderr
 
 
+@pytest.mark.slow
 def test_example_script_runs(tiny_data, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "finetune_own_script.py"), "--data", str(tiny_data),

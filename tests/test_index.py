@@ -357,6 +357,7 @@ def test_cli_usage_errors_and_outputs_checked_before_work(features_files):
     assert res.returncode == 2 and "apply to --query only" in res.stderr
 
 
+@pytest.mark.slow
 def test_rank_and_search_on_an_index_with_query_images(tmp_path, small_ckpt):
     """One network run per command: embed the gallery, then rank and search against its index;
     both leave the query (a gallery image) out of its matches, unless search is told --keep-self."""

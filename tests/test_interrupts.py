@@ -187,6 +187,7 @@ def test_embed_terminated_by_sigterm_exits_143_with_one_line(tmp_path, workdir, 
     assert_no_leftovers(workdir, before, out.parent)
 
 
+@pytest.mark.slow
 def test_embed_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, workdir, images):
     # A shell starts background jobs with SIGINT ignored; MindSpore's handler, registered at
     # every graph run, turned a Ctrl-C meant for the foreground job into a SIGTERM for this one.
@@ -263,6 +264,7 @@ def checkpoint_epoch(path: Path) -> int:
     ("loading MindSpore", r"now loading MindSpore"),
     ("compiling the training graph (first step of epoch 1)", r"now compiling the training graph"),
 ], ids=["import", "compile"])
+@pytest.mark.slow
 def test_finetune_interrupted_before_the_first_checkpoint_keeps_none(tmp_path, workdir, cars, activity, marker):
     out = tmp_path / "run"
     before = entries(workdir)
@@ -274,6 +276,7 @@ def test_finetune_interrupted_before_the_first_checkpoint_keeps_none(tmp_path, w
     assert_no_leftovers(workdir, before, out)
 
 
+@pytest.mark.slow
 def test_finetune_killed_and_interrupted_while_training_and_saving_resumes_from_last_complete_epoch(
         tmp_path, workdir, cars):
     out, env = tmp_path / "run", cli_env(tmp_path)

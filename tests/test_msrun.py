@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import write_published_layout
 from test_finetune import make_dataset
@@ -82,6 +83,7 @@ def _worker_logs(log_dir: Path) -> dict:
     return {int(p.stem.split("_")[-1]): p.read_text() for p in log_dir.glob("worker_*.log")}
 
 
+@pytest.mark.slow
 def test_two_workers_average_gradients(tmp_path):
     init_ckpt = write_published_layout(tmp_path / "init.ckpt", num_classes=3, steps=1)
     rng = np.random.default_rng(0)
@@ -121,6 +123,7 @@ def test_two_workers_average_gradients(tmp_path):
     assert changed >= 10, changed
 
 
+@pytest.mark.slow
 def test_finetune_cli_under_msrun_shards_data_and_rank0_writes(tmp_path):
     data = make_dataset(tmp_path / "data", n_ids=3, per_id=8, size=SIZE)  # 24 images: 12 per worker
     out = tmp_path / "out"

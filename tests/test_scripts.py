@@ -49,6 +49,7 @@ def _installed(project: Path) -> float:
     return (info / "RECORD").stat().st_mtime_ns
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="the set-up scripts are bash")
 def test_the_package_is_installed_only_when_what_pip_reads_changed(tmp_path):
     project = _project(tmp_path)
