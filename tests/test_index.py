@@ -197,7 +197,7 @@ def test_chunk_folder_of_embed_out_dir_is_read_verified(tmp_path):
     shards.prepare_folder(folder, job)
     for chunk in range(job.chunks):
         a, b = job.chunk_range(chunk)
-        shards._write_chunk(folder, chunk, paths[a:b], FeatureResult(feats[a:b], paths[a:b]))
+        shards._write_chunk(folder, job, chunk, paths[a:b], FeatureResult(feats[a:b], paths[a:b]))
     index = build_index([folder])
     assert index.paths == paths and index.sources == [str(folder)] and index.flip is True
     np.testing.assert_array_equal(index.vectors(0, 10), feats)

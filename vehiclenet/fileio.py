@@ -224,7 +224,8 @@ def settle_mode(path: PathLike, *, private: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: PathLike, name: Optional[str] = None, *, private: bool = False) -> Iterator[Path]:
+def atomic_output(path: PathLike, name: Optional[str] = None, *, private: bool = False,
+                  exclusive: bool = False) -> Iterator[Path]:
     """The one way vehiclenet writes a file: no reader ever sees it half-written.
 
     Yields a path in a private folder beside ``path`` (file name ``name``, default
@@ -233,7 +234,9 @@ def atomic_output(path: PathLike, name: Optional[str] = None, *, private: bool =
     ``path`` keeps its previous content. The temporary folder goes either way, and one a
     killed run left for ``path`` goes at the start. A folder, device, FIFO or socket at
     ``path`` raises UsageError and stays as it was; a link there is replaced itself. The
-    file gets the mode of :func:`settle_mode`.
+    file gets the mode of :func:`settle_mode`. ``exclusive`` publishes only where nothing is
+    at ``path`` yet (FileExistsError otherwise, ``path`` untouched): of writers racing to
+    create one file, exactly one wins.
     """
     out = Path(path)
     _refuse_special(out, "output")  # before the temporary folder: /dev is no place for one
@@ -242,21 +245,23 @@ def atomic_output(path: PathLike, name: Optional[str] = None, *, private: bool =
         tmp = folder / (name or out.name)
         yield tmp
         settle_mode(tmp, private=private)
-        publish(tmp, out)
+        publish(tmp, out, exclusive=exclusive)
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", *, private: bool = False) -> Iterator[IO]:
+def atomic_write(path: PathLike, mode: str = "wb", *, private: bool = False, exclusive: bool = False) -> Iterator[IO]:
     """:func:`atomic_output` for Python writers: a new file object to write ``path``'s content to."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    with atomic_output(path, private=private) as tmp:
+    with atomic_output(path, private=private, exclusive=exclusive) as tmp:
         with os.fdopen(os.open(tmp, flags, 0o666), mode) as handle:
             yield handle
 
 
-def publish(tmp: PathLike, out: PathLike, fd: Optional[int] = None) -> None:
+def publish(tmp: PathLike, out: PathLike, fd: Optional[int] = None, *, exclusive: bool = False) -> None:
     """Put the finished file ``tmp`` at ``out`` in one rename, durably: its bytes are synced
     (through ``fd`` when the writer holds it open) before the rename, the folder after it.
+    ``exclusive``: a hard link instead of the rename, which fails (FileExistsError) where
+    anything is at ``out`` already.
 
     Without the first sync a crash soon after could leave ``out`` empty on some file
     systems; without the second, the rename itself could be lost.
@@ -269,7 +274,10 @@ def publish(tmp: PathLike, out: PathLike, fd: Optional[int] = None) -> None:
             os.fsync(own)
         finally:
             os.close(own)
-    replace_output(tmp, out)
+    if exclusive:
+        os.link(tmp, out)  # the temporary name goes with its private folder
+    else:
+        replace_output(tmp, out)
     sync_folder(Path(out).parent)
 
 
@@ -310,18 +318,25 @@ def _refuse_special(path: Path, option: str) -> None:
 
 
 def check_output_file(path: PathLike, option: str, inputs: Iterable[PathLike] = (),
-                      accept: Optional[Callable[[str], bool]] = None) -> None:
+                      accept: Optional[Callable[[str], bool]] = None, *,
+                      owned: Iterable[PathLike] = ()) -> None:
     """Refuse, before any work is done, an output file that cannot or must not be replaced.
 
     Refused with a UsageError naming ``option``: a folder, a device, FIFO or socket (also
     behind a link), a path below a file, and any of the command's ``inputs`` (the same
     file by device and inode, so also through links and hard links). A folder among
     ``inputs`` stands for the files in it that ``accept`` (a file name test) takes.
+    ``owned`` are input folders every file of which belongs to the input (a folder of
+    feature chunks): no output goes anywhere inside them.
     """
     from .errors import UsageError
 
     name = os.fspath(path)
     target = Path(path).absolute()
+    folder = inside_folder(target, owned)
+    if folder is not None:
+        raise UsageError(f"{option} {name!r} is inside the input folder {folder!r}, whose files all belong to it "
+                         f"(its manifest and chunks): give {option} a path outside that folder")
     try:
         st = target.stat()  # follows links: a link to a device is a device for our purpose
     except OSError:
@@ -337,6 +352,17 @@ def check_output_file(path: PathLike, option: str, inputs: Iterable[PathLike] = 
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"{option} {name!r}: {str(parent)!r} is a file, not a folder")
+
+
+def inside_folder(path: PathLike, folders: Iterable[PathLike]) -> Optional[str]:
+    """The first of ``folders`` that ``path`` is inside of (or is), with the links of its folders
+    resolved (a link at ``path`` itself is replaced by a writer, never written through); else None."""
+    real = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+    for folder in folders:
+        top = os.path.realpath(folder)
+        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+            return os.fspath(folder)
+    return None
 
 
 def _refuse_special_mode(name: str, option: str, mode: int) -> None:
@@ -399,12 +425,23 @@ def _find_in_folder(folder: str, key: Tuple[int, int], accept: Optional[Callable
     return None
 
 
-def read_npz(path: Union[str, os.PathLike], keys: Sequence[str], what: str, remedy: str) -> Dict[str, Any]:
-    """All arrays of the ``.npz`` at ``path``, which must hold ``keys``.
+# A member of a .npz may inflate this many times its stored size (plus the allowance below):
+# float features barely compress, while names do, up to ~20x; a zip bomb inflates ~1000x.
+NPZ_MAX_RATIO = 64
+NPZ_RATIO_ALLOWANCE = 256 << 20
 
-    Any way the file can be unusable (missing, a plain ``.npy``, truncated, damaged,
-    keys missing) is a DataError naming the file, ``what`` it should be and ``remedy``.
+
+def read_npz(path: Union[str, os.PathLike], keys: Sequence[str], what: str, remedy: str, *,
+             data: Optional[bytes] = None) -> Dict[str, Any]:
+    """All arrays of the ``.npz`` at ``path`` (or of its bytes ``data``, already read), which
+    must hold ``keys``.
+
+    Any way the file can be unusable (missing, a FIFO or device, a plain ``.npy``, truncated,
+    damaged, keys missing, arrays larger than the file can hold, a member inflating beyond
+    :data:`NPZ_MAX_RATIO`) is a DataError naming the file, ``what`` it should be and
+    ``remedy``; sizes are checked before anything is allocated.
     """
+    import io
     import zipfile
     import zlib
 
@@ -414,21 +451,60 @@ def read_npz(path: Union[str, os.PathLike], keys: Sequence[str], what: str, reme
 
     name = os.fspath(path)
     try:
-        loaded = np.load(name, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):  # np.load returns a bare array for a .npy file
-            raise DataError(f"{name}: a single-array .npy file, not {what} (keys {', '.join(keys)}); {remedy}")
-        with loaded as npz:
-            missing = [k for k in keys if k not in npz.files]
-            if missing:
-                raise DataError(f"{name}: missing key(s) {', '.join(missing)}; {what} holds {', '.join(keys)}")
-            return {k: npz[k] for k in npz.files}
+        source = io.BytesIO(data) if data is not None else open(open_regular(name, os.O_RDONLY, follow=True), "rb")
+        with source:
+            if not zipfile.is_zipfile(source):
+                source.seek(0)
+                if source.read(6) == b"\x93NUMPY":
+                    raise DataError(f"{name}: a single-array .npy file, not {what} (keys {', '.join(keys)}); {remedy}")
+                raise zipfile.BadZipFile("not a zip archive")
+            source.seek(0)
+            _check_npz_sizes(source, name, what, remedy)
+            source.seek(0)
+            with np.load(source, allow_pickle=False) as npz:
+                missing = [k for k in keys if k not in npz.files]
+                if missing:
+                    raise DataError(f"{name}: missing key(s) {', '.join(missing)}; {what} holds {', '.join(keys)}")
+                return {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise DataError(f"{name}: no such features file (it does not exist)") from None
+    except NotRegularFileError as exc:
+        raise DataError(f"{name}: {exc.strerror}, not {what}; give the path of a regular file") from None
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy).
         raise DataError(f"{name}: damaged or not {what} ({type(exc).__name__}: {exc}); {remedy}") from None
+
+
+def _check_npz_sizes(source: IO[bytes], name: str, what: str, remedy: str) -> None:
+    """Refuse a .npz whose members inflate beyond :data:`NPZ_MAX_RATIO` or whose arrays declare
+    more bytes than their member holds (numpy would allocate what the header declares)."""
+    import zipfile
+
+    import numpy as np
+
+    from .errors import DataError
+
+    with zipfile.ZipFile(source) as zf:
+        for info in zf.infolist():
+            if info.file_size > NPZ_MAX_RATIO * info.compress_size + NPZ_RATIO_ALLOWANCE:
+                raise DataError(f"{name}: member {info.filename!r} would inflate from {info.compress_size} to "
+                                f"{info.file_size} bytes, more than {what} can hold; {remedy}")
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                reader = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if reader is None:
+                    raise DataError(f"{name}: array {info.filename[:-4]!r} has .npy format {version}, which numpy "
+                                    f"writes only for structured arrays: not {what}; {remedy}")
+                shape, _, dtype = reader(member)
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > info.file_size:
+                raise DataError(f"{name}: array {info.filename[:-4]!r} declares shape {shape} ({declared} bytes), "
+                                f"more than its {info.file_size} stored bytes: damaged or not {what}; {remedy}")
 
 
 # --------------------------------------------------------------------------- hashing and locking
@@ -511,6 +587,51 @@ def file_lock(lock_file: PathLike, timeout: float) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def locked_for_update(path: PathLike, timeout: float,
+                      on_error: Optional[Callable[[PathLike], Any]] = None) -> Iterator[None]:
+    """An exclusive flock on the file ``path`` itself for a read-modify-write that ends by
+    replacing it (:func:`atomic_output`), so no other such update of it is lost.
+
+    Leaves no lock file behind. A writer that replaced ``path`` while this one waited locked
+    the old file: the lock is taken again on the file now at ``path``. Waits up to
+    ``timeout`` s (TimeoutError after); the file must exist and be a regular one: where it
+    cannot be opened, ``on_error(path)`` (the reader, with its own message) runs first.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; a replace there fails while another process has the file open
+        yield
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = open_regular(path, os.O_RDONLY, follow=True)
+        except OSError:
+            if on_error is not None:
+                on_error(path)
+            raise
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"{path}: another process is updating it") from None
+                    time.sleep(0.02)
+            here = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (here.st_dev, here.st_ino):
+                yield
+                return
+        finally:
+            os.close(fd)  # releases the lock
 
 
 def _open_lock_file(lock_file: Path) -> int:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .errors import DataError, UsageError
-from .fileio import atomic_write, read_npz, remove_stale_temps
+from .fileio import atomic_write, open_regular, read_npz, remove_stale_temps
 from .interrupts import doing, held
 
 if TYPE_CHECKING:
@@ -51,9 +51,9 @@ LOG = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 FORMAT = "vehiclenet-feature-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each chunk holds its job's digest
 MANIFEST = "manifest.json"
-_CHUNK_KEYS = ("features", "paths", "inputs", "kept", "skipped_reasons")
+_CHUNK_KEYS = ("features", "paths", "inputs", "kept", "skipped_reasons", "job")
 
 # Where each field of the job comes from on the command line, for the message refusing another job.
 _ARGUMENT_NAMES = {
@@ -99,6 +99,11 @@ class ShardJob:
 
     def to_json(self) -> Dict[str, Any]:
         return {**dataclasses.asdict(self), "image_size": list(self.image_size)}
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the job: stored in each chunk, so a chunk of another job is never taken for one of this."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode("ascii")).hexdigest()
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "ShardJob":
@@ -168,8 +173,8 @@ def _read_manifest(folder: Path) -> ShardJob:
 def prepare_folder(folder: PathLike, job: ShardJob) -> None:
     """Make ``folder`` the home of ``job``: write its manifest, or check the one there.
 
-    Every worker calls this; they all write the same bytes, atomically, so it does not
-    matter which rename lands last.
+    Every worker calls this. The manifest is created only where none is, so of workers (or
+    jobs) starting together one writes it and every other compares its job with it.
 
     Raises:
         UsageError: the folder holds another job's chunks (names the differing argument),
@@ -180,20 +185,24 @@ def prepare_folder(folder: PathLike, job: ShardJob) -> None:
         raise UsageError(f"--out-dir {str(folder)!r} is a file, not a folder: give a folder for the chunks")
     # Listed once: a manifest another worker published meanwhile is among the entries, not a stranger.
     entries = [p.name for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
-    if MANIFEST in entries:
-        try:
-            recorded = _read_manifest(folder)
-        except DataError as exc:
-            raise UsageError(str(exc)) from None
-        _refuse_other_job(folder, recorded, job)
-        return
-    if entries:
+    if MANIFEST not in entries and entries:
         raise UsageError(f"--out-dir {str(folder)!r} holds files but no {MANIFEST}: it is not a folder of feature "
                          "chunks; give an empty or new folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "job": job.to_json()}, indent=2)
-    with atomic_write(folder / MANIFEST, "w") as fh:
-        fh.write(text + "\n")
+    if MANIFEST not in entries:
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "job": job.to_json()}, indent=2)
+        try:
+            # Created only where none is: of jobs starting together, one writes it and the others compare.
+            with atomic_write(folder / MANIFEST, "w", exclusive=True) as fh:
+                fh.write(text + "\n")
+            return
+        except FileExistsError:
+            pass
+    try:
+        recorded = _read_manifest(folder)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    _refuse_other_job(folder, recorded, job)
 
 
 def _refuse_other_job(folder: Path, recorded: ShardJob, job: ShardJob) -> None:
@@ -209,44 +218,54 @@ def _refuse_other_job(folder: Path, recorded: ShardJob, job: ShardJob) -> None:
 # --------------------------------------------------------------------------- chunks
 
 
-def _sha256_file(path: Path) -> str:
-    from .fileio import sha256_file
-
-    return sha256_file(path)
-
-
 def _recorded_sha256(folder: Path, index: int) -> Optional[str]:
-    try:
-        line = (folder / (chunk_name(index) + ".sha256")).read_text(encoding="utf-8")
-    except OSError:
+    """The sha256 the ``.sha256`` line of chunk ``index`` records; None when there is none
+    (the chunk is unfinished). DataError for one that is there but unusable."""
+    path = folder / (chunk_name(index) + ".sha256")
+    if not os.path.lexists(path):
         return None
+    try:
+        line = _read_own_file(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unusable checksum line ({getattr(exc, 'strerror', None) or exc})") from None
     parts = line.split()
-    return parts[0].lower() if len(parts) == 2 and parts[1] == chunk_name(index) else None
+    if len(parts) != 2 or parts[1] != chunk_name(index) or len(parts[0]) != 64:
+        raise DataError(f"{path}: not a checksum line for {chunk_name(index)} (damaged)")
+    return parts[0].lower()
 
 
-def _chunk_problem(folder: Path, index: int, expected: Sequence[str]) -> Optional[str]:
-    """Why chunk ``index`` cannot be trusted to hold ``expected``'s features (None: it can)."""
+def _read_own_file(path: Path) -> bytes:
+    """The bytes of a file of the folder, read once: a link or anything but a regular file is
+    refused (NotRegularFileError), as a chunk the job wrote is neither."""
+    with open(open_regular(path, os.O_RDONLY), "rb") as fh:
+        return fh.read()
+
+
+def _verified_chunk(folder: Path, index: int, job: ShardJob, expected: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """The arrays of chunk ``index``, read once and checked against its recorded sha256 and
+    ``job`` (and, unless None, the ``expected`` inputs). DataError saying why not."""
     path = folder / chunk_name(index)
     recorded = _recorded_sha256(folder, index)
     if recorded is None:
-        return "no recorded sha256 (unfinished or damaged .sha256 file)"
+        raise DataError(f"{path}: no recorded sha256 (unfinished)")
     try:
-        actual = _sha256_file(path)
+        data = _read_own_file(path)
     except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
+        raise DataError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    actual = hashlib.sha256(data).hexdigest()
     if actual != recorded:
-        return f"sha256 {actual[:12]}... is not the recorded {recorded[:12]}..."
-    try:
-        _read_chunk(path, expected)
-    except DataError as exc:
-        return str(exc)
-    return None
+        raise DataError(f"{path}: sha256 {actual[:12]}... is not the recorded {recorded[:12]}... (damaged)")
+    return _read_chunk(path, data, job, expected)
 
 
-def _read_chunk(path: Path, expected: Optional[Sequence[str]]) -> Dict[str, Any]:
-    """The arrays of a chunk file, consistent and (unless None) holding the ``expected`` inputs;
-    ``inputs`` and ``paths`` as lists of str. DataError if not."""
-    arrays = read_npz(path, _CHUNK_KEYS, "a chunk of features", "embed again with the same arguments to redo it")
+def _read_chunk(path: Path, data: bytes, job: ShardJob, expected: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """The arrays of a chunk file's ``data``, consistent, of ``job`` and (unless None) holding the
+    ``expected`` inputs; ``inputs`` and ``paths`` as lists of str. DataError if not."""
+    arrays = read_npz(path, _CHUNK_KEYS, "a chunk of features", "embed again with the same arguments to redo it",
+                      data=data)
+    if str(arrays["job"]) != job.digest:
+        raise DataError(f"{path}: a chunk of another job (its job sha256 {str(arrays['job'])[:12]}... is not "
+                        f"{job.digest[:12]}... of {MANIFEST}), copied or linked here")
     inputs = arrays["inputs"] = [str(p) for p in arrays["inputs"].tolist()]
     paths = arrays["paths"] = [str(p) for p in arrays["paths"].tolist()]
     kept = arrays["kept"].astype(bool)
@@ -263,13 +282,14 @@ def _read_chunk(path: Path, expected: Optional[Sequence[str]]) -> Dict[str, Any]
     return arrays
 
 
-def _write_chunk(folder: Path, index: int, inputs: Sequence[str], res: Any) -> None:
+def _write_chunk(folder: Path, job: ShardJob, index: int, inputs: Sequence[str], res: Any) -> None:
     """Write chunk ``index`` (a FeatureResult of ``inputs``), then its sha256 line, each atomically."""
     skipped = dict(res.skipped)
     buffer = io.BytesIO()
     np.savez(buffer, features=np.asarray(res.features, np.float32), paths=np.asarray(res.paths, dtype=str),
              inputs=np.asarray(list(inputs), dtype=str), kept=np.array([p not in skipped for p in inputs], bool),
-             skipped_reasons=np.asarray([skipped[p] for p in inputs if p in skipped], dtype=str))
+             skipped_reasons=np.asarray([skipped[p] for p in inputs if p in skipped], dtype=str),
+             job=np.asarray(job.digest))
     data = buffer.getvalue()
     name = chunk_name(index)
     with held(f"writing {name}"):  # a signal waits: the chunk and its sha256 belong together
@@ -321,12 +341,14 @@ def plan_shards(folder: PathLike, job: ShardJob, paths: Sequence[str], rank: int
     done, todo, redo = [], [], {}
     for index in range(rank, job.chunks, world_size):
         a, b = job.chunk_range(index)
-        problem = _chunk_problem(folder, index, paths[a:b])
-        if problem is None:
+        try:
+            _verified_chunk(folder, index, job, paths[a:b])
             done.append(index)
             continue
+        except DataError as exc:
+            problem = str(exc).replace(f"{folder / chunk_name(index)}: ", "", 1)
         todo.append(index)
-        if (folder / chunk_name(index)).exists():
+        if os.path.lexists(folder / chunk_name(index)):
             redo[index] = problem
             LOG.warning("%s failed verification (%s): embedding it again", folder / chunk_name(index), problem)
     LOG.info("rank %d of %d: %d chunk(s) of %d image(s) in all, %d for this rank: %d chunks already done, "
@@ -359,7 +381,7 @@ def run_shards(net: Any, plan: ShardPlan, *, batch_size: int = 16, progress: Opt
             if not job.skip_bad:
                 raise
             res = FeatureResult(np.zeros((0, 0), np.float32), [], _reasons_all_bad(inputs, job.image_size))
-        _write_chunk(plan.folder, index, inputs, res)
+        _write_chunk(plan.folder, job, index, inputs, res)
         written.append(index)
         LOG.info("embedded chunk %d (%s): %d image(s), %d skipped, %.1f s", index, chunk_name(index), len(res),
                  len(res.skipped), time.perf_counter() - start)
@@ -388,7 +410,7 @@ def unfinished_chunks(folder: PathLike) -> List[int]:
     """The chunks of ``folder``'s job not finished yet (no recorded sha256); [] when all are."""
     folder = Path(folder)
     job = _read_manifest(folder)
-    return [i for i in range(job.chunks) if _recorded_sha256(folder, i) is None]
+    return [i for i in range(job.chunks) if not os.path.lexists(folder / (chunk_name(i) + ".sha256"))]
 
 
 def load_feature_shards(folder: PathLike) -> "FeatureResult":
@@ -410,12 +432,10 @@ def load_feature_shards(folder: PathLike) -> "FeatureResult":
                         "`vehiclenet embed --out-dir` command again to finish them")
     feats, paths, skipped, inputs = [], [], [], []
     for index in range(job.chunks):
-        path = folder / chunk_name(index)
-        recorded, actual = _recorded_sha256(folder, index), _sha256_file(path)
-        if actual != recorded:
-            raise DataError(f"{path}: sha256 is not the recorded one (damaged); run the same `vehiclenet embed "
-                            "--out-dir` command again to redo it")
-        arrays = _read_chunk(path, None)  # the inputs are checked below, all chunks at once
+        try:
+            arrays = _verified_chunk(folder, index, job, None)  # the inputs are checked below, all at once
+        except DataError as exc:
+            raise DataError(f"{exc}; run the same `vehiclenet embed --out-dir` command again to redo it") from None
         inputs.extend(arrays["inputs"])
         if arrays["paths"]:
             feats.append(arrays["features"].astype(np.float32, copy=False))

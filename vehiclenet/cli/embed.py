@@ -138,7 +138,8 @@ def _cmd_embed_chunks(args: argparse.Namespace) -> int:
 
     check_network_args(args)
     if args.out:
-        check_output_file(args.out, "--out", [*args.inputs, *network_files(args)], accept=is_image_path)
+        check_output_file(args.out, "--out", [*args.inputs, *network_files(args)], accept=is_image_path,
+                          owned=[args.out_dir])
     if args.checkpoint:
         check_checkpoint_file(args.checkpoint)
     rank, world = launcher_rank()
@@ -176,7 +177,7 @@ def _cmd_embed_merge(args: argparse.Namespace) -> int:
     from ..fileio import check_output_file
     from ..shards import merge_shards
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", owned=[args.folder])
     res = merge_shards(args.folder, args.out)
     emit(args, [f"merged {len(res)} image(s) from {args.folder} -> {args.out}; skipped {len(res.skipped)}"],
          {"out": args.out, "folder": args.folder, "images": len(res), "skipped": len(res.skipped)})

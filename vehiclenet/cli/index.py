@@ -2,6 +2,7 @@
 `search --query` builds the network."""
 import argparse
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
@@ -85,7 +86,8 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     from ..interrupts import doing, kept
 
     _check_index_tuning(args)
-    check_output_file(args.out, "--out", args.features, accept=lambda name: name.endswith(".npz"))
+    check_output_file(args.out, "--out", args.features, accept=lambda name: name.endswith(".npz"),
+                      owned=_chunk_folders(args.features))
     kept(f"nothing written ({args.out} untouched)")
     start = time.perf_counter()
     doing("building the index")
@@ -99,21 +101,36 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
-    from ..fileio import check_output_file
+    from .. import env
+    from ..errors import DataError
+    from ..fileio import check_output_file, locked_for_update
     from ..index import add_to_index, load_index
     from ..interrupts import doing, kept
 
-    check_output_file(args.index, "INDEX", args.features, accept=lambda name: name.endswith(".npz"))
+    check_output_file(args.index, "INDEX", args.features, accept=lambda name: name.endswith(".npz"),
+                      owned=_chunk_folders(args.features))
     start = time.perf_counter()
-    index = load_index(args.index)
-    kept(f"nothing written ({args.index} untouched)")
-    doing("adding features")
-    added = add_to_index(index, args.features)
-    doing(f"writing {args.index}")
-    out = index.save(args.index)
+    doing(f"waiting for other updates of {args.index}")
+    try:
+        # Read, add and write under the lock: of two concurrent adds, each keeps the other's rows.
+        with locked_for_update(args.index, env.lock_timeout(), on_error=load_index):
+            index = load_index(args.index)
+            kept(f"nothing written ({args.index} untouched)")
+            doing("adding features")
+            added = add_to_index(index, args.features)
+            doing(f"writing {args.index}")
+            out = index.save(args.index)
+    except TimeoutError as exc:
+        raise DataError(f"{exc}; waited {env.lock_timeout():.0f} s (VEHICLENET_LOCK_TIMEOUT): run again when "
+                        "the other `vehiclenet index add` has finished") from None
     kept(f"{out} written")
     _print_index_summary(args, f"added {added} to", out, index, time.perf_counter() - start, added=added)
     return 0
+
+
+def _chunk_folders(inputs: List[str]) -> List[str]:
+    """The inputs that are folders (of feature chunks): every file in them is the input's."""
+    return [name for name in inputs if os.path.isdir(name)]
 
 
 def _check_index_tuning(args: argparse.Namespace) -> None:
