@@ -165,6 +165,7 @@ def test_progress_bar_on_stderr_when_asked(net, capsys):
 
 def test_npz_round_trip_and_errors(tmp_path):
     feats = np.random.default_rng(0).standard_normal((3, 512)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     out = save_features(tmp_path / "feats", feats, ["a.jpg", "b.jpg", "c.jpg"], flip=True)
     assert out == tmp_path / "feats" and out.exists()  # no ".npz" appended
     with np.load(out) as npz:
@@ -186,6 +187,7 @@ def test_npz_round_trip_and_errors(tmp_path):
 
 def test_truncated_npz_and_plain_npy_are_data_errors_naming_the_file(tmp_path):
     feats = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     good = save_features(tmp_path / "good.npz", feats, ["a", "b", "c", "d"])
     data = good.read_bytes()
     (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])  # an interrupted copy

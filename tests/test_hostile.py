@@ -899,6 +899,7 @@ def test_fifo_or_device_as_checkpoint_is_not_a_regular_file(tmp_path, kind):
 
 def write_feature_set(path: Path, query: np.ndarray, gallery: np.ndarray) -> Path:
     nq, ng = len(query), len(gallery)
+    query, gallery = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30) for x in (query, gallery))
     np.savez(path, query_features=query, query_ids=np.arange(nq), query_cams=np.zeros(nq, np.int64),
              gallery_features=gallery, gallery_ids=np.arange(ng) % max(nq, 1), gallery_cams=np.ones(ng, np.int64))
     return path
@@ -923,7 +924,8 @@ def test_evaluate_refuses_zero_width_and_all_zero_features(tmp_path):
         assert not imported_mindspore(proc.stderr)
 
 
-def test_rank_warns_when_distances_are_nan(tmp_path):
+def test_rank_refuses_a_gallery_file_with_nan_rows(tmp_path):
+    """A NaN row would rank last with distance nan; like every reader of features, rank refuses the file."""
     from vehiclenet.features import save_features
 
     (query,) = make_images(tmp_path / "q", 1)
@@ -935,11 +937,9 @@ def test_rank_warns_when_distances_are_nan(tmp_path):
     gallery = save_features(tmp_path / "gallery.npz", feats, names, flip=False)
     proc = cli("rank", "--query", query, "--gallery", gallery, "--no-pretrained", "--no-flip", "--no-picture",
                env=plain_env(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (f"WARNING vehiclenet: 1 of 3 gallery images have NaN or infinite features ({names[1]}): their "
-            "distances are nan and they rank last") in proc.stderr
-    ranked = [line.split() for line in proc.stdout.splitlines()[1:]]  # rank, distance, path
-    assert sorted(r[2] for r in ranked[:2]) == [names[0], names[2]] and ranked[2][1:] == ["nan", names[1]]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"vehiclenet rank: error: {gallery}: features contains NaN or inf (row 1)" in proc.stderr
+    assert proc.stdout == ""
 
 
 def test_empty_input_folder_is_reported_before_the_network(tmp_path):

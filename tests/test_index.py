@@ -124,7 +124,7 @@ def test_add_equals_building_at_once_and_grows_a_mapped_ivf_index(tmp_path):
     with pytest.raises(DataError, match="stores ids"):
         grown.add(feats[:3], names(3))  # ids for some rows only would misalign them
     with pytest.raises(DataError, match="32-d"):
-        grown.add(np.ones((2, 16), np.float32), names(2))
+        grown.add(np.full((2, 16), 0.25, np.float32), names(2))
 
     ivf = load_index(GalleryIndex.build(feats[:4000], names(4000), kind="ivf-flat").save(tmp_path / "i.index"))
     ivf.add(feats[4000:], names(2000, 4000))  # from a read-only map: copied into memory first

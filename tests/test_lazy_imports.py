@@ -42,7 +42,8 @@ def test_embed_merge_does_not_import_mindspore(tmp_path):
     rng = np.random.default_rng(0)
     for index in range(job.chunks):
         a, b = job.chunk_range(index)
-        res = FeatureResult(rng.standard_normal((b - a, 8)).astype(np.float32), paths[a:b])
+        feats = rng.standard_normal((b - a, 8)).astype(np.float32)
+        res = FeatureResult(feats / np.linalg.norm(feats, axis=1, keepdims=True), paths[a:b])
         shards._write_chunk(tmp_path / "feats", job, index, paths[a:b], res)
     argv = ["embed-merge", str(tmp_path / "feats"), "--out", str(tmp_path / "f.npz")]
     assert _modules_after(argv, subprocess_env()) == "RC 0 MS False"

@@ -38,6 +38,7 @@ import numpy as np
 
 from .blocks import RowBlocks, check_block, check_covered, ordered_map
 from .errors import DataError
+from .feature_checks import as_labels, checked_features
 from .fileio import atomic_write, read_npz
 
 # The VeRi-776 reader lives in vehiclenet.datasets.veri; its names stay importable from here.
@@ -151,18 +152,6 @@ class EvalResult:
             cmc=[float(x) for x in self.cmc],
         )
         return out
-
-
-def _as_labels(name: str, values: Sequence[int], n: int) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"{name} has shape {arr.shape}; expected ({n},)")
-    if arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise ValueError(f"{name} must hold integers (dtype {arr.dtype})")
-    return arr.astype(np.int64, copy=False)
 
 
 # Above this share of candidate items per block, sorting whole rows is cheaper than
@@ -372,10 +361,10 @@ def _check_options(max_rank: int, ap: str) -> None:
 def _make_labels(q_ids: Sequence[int], g_ids: Sequence[int], q_cams: Sequence[int], g_cams: Sequence[int],
                  num_q: int, num_g: int) -> _Labels:
     return _Labels(
-        q_ids=_as_labels("q_ids", q_ids, num_q),
-        g_ids=_as_labels("g_ids", g_ids, num_g),
-        q_cams=_as_labels("q_cams", q_cams, num_q),
-        g_cams=_as_labels("g_cams", g_cams, num_g),
+        q_ids=as_labels("q_ids", q_ids, num_q),
+        g_ids=as_labels("g_ids", g_ids, num_g),
+        q_cams=as_labels("q_cams", q_cams, num_q),
+        g_cams=as_labels("g_cams", g_cams, num_g),
     )
 
 
@@ -527,16 +516,13 @@ class FeatureSet:
 
 def load_features_npz(path: str) -> FeatureSet:
     """Read and check a features file (keys in ``FEATURE_KEYS``); DataError names file and key."""
+    remedy = "write it with `vehiclenet evaluate --data ... --save-features FILE`"
     arrays = read_npz(path, FEATURE_KEYS, "a features .npz written by `vehiclenet evaluate --save-features`",
-                      "write it with `vehiclenet evaluate --data ... --save-features FILE`")
+                      remedy)
     for side in ("query", "gallery"):
         feats = arrays[f"{side}_features"]
         key = f"{side}_features"
-        if feats.ndim != 2 or feats.shape[0] == 0 or feats.dtype.kind not in "fiu":
-            raise DataError(f"{path}: {key} must be a non-empty 2-D numeric array, got shape "
-                            f"{feats.shape} dtype {feats.dtype}")
-        _check_feature_rows(path, key, feats)
-        arrays[key] = feats.astype(np.float32, copy=False)
+        arrays[key] = feats = checked_features(feats, path, key, remedy=remedy)
         for lab in ("ids", "cams"):
             lkey = f"{side}_{lab}"
             arr = arrays[lkey]
@@ -544,7 +530,7 @@ def load_features_npz(path: str) -> FeatureSet:
                 raise DataError(f"{path}: {lkey} has shape {arr.shape}; expected ({feats.shape[0]},) "
                                 f"to match {key}")
             try:
-                arrays[lkey] = _as_labels(lkey, arr, feats.shape[0])
+                arrays[lkey] = as_labels(lkey, arr, feats.shape[0])
             except ValueError as exc:
                 raise DataError(f"{path}: {exc}") from None
     if arrays["query_features"].shape[1] != arrays["gallery_features"].shape[1]:
@@ -562,24 +548,6 @@ def read_records(path: str, arrays: Dict[str, np.ndarray]) -> Dict[str, Optional
             raise DataError(f"{path}: {key} must be a single string, got shape {value.shape} dtype {value.dtype}")
         out[key] = None if value is None else str(value)
     return out
-
-
-def _check_feature_rows(path: str, key: str, feats: np.ndarray) -> None:
-    """DataError unless every row of ``feats`` is a usable feature: some width, finite, not all zero.
-
-    A zero row has no direction, so its cosine distance to anything is undefined; it comes
-    from a failed embedding or a hand-made file, never from the network.
-    """
-    if feats.shape[1] == 0:
-        raise DataError(f"{path}: {key} has shape {feats.shape}: 0-wide features hold nothing to compare; "
-                        "write the file again with `vehiclenet evaluate --data ... --save-features FILE`")
-    if not np.all(np.isfinite(feats)):
-        raise DataError(f"{path}: {key} contains NaN or inf")
-    zero = np.flatnonzero(~feats.any(axis=1))
-    if zero.size:
-        rows = ", ".join(map(str, zero[:10])) + (", ..." if zero.size > 10 else "")
-        raise DataError(f"{path}: {key} has {zero.size} all-zero row(s) (rows {rows}), which have no direction "
-                        "and so no cosine distance; embed those images again or leave them out of the file")
 
 
 def save_features_npz(path: str, features: FeatureSet) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .feature_checks import checked_features
 from .fileio import atomic_write, is_image_path, read_npz
 from .interrupts import doing, held
 from .preprocessing import INPUT_SIZE, ImageSource, load_image, preprocess
@@ -483,14 +484,16 @@ def load_features(path: Union[str, os.PathLike]) -> FeatureResult:
         from .shards import load_feature_shards
 
         return load_feature_shards(name)
-    arrays = read_npz(name, ("features", "paths"), "a features .npz written by `vehiclenet embed`",
-                      "run `vehiclenet embed` to write it")
-    feats = arrays.pop("features")
-    paths = [str(p) for p in arrays.pop("paths").tolist()]
-    extra = arrays
-    if feats.ndim != 2 or feats.shape[0] != len(paths):
+    remedy = "run `vehiclenet embed` to write it"
+    arrays = read_npz(name, ("features", "paths"), "a features .npz written by `vehiclenet embed`", remedy)
+    feats = checked_features(arrays.pop("features"), name, remedy=remedy)
+    names = arrays.pop("paths")
+    if names.ndim != 1 or names.dtype.kind != "U":
+        raise DataError(f"{name}: paths must be a 1-D array of text, got shape {names.shape} dtype {names.dtype}")
+    paths = [str(p) for p in names.tolist()]
+    if feats.shape[0] != len(paths):
         raise DataError(f"{name}: features shape {feats.shape} does not match {len(paths)} paths")
-    return FeatureResult(features=feats.astype(np.float32, copy=False), paths=paths, extra=extra)
+    return FeatureResult(features=feats, paths=paths, extra=arrays)
 
 
 _NEAREST_TILE = 4096

@@ -410,8 +410,10 @@ def _on(flag: bool) -> str:
 
 
 def _check_features(features: np.ndarray, paths: Sequence[str], what: str) -> np.ndarray:
-    feats = np.ascontiguousarray(features, dtype=np.float32)
-    if feats.ndim != 2 or feats.shape[0] != len(paths):
+    from .feature_checks import checked_features
+
+    feats = np.ascontiguousarray(checked_features(features, what))
+    if feats.shape[0] != len(paths):
         raise DataError(f"{what}: shape {feats.shape} does not match {len(paths)} paths")
     return feats
 
@@ -764,6 +766,7 @@ class _Loaded:
 def read_feature_sources(inputs: Sequence[PathLike]) -> _Loaded:
     """Features, paths, ids/cams (keys ``ids``/``cams`` when every file has them), flip and
     weights of features files and folders, concatenated in the order given."""
+    from .feature_checks import stored_flag
     from .features import load_features
     from .weights import describe, stored_identity
 
@@ -776,9 +779,9 @@ def read_feature_sources(inputs: Sequence[PathLike]) -> _Loaded:
                             "index features of one network only")
         feats.append(res.features)
         paths.extend(res.paths)
-        ids.append(res.extra.get("ids"))
-        cams.append(res.extra.get("cams"))
-        flips.append(None if "flip" not in res.extra else bool(res.extra["flip"]))
+        ids.append(_labels(res.extra, "ids", len(res.paths), f))
+        cams.append(_labels(res.extra, "cams", len(res.paths), f))
+        flips.append(stored_flag(res.extra, "flip", f))
         identity = stored_identity(res.extra, f)
         if identity is not None:
             weights.setdefault(identity, f)
@@ -792,6 +795,17 @@ def read_feature_sources(inputs: Sequence[PathLike]) -> _Loaded:
                         "networks cannot share an index; embed them again with the same weights")
     return _Loaded(np.concatenate(feats), paths, _joined(ids), _joined(cams), known.pop() if known else None,
                    files, next(iter(weights), None))
+
+
+def _labels(extra: Dict[str, Any], key: str, n: int, where: PathLike) -> Optional[np.ndarray]:
+    from .feature_checks import as_labels
+
+    if key not in extra:
+        return None
+    try:
+        return as_labels(key, extra[key], n)
+    except ValueError as exc:
+        raise DataError(f"{where}: {exc}, one per row of features") from None
 
 
 def _joined(columns: List[Optional[np.ndarray]]) -> Optional[np.ndarray]:

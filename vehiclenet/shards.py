@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .errors import DataError, UsageError
+from .feature_checks import checked_features
 from .fileio import atomic_write, open_regular, read_npz, remove_stale_temps
 from .interrupts import doing, held
 
@@ -277,8 +278,8 @@ def _read_chunk(path: Path, data: bytes, job: ShardJob, expected: Optional[Seque
                 and len(arrays["skipped_reasons"]) == len(inputs) - len(paths))
     if not lined_up:
         raise DataError(f"{path}: features, paths and inputs do not line up")
-    if not np.isfinite(feats).all():
-        raise DataError(f"{path}: features hold NaN or infinity")
+    if paths:
+        arrays["features"] = checked_features(feats, os.fspath(path))
     return arrays
 
 

@@ -11,6 +11,7 @@ manifest errors, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); see interru
 """
 import argparse
 import logging
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -64,6 +65,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # A terminal or locale that cannot show a file name's characters gets escapes, not a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     # -v wins over -q: asking for debug messages and fewer messages at once keeps the debug ones.
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
@@ -75,6 +80,14 @@ def _run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader of our standard output stopped (`| head -1`): what it wanted it has; end
+        # quietly with the status a shell gives a program SIGPIPE ends, and let nothing more
+        # be written to the closed pipe at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
     except VehicleNetError as exc:
         print(f"vehiclenet {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

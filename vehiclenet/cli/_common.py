@@ -2,6 +2,7 @@
 every command that prints results, ``--json`` (the README table "Common options")."""
 import argparse
 import json
+import sys
 from typing import Any, Dict, Iterable, Optional
 
 _COMMON = argparse.ArgumentParser(add_help=False)
@@ -33,9 +34,25 @@ def progress(args: argparse.Namespace) -> Optional[bool]:
     return False if args.quiet or getattr(args, "json", False) else None
 
 
+def shown(name: str) -> str:
+    """A file name as text output prints it: as it is when every character is printable, else
+    quoted with escapes (repr), so no escape sequence reaches the terminal and no newline
+    forges a line. --json output needs none of this: JSON escapes them itself."""
+    return name if name.isprintable() else repr(name)
+
+
 def emit(args: argparse.Namespace, lines: Iterable[str], result: Dict[str, Any]) -> None:
     """The command's result on stdout: ``lines`` for people, or ``result`` as one JSON
-    object on one line with --json."""
+    object on one line with --json.
+
+    Raises:
+        UsageError: standard output is closed (``>&-``): the results would be lost without a word.
+    """
+    if sys.stdout is None:
+        from ..errors import UsageError
+
+        raise UsageError("standard output is closed, so the results have nowhere to go: run the command with "
+                         "an open standard output (a terminal, a pipe, or a file: > results.txt)")
     if getattr(args, "json", False):
         print(json.dumps(result, default=str), flush=True)
         return

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 from ._network import (add_network_args, build_network, check_network_args, embedding_network, image_size,
                        list_inputs, network_files, weights_choice)
 from .index import embed_queries
-from ._common import add_command, emit, progress
+from ._common import add_command, emit, progress, shown
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     from ..features import FeatureResult, ImageInputs
@@ -112,7 +112,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     kept(f"{out} written")
     n = len(res)
     skipped = f"skipped {len(res.skipped)}" + (
-        f" ({', '.join(p for p, _ in res.skipped[:5])}{', ...' if len(res.skipped) > 5 else ''})" if res.skipped else ""
+        f" ({', '.join(shown(p) for p, _ in res.skipped[:5])}{', ...' if len(res.skipped) > 5 else ''})" if res.skipped else ""
     )
     line = (f"embedded {n} image(s) -> {out} ({res.features.shape[1]}-d, flip {'on' if not args.no_flip else 'off'}); "
             f"{skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
@@ -207,7 +207,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         if picture is not None:
             picture = str(draw_ranking(query, ranking.paths, ranking.distances, picture, query_id=qid, ids=ids,
                                        thumb=args.thumb))
-            lines.append(f"picture: {picture}")
+            lines.append(f"picture: {shown(picture)}")
         results.append({"query": query, "id": qid, "num_gallery": ranking.num_gallery, "picture": picture,
                         "matches": [{"rank": r, "path": p, "distance": d, "id": g} for r, (p, d, g)
                                     in enumerate(zip(ranking.paths, ranking.distances, ids), 1)]})
@@ -273,6 +273,7 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, 
     import os
 
     from ..errors import DataError
+    from ..feature_checks import stored_flag
     from ..features import load_features
     from ..index import is_index_file, load_index
     from ..weights import check_same_weights, stored_identity
@@ -285,11 +286,11 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, 
         gallery = load_features(args.gallery)
         check_same_weights(stored_identity(gallery.extra, args.gallery), weights_choice(args).identity(),
                            args.gallery)
-        stored, flip = gallery.extra.get("flip"), not args.no_flip
-        if stored is not None and bool(stored) != flip:
+        stored, flip = stored_flag(gallery.extra, "flip", args.gallery), not args.no_flip
+        if stored is not None and stored != flip:
             logging.getLogger("vehiclenet").warning(
                 "%s was embedded with flip %s but the query uses flip %s; distances mix the two",
-                args.gallery, "on" if bool(stored) else "off", "on" if flip else "off")
+                args.gallery, "on" if stored else "off", "on" if flip else "off")
         return gallery
     if os.path.isdir(args.gallery):
         return None
@@ -316,9 +317,9 @@ def _embed_query_and_gallery(args: argparse.Namespace, net, stored: "Optional[Fe
 
 def _ranking_lines(query: str, ranking: "Ranking", qid: Optional[int], ids: List[Optional[int]]) -> List[str]:
     """The ranking as ``rank``'s lines: a heading, then rank, distance, path and same/other id."""
-    lines = [f"query {query}" + (f" (id {qid})" if qid is not None else "")
+    lines = [f"query {shown(query)}" + (f" (id {qid})" if qid is not None else "")
              + f": top {len(ranking.paths)} of {ranking.num_gallery} gallery images, cosine distance 1 - cos"]
     for r, (d, p, g) in enumerate(zip(ranking.distances, ranking.paths, ids), 1):
         mark = "" if qid is None or g is None else ("  same id" if g == qid else "  other id")
-        lines.append(f"{r:4d}  {d:.4f}  {p}{mark}")
+        lines.append(f"{r:4d}  {d:.4f}  {shown(p)}{mark}")
     return lines

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ._network import (INDEX_KINDS, add_network_args, check_network_args, embedding_network, image_size, list_inputs,
                        weights_choice)
-from ._common import add_command, emit, progress
+from ._common import add_command, emit, progress, shown
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
@@ -205,7 +205,6 @@ def embed_queries(args: argparse.Namespace, net, images: "ImageInputs", index: "
 def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[str], dist: "np.ndarray",
                   rows: "np.ndarray") -> None:
     """Per query a heading and rank, distance, path (id, cam) lines; with --json one JSON object."""
-    import json
 
     def extra(r: int) -> Dict[str, int]:
         out = {}
@@ -219,13 +218,12 @@ def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[s
                                             "distance": float(d), **extra(r)}
                                            for i, (r, d) in enumerate(zip(rs, ds)) if r >= 0]}
                for name, rs, ds in zip(names, rows, dist)]
-    if args.json:
-        print(json.dumps({"index": args.index, "kind": index.kind, "count": index.count, "top_k": args.top_k,
-                          "results": results}))
-        return
+    lines = []
     for res in results:
-        print(f"query {res['query']}: top {len(res['matches'])} of {index.count} ({index.kind} index), "
-              "cosine distance 1 - cos")
+        lines.append(f"query {shown(res['query'])}: top {len(res['matches'])} of {index.count} ({index.kind} index), "
+                     "cosine distance 1 - cos")
         for m in res["matches"]:
             tail = "".join(f"  {k} {m[k]}" for k in ("id", "cam") if k in m)
-            print(f"{m['rank']:4d}  {m['distance']:.4f}  {m['path']}{tail}")
+            lines.append(f"{m['rank']:4d}  {m['distance']:.4f}  {shown(m['path'])}{tail}")
+    emit(args, lines, {"index": args.index, "kind": index.kind, "count": index.count, "top_k": args.top_k,
+                       "results": results})

@@ -120,7 +120,8 @@ def save_vehicleid_features(path: str, vf: VehicleIDFeatures) -> None:
 
 def load_vehicleid_features(path: str) -> VehicleIDFeatures:
     """Read and check a VehicleID features file; DataError names the file, the key and what to do."""
-    from ..evaluation import _as_labels, _check_feature_rows, read_records  # evaluation imports this package
+    from ..evaluation import read_records  # evaluation imports this package
+    from ..feature_checks import as_labels, checked_features
 
     remedy = "write it with `vehiclenet evaluate --dataset vehicleid --data ROOT --split S --save-features FILE`"
     arrays = read_npz(path, VEHICLEID_KEYS, "a VehicleID features .npz (every test image once: features, ids)",
@@ -128,16 +129,12 @@ def load_vehicleid_features(path: str) -> VehicleIDFeatures:
     records = read_records(path, arrays)
     if records["dataset"] not in (None, "vehicleid"):
         raise DataError(f"{path}: features of dataset {records['dataset']!r}, not VehicleID; {remedy}")
-    feats = arrays["features"]
-    if feats.ndim != 2 or feats.shape[0] == 0 or feats.dtype.kind not in "fiu":
-        raise DataError(f"{path}: features must be a non-empty 2-D numeric array, got shape {feats.shape} "
-                        f"dtype {feats.dtype}")
-    _check_feature_rows(path, "features", feats)
+    feats = checked_features(arrays["features"], path, remedy=remedy)
     try:
-        ids = _as_labels("ids", arrays["ids"], feats.shape[0])
+        ids = as_labels("ids", arrays["ids"], feats.shape[0])
     except ValueError as exc:
         raise DataError(f"{path}: {exc} to match features; {remedy}") from None
     names = arrays.get("names")
     if names is not None and names.shape != (feats.shape[0],):
         raise DataError(f"{path}: names has shape {names.shape}; expected ({feats.shape[0]},) to match features")
-    return VehicleIDFeatures(feats.astype(np.float32, copy=False), ids, names, records["split"])
+    return VehicleIDFeatures(feats, ids, names, records["split"])
