@@ -69,6 +69,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DataError, UsageError
+from .fileio import describe_mode, open_regular
 
 __all__ = ["AUTO_EXACT_MAX", "GalleryIndex", "KINDS", "NPROBE", "add_to_index", "build_index", "index_neighbours",
            "is_index_file", "load_index", "read_feature_sources"]
@@ -235,6 +236,9 @@ class GalleryIndex:
         feats = _check_features(features, paths, "features")
         if kind not in KINDS:
             raise UsageError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}")
+        for option, value in (("nlist", nlist), ("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and not 1 <= value <= _LIMIT:
+                raise UsageError(f"{option} must be from 1 to {_LIMIT} (faiss takes a C int), got {value}")
         if len(feats) == 0:
             raise DataError("no features to index")
         if kind == "auto":
@@ -623,7 +627,7 @@ def _write_container(fh: Any, manifest: Dict[str, Any], parts: Dict[str, np.ndar
 def is_index_file(path: PathLike) -> bool:
     """True when ``path`` is a file starting with a gallery index's magic bytes."""
     try:
-        with open(path, "rb") as fh:
+        with open(open_regular(path, os.O_RDONLY, follow=True), "rb") as fh:  # a FIFO must not block
             return fh.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
@@ -647,19 +651,68 @@ def _read_manifest(name: str, mm: np.ndarray) -> Dict[str, Any]:
     if version != FORMAT_VERSION:
         raise DataError(f"{name}: index file format {version}, this vehiclenet {__version__} reads format "
                         f"{FORMAT_VERSION}; " + _rebuild_hint(name))
-    if offset + length > size or offset == 0:
+    if offset + length > size or offset < _HEADER_SIZE:
         raise DataError(f"{name}: truncated ({size} bytes, the header promises {offset + length}); the write or "
                         "copy was cut short: copy it again or " + _rebuild_hint(name))
+    if offset + length < size:
+        raise DataError(f"{name}: {size - offset - length} bytes after the end of the index (its manifest ends at "
+                        f"byte {offset + length}): appended to or damaged; copy it again or " + _rebuild_hint(name))
     body = bytes(mm[offset:offset + length])
     if hashlib.sha256(body).digest() != digest:
         raise DataError(f"{name}: damaged (its manifest does not match its sha256); " + _rebuild_hint(name))
     manifest = json.loads(body.decode("utf-8"))
+    if not isinstance(manifest, dict):
+        raise DataError(f"{name}: not a vehiclenet gallery index (its manifest is a JSON {type(manifest).__name__})")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{name}: not a vehiclenet gallery index (format {manifest.get('format')!r})")
     if manifest.get("vehiclenet") != __version__:
         raise DataError(f"{name}: built by vehiclenet {manifest.get('vehiclenet')}, this is vehiclenet {__version__}; "
                         + _rebuild_hint(name, manifest))
+    _check_layout(name, manifest, offset)
     return manifest
+
+
+# Each part: its dtype and, given (count, dimension), its shape (None: any length, 1-D).
+_PART_LAYOUT = {
+    "vectors": ("<f4", lambda n, d: (n, d)),
+    "faiss": ("|u1", None),
+    "path_bytes": ("|u1", None),
+    "path_offsets": ("<i8", lambda n, d: (n + 1,)),
+    "ids": ("<i8", lambda n, d: (n,)),
+    "cams": ("<i8", lambda n, d: (n,)),
+}
+_LIMIT = 2 ** 31 - 1  # counts and search parameters faiss takes as C int
+
+
+def _check_layout(name: str, manifest: Dict[str, Any], end: int) -> None:
+    """Every part where it fits (after the header, before the manifest), of its kind's dtype and
+    of the shape the manifest's count and dimension give; tuning parameters within faiss's range.
+    Hashes prove only that nothing changed since writing, not that what was written fits."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{name}: damaged ({what}); " + _rebuild_hint(name, manifest))
+
+    count, dimension, parts = manifest.get("count"), manifest.get("dimension"), manifest.get("parts")
+    if not all(isinstance(v, int) and 0 <= v <= _LIMIT for v in (count, dimension)) or not isinstance(parts, dict):
+        raise bad("count, dimension or parts missing or out of range")
+    needed = {"path_bytes", "path_offsets", "vectors" if manifest.get("kind") == "exact" else "faiss"}
+    if not needed <= set(parts) or not set(parts) <= set(_PART_LAYOUT) - ({"vectors", "faiss"} - needed):
+        raise bad(f"parts {sorted(parts)}, a {manifest.get('kind')!r} index has {sorted(needed)} (and ids, cams)")
+    for key, desc in parts.items():
+        dtype, shape_of = _PART_LAYOUT[key]
+        shape = desc.get("shape") if isinstance(desc, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(v, int) and v >= 0 for v in shape)
+                and desc.get("dtype") == dtype and (len(shape) == 1 if shape_of is None
+                                                    else tuple(shape) == shape_of(count, dimension))):
+            got = f"{desc.get('dtype')} of shape {shape}" if isinstance(desc, dict) else repr(desc)
+            raise bad(f"part {key} is {got}, not {dtype} of shape "
+                      f"{'(any,)' if shape_of is None else shape_of(count, dimension)}")
+        start, length = desc.get("offset"), desc.get("length")
+        if not (isinstance(start, int) and isinstance(length, int) and _HEADER_SIZE <= start
+                and start + length <= end and length == int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize):
+            raise bad(f"part {key} at byte {start}, {length} bytes, does not fit its shape or the file")
+    for key, value in (manifest.get("params") or {}).items():
+        if key != "seed" and not (isinstance(value, int) and 1 <= value <= _LIMIT):
+            raise bad(f"search parameter {key} is {value!r}, not a whole number from 1 to {_LIMIT}")
 
 
 def _part(name: str, mm: np.ndarray, manifest: Dict[str, Any], key: str, verify: bool) -> Optional[np.ndarray]:
@@ -691,6 +744,9 @@ def load_index(path: PathLike, *, verify: bool = True, mmap: bool = True) -> Gal
     name = os.fspath(path)
     if os.path.isdir(name):
         raise DataError(f"{name}: a folder, not a gallery index file")
+    if os.path.exists(name) and not os.path.isfile(name):
+        raise DataError(f"{name}: {describe_mode(os.stat(name).st_mode)}, not a gallery index file; give the path "
+                        "of one")
     if not os.path.isfile(name):
         raise DataError(f"{name}: no such index file; build one with `vehiclenet index build FEATURES... --out {name}`")
     if os.path.getsize(name) == 0:
@@ -711,8 +767,12 @@ def _from_parts(name: str, mm: np.ndarray, manifest: Dict[str, Any], verify: boo
     weights = manifest.get("weights")
     if weights is not None and not isinstance(weights, str):
         raise ValueError(f"'weights' is a {type(weights).__name__}, not a string")
+    offsets = parts["path_offsets"]
+    if offsets[0] != 0 or offsets[-1] != len(parts["path_bytes"]) or (np.diff(offsets) < 0).any():
+        raise DataError(f"{name}: damaged (path offsets run outside the stored paths); "
+                        + _rebuild_hint(name, manifest))
     meta = _Meta(kind=manifest["kind"], dimension=int(manifest["dimension"]),
-                 paths=_Paths(parts["path_bytes"], parts["path_offsets"]), ids=parts.get("ids"),
+                 paths=_Paths(parts["path_bytes"], offsets), ids=parts.get("ids"),
                  cams=parts.get("cams"), params=dict(manifest.get("params") or {}), flip=manifest.get("flip"),
                  sources=list(manifest.get("sources") or []), weights=weights)
     if len(meta.paths) != int(manifest["count"]):

@@ -10,6 +10,8 @@ from ._network import (INDEX_KINDS, add_network_args, check_network_args, embedd
                        weights_choice)
 from ._common import add_command, emit, progress, shown
 
+INDEX_PARAM_LIMIT = 2 ** 31 - 1
+
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
 
@@ -138,8 +140,9 @@ def _check_index_tuning(args: argparse.Namespace) -> None:
 
     for option in ("nlist", "nprobe", "ef_search"):
         value = getattr(args, option, None)
-        if value is not None and value < 1:
-            raise UsageError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and not 1 <= value <= INDEX_PARAM_LIMIT:
+            raise UsageError(f"--{option.replace('_', '-')} must be from 1 to {INDEX_PARAM_LIMIT} "
+                             f"(faiss takes a C int), got {value}")
 
 
 def _print_index_summary(args: argparse.Namespace, done: str, out: Any, index: "GalleryIndex", seconds: float,
