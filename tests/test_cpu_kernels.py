@@ -575,6 +575,9 @@ def test_training_with_frozen_batch_norm_matches_mindspore():
     import mindspore as ms
     import mindspore.nn as nn
 
+    # Fixed weights, whatever seed an earlier test left: after ms.set_seed(7) (or 10) a ReLU
+    # input within rounding of 0 moved the whole gradient by 2.4e-3; seeds 0-3 and 11 stay < 1e-3.
+    ms.set_seed(0)
     fast, plain = _fast_and_plain(seed=10, num_classes=4)
     rng = np.random.default_rng(10)
     x = ms.Tensor(rng.standard_normal((2, 3, 64, 64)).astype(np.float32))

@@ -379,7 +379,7 @@ def test_cli_usage_errors(tmp_path):
         (("--features", path, "--trials", "3"), "--trials and --seed apply to --dataset vehicleid only"),
         (("--dataset", "veriwild", "--features", path, "--seed", "1"), "apply to --dataset vehicleid only"),
         (("--dataset", "vehicleid", "--data", str(tmp_path)), "VehicleID needs a test split"),
-        (("--dataset", "vehicleid", "--features", path, "--trials", "0"), "--trials must be >= 1"),
+        (("--dataset", "vehicleid", "--features", path, "--trials", "0"), "--trials must be from 1 to 1000, got 0"),
         (("--dataset", "vehicleid", "--features", path, "--seed", "-1"), "--seed must be >= 0"),
     ]:
         proc = run_cli(*args)

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from . import env
 from .errors import ManifestError
+from .fileio import NotRegularFileError, open_regular
 
 ENV_ASSETS = env.ASSETS  # its name, for messages
 PACKAGED_MANIFEST = Path(__file__).resolve().parent / "assets.json"
@@ -137,6 +138,19 @@ def manifest_path(path: Union[str, os.PathLike, None] = None) -> Path:
     return env.manifest_override() or PACKAGED_MANIFEST
 
 
+MANIFEST_MAX_BYTES = 1 << 20  # an assets.json lists a few assets: a few KiB
+
+
+def _read_bounded(path: Path) -> bytes:
+    """A manifest's bytes, refusing (ManifestError) one larger than :data:`MANIFEST_MAX_BYTES`."""
+    with open(open_regular(path, os.O_RDONLY, follow=True), "rb") as fh:
+        data = fh.read(MANIFEST_MAX_BYTES + 1)
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise ManifestError(f"manifest {path} is larger than {MANIFEST_MAX_BYTES >> 20} MiB: not an assets.json "
+                            f"(a list of a few assets); point {ENV_ASSETS} at the right file")
+    return data
+
+
 def load_manifest(path: Union[str, os.PathLike, None] = None) -> List[Asset]:
     """Read and validate a manifest; see :func:`manifest_path` for which file.
 
@@ -145,7 +159,10 @@ def load_manifest(path: Union[str, os.PathLike, None] = None) -> List[Asset]:
     where = manifest_path(path)
     source = f" (from ${ENV_ASSETS})" if path is None and env.is_set(ENV_ASSETS) else ""
     try:
-        text = where.read_text(encoding="utf-8")
+        text = _read_bounded(where).decode("utf-8")
+    except NotRegularFileError as exc:
+        raise ManifestError(f"manifest {where}{source} is {exc.what}, not a file; point {ENV_ASSETS} at an "
+                            "assets.json file or unset it to use the packaged manifest") from None
     except FileNotFoundError:
         raise ManifestError(
             f"manifest {where}{source} does not exist; point {ENV_ASSETS} at an existing assets.json "

@@ -45,7 +45,7 @@ def _flag(name: str, raw: str) -> bool:
     raise UsageError(f"{name}={raw!r} is not understood; use 1 or 0")
 
 
-def _whole(minimum: int) -> Callable[[str, str], int]:
+def _whole(minimum: int, maximum: Optional[int] = None) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
             result = int(raw.strip())  # int() accepts "_" separators: 40_000_000
@@ -53,6 +53,8 @@ def _whole(minimum: int) -> Callable[[str, str], int]:
             raise UsageError(f"{name}={raw.strip()!r} is not a whole number") from None
         if result < minimum:
             raise UsageError(f"{name}={raw.strip()!r} must be at least {minimum}")
+        if maximum is not None and result > maximum:
+            raise UsageError(f"{name}={raw.strip()!r} must be at most {maximum}")
         return result
 
     return parse
@@ -123,7 +125,8 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable(OFFLINE, "0", "1: never touch the network; the cache, or a message saying where to put the file",
              _flag),
     Variable(TIMEOUT, "10,60", "connect and read timeouts in seconds, `READ` or `CONNECT,READ`", _timeouts),
-    Variable(RETRIES, "4", "retries per URL after a connection error, a timeout, 429 or 5xx", _whole(0)),
+    Variable(RETRIES, "4", "retries per URL after a connection error, a timeout, 429 or 5xx (at most 100)",
+             _whole(0, 100)),
     Variable(BACKOFF, "0.5", "seconds of the first wait between retries (doubling after each)", _seconds),
     Variable(LOCK_TIMEOUT, "3600", "seconds to wait for another process downloading the same asset", _seconds),
     Variable(MAX_PIXELS, "40000000", "largest image decoded at full size; larger JPEGs are decoded at reduced "
@@ -244,6 +247,13 @@ def launcher_rank() -> Tuple[int, int]:
     if rank >= size:
         raise UsageError(f"{MS_NODE_ID}={rank} is not below {MS_WORKER_NUM}={size}")
     return rank, size
+
+
+def check_all() -> None:
+    """Parse every declared variable now (UsageError for the first bad one), so a command
+    reports a bad setting before it does any work, not when it first needs the value."""
+    for var in VARIABLES.values():
+        var.value()
 
 
 def markdown_table() -> str:

@@ -124,8 +124,9 @@ def export_embedding(out: Union[str, os.PathLike], *, file_format: str = "MINDIR
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {file_format!r}")
     if fmt == "CKPT":
         return export_weights(out, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes)
-    if (image_size is not None and image_size < 32) or batch_size < 1:
-        raise UsageError(f"image size must be >= 32 and batch size >= 1, got {image_size}, {batch_size}")
+    if (image_size is not None and not 32 <= image_size <= 2048) or not 1 <= batch_size <= 4096:
+        raise UsageError(f"image size must be from 32 to 2048 and batch size from 1 to 4096, got {image_size}, "
+                         f"{batch_size}")
     out = _output_path(out, fmt, checkpoint, pretrained)
     ms = import_mindspore()  # only after the checks: a refused --out costs no MindSpore start-up
 

@@ -29,7 +29,7 @@ header, before any pixel is decoded.
 import io
 import os
 import threading
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from . import env
 from .errors import DataError, ImageDecodeError
 from .fileio import IMAGE_EXTENSIONS, is_image_path  # re-exported: part of this module's API
+from .fileio import NotRegularFileError, open_regular
 
 __all__ = ["IMAGE_EXTENSIONS", "INPUT_SIZE", "MEAN", "STD", "ImageSource", "eval_transforms", "is_image_path",
            "load_image", "max_pixels", "preprocess", "preprocess_image", "to_rgb_uint8"]
@@ -144,10 +145,12 @@ def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -
     name, opener = _opener(src)
     limit = max_pixels()  # read before decoding: a bad value is a UsageError, whatever the image
     try:
-        with Image.open(opener()) as img:
+        with opener() as fh, Image.open(fh) as img:
             _draft_and_check(img, name, size, limit)
             img.load()  # decode now so truncated files fail here, inside the try
             return to_rgb_uint8(img)
+    except NotRegularFileError as exc:
+        raise ImageDecodeError(name, f"{name}: {exc.what}, not an image file") from None
     except FileNotFoundError:
         raise ImageDecodeError(name, f"{name}: no such file") from None
     except PermissionError:
@@ -160,15 +163,17 @@ def load_image(src: ImageSource, size: Optional[Tuple[int, int]] = INPUT_SIZE) -
         raise ImageDecodeError(name, f"{name}: corrupt or unreadable image ({exc})") from None
 
 
-def _opener(src: ImageSource) -> Tuple[str, Callable[[], Any]]:
-    """(name for messages, what to give Image.open) for a path or encoded bytes."""
+def _opener(src: ImageSource) -> Tuple[str, Callable[[], BinaryIO]]:
+    """(name for messages, a function opening a binary file for Image.open) for a path or
+    encoded bytes. A path is opened as a regular file only: a FIFO named like an image would
+    block the open forever, a device feed it endlessly."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         return "<bytes>", lambda: io.BytesIO(bytes(src))
     if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
         if os.path.isdir(name):
             raise DataError(f"{name}: is a folder, not an image file")
-        return name, lambda: name
+        return name, lambda: open(open_regular(name, os.O_RDONLY, follow=True), "rb")
     raise DataError(f"cannot read an image from {type(src).__name__}; give a path, bytes, PIL image "
                     "or uint8 array")
 
@@ -183,10 +188,15 @@ def _draft_and_check(img: Image.Image, name: str, size: Optional[Tuple[int, int]
     if width * height > limit:
         raise ImageDecodeError(
             name,
-            f"{name}: {width}x{height} is {width * height / 1e6:.1f} million pixels, more than the "
-            f"{limit / 1e6:g} million vehiclenet decodes (a decode takes about 7 bytes per pixel; JPEGs are "
+            f"{name}: {width}x{height} is {_pixels(width * height, '.1f')} pixels, more than the "
+            f"{_pixels(limit, 'g')} vehiclenet decodes (a decode takes about 7 bytes per pixel; JPEGs are "
             f"decoded at reduced scale, other formats cannot be); shrink the image first (the network sees "
             f"{INPUT_SIZE[1]}x{INPUT_SIZE[0]}), or raise {ENV_MAX_PIXELS} if the memory allows")
+
+
+def _pixels(count: int, spec: str) -> str:
+    """A pixel count as messages show it: in millions when it is one, else whole (never "0.0 million")."""
+    return f"{count / 1e6:{spec}} million" if count >= 100_000 else f"{count:,}"
 
 
 def preprocess(img: np.ndarray, size: Tuple[int, int] = INPUT_SIZE) -> np.ndarray:

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from .errors import DataError
 from .evaluation import EvalResult, cosine_distance_blocks, evaluate_blocks
+from .interrupts import doing
 
 if TYPE_CHECKING:
     from .rerank import NeighbourSource
@@ -172,11 +174,13 @@ def evaluate_vehicleid(
     if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
         raise ValueError(f"features {feats.shape} and ids {labels.shape} do not match")
     cams = np.arange(labels.shape[0], dtype=np.int64)
+    if labels.size == 0 or np.unique(labels, return_counts=True)[1].max() < 2:
+        raise DataError("no identity has two images: every image would go to the gallery and no trial would "
+                        "have a query; VehicleID needs at least two images of some vehicle")
     results = []
     for trial in range(trials):
+        doing(f"evaluating trial {trial + 1} of {trials}")
         q, g = one_image_per_identity(labels, seed, trial)
-        if q.size == 0:
-            raise ValueError("no identity has two images: VehicleID needs queries beside the gallery")
         results.append(evaluate_split(feats[q], feats[g], labels[q], labels[g], cams[q], cams[g],
                                       rerank=rerank, ap=ap, timings=timings))
     return TrialsResult(results, seed, int(np.unique(labels).shape[0]))

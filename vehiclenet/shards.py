@@ -54,6 +54,7 @@ PathLike = Union[str, os.PathLike]
 FORMAT = "vehiclenet-feature-shards"
 FORMAT_VERSION = 2  # 2: each chunk holds its job's digest
 MANIFEST = "manifest.json"
+_MANIFEST_MAX_BYTES = 1 << 16  # a job's manifest is ~500 bytes
 _CHUNK_KEYS = ("features", "paths", "inputs", "kept", "skipped_reasons", "job")
 
 # Where each field of the job comes from on the command line, for the message refusing another job.
@@ -108,11 +109,40 @@ class ShardJob:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "ShardJob":
+        """The job a manifest records; ValueError naming the first field of the wrong type or
+        out of range (a manifest is a file anyone can edit: its sizes drive loops and allocations)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"job is a {type(data).__name__}, not an object")
         fields = {f.name for f in dataclasses.fields(cls)}
         missing = fields - set(data)
         if missing:
             raise ValueError(f"job lacks {', '.join(sorted(missing))}")
-        return cls(**{**{k: data[k] for k in fields}, "image_size": tuple(data["image_size"])})
+        for name, ok in _JOB_FIELDS.items():
+            if not ok(data[name]):
+                raise ValueError(f"job field {name} is {data[name]!r}")
+        job = cls(**{**{k: data[k] for k in fields}, "image_size": tuple(data["image_size"])})
+        if job.chunks > MAX_CHUNKS:
+            raise ValueError(f"job has {job.chunks} chunks, more than {MAX_CHUNKS}")
+        return job
+
+
+def _whole(low: int, high: int):
+    return lambda v: type(v) is int and low <= v <= high
+
+
+MAX_IMAGES = 10 ** 10
+MAX_CHUNKS = 10 ** 7
+_JOB_FIELDS = {
+    "images": _whole(1, MAX_IMAGES),
+    "inputs_sha256": lambda v: isinstance(v, str) and len(v) == 64,
+    "chunk_size": _whole(1, MAX_IMAGES),
+    "weights": lambda v: isinstance(v, str),
+    "flip": lambda v: isinstance(v, bool),
+    "precision": lambda v: v in ("fp32", "bf16"),
+    "image_size": lambda v: isinstance(v, list) and len(v) == 2 and all(type(s) is int and 1 <= s <= 1 << 16 for s in v),
+    "skip_bad": lambda v: isinstance(v, bool),
+    "version": lambda v: isinstance(v, str),
+}
 
 
 def inputs_digest(paths: Sequence[str]) -> str:
@@ -158,7 +188,13 @@ def make_job(paths: Sequence[str], *, chunk_size: int, checkpoint: Optional[Path
 def _read_manifest(folder: Path) -> ShardJob:
     path = folder / MANIFEST
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open(open_regular(path, os.O_RDONLY, follow=True), "rb") as fh:
+            raw = fh.read(_MANIFEST_MAX_BYTES + 1)
+        if len(raw) > _MANIFEST_MAX_BYTES:
+            raise ValueError(f"larger than {_MANIFEST_MAX_BYTES} bytes")
+        data = json.loads(raw.decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
         if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format {data.get('format')!r} version {data.get('format_version')!r}, "
                              f"not {FORMAT!r} version {FORMAT_VERSION}")
@@ -166,7 +202,7 @@ def _read_manifest(folder: Path) -> ShardJob:
     except FileNotFoundError:
         raise DataError(f"{folder}: no {MANIFEST}; not a folder of feature chunks written by "
                         "`vehiclenet embed --out-dir`") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise DataError(f"{path}: unreadable manifest of feature chunks ({exc}); delete the folder and embed "
                         "again, or use another folder") from None
 
@@ -439,7 +475,11 @@ def load_feature_shards(folder: PathLike) -> "FeatureResult":
             raise DataError(f"{exc}; run the same `vehiclenet embed --out-dir` command again to redo it") from None
         inputs.extend(arrays["inputs"])
         if arrays["paths"]:
-            feats.append(arrays["features"].astype(np.float32, copy=False))
+            if feats and arrays["features"].shape[1] != feats[0].shape[1]:
+                raise DataError(f"{folder / chunk_name(index)}: {arrays['features'].shape[1]}-d features, the "
+                                f"chunks before it hold {feats[0].shape[1]}-d: not a chunk of this job; delete it "
+                                "and run the same `vehiclenet embed --out-dir` command again")
+            feats.append(arrays["features"])
             paths.extend(arrays["paths"])
         kept = arrays["kept"].astype(bool)
         skipped.extend(zip([p for p, k in zip(arrays["inputs"], kept) if not k],

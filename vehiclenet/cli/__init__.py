@@ -17,7 +17,7 @@ import warnings
 from typing import List, Optional
 
 from .. import __version__
-from ..errors import VehicleNetError
+from ..errors import UsageError, VehicleNetError
 from ._common import add_common_options
 from .assets import add_asset_commands
 from .embed import add_embed_commands, add_rank_command
@@ -79,6 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     # warning above 89 million pixels would only repeat it, worded as an attack.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     try:
+        _check_surroundings()
         return int(args.func(args) or 0)
     except BrokenPipeError:
         # The reader of our standard output stopped (`| head -1`): what it wanted it has; end
@@ -98,3 +99,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vehiclenet {args.command}: error: {where}{exc.strerror or exc} "
               "(check the path, its permissions and the free space)", file=sys.stderr)
         return 1
+
+
+def _check_surroundings() -> None:
+    """Before any work: the working folder exists (relative paths and MindSpore's own files need
+    it; without it MindSpore aborts) and every VEHICLENET_* setting parses."""
+    from .. import env
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UsageError("the working folder no longer exists (it was deleted while this shell was in it): cd to "
+                         "an existing folder and run the command again") from None
+    env.check_all()

@@ -199,23 +199,29 @@ def _print_info(report: Dict[str, Any]) -> None:
     from .. import env
 
     blas = report["blas"]
-    print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items()))
-    print(f"device:   {report['device']}")
-    print(f"cpu convolutions: {report['cpu_kernels']}")
-    print(f"bf16 inference: {report['bf16']}")
-    print(f"evaluation BLAS: {_describe_blas(blas['evaluation'])}; also loaded: "
+    _say("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items()))
+    _say(f"device:   {report['device']}")
+    _say(f"cpu convolutions: {report['cpu_kernels']}")
+    _say(f"bf16 inference: {report['bf16']}")
+    _say(f"evaluation BLAS: {_describe_blas(blas['evaluation'])}; also loaded: "
           + ", ".join(_describe_blas(lib) for lib in blas["loaded"] if lib != blas["evaluation"]))
-    print(f"manifest: {report['manifest']}")
-    print(f"cache:    {report['cache']} ({report['cache_source']})")
+    _say(f"manifest: {report['manifest']}")
+    _say(f"cache:    {report['cache']} ({report['cache_source']})")
     network = f"off ({env.OFFLINE}=1)" if report["offline"] else f"allowed, not checked ({env.OFFLINE}=1 turns it off)"
-    print(f"network:  {network}"
+    _say(f"network:  {network}"
           + (f", mirror {report['mirror']}" if report["mirror"] else ""))
-    print("assets:")
+    _say("assets:")
     for a in report["assets"]:
         state = "not cached"
         if a["cached"] and a["size"] is None:  # something that is not a file sits at the cache path
             state = f"FAILED: {a['problem']}"
         elif a["cached"]:
             state = f"cached, {a['size']} bytes, " + ("verified OK" if a["verified"] else f"FAILED: {a['problem']}")
-        print(f"  {a['name']}{' (default)' if a['default'] else ''}: {state}")
-        print(f"    {a['path']}")
+        _say(f"  {a['name']}{' (default)' if a['default'] else ''}: {state}")
+        _say(f"    {a['path']}")
+
+
+def _say(line: str) -> None:
+    """Print one line of ``info``: characters a setting may carry (a newline in VEHICLENET_HOME,
+    an escape sequence) are shown escaped, so each line stays one line."""
+    print("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))

@@ -9,6 +9,9 @@ from ._network import (add_network_args, build_network, check_network_args, embe
 from .index import embed_queries
 from ._common import add_command, emit, progress, shown
 
+MAX_THUMB = 1024  # a picture holds top-k + 1 thumbnails side by side: 11 x 1024 pixels is plenty
+
+
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     from ..features import FeatureResult, ImageInputs
     from ..index import GalleryIndex
@@ -72,7 +75,8 @@ def add_rank_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--top-k", type=int, default=10, help="matches to show (default 10)")
     p.add_argument("--out", "-o", default="ranked.png", metavar="PNG", help="picture to write (default ranked.png)")
     p.add_argument("--no-picture", action="store_true", help="print the ranking only")
-    p.add_argument("--thumb", type=int, default=128, help="thumbnail side in pixels (default 128)")
+    p.add_argument("--thumb", type=int, default=128,
+                   help=f"thumbnail side in pixels, 16 to {MAX_THUMB} (default 128)")
     add_network_args(p)
     p.set_defaults(func=_cmd_rank)
 
@@ -259,8 +263,8 @@ def _check_rank_args(args: argparse.Namespace) -> None:
     check_network_args(args)
     if args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
-    if args.thumb < 16:
-        raise UsageError("--thumb must be >= 16")
+    if not 16 <= args.thumb <= MAX_THUMB:
+        raise UsageError(f"--thumb must be from 16 to {MAX_THUMB} pixels, got {args.thumb}")
     if not args.no_picture:
         check_output_file(args.out, "--out", [*args.query, args.gallery, *network_files(args)],
                           accept=is_image_path)

@@ -1,6 +1,7 @@
 """`finetune` and `export`: both build the network."""
 import argparse
 from ._common import add_command, emit
+from ._network import check_image_size
 
 
 def add_finetune_command(sub: "argparse._SubParsersAction") -> None:
@@ -117,6 +118,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_embedding
     from ..interrupts import kept
 
+    check_image_size(args)
     kept(f"nothing written ({args.out} untouched)")
     path = export_embedding(args.out, file_format=args.format, checkpoint=args.checkpoint,
                             pretrained=not args.no_pretrained, num_classes=args.num_classes,

@@ -134,6 +134,13 @@ def load_vehicleid_features(path: str) -> VehicleIDFeatures:
         ids = as_labels("ids", arrays["ids"], feats.shape[0])
     except ValueError as exc:
         raise DataError(f"{path}: {exc} to match features; {remedy}") from None
+    negative = np.flatnonzero(ids < 0)
+    if negative.size:
+        raise DataError(f"{path}: ids hold {negative.size} negative value(s) (first at row {negative[0]}); "
+                        f"VehicleID's vehicle ids are numbers >= 0; {remedy}")
+    if np.unique(ids, return_counts=True)[1].max() < 2:
+        raise DataError(f"{path}: no identity has two images, so no trial would have a query; VehicleID's test "
+                        f"lists hold several images per vehicle; {remedy}")
     names = arrays.get("names")
     if names is not None and names.shape != (feats.shape[0],):
         raise DataError(f"{path}: names has shape {names.shape}; expected ({feats.shape[0]},) to match features")
