@@ -195,3 +195,27 @@ def test_bad_settings_are_reported_before_any_work(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not any(line.startswith("forged") for line in proc.stdout.splitlines())
     assert "h\\nforged: line (VEHICLENET_HOME)" in proc.stdout
+
+
+def test_a_failed_write_and_an_unlistable_folder_are_named(tmp_path):
+    unit_features(tmp_path / "g.npz", n=64)
+    # A write past the file size limit fails as a full disk does: an OSError without a file name.
+    proc = subprocess.run(f"ulimit -f 4 && exec {sys.executable} -m vehiclenet index build g.npz --out g.index",
+                          shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
+                          env=subprocess_env(VEHICLENET_HOME=str(tmp_path / "home")))
+    one_error(proc, 1, "while writing g.index: File too large")
+    assert not (tmp_path / "g.index").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    # Image folders nested beyond PATH_MAX: the folder that cannot be listed is named.
+    fd = os.open(tmp_path, os.O_RDONLY)
+    for _ in range(24):
+        os.mkdir("d" * 200, dir_fd=fd)
+        inner = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(os.open("x.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
+    proc = cli("embed", tmp_path / ("d" * 200), "--out", "f.npz", "--no-pretrained", cwd=tmp_path)
+    assert proc.returncode == 1 and "folder holds no image files" in proc.stderr
+    assert "cannot list it (File name too long); move its images to a shorter path" in proc.stderr
+    subprocess.run(["rm", "-rf", str(tmp_path / ("d" * 200))], check=True)  # shutil cannot remove it

@@ -20,6 +20,7 @@ evened out over the run (20 images at batch 16 run as 2 x 10, not 16 + 4) and th
 batch is padded with copies, whose outputs are dropped. Without ``skip_bad`` a bad file
 stops the run when its turn comes (earlier batches have already gone through the network).
 """
+import errno
 import heapq
 import logging
 import os
@@ -94,7 +95,9 @@ def _walk_images(folder: str) -> List[str]:
             seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError as exc:
-            LOG.debug("cannot search %s: %s", path, exc)
+            if path != folder and exc.errno not in (errno.ENOENT, errno.ELOOP):  # gone meanwhile, dangling link
+                LOG.warning("skipped the folder %s: cannot list it (%s)%s", path, exc.strerror or exc,
+                            "; move its images to a shorter path" if exc.errno == errno.ENAMETOOLONG else "")
             continue
         for entry in entries:
             if entry.name.startswith("."):

@@ -63,6 +63,11 @@ def doing(activity: str) -> None:
         LOG.debug("now %s", activity)
 
 
+def activity() -> str:
+    """What the command said it does now (see :func:`doing`): errors without a file name name it."""
+    return _state.activity
+
+
 def kept(note: str) -> None:
     """Say what an interruption from now on leaves behind ("kept out/vehiclenet-e002.ckpt")."""
     _state.kept = note

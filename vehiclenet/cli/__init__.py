@@ -7,7 +7,8 @@ search --features) never import mindspore. One module per group of commands: ``a
 search), ``train`` (finetune, export); ``_network`` holds what the commands that run the
 network share.
 Exit codes: 0 success, 1 failure (mismatch, missing file, download error), 2 usage or
-manifest errors, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); see interrupts.py.
+manifest errors, 130 interrupted (Ctrl-C), 141 standard output closed by its reader (| head),
+143 terminated (SIGTERM); see interrupts.py.
 """
 import argparse
 import logging
@@ -65,6 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..interrupts import activity
+
     # A terminal or locale that cannot show a file name's characters gets escapes, not a traceback.
     for stream in (sys.stdout, sys.stderr):
         if stream is not None and hasattr(stream, "reconfigure"):
@@ -95,7 +98,8 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         # A file the command reads or writes failed at the system level (a folder where a
         # file should be, a read-only folder, a full disk): name it rather than dump a traceback.
-        where = f"{exc.filename}: " if exc.filename else ""
+        # A write that fails (a full disk) carries no file name: say what the command was doing.
+        where = f"{exc.filename}: " if exc.filename else f"while {activity()}: "
         print(f"vehiclenet {args.command}: error: {where}{exc.strerror or exc} "
               "(check the path, its permissions and the free space)", file=sys.stderr)
         return 1
