@@ -270,11 +270,18 @@ def _graph_run(tmp_path, ckpt, home, batch, user_cache):
 
 
 def _poison(entries: Path, source_key: str, target_key: str) -> Path:
-    """The batch-1 graph filed under the batch-2 key, its record carried along: what someone who
-    can write ``compiled/`` could do. MindSpore's cache does not check shapes."""
+    """The batch-1 graph filed under the batch-2 key, its record re-signed for that key with the
+    folder's own record key: what someone who can write (and so read) ``compiled/`` could do.
+    MindSpore's cache does not check shapes."""
+    from vehiclenet.compile_cache import _mac
+
     target = entries / target_key
     shutil.copytree(entries / source_key, target)
     (target / ".lock").unlink(missing_ok=True)
+    record = json.loads((target / "files.json").read_text())
+    secret = (entries / ".record-key").read_bytes()
+    record.update(key=target_key, hmac=_mac(target_key, record["files"], secret))
+    (target / "files.json").write_text(json.dumps(record))
     return target
 
 
@@ -285,8 +292,8 @@ def test_a_graph_in_a_compiled_folder_someone_else_owns_is_never_loaded(tmp_path
     one, _ = _graph_run(tmp_path, published_ckpt, own, 1, user_cache)
     two_key = _graph_run(tmp_path, published_ckpt, tmp_path / "scratch", 2, user_cache)[0]["key"]
     shutil.rmtree(user_cache, ignore_errors=True)
-    # Control: in a folder of our own, the poisoned entry is served (one row for two images),
-    # so two rows below mean it was not loaded.
+    # Control: in a folder of our own, the poisoned entry signed with that folder's key is served
+    # (one row for two images), so two rows below mean it was not loaded.
     _poison(own / "compiled", one["key"], two_key)
     served, log = _graph_run(tmp_path, published_ckpt, own, 2, user_cache)
     assert served["rows"] == 1 and "compile cache hit" in log, "MindSpore no longer serves a poisoned entry"

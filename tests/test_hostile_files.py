@@ -5,6 +5,7 @@ through the real CLI in subprocesses. Each asserts the exit code, the named file
 import hashlib
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -222,3 +223,45 @@ def test_tuning_beyond_what_faiss_takes_is_refused_before_building(tmp_path):
                cwd=tmp_path)
     assert proc.returncode == 2 and "--ef-search must be from 1 to 2147483647" in proc.stderr and clean(proc)
     assert not (tmp_path / "h.index").exists()
+
+
+# --------------------------------------------------------------------------- item 5
+
+
+@pytest.mark.slow
+def test_a_compiled_graph_of_another_entry_with_its_record_is_compiled_again(tmp_path):
+    """Graph mode (more than 4 images) at two input sizes fills two compile cache entries; the
+    graph files and files.json of one copied into the other (a batch-1 graph once served a
+    batch-2 call one row) or a record re-signed with another key are never used."""
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+
+    def embed(size: int, out: str) -> subprocess.CompletedProcess:
+        proc = cli("-v", "embed", "imgs", "--out", out, "--no-pretrained", "--no-flip", "--image-size", size,
+                   cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    embed(64, "a.npz")
+    embed(96, "b.npz")
+    compiled = tmp_path / "home" / "compiled"
+    entries = {json.loads((p / "files.json").read_text())["key"]: p for p in compiled.iterdir() if p.is_dir()}
+    assert len(entries) == 2 and (compiled / ".record-key").stat().st_mode & 0o777 == 0o600
+    small, large = sorted(entries.values(), key=lambda p: p.stat().st_mtime_ns)
+    reference = np.load(tmp_path / "b.npz")["features"]
+    for tamper in ("copied", "re-signed"):
+        if tamper == "copied":
+            shutil.rmtree(large / "rank_0")
+            shutil.copytree(small / "rank_0", large / "rank_0")
+            shutil.copy(small / "files.json", large / "files.json")
+        else:
+            record = json.loads((large / "files.json").read_text())
+            record["hmac"] = hashlib.sha256(b"someone else's key").hexdigest()
+            (large / "files.json").write_text(json.dumps(record))
+        proc = embed(96, "again.npz")
+        assert f"compile cache entry {large} does not match its record: compiling it again" in proc.stderr, tamper
+        np.testing.assert_array_equal(np.load(tmp_path / "again.npz")["features"], reference)
+    proc = embed(96, "hit.npz")
+    assert f"compile cache hit: {large}" in proc.stderr

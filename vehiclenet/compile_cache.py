@@ -19,7 +19,11 @@ served from a batch-1 entry returned one row; a bf16 network was served the fp32
 - under an exclusive lock, so two processes filling the same entry take turns;
 - the files MindSpore leaves are recorded with their sha256 (``files.json``, written
   atomically) and checked before the next use: an entry that does not match is removed and
-  compiled again, never loaded. (MindSpore itself also recompiles an unreadable file.)
+  compiled again, never loaded. (MindSpore itself also recompiles an unreadable file.) The
+  record names its graph's key and is signed (HMAC-SHA256) with a random key kept in
+  ``compiled/.record-key`` (0600): the graph files and record of another entry, copied in
+  (a batch-1 graph served a batch-2 call one row), or a record rewritten by anyone who
+  cannot read that key, never match.
 
 ``VEHICLENET_COMPILE_CACHE=0`` turns it off; a process that enabled MindSpore's compile
 cache itself is left alone.
@@ -40,6 +44,8 @@ LOG = logging.getLogger(__name__)
 
 _RECORD = "files.json"
 _LOCK = ".lock"
+_SECRET = ".record-key"
+_SECRET_BYTES = 32
 _used = False  # MindSpore reads the cache path once per process: one cached compile at most
 
 
@@ -125,12 +131,14 @@ def first_compile(net: Any, args: Sequence[Any]) -> Iterator[None]:
         yield
         return
     with lock:
-        before = _trusted_files(entry)
+        key = entry.name
+        secret = _secret(entry.parent)
+        before = _trusted_files(entry, key, secret)
         with _mindspore_cache(entry):
             yield
         _private_modes(entry)
         after = _files(entry)
-        _record(entry, after)
+        _record(entry, key, secret, after)
     LOG.info("compile cache %s: %s", "hit" if before and before == after else "filled", entry)
 
 
@@ -181,16 +189,19 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _trusted_files(entry: Path) -> Optional[Dict[str, Dict[str, Any]]]:
-    """The entry's files if they are exactly those recorded after a good compile; otherwise
-    (none recorded, missing, changed or extra files) the entry is emptied and None returned."""
+def _trusted_files(entry: Path, key: str, secret: Optional[bytes]) -> Optional[Dict[str, Dict[str, Any]]]:
+    """The entry's files if they are exactly those recorded, for this key and signed with this
+    cache's secret, after a good compile; otherwise (none recorded, another entry's record,
+    a bad signature, missing, changed or extra files) the entry is emptied and None returned."""
     try:
-        recorded = json.loads((entry / _RECORD).read_text())
-    except (OSError, ValueError):
+        record = json.loads((entry / _RECORD).read_text())
+        recorded = record["files"] if _signed(record, key, secret) else None
+    except (OSError, ValueError, TypeError, KeyError):
         recorded = None
     found = _files(entry)
     refused = any(v["sha256"].startswith("refused") for v in found.values())
-    if recorded and not refused and {k: v["sha256"] for k, v in found.items()} == {k: v["sha256"] for k, v in recorded.items()}:
+    if (isinstance(recorded, dict) and recorded and not refused
+            and {k: v["sha256"] for k, v in found.items()} == {k: v.get("sha256") for k, v in recorded.items()}):
         return found
     if found:
         LOG.warning("compile cache entry %s does not match its record: compiling it again", entry)
@@ -217,8 +228,71 @@ def _private_modes(entry: Path) -> None:
             os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022)
 
 
-def _record(entry: Path, files: Dict[str, Dict[str, Any]]) -> None:
+def _record(entry: Path, key: str, secret: Optional[bytes], files: Dict[str, Dict[str, Any]]) -> None:
     from .fileio import atomic_write
 
+    if secret is None:  # no key to sign with: leave no record, so the entry is never trusted
+        return
+    record = {"key": key, "files": files, "hmac": _mac(key, files, secret)}
     with atomic_write(entry / _RECORD, "w", private=True) as f:
-        json.dump(files, f, indent=1, sort_keys=True)
+        json.dump(record, f, indent=1, sort_keys=True)
+
+
+def _mac(key: str, files: Dict[str, Dict[str, Any]], secret: bytes) -> str:
+    import hmac
+
+    message = json.dumps({"key": key, "files": {k: v["sha256"] for k, v in files.items()}}, sort_keys=True)
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+def _signed(record: Any, key: str, secret: Optional[bytes]) -> bool:
+    import hmac
+
+    return (secret is not None and isinstance(record, dict) and record.get("key") == key
+            and isinstance(record.get("files"), dict) and isinstance(record.get("hmac"), str)
+            and hmac.compare_digest(record["hmac"], _mac(key, record["files"], secret)))
+
+
+def _secret(folder: Path) -> Optional[bytes]:
+    """This cache's signing key (``<folder>/.record-key``, random, 0600), created on first use.
+    None (the entry is then neither trusted nor recorded) when it cannot be made or read, or
+    is not a private regular file of this user."""
+    from .fileio import open_regular
+
+    path = folder / _SECRET
+    try:
+        if not os.path.lexists(path):
+            _publish_secret(path)
+    except FileExistsError:
+        pass  # another process made it meanwhile: theirs is the key
+    except OSError as exc:
+        LOG.warning("compile cache: cannot create its signing key %s (%s): graphs are compiled again", path, exc)
+        return None
+    try:
+        with open(open_regular(path, os.O_RDONLY), "rb") as fh:
+            st = os.fstat(fh.fileno())
+            secret = fh.read(_SECRET_BYTES + 1)
+    except OSError as exc:
+        LOG.warning("compile cache: cannot read its signing key %s (%s): graphs are compiled again", path, exc)
+        return None
+    if len(secret) != _SECRET_BYTES or (cache_trust.enforced() and (st.st_uid != os.geteuid() or st.st_mode & 0o077)):
+        LOG.warning("compile cache: %s is not a private %d-byte key of this user: graphs are compiled again; "
+                    "delete it to make a new one", path, _SECRET_BYTES)
+        return None
+    return secret
+
+
+def _publish_secret(path: Path) -> None:
+    """Write a new random key at ``path``, complete before anyone can see it (a temporary
+    0600 file hard-linked into place: FileExistsError when another process was first)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(_SECRET_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
