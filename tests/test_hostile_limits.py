@@ -7,6 +7,7 @@ FIFO cases run under a subprocess timeout: a regression fails instead of hanging
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -219,3 +220,31 @@ def test_a_failed_write_and_an_unlistable_folder_are_named(tmp_path):
     assert proc.returncode == 1 and "folder holds no image files" in proc.stderr
     assert "cannot list it (File name too long); move its images to a shorter path" in proc.stderr
     subprocess.run(["rm", "-rf", str(tmp_path / ("d" * 200))], check=True)  # shutil cannot remove it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("cc"), reason="needs a C compiler")
+def test_a_library_without_the_expected_functions_falls_back_with_a_named_reason(tmp_path):
+    """A library at the kernels' name whose .sha256 line matches but which lacks the package's
+    functions (another build, a planted file): named, and the fallback used, never an AttributeError."""
+    q, g = np.eye(2, 8, dtype=np.float32), np.eye(4, 8, dtype=np.float32)
+    np.savez(tmp_path / "f.npz", query_features=q, query_ids=np.arange(2), query_cams=np.zeros(2, np.int64),
+             gallery_features=g, gallery_ids=np.arange(4) % 2, gallery_cams=np.ones(4, np.int64))
+    kernels = {"VEHICLENET_KERNEL_CACHE": str(tmp_path / "kernels")}
+    first = cli("evaluate", "--features", "f.npz", "--json", cwd=tmp_path, timeout=600, **kernels)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert cli("info", cwd=tmp_path, timeout=600, **kernels).returncode == 0  # builds the oneDNN kernels
+    (tmp_path / "empty.c").write_text("int vn_nothing(void) { return 0; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", tmp_path / "empty.so", tmp_path / "empty.c"], check=True)
+    libraries = sorted((tmp_path / "kernels").glob("*.so"))
+    assert {p.name.split("-")[0] for p in libraries} == {"cpu_kernels", "retrieval_kernels"}
+    for lib in libraries:
+        shutil.copy(tmp_path / "empty.so", lib)
+        lib.with_name(lib.name + ".sha256").write_text(f"{hashlib.sha256(lib.read_bytes()).hexdigest()}  {lib.name}\n")
+    again = cli("-v", "evaluate", "--features", "f.npz", "--json", cwd=tmp_path, **kernels)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert "retrieval kernels unavailable" in again.stderr and "has no VnJaccardRows" in again.stderr
+    assert json.loads(again.stdout.splitlines()[-1])["mAP"] == json.loads(first.stdout.splitlines()[-1])["mAP"]
+    info = cli("info", cwd=tmp_path, **kernels)
+    assert info.returncode == 0 and "cpu convolutions: MindSpore's Conv2D" in info.stdout
+    assert "has no VnConvS1" in info.stdout and "Traceback" not in info.stderr
