@@ -575,18 +575,24 @@ def file_lock(lock_file: PathLike, timeout: float) -> Iterator[None]:
         return
     fd = _open_lock_file(lock_file)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(lock_file) from None
-                time.sleep(0.05)
+        _flock_until(fd, time.monotonic() + timeout, lock_file)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _flock_until(fd: int, deadline: float, what: Any) -> None:
+    """Take an exclusive flock on ``fd``, polling until ``deadline`` (TimeoutError(``what``) after)."""
+    import fcntl
+
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(what) from None
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -600,9 +606,7 @@ def locked_for_update(path: PathLike, timeout: float,
     ``timeout`` s (TimeoutError after); the file must exist and be a regular one: where it
     cannot be opened, ``on_error(path)`` (the reader, with its own message) runs first.
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; a replace there fails while another process has the file open
+    if os.name != "posix":  # no flock; a replace there fails while another process has the file open
         yield
         return
     deadline = time.monotonic() + timeout
@@ -614,14 +618,7 @@ def locked_for_update(path: PathLike, timeout: float,
                 on_error(path)
             raise
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError(f"{path}: another process is updating it") from None
-                    time.sleep(0.02)
+            _flock_until(fd, deadline, f"{path}: another process is updating it")
             here = os.fstat(fd)
             try:
                 now = os.stat(path)
