@@ -349,7 +349,7 @@ def test_a_killed_runs_leftover_behind_a_finished_chunk_is_cleared(tmp_path):
     for index in range(job.chunks):
         a, b = job.chunk_range(index)
         shards._write_chunk(folder, job, index, paths[a:b],
-                            FeatureResult(np.ones((b - a, 8), np.float32), paths[a:b]))
+                            FeatureResult(np.full((b - a, 8), 8 ** -0.5, np.float32), paths[a:b]))
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
