@@ -9,6 +9,7 @@ Timings live in benchmarks/cold_start.py, not here.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,22 @@ def test_two_processes_filling_the_cache_at_once_both_succeed(tmp_path, publishe
     assert "compile cache filled" in log_a + log_b
     _, log = _run(tmp_path, published_ckpt, home, "after")
     assert "compile cache hit" in log
+
+
+def test_the_graph_key_covers_sources_in_sub_packages(tmp_path):
+    """A module moved into a sub-package still invalidates cached graphs when it changes."""
+    import shutil
+
+    from vehiclenet.compile_cache import _sources_digest
+
+    package = tmp_path / "vehiclenet"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "vehiclenet", package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    before = _sources_digest(package)
+    (package / "datasets" / "veri.py").write_text((package / "datasets" / "veri.py").read_text() + "\n# edited\n")
+    edited = _sources_digest(package)
+    (package / "model").mkdir()
+    (package / "network.py").rename(package / "model" / "network.py")  # the same bytes under another path
+    moved = _sources_digest(package)
+    (package / "model" / "network.py").write_text((package / "model" / "network.py").read_text() + "\n# edited\n")
+    assert len({before, edited, moved, _sources_digest(package)}) == 4

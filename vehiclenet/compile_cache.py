@@ -76,12 +76,14 @@ def graph_key(net: Any, args: Sequence[Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _sources_digest() -> str:
-    """sha256 over the package's Python and C sources (a changed network never reuses a graph)."""
-    root = Path(__file__).resolve().parent
+def _sources_digest(root: Optional[Path] = None) -> str:
+    """sha256 over the package's Python and C sources, in every sub-package too (a changed
+    network never reuses a graph, wherever its module lives)."""
+    root = Path(__file__).resolve().parent if root is None else root
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("*.py"), *root.glob("csrc/*")]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    files = [p for p in root.rglob("*") if p.is_file() and (p.suffix == ".py" or "csrc" in p.relative_to(root).parts)]
+    for path in sorted(files):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
