@@ -34,13 +34,17 @@ OPENMP_SPIN_SHORTENED = _shorten_openmp_spinning()
 # `vehiclenet --version` and `vehiclenet info` print it.
 __version__ = "1.0.0"
 
-__all__ = ["__version__", "create_network"]
+__all__ = ["__version__", "create_network", "same_vehicle"]
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562 lazy attribute: keeps `import vehiclenet` free of mindspore.
+    # PEP 562 lazy attributes: keep `import vehiclenet` free of mindspore and numpy.
     if name == "create_network":
         from .model import create_network
 
         return create_network
+    if name == "same_vehicle":
+        from .calibration import same_vehicle
+
+        return same_vehicle
     raise AttributeError(f"module 'vehiclenet' has no attribute {name!r}")

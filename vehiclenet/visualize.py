@@ -9,14 +9,18 @@ rank and distance, then the id when known (Pillow's default font).
 """
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UsageError
 from .fileio import atomic_write
 
-__all__ = ["GREEN", "RED", "QUERY_BLUE", "NEUTRAL", "draw_ranking", "picture_format", "ranking_layout"]
+if TYPE_CHECKING:
+    from .calibration import Calibration
+
+__all__ = ["GREEN", "RED", "QUERY_BLUE", "NEUTRAL", "draw_calibration", "draw_ranking", "picture_format",
+           "ranking_layout"]
 
 MARGIN = 12
 BORDER = 5
@@ -144,3 +148,51 @@ def picture_format(path: Union[str, os.PathLike]) -> str:
         raise UsageError(f"{os.fspath(path)!r}: the picture's format comes from its suffix; "
                         "use .png or .jpg (Pillow cannot write this one)")
     return fmt
+
+
+PLOT = 360  # side of each panel of a calibration picture
+
+
+def draw_calibration(calibration: "Calibration", out: Union[str, os.PathLike]) -> Path:
+    """A picture of a calibration: left, the histograms of same-vehicle (green) and
+    different-vehicle (red) pair distances over [0, 2], each scaled to its own peak, with the
+    threshold as a blue line; right, the ROC (TPR against log FPR), the threshold's point in blue."""
+    fmt = picture_format(out)
+    font = ImageFont.load_default()
+    width, height = 3 * MARGIN + 2 * PLOT, 2 * MARGIN + PLOT + TEXT_H
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    left, top = MARGIN, MARGIN
+    hist = calibration.histogram
+    bins = len(hist["positives"])
+    for counts, colour in ((hist["negatives"], RED), (hist["positives"], GREEN)):
+        peak = max(max(counts), 1)
+        points = [(left + PLOT * (i + 0.5) / bins, top + PLOT * (1 - c / peak)) for i, c in enumerate(counts)]
+        draw.line(points, fill=colour, width=2)
+    x = left + PLOT * calibration.distance / 2.0
+    draw.line([(x, top), (x, top + PLOT)], fill=QUERY_BLUE, width=2)
+    draw.rectangle([left, top, left + PLOT, top + PLOT], outline=NEUTRAL)
+    draw.text((left, top + PLOT + 4), f"distance 0..2, threshold {calibration.distance:.4f}", fill=(20, 20, 20),
+              font=font)
+    _draw_roc(draw, calibration, 2 * MARGIN + PLOT, top, font)
+    with atomic_write(out) as fh:
+        canvas.save(fh, format=fmt)
+    return Path(out)
+
+
+def _draw_roc(draw: ImageDraw.ImageDraw, calibration: "Calibration", left: int, top: int, font) -> None:
+    import math
+
+    fpr, tpr = calibration.curve.get("fpr") or [1.0], calibration.curve.get("tpr") or [1.0]
+    low = math.log10(min(fpr))
+    span = max(-low, 1e-9)
+
+    def at(f: float, t: float) -> Tuple[float, float]:
+        return left + PLOT * (math.log10(max(f, 10 ** low)) - low) / span, top + PLOT * (1 - t)
+
+    draw.rectangle([left, top, left + PLOT, top + PLOT], outline=NEUTRAL)
+    draw.line([at(f, t) for f, t in zip(fpr, tpr)], fill=(20, 20, 20), width=2)
+    x, y = at(max(calibration.measured_fmr, 10 ** low), calibration.tpr)
+    draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=QUERY_BLUE)
+    draw.text((left, top + PLOT + 4), f"ROC: TPR vs FPR 1e{low:.0f}..1; at threshold TPR {calibration.tpr:.4f}",
+              fill=(20, 20, 20), font=font)

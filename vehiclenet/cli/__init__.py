@@ -2,10 +2,10 @@
 
 Each sub-command imports what it needs inside its handler, so commands that need no
 network graph (download, verify, info, evaluate --features, embed-merge, index build/add,
-search --features) never import mindspore. One module per group of commands: ``assets``
-(download, verify, info), ``evaluate``, ``embed`` (embed, embed-merge, rank), ``index`` (index,
-search), ``train`` (finetune, export); ``_network`` holds what the commands that run the
-network share.
+search --features, calibrate) never import mindspore. One module per group of commands:
+``assets`` (download, verify, info), ``evaluate``, ``embed`` (embed, embed-merge, rank),
+``index`` (index, search), ``calibrate`` (calibrate, compare), ``train`` (finetune, export);
+``_network`` holds what the commands that run the network share.
 Exit codes: 0 success, 1 failure (mismatch, missing file, download error), 2 usage or
 manifest errors, 130 interrupted (Ctrl-C), 141 standard output closed by its reader (| head),
 143 terminated (SIGTERM); see interrupts.py.
@@ -21,6 +21,7 @@ from .. import __version__
 from ..errors import UsageError, VehicleNetError
 from ._common import add_common_options
 from .assets import add_asset_commands
+from .calibrate import add_calibrate_commands
 from .embed import add_embed_commands, add_rank_command
 from .evaluate import add_evaluate_command
 from .index import add_index_commands
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_commands(sub)
     add_rank_command(sub)
     add_index_commands(sub)
+    add_calibrate_commands(sub)
     add_finetune_command(sub)
     add_export_command(sub)
     return parser

@@ -74,8 +74,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             fs = _embed_query_gallery(args)
     result = _evaluate_split(args, fs, timings)
-    _print_evaluation(args, result, int(fs.gallery_features.shape[0]), timings)
+    _print_evaluation(args, result, int(fs.gallery_features.shape[0]), timings, roc=_verification(fs, timings))
     return 0
+
+
+def _verification(fs: "FeatureSet", timings: Dict[str, float]) -> Dict[str, float]:
+    """TPR at FPR 1e-4, 1e-3, 1e-2 over every (query, gallery) pair by cosine distance (pairs of
+    one vehicle seen by one camera left out, as the ranking leaves them out)."""
+    from ..calibration import cross_histograms, roc
+
+    with _timed(timings, "roc_s"):
+        return roc(*cross_histograms(fs.query_features, fs.gallery_features, fs.query_ids, fs.gallery_ids,
+                                     fs.query_cams, fs.gallery_cams))
 
 
 def _evaluate_split(args: argparse.Namespace, fs: "FeatureSet", timings: Dict[str, float]) -> "EvalResult":
@@ -225,7 +235,7 @@ def _evaluate_vehicleid(args: argparse.Namespace) -> int:
 
 
 def _print_evaluation(args: argparse.Namespace, result: "Union[EvalResult, TrialsResult]", num_gallery: int,
-                      timings: Dict[str, float]) -> None:
+                      timings: Dict[str, float], roc: Optional[Dict[str, float]] = None) -> None:
     """The figures as two lines, and with --json as one JSON object on a last line.
 
     VehicleID's figures are means over its trials, each followed by ``± std``."""
@@ -260,5 +270,9 @@ def _print_evaluation(args: argparse.Namespace, result: "Union[EvalResult, Trial
     print(f"mAP {figure('mAP')} | rank-1 {figure('rank1')} | rank-5 {figure('rank5')} | "
           f"rank-10 {figure('rank10')} | mINP {figure('mINP')}  ({args.ap} AP"
           + (", mean ± std over trials)" if std else ")"))
+    if roc:
+        out["roc"] = roc
+        print("verification: " + " | ".join(f"TPR@FPR={k} {100 * v:.2f}" for k, v in roc.items())
+              + "  (every query-gallery pair, cosine distance)")
     if args.json:
         print(json.dumps(out))
