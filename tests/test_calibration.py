@@ -160,3 +160,39 @@ def test_compare_two_images_with_a_threshold_given_or_beside_the_checkpoint(tmp_
     assert beside.stdout.startswith("a.png vs b.png: distance ") and "different vehicles (threshold 0.0000" in beside.stdout
     bare = cli("compare", "a.png", "b.png", "--no-pretrained", "--image-size", 64, cwd=tmp_path)
     assert bare.returncode == 0 and "no threshold: give --threshold FILE" in bare.stdout, bare.stderr
+
+
+def test_search_marks_the_matches_a_threshold_calls_the_same_vehicle(tmp_path):
+    from vehiclenet.calibration import calibrate, save_calibration
+    from vehiclenet.features import save_features
+
+    feats, ids, cams = clustered()
+    save_calibration(tmp_path / "t.json", cal := calibrate(feats, ids, cams))
+    q = np.arange(0, 100, 5)  # one image of each of 20 vehicles; their other images in the gallery
+    g = np.setdiff1d(np.arange(len(ids)), q)
+    save_features(tmp_path / "g.npz", feats[g], [f"g{i}.jpg" for i in g])
+    save_features(tmp_path / "q.npz", feats[q], [f"q{i}.jpg" for i in q])
+    assert cli("index", "build", "g.npz", "--out", "g.index", cwd=tmp_path).returncode == 0
+    proc = cli("search", "--index", "g.index", "--features", "q.npz", "--threshold", "t.json", "--json",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    matches = [m for r in json.loads(proc.stdout)["results"] for m in r["matches"]]
+    assert all(m["same_vehicle"] == (m["distance"] < cal.distance) for m in matches)
+    assert 0 < sum(m["same_vehicle"] for m in matches) < len(matches)
+    text = cli("search", "--index", "g.index", "--features", "q.npz", "--threshold", "t.json", cwd=tmp_path)
+    marked = [line for line in text.stdout.splitlines() if line.endswith("  same vehicle")]
+    assert len(marked) == sum(m["same_vehicle"] for m in matches)
+    bad = cli("search", "--index", "g.index", "--features", "q.npz", "--threshold", "g.npz", cwd=tmp_path)
+    assert bad.returncode == 1 and "g.npz: not a threshold file written by `vehiclenet calibrate`" in bad.stderr
+    # rank marks its matches too: with a threshold of 2, every match is below it.
+    from vehiclenet.features import save_features
+
+    gallery = np.random.default_rng(3).standard_normal((4, 512)).astype(np.float32)
+    save_features(tmp_path / "g.npz", gallery / np.linalg.norm(gallery, axis=1, keepdims=True),
+                  [f"g{i}.jpg" for i in range(4)], flip=True)
+    cal.distance = 2.0
+    save_calibration(tmp_path / "all.json", cal)
+    ranked = cli("rank", "--query", "a.png", "--gallery", "g.npz", "--threshold", "all.json", "--no-pretrained",
+                 "--image-size", 64, "--no-picture", "--json", cwd=tmp_path)
+    assert ranked.returncode == 0, ranked.stderr
+    assert [m["same_vehicle"] for m in json.loads(ranked.stdout)["results"][0]["matches"]] == [True] * 4

@@ -58,3 +58,28 @@ def emit(args: argparse.Namespace, lines: Iterable[str], result: Dict[str, Any])
         return
     for line in lines:
         print(line, flush=True)
+
+
+def add_threshold_arg(parser: argparse.ArgumentParser) -> None:
+    """``--threshold FILE``: mark the matches a calibrated threshold calls the same vehicle."""
+    parser.add_argument("--threshold", metavar="THRESHOLD.json",
+                        help="mark matches below the distance of this `vehiclenet calibrate` file as the same vehicle")
+
+
+def load_threshold(args: argparse.Namespace) -> Optional[float]:
+    """The threshold distance of ``--threshold`` (None without one), read before any work."""
+    if not getattr(args, "threshold", None):
+        return None
+    from ..calibration import load_calibration
+
+    return load_calibration(args.threshold).distance
+
+
+def same_vehicle_mark(distance: float, threshold: Optional[float]) -> str:
+    """Text output's mark of a match below the threshold ("" without a threshold or above it)."""
+    return "  same vehicle" if threshold is not None and distance < threshold else ""
+
+
+def same_vehicle_field(distance: float, threshold: Optional[float]) -> Dict[str, bool]:
+    """JSON output's ``same_vehicle`` of a match (absent without a threshold)."""
+    return {} if threshold is None else {"same_vehicle": bool(distance < threshold)}

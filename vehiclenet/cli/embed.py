@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 from ._network import (add_network_args, build_network, check_network_args, embedding_network, image_size,
                        list_inputs, network_files, weights_choice)
 from .index import embed_queries
-from ._common import add_command, emit, progress, shown
+from ._common import (add_command, add_threshold_arg, emit, load_threshold, progress, same_vehicle_field,
+                      same_vehicle_mark, shown)
 
 MAX_THUMB = 1024  # a picture holds top-k + 1 thumbnails side by side: 11 x 1024 pixels is plenty
 
@@ -78,6 +79,7 @@ def add_rank_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--thumb", type=int, default=128,
                    help=f"thumbnail side in pixels, 16 to {MAX_THUMB} (default 128)")
     add_network_args(p)
+    add_threshold_arg(p)
     p.set_defaults(func=_cmd_rank)
 
 
@@ -194,6 +196,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     from ..visualize import draw_ranking
 
     _check_rank_args(args)
+    threshold = load_threshold(args)
     stored = _stored_gallery(args)
     queries = list_inputs(args.query, False)  # a query is what was asked about: never skipped
     for name, _ in queries.items:
@@ -207,13 +210,14 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     rankings = _rankings(args, net, stored, images, len(queries))
     results, lines = [], []
     for (query, qid, ranking, ids), picture in zip(rankings, pictures):
-        lines.extend(_ranking_lines(query, ranking, qid, ids))
+        lines.extend(_ranking_lines(query, ranking, qid, ids, threshold))
         if picture is not None:
             picture = str(draw_ranking(query, ranking.paths, ranking.distances, picture, query_id=qid, ids=ids,
                                        thumb=args.thumb))
             lines.append(f"picture: {shown(picture)}")
         results.append({"query": query, "id": qid, "num_gallery": ranking.num_gallery, "picture": picture,
-                        "matches": [{"rank": r, "path": p, "distance": d, "id": g} for r, (p, d, g)
+                        "matches": [{"rank": r, "path": p, "distance": d, "id": g,
+                                     **same_vehicle_field(d, threshold)} for r, (p, d, g)
                                     in enumerate(zip(ranking.paths, ranking.distances, ids), 1)]})
     emit(args, lines, {"gallery": args.gallery, "top_k": args.top_k, "results": results})
     return 0
@@ -319,11 +323,13 @@ def _embed_query_and_gallery(args: argparse.Namespace, net, stored: "Optional[Fe
             FeatureResult(both.features[queries:], both.paths[queries:]))
 
 
-def _ranking_lines(query: str, ranking: "Ranking", qid: Optional[int], ids: List[Optional[int]]) -> List[str]:
-    """The ranking as ``rank``'s lines: a heading, then rank, distance, path and same/other id."""
+def _ranking_lines(query: str, ranking: "Ranking", qid: Optional[int], ids: List[Optional[int]],
+                   threshold: Optional[float] = None) -> List[str]:
+    """The ranking as ``rank``'s lines: a heading, then rank, distance, path, same/other id and,
+    with a calibrated ``threshold``, "same vehicle" below it."""
     lines = [f"query {shown(query)}" + (f" (id {qid})" if qid is not None else "")
              + f": top {len(ranking.paths)} of {ranking.num_gallery} gallery images, cosine distance 1 - cos"]
     for r, (d, p, g) in enumerate(zip(ranking.distances, ranking.paths, ids), 1):
         mark = "" if qid is None or g is None else ("  same id" if g == qid else "  other id")
-        lines.append(f"{r:4d}  {d:.4f}  {shown(p)}{mark}")
+        lines.append(f"{r:4d}  {d:.4f}  {shown(p)}{mark}{same_vehicle_mark(d, threshold)}")
     return lines

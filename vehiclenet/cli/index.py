@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ._network import (INDEX_KINDS, add_network_args, check_network_args, embedding_network, image_size, list_inputs,
                        weights_choice)
-from ._common import add_command, emit, progress, shown
+from ._common import (add_command, add_threshold_arg, emit, load_threshold, progress, same_vehicle_field,
+                      same_vehicle_mark, shown)
 
 INDEX_PARAM_LIMIT = 2 ** 31 - 1
 
@@ -78,6 +79,7 @@ def add_index_commands(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--keep-self", action="store_true",
                    help="keep a query's own file among its matches (left out by default, as `rank` does: "
                    "a query embedded into the index would otherwise be its own first match)")
+    add_threshold_arg(p)
     add_network_args(p)
     p.set_defaults(func=_cmd_search)
 
@@ -166,6 +168,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     _check_index_tuning(args)
     if args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
+    threshold = load_threshold(args)
     if args.features is not None:
         check_network_args(args)
         if (args.checkpoint or args.no_pretrained or args.no_flip or args.skip_bad or args.precision != "fp32"
@@ -188,7 +191,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     else:
         dist, rows, _ = search_leaving_out(index, queries.features, queries.paths, args.top_k, nprobe=args.nprobe,
                                            ef_search=args.ef_search)
-    _print_search(args, index, queries.paths, dist, rows)
+    _print_search(args, index, queries.paths, dist, rows, threshold)
     return 0
 
 
@@ -206,7 +209,7 @@ def embed_queries(args: argparse.Namespace, net, images: "ImageInputs", index: "
 
 
 def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[str], dist: "np.ndarray",
-                  rows: "np.ndarray") -> None:
+                  rows: "np.ndarray", threshold: Optional[float] = None) -> None:
     """Per query a heading and rank, distance, path (id, cam) lines; with --json one JSON object."""
 
     def extra(r: int) -> Dict[str, int]:
@@ -218,7 +221,8 @@ def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[s
         return out
 
     results = [{"query": name, "matches": [{"rank": i + 1, "row": int(r), "path": index.path(r),
-                                            "distance": float(d), **extra(r)}
+                                            "distance": float(d), **extra(r),
+                                            **same_vehicle_field(float(d), threshold)}
                                            for i, (r, d) in enumerate(zip(rs, ds)) if r >= 0]}
                for name, rs, ds in zip(names, rows, dist)]
     lines = []
@@ -227,6 +231,7 @@ def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[s
                      "cosine distance 1 - cos")
         for m in res["matches"]:
             tail = "".join(f"  {k} {m[k]}" for k in ("id", "cam") if k in m)
-            lines.append(f"{m['rank']:4d}  {m['distance']:.4f}  {shown(m['path'])}{tail}")
+            lines.append(f"{m['rank']:4d}  {m['distance']:.4f}  {shown(m['path'])}{tail}"
+                         f"{same_vehicle_mark(m['distance'], threshold)}")
     emit(args, lines, {"index": args.index, "kind": index.kind, "count": index.count, "top_k": args.top_k,
                        "results": results})
