@@ -65,3 +65,17 @@ def test_index_commands_and_search_by_features_do_not_import_mindspore(tmp_path)
     assert _modules_after(["index", "build", str(tmp_path / "a.npz"), "--out", index], env) == "RC 0 MS False"
     assert _modules_after(["index", "add", index, str(tmp_path / "b.npz")], env) == "RC 0 MS False"
     assert _modules_after(["search", "--index", index, "--features", str(tmp_path / "b.npz")], env) == "RC 0 MS False"
+
+
+def test_calibrate_does_not_import_mindspore(tmp_path):
+    import numpy as np
+
+    from vehiclenet.features import save_features
+
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(20), 3)
+    x = rng.standard_normal((20, 16))[ids] + rng.standard_normal((60, 16))
+    save_features(tmp_path / "v.npz", x / np.linalg.norm(x, axis=1, keepdims=True), [f"{i}.jpg" for i in range(60)],
+                  ids=ids)
+    argv = ["calibrate", str(tmp_path / "v.npz"), "--out", str(tmp_path / "t.json"), "--fmr", "0.01"]
+    assert _modules_after(argv, subprocess_env()) == "RC 0 MS False"
