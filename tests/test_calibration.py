@@ -138,6 +138,7 @@ def test_compare_two_images_with_a_threshold_given_or_beside_the_checkpoint(tmp_
 
     from vehiclenet import create_network
     from vehiclenet.calibration import calibrate, save_calibration
+    from vehiclenet.features import save_features
 
     rng = np.random.default_rng(2)
     for name in ("a.png", "b.png"):
@@ -160,6 +161,16 @@ def test_compare_two_images_with_a_threshold_given_or_beside_the_checkpoint(tmp_
     assert beside.stdout.startswith("a.png vs b.png: distance ") and "different vehicles (threshold 0.0000" in beside.stdout
     bare = cli("compare", "a.png", "b.png", "--no-pretrained", "--image-size", 64, cwd=tmp_path)
     assert bare.returncode == 0 and "no threshold: give --threshold FILE" in bare.stdout, bare.stderr
+    # rank marks its matches too: with a threshold of 2, every match is below it.
+    gallery = np.random.default_rng(3).standard_normal((4, 512)).astype(np.float32)
+    save_features(tmp_path / "g.npz", gallery / np.linalg.norm(gallery, axis=1, keepdims=True),
+                  [f"g{i}.jpg" for i in range(4)], flip=True)
+    cal.distance = 2.0
+    save_calibration(tmp_path / "all.json", cal)
+    ranked = cli("rank", "--query", "a.png", "--gallery", "g.npz", "--threshold", "all.json", "--no-pretrained",
+                 "--image-size", 64, "--no-picture", "--json", cwd=tmp_path)
+    assert ranked.returncode == 0, ranked.stderr
+    assert [m["same_vehicle"] for m in json.loads(ranked.stdout)["results"][0]["matches"]] == [True] * 4
 
 
 def test_search_marks_the_matches_a_threshold_calls_the_same_vehicle(tmp_path):
@@ -184,15 +195,3 @@ def test_search_marks_the_matches_a_threshold_calls_the_same_vehicle(tmp_path):
     assert len(marked) == sum(m["same_vehicle"] for m in matches)
     bad = cli("search", "--index", "g.index", "--features", "q.npz", "--threshold", "g.npz", cwd=tmp_path)
     assert bad.returncode == 1 and "g.npz: not a threshold file written by `vehiclenet calibrate`" in bad.stderr
-    # rank marks its matches too: with a threshold of 2, every match is below it.
-    from vehiclenet.features import save_features
-
-    gallery = np.random.default_rng(3).standard_normal((4, 512)).astype(np.float32)
-    save_features(tmp_path / "g.npz", gallery / np.linalg.norm(gallery, axis=1, keepdims=True),
-                  [f"g{i}.jpg" for i in range(4)], flip=True)
-    cal.distance = 2.0
-    save_calibration(tmp_path / "all.json", cal)
-    ranked = cli("rank", "--query", "a.png", "--gallery", "g.npz", "--threshold", "all.json", "--no-pretrained",
-                 "--image-size", 64, "--no-picture", "--json", cwd=tmp_path)
-    assert ranked.returncode == 0, ranked.stderr
-    assert [m["same_vehicle"] for m in json.loads(ranked.stdout)["results"][0]["matches"]] == [True] * 4
