@@ -259,12 +259,12 @@ def _secret(folder: Path) -> Optional[bytes]:
     """This cache's signing key (``<folder>/.record-key``, random, 0600), created on first use.
     None (the entry is then neither trusted nor recorded) when it cannot be made or read, or
     is not a private regular file of this user."""
-    from .fileio import open_regular
+    from .fileio import create_private_file, open_regular
 
     path = folder / _SECRET
     try:
         if not os.path.lexists(path):
-            _publish_secret(path)
+            create_private_file(path, os.urandom(_SECRET_BYTES))
     except FileExistsError:
         pass  # another process made it meanwhile: theirs is the key
     except OSError as exc:
@@ -282,19 +282,3 @@ def _secret(folder: Path) -> Optional[bytes]:
                     "delete it to make a new one", path, _SECRET_BYTES)
         return None
     return secret
-
-
-def _publish_secret(path: Path) -> None:
-    """Write a new random key at ``path``, complete before anyone can see it (a temporary
-    0600 file hard-linked into place: FileExistsError when another process was first)."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(os.urandom(_SECRET_BYTES))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)

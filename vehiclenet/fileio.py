@@ -257,6 +257,21 @@ def atomic_write(path: PathLike, mode: str = "wb", *, private: bool = False, exc
             yield handle
 
 
+def create_private_file(path: PathLike, data: bytes) -> None:
+    """A new file at ``path`` holding ``data``, readable by this user only (0600, e.g. a key),
+    complete before anyone can see it: written in a private folder beside it, synced, then
+    hard-linked into place. FileExistsError (``path`` untouched) when anything is there."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    with private_folder(path) as folder:
+        with os.fdopen(os.open(folder / path.name, flags, 0o600), "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(folder / path.name, path)
+    sync_folder(path.parent)
+
+
 def publish(tmp: PathLike, out: PathLike, fd: Optional[int] = None, *, exclusive: bool = False) -> None:
     """Put the finished file ``tmp`` at ``out`` in one rename, durably: its bytes are synced
     (through ``fd`` when the writer holds it open) before the rename, the folder after it.
