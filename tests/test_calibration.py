@@ -107,6 +107,10 @@ def test_calibrate_reads_veri_names_and_evaluate_files_and_refuses_what_cannot_b
         proc = cli("calibrate", name, "--out", f"{name}.json", "--fmr", "0.01", "--json", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["positives"] == 40 * 10
+    short = [f"{i:04d}_c{c + 1:03d}.jpg" for i, c in zip(ids, cams)]  # VeRi names without frame and suffix
+    save_features(tmp_path / "short.npz", feats, short)
+    proc = cli("calibrate", "short.npz", "--out", "short.json", "--fmr", "0.01", "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["positives"] == 40 * 10, proc.stderr
     save_features(tmp_path / "plain.npz", feats, [f"x{i}.jpg" for i in range(len(ids))])
     save_features(tmp_path / "one.npz", feats[:5], [f"x{i}.jpg" for i in range(5)], ids=np.arange(5))
     for argv, code, words in ((["plain.npz"], 1, "no ids"), (["one.npz"], 1, "0 same-vehicle"),
@@ -195,3 +199,10 @@ def test_search_marks_the_matches_a_threshold_calls_the_same_vehicle(tmp_path):
     assert len(marked) == sum(m["same_vehicle"] for m in matches)
     bad = cli("search", "--index", "g.index", "--features", "q.npz", "--threshold", "g.npz", cwd=tmp_path)
     assert bad.returncode == 1 and "g.npz: not a threshold file written by `vehiclenet calibrate`" in bad.stderr
+    edited = json.loads((tmp_path / "t.json").read_text())
+    edited["threshold"]["fmr"] = "x"
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    bad = cli("search", "--index", "g.index", "--features", "q.npz", "--threshold", "edited.json", cwd=tmp_path)
+    assert bad.returncode == 1 and "edited.json: not a threshold file" in bad.stderr and "fmr 'x'" in bad.stderr
+    folder = cli("compare", tmp_path, "q.npz", "--no-pretrained", cwd=tmp_path)
+    assert folder.returncode == 2 and "is a folder: compare takes two image files" in folder.stderr

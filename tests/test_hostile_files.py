@@ -176,7 +176,12 @@ def _huge_ef_search(m: dict, _: bytearray) -> None:
     m["params"]["ef_search"] = 2 ** 31
 
 
+def _params_list(m: dict, _: bytearray) -> None:
+    m["params"] = [1, 2]
+
+
 TAMPERED = {
+    "parameters a JSON list": (_params_list, "search parameters are a list, not an object"),
     "fewer vector rows than paths": (_fewer_rows, "part vectors is <f4 of shape [3, 8], not <f4 of shape (4, 8)"),
     "vectors re-typed": (_retyped, "part vectors is <i4"),
     "path offsets out of range": (_offsets_out_of_range, "path offsets run outside the stored paths"),

@@ -4,6 +4,7 @@ concurrent writers, and chunks of another job, through the real CLI in subproces
 Concurrency cases start real processes together, >= 10 trials each, and assert that every
 write a process reported survives, or that the loser was refused with a named error.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -82,6 +83,12 @@ def test_outputs_inside_an_input_chunk_folder_are_refused(tmp_path, target):
         assert "inside the input folder" in proc.stderr and str(folder) in proc.stderr, (what, proc.stderr)
         assert "Traceback" not in proc.stderr
         assert snapshot(folder) == before, what
+    # A plain folder of .npz files (no manifest) stands for its .npz files only: an index may go there.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(tmp_path / "feats" / "chunk-00000.npz", plain / "a.npz")  # any .npz with features and paths
+    proc = cli("index", "build", plain, "--out", plain / "g.index", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     # Beside the folder is fine, and the merge is what the chunks hold.
     proc = cli("embed-merge", folder, "--out", tmp_path / "merged.npz", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -188,3 +195,27 @@ def test_a_linked_chunk_is_refused_by_merge(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "chunk-00001.npz: unreadable (not a regular file, but a symbolic link" in proc.stderr, proc.stderr
     assert not (tmp_path / "m.npz").exists()
+
+
+def test_a_folder_of_the_previous_format_is_still_read_and_resumed(tmp_path):
+    """Format 1 folders (chunks without their job's digest) are merged and resumed as before;
+    in a format 2 folder such a chunk is redone."""
+    import io
+
+    folder = chunk_folder(tmp_path / "old")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    for index in range(2):  # the chunks as format 1 wrote them: no "job" array
+        name = f"chunk-{index:05d}.npz"
+        with np.load(folder / name) as npz:
+            arrays = {k: npz[k] for k in npz.files if k != "job"}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        (folder / name).write_bytes(buffer.getvalue())
+        (folder / f"{name}.sha256").write_text(f"{hashlib.sha256(buffer.getvalue()).hexdigest()}  {name}\n")
+    proc = cli("embed-merge", folder, "--out", tmp_path / "m.npz", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "m.npz")["paths"].tolist() == [f"img{i}.jpg" for i in range(4)]
+    (folder / "manifest.json").write_text(json.dumps(manifest))  # the same chunks in a format 2 folder
+    proc = cli("embed-merge", folder, "--out", tmp_path / "m2.npz", cwd=tmp_path)
+    assert proc.returncode == 1 and "chunk-00000.npz: a chunk without its job's sha256" in proc.stderr, proc.stderr

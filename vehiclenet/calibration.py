@@ -187,8 +187,12 @@ def load_calibration(path: PathLike) -> Calibration:
             raise ValueError(f"not a {FORMAT!r} file")
         fields = data["threshold"]
         cal = Calibration(**fields)
-        if not (isinstance(cal.distance, (int, float)) and 0 <= cal.distance <= 2):
-            raise ValueError(f"threshold distance {cal.distance!r} is not in [0, 2]")
+        for key, low, high in (("distance", 0, 2), ("fmr", 0, 1), ("measured_fmr", 0, 1), ("tpr", 0, 1)):
+            value = getattr(cal, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{key} {value!r} is not a number in [{low}, {high}]")
+        if not isinstance(cal.roc, dict) or not all(isinstance(v, (int, float)) for v in cal.roc.values()):
+            raise ValueError("roc is not an object of numbers")
         return cal
     except FileNotFoundError:
         raise DataError(f"{name}: no such threshold file; write one with `vehiclenet calibrate`") from None

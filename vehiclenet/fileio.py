@@ -2,6 +2,7 @@
 link, FIFO or device is ever written through by accident, and the package's one sha256 of a
 file and one inter-process file lock."""
 import contextlib
+import errno
 import hashlib
 import logging
 import mmap
@@ -101,8 +102,6 @@ def open_regular(path: PathLike, flags: int, mode: int = 0o666, *, follow: bool 
 def _refused_open(path: PathLike, exc: OSError, follow: bool) -> Optional[str]:
     # ELOOP (EMLINK on BSD) is O_NOFOLLOW meeting a link; ENXIO is a FIFO without reader or a
     # socket. Anything else (missing, permission) is an ordinary error the caller reports.
-    import errno
-
     if exc.errno not in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
         return None
     try:
@@ -268,8 +267,28 @@ def create_private_file(path: PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.link(folder / path.name, path)
+        _link_new(folder / path.name, path, mode=0o600)
     sync_folder(path.parent)
+
+
+def _link_new(tmp: PathLike, out: PathLike, mode: int = 0o666) -> None:
+    """Put ``tmp``'s bytes at ``out`` only if nothing is there (FileExistsError otherwise): a hard
+    link, whole at once; where the file system has no hard links (FAT, some FUSE and SMB mounts),
+    a copy into a file created exclusively (a reader may then see it before it is complete)."""
+    try:
+        os.link(tmp, out)  # the temporary name goes with its private folder
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in {getattr(errno, n) for n in ("EPERM", "ENOTSUP", "EOPNOTSUPP", "ENOSYS", "EXDEV")
+                             if hasattr(errno, n)}:
+            raise
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    with open(tmp, "rb") as src, os.fdopen(os.open(out, flags, mode), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+        dst.flush()
+        os.fsync(dst.fileno())
 
 
 def publish(tmp: PathLike, out: PathLike, fd: Optional[int] = None, *, exclusive: bool = False) -> None:
@@ -290,7 +309,7 @@ def publish(tmp: PathLike, out: PathLike, fd: Optional[int] = None, *, exclusive
         finally:
             os.close(own)
     if exclusive:
-        os.link(tmp, out)  # the temporary name goes with its private folder
+        _link_new(tmp, out)
     else:
         replace_output(tmp, out)
     sync_folder(Path(out).parent)
@@ -487,8 +506,10 @@ def read_npz(path: Union[str, os.PathLike], keys: Sequence[str], what: str, reme
         raise DataError(f"{name}: {exc.strerror}, not {what}; give the path of a regular file") from None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy).
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+            RuntimeError) as exc:
+        # BadZipFile/zlib.error: a truncated or damaged .npz (e.g. an interrupted copy);
+        # NotImplementedError/RuntimeError: a member compressed by an unknown method or encrypted.
         raise DataError(f"{name}: damaged or not {what} ({type(exc).__name__}: {exc}); {remedy}") from None
 
 
@@ -596,6 +617,21 @@ def file_lock(lock_file: PathLike, timeout: float) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+# flock errors that mean "this file system does not lock" (NFS emulates flock with byte-range
+# locks, which refuse an exclusive lock on a read-only descriptor): the update goes on unlocked.
+_NO_LOCKS = {getattr(errno, name) for name in ("ENOLCK", "EOPNOTSUPP", "ENOTSUP", "EBADF", "EINVAL", "ENOSYS")
+             if hasattr(errno, name)}
+
+
+def _open_for_lock(path: PathLike) -> int:
+    """The file opened read-write where allowed (NFS's flock needs it for an exclusive lock),
+    else read-only."""
+    try:
+        return open_regular(path, os.O_RDWR, follow=True)
+    except PermissionError:
+        return open_regular(path, os.O_RDONLY, follow=True)
+
+
 def _flock_until(fd: int, deadline: float, what: Any) -> None:
     """Take an exclusive flock on ``fd``, polling until ``deadline`` (TimeoutError(``what``) after)."""
     import fcntl
@@ -627,13 +663,21 @@ def locked_for_update(path: PathLike, timeout: float,
     deadline = time.monotonic() + timeout
     while True:
         try:
-            fd = open_regular(path, os.O_RDONLY, follow=True)
+            fd = _open_for_lock(path)
         except OSError:
             if on_error is not None:
                 on_error(path)
             raise
         try:
-            _flock_until(fd, deadline, f"{path}: another process is updating it")
+            try:
+                _flock_until(fd, deadline, f"{path}: another process is updating it")
+            except OSError as exc:
+                if isinstance(exc, TimeoutError) or exc.errno not in _NO_LOCKS:
+                    raise
+                LOG.warning("cannot lock %s (%s, e.g. a network file system without locks): another update "
+                            "at the same time could lose this one's rows", path, exc.strerror or exc)
+                yield
+                return
             here = os.fstat(fd)
             try:
                 now = os.stat(path)

@@ -710,7 +710,10 @@ def _check_layout(name: str, manifest: Dict[str, Any], end: int) -> None:
         if not (isinstance(start, int) and isinstance(length, int) and _HEADER_SIZE <= start
                 and start + length <= end and length == int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize):
             raise bad(f"part {key} at byte {start}, {length} bytes, does not fit its shape or the file")
-    for key, value in (manifest.get("params") or {}).items():
+    params = manifest.get("params") or {}
+    if not isinstance(params, dict):
+        raise bad(f"search parameters are a {type(params).__name__}, not an object")
+    for key, value in params.items():
         if key != "seed" and not (isinstance(value, int) and 1 <= value <= _LIMIT):
             raise bad(f"search parameter {key} is {value!r}, not a whole number from 1 to {_LIMIT}")
 

@@ -53,9 +53,10 @@ PathLike = Union[str, os.PathLike]
 
 FORMAT = "vehiclenet-feature-shards"
 FORMAT_VERSION = 2  # 2: each chunk holds its job's digest
+_READABLE_VERSIONS = (1, 2)  # a version-1 folder's chunks lack the digest: read (and resumed) without it
 MANIFEST = "manifest.json"
 _MANIFEST_MAX_BYTES = 1 << 16  # a job's manifest is ~500 bytes
-_CHUNK_KEYS = ("features", "paths", "inputs", "kept", "skipped_reasons", "job")
+_CHUNK_KEYS = ("features", "paths", "inputs", "kept", "skipped_reasons")  # and "job" (format 2)
 
 # Where each field of the job comes from on the command line, for the message refusing another job.
 _ARGUMENT_NAMES = {
@@ -186,6 +187,11 @@ def make_job(paths: Sequence[str], *, chunk_size: int, checkpoint: Optional[Path
 
 
 def _read_manifest(folder: Path) -> ShardJob:
+    return _load_manifest(folder)[0]
+
+
+def _load_manifest(folder: Path) -> Tuple[ShardJob, int]:
+    """The job a folder's manifest records, and the manifest's format version."""
     path = folder / MANIFEST
     try:
         with open(open_regular(path, os.O_RDONLY, follow=True), "rb") as fh:
@@ -195,10 +201,10 @@ def _read_manifest(folder: Path) -> ShardJob:
         data = json.loads(raw.decode("utf-8"))
         if not isinstance(data, dict):
             raise ValueError(f"a JSON {type(data).__name__}, not an object")
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        if data.get("format") != FORMAT or data.get("format_version") not in _READABLE_VERSIONS:
             raise ValueError(f"format {data.get('format')!r} version {data.get('format_version')!r}, "
                              f"not {FORMAT!r} version {FORMAT_VERSION}")
-        return ShardJob.from_json(data["job"])
+        return ShardJob.from_json(data["job"]), int(data["format_version"])
     except FileNotFoundError:
         raise DataError(f"{folder}: no {MANIFEST}; not a folder of feature chunks written by "
                         "`vehiclenet embed --out-dir`") from None
@@ -278,7 +284,8 @@ def _read_own_file(path: Path) -> bytes:
         return fh.read()
 
 
-def _verified_chunk(folder: Path, index: int, job: ShardJob, expected: Optional[Sequence[str]]) -> Dict[str, Any]:
+def _verified_chunk(folder: Path, index: int, job: ShardJob, expected: Optional[Sequence[str]],
+                    legacy: bool = False) -> Dict[str, Any]:
     """The arrays of chunk ``index``, read once and checked against its recorded sha256 and
     ``job`` (and, unless None, the ``expected`` inputs). DataError saying why not."""
     path = folder / chunk_name(index)
@@ -292,15 +299,19 @@ def _verified_chunk(folder: Path, index: int, job: ShardJob, expected: Optional[
     actual = hashlib.sha256(data).hexdigest()
     if actual != recorded:
         raise DataError(f"{path}: sha256 {actual[:12]}... is not the recorded {recorded[:12]}... (damaged)")
-    return _read_chunk(path, data, job, expected)
+    return _read_chunk(path, data, job, expected, legacy)
 
 
-def _read_chunk(path: Path, data: bytes, job: ShardJob, expected: Optional[Sequence[str]]) -> Dict[str, Any]:
+def _read_chunk(path: Path, data: bytes, job: ShardJob, expected: Optional[Sequence[str]],
+                legacy: bool = False) -> Dict[str, Any]:
     """The arrays of a chunk file's ``data``, consistent, of ``job`` and (unless None) holding the
-    ``expected`` inputs; ``inputs`` and ``paths`` as lists of str. DataError if not."""
+    ``expected`` inputs; ``inputs`` and ``paths`` as lists of str. DataError if not. In a
+    ``legacy`` (format 1) folder a chunk without its job's digest is taken as before."""
     arrays = read_npz(path, _CHUNK_KEYS, "a chunk of features", "embed again with the same arguments to redo it",
                       data=data)
-    if str(arrays["job"]) != job.digest:
+    if "job" not in arrays and not legacy:
+        raise DataError(f"{path}: a chunk without its job's sha256 (format 1) in a format {FORMAT_VERSION} folder")
+    if "job" in arrays and str(arrays["job"]) != job.digest:
         raise DataError(f"{path}: a chunk of another job (its job sha256 {str(arrays['job'])[:12]}... is not "
                         f"{job.digest[:12]}... of {MANIFEST}), copied or linked here")
     inputs = arrays["inputs"] = [str(p) for p in arrays["inputs"].tolist()]
@@ -375,11 +386,12 @@ def plan_shards(folder: PathLike, job: ShardJob, paths: Sequence[str], rank: int
     # folder behind a finished chunk, which no later write of that chunk would clear; only
     # dead processes' leftovers go (workers running beside this one keep theirs).
     remove_stale_temps(folder)
+    legacy = _load_manifest(folder)[1] == 1
     done, todo, redo = [], [], {}
     for index in range(rank, job.chunks, world_size):
         a, b = job.chunk_range(index)
         try:
-            _verified_chunk(folder, index, job, paths[a:b])
+            _verified_chunk(folder, index, job, paths[a:b], legacy)
             done.append(index)
             continue
         except DataError as exc:
@@ -461,7 +473,7 @@ def load_feature_shards(folder: PathLike) -> "FeatureResult":
     from .features import FeatureResult
 
     folder = Path(folder)
-    job = _read_manifest(folder)
+    job, version = _load_manifest(folder)
     missing = unfinished_chunks(folder)
     if missing:
         shown = ", ".join(chunk_name(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -470,7 +482,7 @@ def load_feature_shards(folder: PathLike) -> "FeatureResult":
     feats, paths, skipped, inputs = [], [], [], []
     for index in range(job.chunks):
         try:
-            arrays = _verified_chunk(folder, index, job, None)  # the inputs are checked below, all at once
+            arrays = _verified_chunk(folder, index, job, None, version == 1)  # inputs: checked below, at once
         except DataError as exc:
             raise DataError(f"{exc}; run the same `vehiclenet embed --out-dir` command again to redo it") from None
         inputs.extend(arrays["inputs"])

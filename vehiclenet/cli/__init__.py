@@ -85,7 +85,10 @@ def _run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     try:
         _check_surroundings()
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a reader that stopped early shows here, not as a warning at exit
+        return code
     except BrokenPipeError:
         # The reader of our standard output stopped (`| head -1`): what it wanted it has; end
         # quietly with the status a shell gives a program SIGPIPE ends, and let nothing more

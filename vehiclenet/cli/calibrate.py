@@ -86,10 +86,10 @@ def _labelled(path: str) -> Tuple["np.ndarray", "np.ndarray", Optional["np.ndarr
     from ..feature_checks import as_labels
     from ..features import load_features
     from ..fileio import read_npz
+    from ..datasets.veri import parse_veri_name
     from ..ranking import veri_id
 
-    keys = read_npz(path, (), "a features .npz", "write it with `vehiclenet embed` or `vehiclenet evaluate`")
-    if "query_features" in keys:
+    if not os.path.isdir(path) and "query_features" in _npz_keys(path):
         fs = load_features_npz(path)
         return (np.concatenate([fs.query_features, fs.gallery_features]),
                 np.concatenate([fs.query_ids, fs.gallery_ids]), np.concatenate([fs.query_cams, fs.gallery_cams]))
@@ -107,14 +107,35 @@ def _labelled(path: str) -> Tuple["np.ndarray", "np.ndarray", Optional["np.ndarr
                             "VeRi-style file names such as 0002_c002_00030600_0.jpg)")
         ids = np.asarray(parsed, np.int64)
         if cams is None:
-            cams = np.asarray([int(os.path.basename(p).split("_")[1][1:]) for p in res.paths], np.int64)
+            cams = np.asarray([parse_veri_name(os.path.basename(p))[1] for p in res.paths], np.int64)
     return res.features, ids, cams
+
+
+def _npz_keys(path: str) -> set:
+    """The array names of an .npz, read from its zip directory (no array is loaded)."""
+    import zipfile
+
+    from ..errors import DataError
+    from ..fileio import open_regular
+
+    try:
+        with open(open_regular(path, os.O_RDONLY, follow=True), "rb") as fh, zipfile.ZipFile(fh) as zf:
+            return {name[:-4] for name in zf.namelist() if name.endswith(".npy")}
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such features file (it does not exist)") from None
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a features .npz ({getattr(exc, 'strerror', None) or exc}); write it with "
+                        "`vehiclenet embed` or `vehiclenet evaluate --save-features`") from None
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from ..calibration import same_vehicle
+    from ..errors import UsageError
     from ..features import embed
 
+    for name in (args.a, args.b):
+        if os.path.isdir(name):
+            raise UsageError(f"{name!r} is a folder: compare takes two image files")
     check_network_args(args)
     images = list_inputs([args.a, args.b], False)
     cal = _threshold(args)

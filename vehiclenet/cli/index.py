@@ -133,8 +133,11 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
 
 
 def _chunk_folders(inputs: List[str]) -> List[str]:
-    """The inputs that are folders (of feature chunks): every file in them is the input's."""
-    return [name for name in inputs if os.path.isdir(name)]
+    """The inputs that are folders of feature chunks (they hold a manifest): every file in them
+    is the input's. A plain folder of .npz files only stands for its .npz files."""
+    from ..shards import MANIFEST
+
+    return [name for name in inputs if os.path.isfile(os.path.join(name, MANIFEST))]
 
 
 def _check_index_tuning(args: argparse.Namespace) -> None:
