@@ -14,11 +14,16 @@ peak RSS (ru_maxrss):
 * search: the saved index loaded (memory-mapped, every part's sha256 verified) and searched:
   single-query latency p50/p99, 1,000-query batch throughput and recall@10, per nprobe.
 
+    python benchmarks/index_speed.py [--n 1000000] [--spread 1.5] --defaults
     python benchmarks/index_speed.py [--n 1000000] [--kind ivf-sq8,ivf-flat] [--nlist 1024,2048]
                                      [--nprobe 8,16,32,64] [--configs ivf-sq8:1024,ivf-flat:1024]
 
-Every kind x nlist given (or every KIND:NLIST of --configs) is built and searched in turn, with
-one exact anchor for all.
+``--defaults`` builds the index as ``vehiclenet index build`` does with no options (kind auto,
+search effort tuned for recall@10 0.95 on the gallery's own rows, all of the gallery in memory)
+and searches it with its own settings: the recall a user gets without touching a knob. The
+sweep (the second form) builds every kind x nlist given (or every KIND:NLIST of --configs)
+without tuning, chunk by chunk, and searches each at every --nprobe, with one exact anchor for
+all.
 
 Targets (issue 16, 2-core machine): recall@10 >= 0.95, p50 <= 10 ms a query, peak RSS <= 4 GB.
 
@@ -90,6 +95,24 @@ def paths(start: int, count: int):
 # --------------------------------------------------------------------------- children
 
 
+def child_build_defaults(args) -> dict:
+    """The index `vehiclenet index build FEATURES --out INDEX` writes: every default."""
+    from vehiclenet.index import GalleryIndex
+
+    gallery = np.empty((args.n, DIM), dtype=np.float32)
+    for start, feats in gallery_chunks(args.n, args.seed, args.spread):
+        gallery[start:start + len(feats)] = feats
+    t0 = time.perf_counter()
+    index = GalleryIndex.build(gallery, paths(0, args.n))
+    built = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    index.save(args.index)
+    tuning = index.tuning
+    return {"build_s": built, "save_s": time.perf_counter() - t1, "size_mb": os.path.getsize(args.index) / 2 ** 20,
+            "kind": index.kind, "params": index.params, "tuning": tuning.to_json(),
+            "tuning_s": tuning.seconds, "peak_rss_mb": peak_rss_mb()}
+
+
 def child_build(args) -> dict:
     from vehiclenet.index import GalleryIndex, _auto_nlist
 
@@ -98,7 +121,8 @@ def child_build(args) -> dict:
     index = None
     for start, feats in gallery_chunks(args.n, args.seed, args.spread):
         if index is None:
-            index = GalleryIndex.build(feats, paths(start, len(feats)), kind=args.kind, nlist=nlist)
+            index = GalleryIndex.build(feats, paths(start, len(feats)), kind=args.kind, nlist=nlist,
+                                       target_recall=None)
             trained = time.perf_counter() - t0
         else:
             index.add(feats, paths(start, len(feats)))
@@ -148,6 +172,7 @@ def child_search(args) -> dict:
     truth = np.load(args.truth)
     out = {"load_s": load_s, "runs": []}
     for nprobe in args.nprobe:
+        nprobe = nprobe or None  # 0: the index's own setting
         index.search(q[:20], 10, nprobe=nprobe, ef_search=nprobe)  # warm: the touched pages of the map come in
         lat = []
         for i in range(len(q)):
@@ -158,7 +183,7 @@ def child_search(args) -> dict:
         _, rows = index.search(q, 10, nprobe=nprobe, ef_search=nprobe)
         batch = time.perf_counter() - t
         recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)]))
-        out["runs"].append({"nprobe": nprobe, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+        out["runs"].append({"nprobe": nprobe or 0, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
                             "p99_ms": 1e3 * float(np.percentile(lat, 99)), "batch_s": batch,
                             "qps": len(q) / batch, "recall10": recall})
     out["peak_rss_mb"] = peak_rss_mb()
@@ -199,6 +224,9 @@ def main() -> None:
                    help="identity spread around models (default 1.5: cos ~0.55 to the model, identities grouped "
                    "by model as re-identification features are; 3: cos ~0.32, no coarser structure, the hardest case)")
     p.add_argument("--configs", default=None, help="KIND:NLIST pairs, comma-separated (instead of the product)")
+    p.add_argument("--defaults", action="store_true",
+                   help="build with every default (kind auto, tuned for recall 0.95) and search with the index's "
+                   "own settings, instead of the sweep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="folder for the index (default: a temporary folder)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -207,7 +235,9 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         args.nlist = int(args.nlist)
-        print(json.dumps({"build": child_build, "exact": child_exact, "search": child_search}[args.child](args)))
+        roles = {"build": child_build, "build-defaults": child_build_defaults, "exact": child_exact,
+                 "search": child_search}
+        print(json.dumps(roles[args.child](args)))
         return
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores)")
@@ -222,8 +252,16 @@ def main() -> None:
         print(f"exact anchor (blas.py, gallery in memory): single query p50 {exact_p50:.1f} ms, "
               f"{args.queries} queries batched {exact['exact_batch_s']:.2f} s ({exact['exact_qps']:.0f} q/s), "
               f"peak RSS {exact['peak_rss_mb']:.0f} MiB", flush=True)
-        configs = ([(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")] if args.configs else
-                   [(kind, int(nlist)) for kind in args.kind.split(",") for nlist in args.nlist.split(",")])
+        if args.defaults:
+            args.nprobe = [0]
+            build = run_child("build-defaults", args, files)
+            search = run_child("search", args, files)
+            report_defaults(build, exact, exact_p50, search)
+            results.append({"kind": "defaults", "build": build, "search": search})
+            configs = []
+        else:
+            configs = ([(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")] if args.configs else
+                       [(kind, int(nlist)) for kind in args.kind.split(",") for nlist in args.nlist.split(",")])
         for kind, nlist in configs:
             build = run_child("build", args, files, kind, nlist)
             search = run_child("search", args, files, kind, nlist)
@@ -232,6 +270,20 @@ def main() -> None:
             results.append({"kind": kind, "build": build, "search": search})
     print(json.dumps({"cpu": cpu_model(), "n": args.n, "spread": args.spread, "exact": exact,
                       "results": results}))
+
+
+def report_defaults(build: dict, exact: dict, exact_p50: float, search: dict) -> None:
+    run, tuning = search["runs"][0], build["tuning"]
+    print(f"--- defaults: kind {build['kind']} ({', '.join(f'{k} {v}' for k, v in build['params'].items())})")
+    per_1000 = 1000.0 / exact["exact_qps"]  # exact search of 1,000 batched queries, same run
+    print(f"build {build['build_s']:.1f} s ({build['build_s'] / per_1000:.2f}x exact search of 1,000 queries), "
+          f"of which tuning {build['tuning_s']:.1f} s; tuned recall@{tuning['k']} on {tuning['queries']} gallery "
+          f"rows {tuning['recall']:.4f} (lower bound {tuning['recall_low']:.4f}); {build['size_mb']:.0f} MiB, "
+          f"build peak RSS {build['peak_rss_mb']:.0f} MiB")
+    print(f"new queries: recall@10 {run['recall10']:.4f}, p50 {run['p50_ms']:.2f} ms "
+          f"({exact_p50 / run['p50_ms']:.1f}x faster than exact), p99 {run['p99_ms']:.2f} ms, batches "
+          f"{run['qps']:.0f} q/s ({run['qps'] / exact['exact_qps']:.1f}x exact); search peak RSS "
+          f"{search['peak_rss_mb']:.0f} MiB", flush=True)
 
 
 def report(kind: str, build: dict, exact_p50: float, exact: dict, search: dict) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 from vehiclenet.cli import build_parser
 
 # Every command and action, and which of the shared options it must offer.
-RESULTS = ["download", "verify", "info", "embed", "embed-merge", "rank", "index build", "index add", "search",
+RESULTS = ["download", "verify", "info", "embed", "embed-merge", "rank", "index build", "index add", "index info", "search",
            "evaluate", "finetune", "export"]
 EMBEDS = ["embed", "rank", "search", "evaluate", "finetune", "export"]
 

@@ -83,7 +83,7 @@ def test_approximate_recall_on_clustered_features_and_round_trip(tmp_path, kind)
     rng = np.random.default_rng(4)
     queries = unit(centres[rng.integers(0, len(centres), 300)] + 0.8 * unit(rng.standard_normal((300, 64))))
     exact = GalleryIndex.build(feats, names(20000), kind="exact")
-    approx = GalleryIndex.build(feats, names(20000), kind=kind, nprobe=32)
+    approx = GalleryIndex.build(feats, names(20000), kind=kind, nprobe=32, ef_search=64)  # given: not tuned
     _, truth = exact.search(queries, 10)
     dist, rows = approx.search(queries, 10)
     # Identities spread evenly over 64-d (no coarser structure): a hard case for cells
@@ -252,7 +252,8 @@ def test_cli_build_add_search_json(features_files):
 
     res = run_cli("index", "build", "a.npz", "b.npz", "--out", "i.index", "--kind", "ivf-sq8", cwd=tmp)
     assert res.returncode == 0, res.stderr
-    assert "kind ivf-sq8 (nlist 10, nprobe 10)" in res.stdout  # 400 rows: at most 400/39 cells
+    assert "kind ivf-sq8 (nlist 10, nprobe " in res.stdout  # 400 rows: at most 400/39 cells
+    assert "search settings: nprobe " in res.stdout and "on 400 of its own rows" in res.stdout
 
 
 def test_search_leaves_each_query_own_file_out_as_rank_does(features_files):

@@ -64,6 +64,7 @@ def test_index_commands_and_search_by_features_do_not_import_mindspore(tmp_path)
     env = dict(os.environ)
     assert _modules_after(["index", "build", str(tmp_path / "a.npz"), "--out", index], env) == "RC 0 MS False"
     assert _modules_after(["index", "add", index, str(tmp_path / "b.npz")], env) == "RC 0 MS False"
+    assert _modules_after(["index", "info", index], env) == "RC 0 MS False"
     assert _modules_after(["search", "--index", index, "--features", str(tmp_path / "b.npz")], env) == "RC 0 MS False"
 
 

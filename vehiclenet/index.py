@@ -17,39 +17,30 @@ Kinds (``kind=``):
   drives at ~200, and faiss returns only the top k, not the scores the bound needs.
 * ``"ivf-sq8"``: faiss IndexIVFScalarQuantizer, 8 bits per dimension (4x smaller than
   float32), inner product, residuals encoded. ``nlist`` (default: the power of two nearest
-  sqrt(N), at most N/39 so every centroid trains on 39 points) coarse cells, ``nprobe``
-  (default ``NPROBE`` = 64) of them searched per query. Distances are the quantised ones.
+  sqrt(N), at most N/39 so every centroid trains on 39 points) coarse cells, ``nprobe`` of
+  them searched per query (tuned, below; ``NPROBE`` = 64 untuned). Distances are the quantised ones.
 * ``"ivf-flat"``: the same cells with float32 vectors (exact distances, 4x the size).
-* ``"hnsw-sq8"``: faiss IndexHNSWSQ (M 32, efConstruction 40, efSearch 64 by default) over
-  8-bit codes. Its graph is built on faiss's threads, so two builds may differ slightly.
+* ``"hnsw-sq8"``: faiss IndexHNSWSQ (M 32, efConstruction 40, efSearch tuned, 64 untuned) over
+  8-bit codes; auto never picks it (its build took 13x ivf-sq8's at 1M rows and its recall
+  levels off where ivf's keeps rising with nprobe). Its graph is built on faiss's threads, so two builds may differ slightly.
 
-``"auto"`` (the default) is exact up to ``AUTO_EXACT_MAX`` rows and ivf-sq8 beyond. Measured
-with benchmarks/index_speed.py on 1,000,000 synthetic 512-d features, 20 images per identity
-(cos ~0.55 between them), AMD EPYC, 2 cores, one run each; exact brute force in the same run:
-~180 ms a single query, 30 queries/s batched, 3.7 GB peak RSS with the gallery in memory.
+``"auto"`` (the default) is exact up to ``AUTO_EXACT_MAX`` rows and ivf-sq8 beyond, unless
+ivf-sq8 cannot reach the target recall (or is no faster than exact search there): then exact.
 
-* Identities grouped around 1,000 vehicle "models" (spread 1.5), ivf-sq8, nlist 1024: build
-  21 s, 524 MiB on disk, search process peak RSS 974 MiB (memory-mapped, sha256 checked on
-  load in 0.4 s); recall@10 0.962 / 0.972 / 0.979 / 0.983 at nprobe 8 / 32 / 64 / 128,
-  p50 0.5 / 1.6 / 3.2 / 6.3 ms a query (p99 1.0 / 2.0 / 3.7 / 7.1 ms), 1,000-query batches
-  4,000 / 1,217 / 663 / 328 queries/s.
-* Identities spread evenly (spread 3: within-identity variation isotropic in 512-d, no
-  coarser structure, the hardest case): ivf-sq8 recall@10 0.51 / 0.74 / 0.86 / 0.94 at
-  nprobe 16 / 64 / 128 / 256 (p50 0.9 / 3.6 / 7.3 / 14.6 ms); ivf-flat the same recall (the
-  cells decide it, not the codes) at 4x the size (1,989 MiB, search RSS 2.4 GB); hnsw-sq8
-  0.32 / 0.63 / 0.75 / 0.82 at efSearch 16 / 64 / 128 / 256 (p50 0.2 / 0.6 / 1.3 / 1.9 ms),
-  but its build took 298 s (13x ivf-sq8's 23 s) and its recall levels off where ivf's keeps
-  rising with nprobe towards exact.
-
-So ivf-sq8 is the default beyond 50,000 rows (fast, deterministic build; recall bought with
-nprobe), with nprobe 64: above 0.95 recall at 3 ms where features cluster, and a setting to
-raise (``nprobe=`` / ``--nprobe``) where they do not. HNSW with float32 vectors was not kept:
-it would hold 2 GB of vectors besides the graph at 1M rows.
+Search effort is tuned at build time (:mod:`vehiclenet.index_tuning`): the smallest nprobe
+(efSearch for hnsw) whose recall@10 against exact search, measured on 2,000 of the gallery's
+own rows searched leave-one-out, reaches ``target_recall`` (default 0.95) with 99 %
+confidence. The choice and what it measured are recorded in the manifest (``tuning``) and are
+the index's default search settings; ``add`` measures the added rows again and raises the
+setting where they need more. Measured figures (how far the fixed nprobe 64 of earlier versions
+fell short on features without coarse structure, what tuning picks at 200,000 and 1,000,000
+rows) are in docs/large-galleries.md.
 
 File format (one file, ``FORMAT_VERSION``): a 64-byte header (magic ``VNGIDX``, format
 version, offset/length/sha256 of the manifest), the parts at 4096-byte aligned offsets, the
 JSON manifest last. The manifest records the package version, faiss version, kind,
-dimension, count, parameters, the source files and each part's offset, length and sha256.
+dimension, count, parameters, their tuning record, the source files and each part's offset,
+length and sha256.
 Parts: ``vectors`` (exact: float32 rows) or ``faiss`` (a serialised faiss index),
 ``path_bytes``/``path_offsets`` (UTF-8 paths), optional ``ids``/``cams`` (int64).
 Loading memory-maps the file: exact vectors as a numpy memmap, faiss indexes through
@@ -70,6 +61,7 @@ import numpy as np
 from . import __version__
 from .errors import DataError, UsageError
 from .fileio import describe_mode, open_regular
+from .index_tuning import TARGET_RECALL, TUNE_K, TUNE_QUERIES, Tuning, check_target, exact_truth, ladder, sample_rows, tune
 
 __all__ = ["AUTO_EXACT_MAX", "GalleryIndex", "KINDS", "NPROBE", "add_to_index", "build_index", "index_neighbours",
            "is_index_file", "load_index", "read_feature_sources"]
@@ -86,6 +78,8 @@ NPROBE = 64
 HNSW_M = 32
 EF_CONSTRUCTION = 40
 EF_SEARCH = 64
+#: Largest efSearch tuning tries (HNSW's recall levels off long before).
+EF_SEARCH_MAX = 4096
 
 FORMAT = "vehiclenet-gallery-index"
 FORMAT_VERSION = 1
@@ -116,10 +110,13 @@ class _Meta:
     paths: "_Paths"
     ids: Optional[np.ndarray] = None
     cams: Optional[np.ndarray] = None
+    times: Optional[np.ndarray] = None  # int64 seconds since 1970 UTC (vehiclenet.metadata.UNKNOWN_TIME: unknown)
+    tags: Optional["_Paths"] = None  # one tags string per row, stored like the paths
     params: Dict[str, Any] = field(default_factory=dict)
     flip: Optional[bool] = None
     sources: List[str] = field(default_factory=list)
     weights: Optional[str] = None  # vehiclenet.weights identity of the network that embedded the rows
+    tuning: Optional[Dict[str, Any]] = None  # vehiclenet.index_tuning.Tuning.to_json() of the search settings
 
 
 class _Paths:
@@ -166,6 +163,7 @@ class GalleryIndex:
         self._keep_alive = keep_alive  # the memmap a zero-copy faiss index points into
         self.source = source  # the file it was loaded from, named in errors
         self._norm: Optional[float] = None  # largest row norm (exact kind), for the rounding bound
+        self._tags: Optional[List[str]] = None
 
     # ------------------------------------------------------------------ properties
 
@@ -207,8 +205,44 @@ class GalleryIndex:
         return self._meta.cams
 
     @property
+    def times(self) -> Optional[np.ndarray]:
+        """Per row seconds since 1970 UTC (``vehiclenet.metadata.UNKNOWN_TIME`` where unknown), or None."""
+        return self._meta.times
+
+    @property
+    def tags(self) -> Optional[List[str]]:
+        """Per row its tags string ("red,sedan"), or None (decoded now, once per index)."""
+        if self._meta.tags is None:
+            return None
+        if self._tags is None:
+            self._tags = [self._meta.tags[i] for i in range(len(self))]
+        return self._tags
+
+    @property
+    def labels(self) -> List[str]:
+        """The per-row columns stored besides features and paths: of ids, cams, times, tags."""
+        meta = self._meta
+        return [name for name, col in (("ids", meta.ids), ("cams", meta.cams), ("times", meta.times),
+                                       ("tags", meta.tags)) if col is not None]
+
+    def tag(self, row: int) -> Optional[str]:
+        """The tags string of ``row`` (None when the index stores no tags)."""
+        return None if self._meta.tags is None else self._meta.tags[int(row)]
+
+    def columns(self) -> Dict[str, Any]:
+        """The metadata columns a :class:`vehiclenet.filters.RowFilter` reads."""
+        return {"cams": self.cams, "times": self.times, "tags": self.tags}
+
+    @property
     def sources(self) -> List[str]:
         return list(self._meta.sources)
+
+    @property
+    def tuning(self) -> "Optional[Tuning]":
+        """How the search settings were chosen and the recall they measured (None: not tuned)."""
+        from .index_tuning import Tuning
+
+        return None if self._meta.tuning is None else Tuning.from_json(dict(self._meta.tuning))
 
     def path(self, row: int) -> str:
         """The image path of ``row``."""
@@ -223,44 +257,133 @@ class GalleryIndex:
 
     @classmethod
     def build(cls, features: np.ndarray, paths: Sequence[str], *, ids: Optional[Sequence[int]] = None,
-              cams: Optional[Sequence[int]] = None, kind: str = "auto", nlist: Optional[int] = None,
+              cams: Optional[Sequence[int]] = None, times: Optional[Sequence[int]] = None,
+              tags: Optional[Sequence[str]] = None, kind: str = "auto", nlist: Optional[int] = None,
               nprobe: Optional[int] = None, ef_search: Optional[int] = None, flip: Optional[bool] = None,
-              sources: Sequence[str] = (), seed: int = 0, weights: Optional[str] = None) -> "GalleryIndex":
+              sources: Sequence[str] = (), seed: int = 0, weights: Optional[str] = None,
+              target_recall: Optional[float] = TARGET_RECALL, tune_queries: int = TUNE_QUERIES) -> "GalleryIndex":
         """An index of ``features`` (N, D) L2-normalised float32, row i belonging to ``paths[i]``.
 
-        ``kind``: ``"auto"`` (exact up to :data:`AUTO_EXACT_MAX` rows), ``"exact"``, ``"ivf-sq8"``,
-        ``"ivf-flat"`` or ``"hnsw-sq8"``; ``nlist``/``nprobe`` tune the ivf kinds, ``ef_search`` the
-        hnsw kind (default searches; a search can ask for others); ``seed`` fixes the training sample;
-        ``flip`` and ``weights`` record how the features were embedded.
+        ``kind``: ``"auto"`` (exact up to :data:`AUTO_EXACT_MAX` rows, else ivf-sq8 if it reaches
+        ``target_recall``, else exact), ``"exact"``, ``"ivf-sq8"``, ``"ivf-flat"`` or ``"hnsw-sq8"``.
+        ``target_recall``: recall@10 the search settings are chosen for, measured on ``tune_queries``
+        of the gallery's own rows (:mod:`vehiclenet.index_tuning`); None keeps the fixed defaults.
+        ``nlist`` sets the ivf kinds' cells; ``nprobe`` / ``ef_search`` fix the default search effort
+        instead of tuning it (its recall is still measured); ``seed`` fixes the training and tuning
+        samples; ``flip`` and ``weights`` record how the features were embedded; ``cams``,
+        ``times`` and ``tags`` are the rows' metadata (:mod:`vehiclenet.metadata`) that filtered
+        searches read.
         """
         feats = _check_features(features, paths, "features")
         if kind not in KINDS:
             raise UsageError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}")
+        target = None if target_recall is None else check_target(target_recall)
+        if not 1 <= tune_queries <= _LIMIT:
+            raise UsageError(f"tune_queries must be from 1 to {_LIMIT}, got {tune_queries}")
         for option, value in (("nlist", nlist), ("nprobe", nprobe), ("ef_search", ef_search)):
             if value is not None and not 1 <= value <= _LIMIT:
                 raise UsageError(f"{option} must be from 1 to {_LIMIT} (faiss takes a C int), got {value}")
         if len(feats) == 0:
             raise DataError("no features to index")
-        if kind == "auto":
+        auto = kind == "auto"
+        if auto:
             kind = "exact" if len(feats) <= AUTO_EXACT_MAX else "ivf-sq8"
         meta = _Meta(kind=kind, dimension=int(feats.shape[1]), paths=_Paths.from_list(list(paths)),
                      ids=_optional_column(ids, len(feats), "ids"), cams=_optional_column(cams, len(feats), "cams"),
+                     times=_optional_column(times, len(feats), "times"), tags=_tag_column(tags, len(feats)),
                      flip=flip, sources=[os.fspath(s) for s in sources], weights=weights)
         if kind == "exact":
-            return cls(meta, vectors=np.array(feats, dtype=np.float32, order="C"))
-        if kind == "hnsw-sq8":
-            index = _train_hnsw(feats, seed)
-            meta.params = {"M": HNSW_M, "ef_construction": EF_CONSTRUCTION, "ef_search": int(ef_search or EF_SEARCH),
-                           "seed": seed}
-        else:
-            index = _train_ivf(feats, kind, nlist, seed)
-            meta.params = {"nlist": int(index.nlist), "nprobe": int(nprobe or min(NPROBE, index.nlist)),
-                           "seed": seed}
-        index.add(feats)
-        return cls(meta, faiss_index=index)
+            return cls._exact(meta, feats, target)
+        faiss_index, trained = _train_faiss(feats, kind, nlist, nprobe, ef_search, seed, meta.params)
+        index = cls(meta, faiss_index=faiss_index)
+        if target is None or len(feats) < 2:
+            index._faiss_add(feats, np.arange(len(feats)))
+            return index
+        fixed = nprobe if kind.startswith("ivf") else ef_search
+        values = [int(fixed)] if fixed else index._ladder("ef_search" if kind == "hnsw-sq8" else "nprobe",
+                                                           TUNE_K + 1 if kind == "hnsw-sq8" else 1)
+        tuning = index._add_tuned(feats, 0, target, values, seed, count=tune_queries, fixed=bool(fixed),
+                                  avoid=trained)
+        slower = tuning.exact_query_ms is not None and tuning.query_ms >= tuning.exact_query_ms  # single queries
+        if auto and (not tuning.reached or slower):
+            why = (f"its best, {tuning.param} {tuning.value}, reached recall@{tuning.k} {tuning.recall:.3f}"
+                   if not tuning.reached else f"{tuning.param} {tuning.value} was no faster than exact search")
+            LOG.warning("%d features: ivf-sq8 cannot meet recall@%d %g (%s): the index is exact instead "
+                        "(%.0f MiB of float32 rows)", len(feats), tuning.k, target, why, feats.nbytes / 2 ** 20)
+            return cls._exact(meta, feats, target, note=f"auto: ivf-sq8 fell short ({why})")
+        if not tuning.reached:
+            LOG.warning("%s: recall@%d %.3f on its own rows at %s %d, below the target %g; %s", kind, tuning.k,
+                        tuning.recall, tuning.param, tuning.value, target,
+                        "omit --nprobe/--ef-search to let the build choose" if tuning.fixed
+                        else "build with --kind auto (exact where nothing else reaches it) or --kind exact")
+        return index
+
+    @classmethod
+    def _exact(cls, meta: _Meta, feats: np.ndarray, target: Optional[float], note: str = "") -> "GalleryIndex":
+        meta.kind, meta.params = "exact", {}
+        if target is not None:
+            meta.tuning = Tuning(target=target, k=TUNE_K, note=note).to_json()
+        return cls(meta, vectors=np.array(feats, dtype=np.float32, order="C"))
+
+    def _ladder(self, param: str, start: int) -> List[int]:
+        limit = EF_SEARCH_MAX if param == "ef_search" else int(self._meta.params["nlist"])
+        return ladder(start, limit)
+
+    def _add_tuned(self, feats: np.ndarray, first: int, target: float, values: List[int], seed: int, *,
+                   count: int = TUNE_QUERIES, fixed: bool = False, note: str = "",
+                   avoid: Optional[np.ndarray] = None) -> Optional["Tuning"]:
+        """Add ``feats`` (rows ``first`` on) to the faiss index and choose the first of ``values``
+        whose recall reaches ``target`` on ``count`` of them; recorded in the manifest and used
+        by :meth:`search` from now on. None when too few rows are left to measure.
+
+        Queries are rows no search structure was trained on (``avoid``: the k-means sample),
+        searched leave-one-out; an HNSW graph holds them out until tuned, because a query in
+        the graph leads the search to its own neighbours (measured: recall 0.98 for rows in the
+        graph where new queries found 0.94)."""
+        held = _is_id_map(self._faiss)
+        local = sample_rows(len(feats), min(count, max(1, len(feats) // 2)) if held else count, seed, avoid)
+        rest = np.setdiff1d(np.arange(len(feats)), local) if held else np.arange(len(feats))
+        self._faiss_add(feats[rest], rest + first)
+        present = first + len(rest)
+        k = min(TUNE_K, present - (0 if held else 1))
+        if k < 1:
+            if held:
+                self._faiss_add(feats[local], local + first)
+            return None
+        queries, rows = np.ascontiguousarray(feats[local]), local + first
+
+        def rows_of(a: int, b: int) -> np.ndarray:  # rows indexed before: as stored (8-bit codes for sq8)
+            old = self.vectors(a, min(b, first)) if a < first else np.zeros((0, self.dimension), np.float32)
+            return np.concatenate([old, feats[max(a, first) - first:max(b, first) - first]])
+
+        truth, exact_s = exact_truth(queries, rows, rows_of, first + len(feats), k,
+                                     excluded=rows if held else None)
+        param = "ef_search" if self.kind == "hnsw-sq8" else "nprobe"
+
+        def search(q: np.ndarray, want: int, value: int) -> np.ndarray:
+            return self.search(q, want, **{param: value})[1]
+
+        def exact_single(q: np.ndarray) -> np.ndarray:  # as the exact kind scans: every stored row
+            return exact_truth(q[None], np.array([-1]), rows_of, first + len(feats), k)[0]
+
+        tuning = tune(search, queries, rows, truth, param=param, values=values, target=target,
+                      exact_seconds=exact_s, exact_single=exact_single)
+        if held:
+            self._faiss_add(feats[local], local + first)
+        tuning.fixed, tuning.note = fixed, note
+        self._meta.params[param] = tuning.value
+        self._meta.tuning = tuning.to_json()
+        return tuning
+
+    def _faiss_add(self, feats: np.ndarray, rows: np.ndarray) -> None:
+        if _is_id_map(self._faiss):
+            self._faiss.add_with_ids(np.ascontiguousarray(feats), np.asarray(rows, dtype=np.int64))
+        else:  # rows numbered in the order added
+            self._faiss.add(np.ascontiguousarray(feats))
 
     def add(self, features: np.ndarray, paths: Sequence[str], *, ids: Optional[Sequence[int]] = None,
-            cams: Optional[Sequence[int]] = None, flip: Optional[bool] = None,
+            cams: Optional[Sequence[int]] = None, times: Optional[Sequence[int]] = None,
+            tags: Optional[Sequence[str]] = None, flip: Optional[bool] = None,
             sources: Sequence[str] = (), weights: Optional[str] = None) -> int:
         """Append rows (in memory; :meth:`save` writes them) and return how many. Rows whose
         path the index already holds (or that repeat a path added with them) are skipped, with
@@ -281,11 +404,17 @@ class GalleryIndex:
                             f"with {describe(weights)}; embed them again with the index's weights")
         keep = self._new_rows(paths)
         if len(keep) < len(paths):  # columns of another length are left for _append_column to refuse
-            ids, cams = (c if c is None or len(c) != len(paths) else np.asarray(c)[keep] for c in (ids, cams))
+            ids, cams, times, tags = (c if c is None or len(c) != len(paths) else [c[i] for i in keep]
+                                      for c in (ids, cams, times, tags))
             feats, paths = feats[keep], [paths[i] for i in keep]
         meta = self._meta
         meta.ids = _append_column(meta.ids, ids, len(feats), "ids", self._name())
         meta.cams = _append_column(meta.cams, cams, len(feats), "cams", self._name())
+        meta.times = _append_column(meta.times, times, len(feats), "times", self._name())
+        _same_presence(meta.tags, tags, "tags", self._name())
+        if meta.tags is not None:
+            meta.tags = meta.tags.extend(_tag_column(tags, len(feats)))
+            self._tags = None
         meta.paths = meta.paths.extend(_Paths.from_list(list(paths)))
         meta.flip = meta.flip if meta.flip is not None else flip
         meta.weights = meta.weights if meta.weights is not None else weights
@@ -297,8 +426,40 @@ class GalleryIndex:
             if self._keep_alive is not None:  # zero-copy from a read-only map: faiss must own its lists to grow
                 self._faiss = _faiss().deserialize_index(np.array(_serialise(self._faiss)))
                 self._keep_alive = None
-            self._faiss.add(feats)
+            first = len(self) - len(feats)
+            if not (len(feats) and self._recheck(feats, first)):
+                self._faiss_add(feats, np.arange(first, len(self)))
         return len(feats)
+
+    def _recheck(self, feats: np.ndarray, first: int) -> bool:
+        """Add ``feats`` checking their recall at the current setting, and choose a larger
+        setting where it falls below the target (never a smaller one; a setting given by the
+        user is only measured); a warning when none reaches it. False (nothing added) when the
+        index keeps no tuning."""
+        old = self.tuning
+        if old is None or old.param is None:
+            return False
+        mapped = self.kind.startswith("ivf") and _direct_map_missing(self._faiss)
+        values = [old.value] if old.fixed else [old.value, *self._ladder(old.param, old.value + 1)]
+        tuning = self._add_tuned(feats, first, old.target, values, int(self._meta.params.get("seed", 0)),
+                                 count=old.queries or TUNE_QUERIES, fixed=old.fixed,
+                                 note="checked on the rows added last")
+        if mapped and not _direct_map_missing(self._faiss):  # made by vectors(); saved as a build writes it
+            _faiss().extract_index_ivf(self._faiss).set_direct_map_type(_faiss().DirectMap.NoMap)
+        if tuning is None:
+            return True
+        if tuning.value != old.value:
+            LOG.warning("%s: recall@%d on the added rows fell below %g at %s %d: searches now use %s %d (recall %.3f)",
+                        self._name(), tuning.k, old.target, old.param, old.value, old.param, tuning.value,
+                        tuning.recall)
+        if not tuning.reached:
+            LOG.warning("%s: recall@%d %.3f on the added rows at %s %d, below the target %g; rebuild the index so "
+                        "that its cells fit the new rows (vehiclenet index build)", self._name(), tuning.k,
+                        tuning.recall, old.param, tuning.value, old.target)
+        else:
+            LOG.info("%s: recall@%d %.3f on %d added rows at %s %d (target %g)", self._name(), tuning.k,
+                     tuning.recall, tuning.queries, old.param, tuning.value, old.target)
+        return True
 
     def _new_rows(self, paths: Sequence[str]) -> List[int]:
         """Rows of ``paths`` to add: those whose path is neither held nor earlier in ``paths``
@@ -318,13 +479,17 @@ class GalleryIndex:
     # ------------------------------------------------------------------ searching
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: Optional[int] = None,
-               ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+               ef_search: Optional[int] = None, allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Cosine distances (1 - cos, float32) and rows (int64) of the ``k`` nearest rows per query.
 
         Both (Q, min(k, N)), ascending distance; the exact kind breaks ties by row (and
         gives :func:`vehiclenet.features.nearest`'s rows). The ivf kinds search ``nprobe`` cells,
         the hnsw kind keeps ``ef_search`` candidates (at least k; defaults: the index's); where
         fewer than k rows are found, rows are -1 and distances inf.
+        ``allowed`` (N booleans) restricts the search to those rows, inside the index: the exact
+        kind gives the exact top-k of the allowed rows; the approximate kinds search 1/share
+        times the cells (candidates), at most all of them, where the allowed rows are a share
+        of the gallery, so that a filtered top-k is as complete as an unfiltered one.
         Raises DataError when the queries' dimension is not the index's.
         """
         q = np.asarray(queries, dtype=np.float32)
@@ -337,16 +502,34 @@ class GalleryIndex:
         if k < 1:
             raise UsageError(f"k must be >= 1, got {k}")
         k = min(int(k), len(self))
+        share = 1.0
+        if allowed is not None:
+            allowed = np.asarray(allowed, dtype=bool).reshape(-1)
+            if len(allowed) != len(self):
+                raise UsageError(f"allowed: {len(allowed)} values for the {len(self)} rows of {self._name()}")
+            share = float(np.count_nonzero(allowed)) / len(self)
+            if share == 0.0:
+                return np.full((len(q), k), np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
         if self.kind == "exact":
             if self._norm is None:
                 self._norm = _max_norm(self._vectors)
-            return _exact_search(self._vectors, q, k, self._norm)
+            found = min(k, len(self) if allowed is None else int(np.count_nonzero(allowed)))
+            return _padded(*_exact_search(self._vectors, q, found, self._norm, allowed), k)
+        faiss = _faiss()
+        selector, bits = None, None
+        if allowed is not None:
+            bits = np.packbits(allowed, bitorder="little")  # kept alive while faiss reads it
+            selector = faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(bits))
         if self.kind == "hnsw-sq8":
             ef = max(k, int(ef_search or self._meta.params.get("ef_search", EF_SEARCH)))
-            params = _faiss().SearchParametersHNSW(efSearch=ef)
+            params = faiss.SearchParametersHNSW(efSearch=min(max(k, len(self)), int(np.ceil(ef / share))),
+                                                sel=selector)
         else:
-            params = _faiss().SearchParametersIVF(nprobe=int(nprobe or self._meta.params.get("nprobe", NPROBE)))
+            probe = int(nprobe or self._meta.params.get("nprobe", NPROBE))
+            params = faiss.SearchParametersIVF(nprobe=min(int(self._meta.params.get("nlist", probe)),
+                                                          int(np.ceil(probe / share))), sel=selector)
         sims, rows = self._faiss.search(np.ascontiguousarray(q), k, params=params)
+        del bits
         dist = (1.0 - sims).astype(np.float32)
         dist[rows < 0] = np.inf  # fewer than k rows in the cells searched
         return dist, rows.astype(np.int64)
@@ -394,13 +577,19 @@ class GalleryIndex:
             parts["ids"] = np.asarray(meta.ids)
         if meta.cams is not None:
             parts["cams"] = np.asarray(meta.cams)
+        if meta.times is not None:
+            parts["times"] = np.asarray(meta.times)
+        if meta.tags is not None:
+            parts["tag_bytes"] = np.asarray(meta.tags.data)
+            parts["tag_offsets"] = np.asarray(meta.tags.offsets)
         return parts
 
     def _manifest(self) -> Dict[str, Any]:
         meta = self._meta
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "vehiclenet": __version__,
                 "faiss": _faiss_version(), "kind": meta.kind, "dimension": meta.dimension, "count": len(self),
-                "params": meta.params, "flip": meta.flip, "sources": meta.sources, "weights": meta.weights}
+                "params": meta.params, "flip": meta.flip, "sources": meta.sources, "weights": meta.weights,
+                "tuning": meta.tuning}
 
     def _name(self) -> str:
         return self.source or "the gallery index"
@@ -431,12 +620,26 @@ def _optional_column(values: Optional[Sequence[int]], n: int, name: str) -> Opti
     return arr
 
 
-def _append_column(have: Optional[np.ndarray], new: Optional[Sequence[int]], n: int, name: str,
-                   where: str) -> Optional[np.ndarray]:
+def _tag_column(tags: Optional[Sequence[str]], n: int) -> "Optional[_Paths]":
+    if tags is None:
+        return None
+    values = [str(t) for t in tags]
+    if len(values) != n:
+        raise DataError(f"tags: {len(values)} values for {n} features")
+    return _Paths.from_list(values)
+
+
+def _same_presence(have: Any, new: Any, name: str, where: str) -> None:
+    """Added rows carry a column exactly when the index stores it (else rows would misalign)."""
     if (have is None) != (new is None):
         stored = "stores" if have is not None else "does not store"
         raise DataError(f"{where}: the index {stored} {name}; the added features must "
                         f"{'have' if have is not None else 'not have'} them too (key {name!r} of the features file)")
+
+
+def _append_column(have: Optional[np.ndarray], new: Optional[Sequence[int]], n: int, name: str,
+                   where: str) -> Optional[np.ndarray]:
+    _same_presence(have, new, name, where)
     if have is None:
         return None
     return np.concatenate([np.asarray(have), _optional_column(new, n, name)])
@@ -448,7 +651,25 @@ def _auto_nlist(n: int) -> int:
     return max(1, min(nlist, n // 39))
 
 
-def _train_ivf(feats: np.ndarray, kind: str, nlist: Optional[int], seed: int) -> Any:
+def _train_faiss(feats: np.ndarray, kind: str, nlist: Optional[int], nprobe: Optional[int],
+                 ef_search: Optional[int], seed: int, params: Dict[str, Any]) -> Tuple[Any, Optional[np.ndarray]]:
+    """An empty faiss index of ``kind`` trained on ``feats`` and the rows its cells were
+    trained on (None: no cells); its default search parameters go into ``params``."""
+    if kind == "hnsw-sq8":
+        params.update({"M": HNSW_M, "ef_construction": EF_CONSTRUCTION, "ef_search": int(ef_search or EF_SEARCH),
+                       "seed": seed})
+        return _train_hnsw(feats, seed), None
+    index, trained = _train_ivf(feats, kind, nlist, seed)
+    params.update({"nlist": int(index.nlist), "nprobe": int(nprobe or min(NPROBE, index.nlist)), "seed": seed})
+    return index, trained
+
+
+def _is_id_map(index: Any) -> bool:
+    """An index that numbers its rows by the ids given (HNSW graphs since tuning holds queries out)."""
+    return isinstance(index, _faiss().IndexIDMap2)
+
+
+def _train_ivf(feats: np.ndarray, kind: str, nlist: Optional[int], seed: int) -> Tuple[Any, np.ndarray]:
     faiss = _faiss()
     n, d = feats.shape
     nlist = int(nlist or _auto_nlist(n))
@@ -466,14 +687,15 @@ def _train_ivf(feats: np.ndarray, kind: str, nlist: Optional[int], seed: int) ->
     quantiser.this.disown()  # the IVF index frees its quantiser
     # 64 points per cell train k-means as well as all of them (faiss's own subsampling bound is 256).
     sample = min(n, 64 * nlist)
-    rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)) if sample < n else slice(None)
+    rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)) if sample < n else np.arange(n)
     index.cp.seed = seed
     index.train(np.ascontiguousarray(feats[rows]))
-    return index
+    return index, rows
 
 
 def _train_hnsw(feats: np.ndarray, seed: int) -> Any:
-    """An HNSW graph over 8-bit codes; the quantiser's per-dimension ranges from a sample."""
+    """An HNSW graph over 8-bit codes, rows numbered by the ids given (so that some can be
+    added last); the quantiser's per-dimension ranges from a sample."""
     faiss = _faiss()
     index = faiss.IndexHNSWSQ(feats.shape[1], faiss.ScalarQuantizer.QT_8bit, HNSW_M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = EF_CONSTRUCTION
@@ -481,7 +703,10 @@ def _train_hnsw(feats: np.ndarray, seed: int) -> Any:
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(feats), sample, replace=False)) if sample < len(feats) else slice(None)
     index.train(np.ascontiguousarray(feats[rows]))
-    return index
+    mapped = faiss.IndexIDMap2(index)
+    index.this.disown()  # the map frees the graph
+    mapped.own_fields = True
+    return mapped
 
 
 def _serialise(index: Any) -> np.ndarray:
@@ -495,6 +720,11 @@ def _faiss_version() -> Optional[str]:
         return None
 
 
+def _direct_map_missing(index: Any) -> bool:
+    faiss = _faiss()
+    return faiss.extract_index_ivf(index).direct_map.type == faiss.DirectMap.NoMap
+
+
 def _ensure_direct_map(index: Any) -> None:
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(index)
@@ -505,8 +735,17 @@ def _ensure_direct_map(index: Any) -> None:
 # ---------------------------------------------------------------------- exact search
 
 
-def _exact_search(gallery: np.ndarray, queries: np.ndarray, k: int,
-                  max_norm: float) -> Tuple[np.ndarray, np.ndarray]:
+def _padded(dist: np.ndarray, rows: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``dist``/``rows`` widened to ``k`` columns with inf / -1 (fewer rows were allowed)."""
+    if dist.shape[1] == k:
+        return dist, rows
+    pad = k - dist.shape[1]
+    return (np.concatenate([dist, np.full((len(dist), pad), np.inf, dtype=np.float32)], axis=1),
+            np.concatenate([rows, np.full((len(rows), pad), -1, dtype=np.int64)], axis=1))
+
+
+def _exact_search(gallery: np.ndarray, queries: np.ndarray, k: int, max_norm: float,
+                  allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-k with :func:`vehiclenet.features.nearest`'s rows, in its order.
 
     A batched product (one BLAS call per gallery tile for many queries) may sum a dot
@@ -518,6 +757,7 @@ def _exact_search(gallery: np.ndarray, queries: np.ndarray, k: int,
     ``nearest``'s bits (their tiles recomputed the way it computes them) and are re-sorted.
     Rows always equal ``nearest``'s; distances are its bits for a single query and for
     near-ties, else the batched product's (within delta, in practice the same or 1 ulp off).
+    Rows outside ``allowed`` get similarity -inf, so they are never candidates.
     """
     from .blas import matmul_nt, one_blas_thread
 
@@ -530,10 +770,12 @@ def _exact_search(gallery: np.ndarray, queries: np.ndarray, k: int,
     with one_blas_thread():  # once: entering costs ~1 ms (threadpoolctl looks the libraries up)
         for s in range(0, len(queries), block):
             sims = matmul_nt(gallery, queries[s:s + block], tile_rows=_NEAREST_TILE).T.copy()  # (block, N)
+            if allowed is not None:
+                sims[:, ~allowed] = -np.inf
             for j in range(sims.shape[0]):
                 # One query alone is nearest's own product: its bits need no correction.
                 margin = 2.0 * delta[s + j] if sims.shape[0] > 1 else 0.0
-                dist[s + j], rows[s + j] = _top_k(gallery, queries[s + j], sims[j], k, margin)
+                dist[s + j], rows[s + j] = _top_k(gallery, queries[s + j], sims[j], k, margin, allowed)
     return dist, rows
 
 
@@ -550,16 +792,19 @@ def _max_norm(gallery: np.ndarray) -> float:
                for i in range(0, len(gallery), step))
 
 
-def _top_k(gallery: np.ndarray, query: np.ndarray, sims: np.ndarray, k: int,
-           margin: float) -> Tuple[np.ndarray, np.ndarray]:
+def _top_k(gallery: np.ndarray, query: np.ndarray, sims: np.ndarray, k: int, margin: float,
+           allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k of one query from its batched similarities ``sims`` (see :func:`_exact_search`);
-    ``margin`` 0 when ``sims`` already has ``nearest``'s bits."""
+    ``margin`` 0 when ``sims`` already has ``nearest``'s bits; ``allowed`` rows only (the
+    others' ``sims`` are -inf)."""
     from .features import nearest
 
     n = len(sims)
-    if not np.isfinite(sims).all():  # NaN breaks the bound: nearest itself, over everything
-        order, dist = nearest(query, gallery, k)
-        return dist, order.astype(np.int64)
+    if np.isnan(sims).any() or (allowed is None and not np.isfinite(sims).all()):
+        # NaN breaks the bound: nearest itself, over every allowed row
+        keep = np.arange(n) if allowed is None else np.flatnonzero(allowed)
+        order, dist = nearest(query, gallery[keep], k)
+        return dist, keep[order].astype(np.int64)
     kth = float(np.partition(sims, n - k)[n - k])
     cand = np.flatnonzero(sims.astype(np.float64) >= kth - margin)
     cand = cand[np.lexsort((cand, -sims[cand]))]  # descending similarity, ties by row: nearest's stable order
@@ -680,6 +925,9 @@ _PART_LAYOUT = {
     "path_offsets": ("<i8", lambda n, d: (n + 1,)),
     "ids": ("<i8", lambda n, d: (n,)),
     "cams": ("<i8", lambda n, d: (n,)),
+    "times": ("<i8", lambda n, d: (n,)),
+    "tag_bytes": ("|u1", None),
+    "tag_offsets": ("<i8", lambda n, d: (n + 1,)),
 }
 _LIMIT = 2 ** 31 - 1  # counts and search parameters faiss takes as C int
 
@@ -696,7 +944,10 @@ def _check_layout(name: str, manifest: Dict[str, Any], end: int) -> None:
         raise bad("count, dimension or parts missing or out of range")
     needed = {"path_bytes", "path_offsets", "vectors" if manifest.get("kind") == "exact" else "faiss"}
     if not needed <= set(parts) or not set(parts) <= set(_PART_LAYOUT) - ({"vectors", "faiss"} - needed):
-        raise bad(f"parts {sorted(parts)}, a {manifest.get('kind')!r} index has {sorted(needed)} (and ids, cams)")
+        raise bad(f"parts {sorted(parts)}, a {manifest.get('kind')!r} index has {sorted(needed)} (and ids, cams, "
+                  "times, tags)")
+    if ("tag_bytes" in parts) != ("tag_offsets" in parts):
+        raise bad("tags stored without their offsets, or offsets without tags")
     for key, desc in parts.items():
         dtype, shape_of = _PART_LAYOUT[key]
         shape = desc.get("shape") if isinstance(desc, dict) else None
@@ -771,13 +1022,17 @@ def _from_parts(name: str, mm: np.ndarray, manifest: Dict[str, Any], verify: boo
     if weights is not None and not isinstance(weights, str):
         raise ValueError(f"'weights' is a {type(weights).__name__}, not a string")
     offsets = parts["path_offsets"]
-    if offsets[0] != 0 or offsets[-1] != len(parts["path_bytes"]) or (np.diff(offsets) < 0).any():
-        raise DataError(f"{name}: damaged (path offsets run outside the stored paths); "
-                        + _rebuild_hint(name, manifest))
+    for key in ("path", "tag"):
+        data, offs = parts.get(f"{key}_bytes"), parts.get(f"{key}_offsets")
+        if offs is not None and (offs[0] != 0 or offs[-1] != len(data) or (np.diff(offs) < 0).any()):
+            raise DataError(f"{name}: damaged ({key} offsets run outside the stored {key}s); "
+                            + _rebuild_hint(name, manifest))
+    tags = None if "tag_bytes" not in parts else _Paths(parts["tag_bytes"], parts["tag_offsets"])
     meta = _Meta(kind=manifest["kind"], dimension=int(manifest["dimension"]),
                  paths=_Paths(parts["path_bytes"], offsets), ids=parts.get("ids"),
-                 cams=parts.get("cams"), params=dict(manifest.get("params") or {}), flip=manifest.get("flip"),
-                 sources=list(manifest.get("sources") or []), weights=weights)
+                 cams=parts.get("cams"), times=parts.get("times"), tags=tags, params=dict(manifest.get("params") or {}), flip=manifest.get("flip"),
+                 sources=list(manifest.get("sources") or []), weights=weights,
+                 tuning=None if manifest.get("tuning") is None else Tuning.from_json(manifest["tuning"]).to_json())
     if len(meta.paths) != int(manifest["count"]):
         raise DataError(f"{name}: damaged (manifest says {manifest['count']} rows, {len(meta.paths)} paths stored); "
                         + _rebuild_hint(name, manifest))
@@ -821,6 +1076,8 @@ class _Loaded:
     paths: List[str]
     ids: Optional[np.ndarray]
     cams: Optional[np.ndarray]
+    times: Optional[np.ndarray]
+    tags: Optional[List[str]]
     flip: Optional[bool]
     sources: List[str]
     weights: Optional[str]
@@ -834,7 +1091,7 @@ def read_feature_sources(inputs: Sequence[PathLike]) -> _Loaded:
     from .weights import describe, stored_identity
 
     files = [f for item in inputs for f in _feature_sources(item)]
-    feats, paths, ids, cams, flips, weights = [], [], [], [], [], {}
+    feats, paths, ids, cams, times, tags, flips, weights = [], [], [], [], [], [], [], {}
     for f in files:
         res = load_features(f)
         if feats and res.features.shape[1] != feats[0].shape[1]:
@@ -844,6 +1101,8 @@ def read_feature_sources(inputs: Sequence[PathLike]) -> _Loaded:
         paths.extend(res.paths)
         ids.append(_labels(res.extra, "ids", len(res.paths), f))
         cams.append(_labels(res.extra, "cams", len(res.paths), f))
+        times.append(_labels(res.extra, "times", len(res.paths), f))
+        tags.append(_tags(res.extra, len(res.paths), f))
         flips.append(stored_flag(res.extra, "flip", f))
         identity = stored_identity(res.extra, f)
         if identity is not None:
@@ -856,8 +1115,32 @@ def read_feature_sources(inputs: Sequence[PathLike]) -> _Loaded:
         (first, a), (second, b) = list(weights.items())[:2]
         raise DataError(f"{a} was embedded with {describe(first)}, {b} with {describe(second)}: features of two "
                         "networks cannot share an index; embed them again with the same weights")
-    return _Loaded(np.concatenate(feats), paths, _joined(ids), _joined(cams), known.pop() if known else None,
-                   files, next(iter(weights), None))
+    joined_tags = None if any(t is None for t in tags) else [t for part in tags for t in part]
+    return _Loaded(np.concatenate(feats), paths, _joined(ids), _joined(cams), _joined(times), joined_tags,
+                   known.pop() if known else None, files, next(iter(weights), None))
+
+
+def _with_meta(loaded: _Loaded, source: Optional[str]) -> _Loaded:
+    """``loaded`` with the columns ``source`` gives (the others as the features files had them)."""
+    if source is None:
+        return loaded
+    from .metadata import read_meta
+
+    meta = read_meta(source, loaded.paths)
+    for key in ("cams", "times", "tags"):
+        if getattr(meta, key) is not None:
+            setattr(loaded, key, getattr(meta, key))
+    return loaded
+
+
+def _tags(extra: Dict[str, Any], n: int, where: PathLike) -> Optional[List[str]]:
+    if "tags" not in extra:
+        return None
+    values = np.asarray(extra["tags"])
+    if values.ndim != 1 or len(values) != n or values.dtype.kind not in "US":
+        raise DataError(f"{where}: tags must be {n} strings, one per row of features (got {values.dtype} of shape "
+                        f"{values.shape})")
+    return [str(v) for v in values.tolist()]
 
 
 def _labels(extra: Dict[str, Any], key: str, n: int, where: PathLike) -> Optional[np.ndarray]:
@@ -878,18 +1161,26 @@ def _joined(columns: List[Optional[np.ndarray]]) -> Optional[np.ndarray]:
 
 
 def build_index(inputs: Sequence[PathLike], *, kind: str = "auto", nlist: Optional[int] = None,
-                nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> GalleryIndex:
-    """A :class:`GalleryIndex` of the features files and folders ``inputs`` (in that order)."""
-    loaded = read_feature_sources(inputs)
-    return GalleryIndex.build(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, kind=kind,
+                nprobe: Optional[int] = None, ef_search: Optional[int] = None,
+                target_recall: Optional[float] = TARGET_RECALL, tune_queries: int = TUNE_QUERIES,
+                meta: Optional[str] = None) -> GalleryIndex:
+    """A :class:`GalleryIndex` of the features files and folders ``inputs`` (in that order),
+    its search settings tuned for ``target_recall`` (see :meth:`GalleryIndex.build`); ``meta``
+    a metadata source of :func:`vehiclenet.metadata.read_meta` for the rows' cameras, times, tags."""
+    loaded = _with_meta(read_feature_sources(inputs), meta)
+    return GalleryIndex.build(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, times=loaded.times,
+                              tags=loaded.tags, kind=kind,
                               nlist=nlist, nprobe=nprobe, ef_search=ef_search, flip=loaded.flip,
-                              sources=loaded.sources, weights=loaded.weights)
+                              sources=loaded.sources, weights=loaded.weights, target_recall=target_recall,
+                              tune_queries=tune_queries)
 
 
-def add_to_index(index: GalleryIndex, inputs: Sequence[PathLike]) -> int:
-    """Append the features of ``inputs`` to ``index``; returns how many rows were added."""
-    loaded = read_feature_sources(inputs)
-    return index.add(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, flip=loaded.flip,
+def add_to_index(index: GalleryIndex, inputs: Sequence[PathLike], *, meta: Optional[str] = None) -> int:
+    """Append the features of ``inputs`` (metadata from ``meta``, as :func:`build_index`) to
+    ``index``; returns how many rows were added."""
+    loaded = _with_meta(read_feature_sources(inputs), meta)
+    return index.add(loaded.features, loaded.paths, ids=loaded.ids, cams=loaded.cams, times=loaded.times,
+                     tags=loaded.tags, flip=loaded.flip,
                      sources=loaded.sources, weights=loaded.weights)
 
 
@@ -911,7 +1202,7 @@ def index_neighbours(kind: str = "exact", *, nlist: Optional[int] = None, nprobe
     def source(feats: np.ndarray, k: int) -> np.ndarray:
         n = feats.shape[0]
         index = GalleryIndex.build(feats, [str(i) for i in range(n)], kind=kind, nlist=nlist, nprobe=nprobe,
-                                   ef_search=ef_search)
+                                   ef_search=ef_search, target_recall=None)
         rows = index.search_self(k)[1]
         if (rows < 0).any():
             raise ValueError(f"the {kind} index found fewer than {k} neighbours for "

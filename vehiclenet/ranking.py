@@ -16,7 +16,7 @@ from .errors import DataError
 from .evaluation import veri_id
 from .features import FeatureResult, nearest
 
-__all__ = ["Ranking", "rank_gallery", "rank_index", "search_leaving_out", "veri_id"]
+__all__ = ["Ranking", "rank_gallery", "rank_index", "search_filtered", "search_leaving_out", "veri_id"]
 
 # Warnings carry the package's name, as ``vehiclenet rank`` has always printed them.
 LOG = logging.getLogger("vehiclenet")
@@ -32,11 +32,12 @@ class Ranking:
 
 
 def rank_gallery(query: np.ndarray, gallery: FeatureResult, k: int, *, leave_out: Optional[str] = None,
-                 source: str = "gallery") -> Ranking:
+                 source: str = "gallery", allowed: Optional[np.ndarray] = None) -> Ranking:
     """The ``k`` gallery images closest to ``query`` (one L2-normalised feature row).
 
     ``leave_out`` is the query's file: the same file in the gallery (by real path) would
-    be a perfect first match, so it is not ranked. ``source`` names the gallery in errors.
+    be a perfect first match, so it is not ranked. ``allowed`` (a boolean per gallery row, from
+    a :class:`vehiclenet.filters.RowFilter`) keeps only those rows. ``source`` names the gallery in errors.
     Raises DataError when the widths differ or no other gallery image is left; warns when
     features that are not finite make distances NaN.
     """
@@ -44,9 +45,11 @@ def rank_gallery(query: np.ndarray, gallery: FeatureResult, k: int, *, leave_out
         raise DataError(f"{source}: features are {gallery.features.shape[1]}-d, the network gives "
                         f"{query.shape[0]}-d")
     left_out = os.path.realpath(leave_out) if leave_out is not None else None
-    keep = [i for i, p in enumerate(gallery.paths) if os.path.realpath(p) != left_out]
+    keep = [i for i, p in enumerate(gallery.paths)
+            if os.path.realpath(p) != left_out and (allowed is None or allowed[i])]
     if not keep:
-        raise DataError(f"{source}: no gallery image besides the query")
+        raise DataError(f"{source}: no gallery image besides the query"
+                        + ("" if allowed is None else " passes the filters"))
     feats = gallery.features[keep]
     paths = [gallery.paths[i] for i in keep]
     _warn_nan_distances(query, feats, paths)
@@ -54,18 +57,47 @@ def rank_gallery(query: np.ndarray, gallery: FeatureResult, k: int, *, leave_out
     return Ranking([paths[i] for i in order], [float(d) for d in distances], len(paths))
 
 
-def rank_index(query: np.ndarray, index, k: int, *, leave_out: Optional[str] = None) -> Ranking:
+def rank_index(query: np.ndarray, index, k: int, *, leave_out: Optional[str] = None,
+               allowed: Optional[np.ndarray] = None) -> Ranking:
     """The ``k`` rows of a :class:`vehiclenet.index.GalleryIndex` closest to ``query``.
 
     ``leave_out`` (the query's file, by real path) is dropped where it turns up among the
-    nearest rows, which is where its own features put it; ``num_gallery`` counts the rows
-    ranked, those dropped left out. Raises DataError when the widths differ (naming the index).
+    nearest rows, which is where its own features put it; ``allowed`` restricts the search to
+    those rows (inside the index); ``num_gallery`` counts the rows ranked, those dropped left
+    out. Raises DataError when the widths differ (naming the index).
     """
-    dist, rows, dropped = search_leaving_out(index, query.reshape(1, -1), [leave_out], k)
+    dist, rows, dropped = search_leaving_out(index, query.reshape(1, -1), [leave_out], k, allowed=allowed)
     kept = [(int(r), float(d)) for r, d in zip(rows[0], dist[0]) if r >= 0]
     if not kept:
-        raise DataError(f"{index.source or 'gallery index'}: no gallery image besides the query")
-    return Ranking([index.path(r) for r, _ in kept], [d for _, d in kept], len(index) - int(dropped[0]))
+        raise DataError(f"{index.source or 'gallery index'}: no gallery image besides the query"
+                        + ("" if allowed is None else " passes the filters"))
+    total = len(index) if allowed is None else int(np.count_nonzero(allowed))
+    return Ranking([index.path(r) for r, _ in kept], [d for _, d in kept], total - int(dropped[0]))
+
+
+def search_filtered(index, queries: np.ndarray, names: Sequence[Optional[str]], k: int, row_filter: Any = None,
+                    query_cams: Optional[Sequence[int]] = None, *, keep_self: bool = False,
+                    **params: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`search_leaving_out` (or, ``keep_self``, a plain search) of the rows that pass
+    ``row_filter`` (a :class:`vehiclenet.filters.RowFilter`; ``query_cams`` for its
+    query-camera rule), applied inside the index. Returns distances, rows and, per query, how
+    many gallery rows it was searched among."""
+    n = len(index)
+    k = min(int(k), n)
+    groups = ([(np.arange(len(queries)), None)] if not row_filter else
+              row_filter.groups(index.columns(), n, query_cams, len(queries), index.source or "the gallery index"))
+    dist = np.full((len(queries), k), np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    among = np.zeros(len(queries), dtype=np.int64)
+    for members, mask in groups:
+        if keep_self:
+            dist[members], rows[members] = index.search(queries[members], k, allowed=mask, **params)
+            dropped = 0
+        else:
+            dist[members], rows[members], dropped = search_leaving_out(
+                index, queries[members], [names[i] for i in members], k, allowed=mask, **params)
+        among[members] = (n if mask is None else int(np.count_nonzero(mask))) - dropped
+    return dist, rows, among
 
 
 def search_leaving_out(index, queries: np.ndarray, names: Sequence[Optional[str]], k: int,

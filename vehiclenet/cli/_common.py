@@ -3,7 +3,7 @@ every command that prints results, ``--json`` (the README table "Common options"
 import argparse
 import json
 import sys
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 _COMMON = argparse.ArgumentParser(add_help=False)
 # SUPPRESS: a value given before the command (`vehiclenet -v embed ...`) is not reset by the
@@ -83,3 +83,60 @@ def same_vehicle_mark(distance: float, threshold: Optional[float]) -> str:
 def same_vehicle_field(distance: float, threshold: Optional[float]) -> Dict[str, bool]:
     """JSON output's ``same_vehicle`` of a match (absent without a threshold)."""
     return {} if threshold is None else {"same_vehicle": bool(distance < threshold)}
+
+
+def add_filter_args(parser: argparse.ArgumentParser) -> None:
+    """The filters of filtered search (``search``, ``rank``): applied inside the search."""
+    group = parser.add_argument_group(
+        "filters", "keep only some gallery images, inside the search (a filtered top-k is the top-k of the images "
+        "that pass); they read the cameras, times and tags the gallery was built with (--meta)")
+    group.add_argument("--cameras", metavar="C,C,...", help="only these cameras (comma-separated numbers)")
+    group.add_argument("--exclude-same-camera", action="store_true",
+                       help="leave out the query's own camera (--query-camera, the query features' cams, or a "
+                       "VeRi-776 query file name)")
+    group.add_argument("--query-camera", type=int, metavar="C", help="the camera of the query images")
+    group.add_argument("--after", metavar="TIME",
+                       help="only images taken at or after TIME (seconds since 1970, or 2018-03-11 11:40:38, UTC "
+                       "unless it ends in an offset)")
+    group.add_argument("--before", metavar="TIME", help="only images taken before TIME")
+    group.add_argument("--tag", action="append", default=[], metavar="TAG",
+                       help="only images carrying TAG (repeat: all of them)")
+
+
+def row_filter(args: argparse.Namespace) -> Any:
+    """The :class:`vehiclenet.filters.RowFilter` of the filter options, checked before any work."""
+    from ..errors import UsageError
+    from ..filters import RowFilter
+    from ..metadata import parse_time
+
+    cameras = None
+    if args.cameras is not None:
+        try:
+            cameras = tuple(sorted({int(c) for c in args.cameras.split(",") if c.strip()}))
+        except ValueError:
+            raise UsageError(f"--cameras {args.cameras!r}: give camera numbers separated by commas, e.g. 1,4,7") \
+                from None
+    if args.query_camera is not None and not args.exclude_same_camera:
+        raise UsageError("--query-camera only serves --exclude-same-camera: add it, or drop --query-camera")
+    tags = tuple(t.strip() for t in args.tag)
+    if any(not t or "," in t for t in tags):
+        raise UsageError("--tag takes one non-empty tag without commas; repeat --tag for several")
+    return RowFilter(cameras=cameras, after=None if args.after is None else parse_time(args.after, "--after"),
+                     before=None if args.before is None else parse_time(args.before, "--before"), tags=tags,
+                     exclude_same_camera=args.exclude_same_camera)
+
+
+def query_cameras(args: argparse.Namespace, paths: List[str], stored: Optional[Any] = None) -> Optional[List[int]]:
+    """Each query's camera for --exclude-same-camera: --query-camera, else ``stored`` (the
+    query features' cams), else VeRi-776 file names; None when none of them says."""
+    if args.query_camera is not None:
+        return [args.query_camera] * len(paths)
+    if stored is not None:
+        return [int(c) for c in stored]
+    from ..datasets.veri import parse_veri_name
+    from ..errors import DataError
+
+    try:
+        return [parse_veri_name(p)[1] for p in paths]
+    except DataError:
+        return None

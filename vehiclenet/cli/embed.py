@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 from ._network import (add_network_args, build_network, check_network_args, embedding_network, image_size,
                        list_inputs, network_files, weights_choice)
 from .index import embed_queries
-from ._common import (add_command, add_threshold_arg, emit, load_threshold, progress, same_vehicle_field,
-                      same_vehicle_mark, shown)
+from ._common import (add_command, add_filter_args, add_threshold_arg, emit, load_threshold, progress,
+                      query_cameras, row_filter, same_vehicle_field, same_vehicle_mark, shown)
 
 MAX_THUMB = 1024  # a picture holds top-k + 1 thumbnails side by side: 11 x 1024 pixels is plenty
 
@@ -41,6 +41,14 @@ def add_embed_commands(sub: "argparse._SubParsersAction") -> None:
                    "command again skips verified chunks; under msrun each worker embeds chunks rank, rank + N, ...")
     p.add_argument("--chunk-size", type=int, metavar="N",
                    help=f"images per chunk with --out-dir (default {_CHUNK_SIZE}; what a killed run loses at most)")
+    p.add_argument("--meta", metavar="CSV|veri|veri-wild:ROOT",
+                   help="with --out: store the images' cameras, times and tags beside their features, for filtered "
+                   "`rank --gallery FEATS.npz` (a CSV file with header path,camera,time,tags, `veri` or "
+                   "`veri-wild:ROOT`; `vehiclenet index build --meta` takes the same)")
+    p.add_argument("--tracklets", metavar="LIST.csv",
+                   help="with --out: one row per track, the mean of its images' features (normalised again), named "
+                   "by the track, for image-to-track and track-to-track search (a CSV file with header path,track "
+                   "listing every image)")
     add_network_args(p)
     p.set_defaults(func=_cmd_embed)
 
@@ -80,6 +88,7 @@ def add_rank_command(sub: "argparse._SubParsersAction") -> None:
                    help=f"thumbnail side in pixels, 16 to {MAX_THUMB} (default 128)")
     add_network_args(p)
     add_threshold_arg(p)
+    add_filter_args(p)
     p.set_defaults(func=_cmd_rank)
 
 
@@ -94,6 +103,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         print("msrun's scheduler process: the workers embed, nothing to do here")
         return 0
     if args.out_dir is not None:
+        if args.meta is not None or args.tracklets is not None:
+            raise UsageError("--meta and --tracklets go with --out (a chunk folder holds images); for a chunk "
+                             "folder give --meta to `vehiclenet index build`")
         return _cmd_embed_chunks(args)
     if args.out is None:
         raise UsageError("give --out FEATS.npz, or --out-dir DIR for resumable chunks")
@@ -106,6 +118,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
     check_output_file(args.out, "--out", [*args.inputs, *network_files(args)], accept=is_image_path)
     images = list_inputs(args.inputs, args.skip_bad)
+    names = [name for name, _ in images.items]
+    meta = _image_meta(args.meta, names)  # a bad source or track list fails before embedding
+    track_of = _track_names(args.tracklets, names)
     kept(f"nothing written ({args.out} untouched)")
     net = embedding_network(args, len(images))
     res = embed(net, images, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad,
@@ -114,20 +129,65 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     weights = weights_choice(args).identity()
     recorded = {} if weights is None else {"weights": weights}
     size = image_size(args) or input_size(net)
-    out = save_features(args.out, res.features, res.paths, flip=not args.no_flip, image_size=list(size), **recorded)
+    if meta is not None:
+        recorded.update(meta(res.paths))
+    feats, rows_named = _rows_to_save(res, track_of, recorded)
+    out = save_features(args.out, feats, rows_named, flip=not args.no_flip, image_size=list(size), **recorded)
     kept(f"{out} written")
     n = len(res)
     skipped = f"skipped {len(res.skipped)}" + (
         f" ({', '.join(shown(p) for p, _ in res.skipped[:5])}{', ...' if len(res.skipped) > 5 else ''})" if res.skipped else ""
     )
-    line = (f"embedded {n} image(s) -> {out} ({res.features.shape[1]}-d, flip {'on' if not args.no_flip else 'off'}); "
-            f"{skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
-    emit(args, [line], {"out": str(out), "images": n, "dimension": int(res.features.shape[1]),
+    as_tracks = "" if track_of is None else f" as {len(rows_named)} track(s)"
+    line = (f"embedded {n} image(s){as_tracks} -> {out} ({res.features.shape[1]}-d, flip "
+            f"{'on' if not args.no_flip else 'off'}); {skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
+    emit(args, [line], {"out": str(out), "images": n, "rows": len(rows_named), "dimension": int(res.features.shape[1]),
                         "flip": not args.no_flip, "weights": weights, "precision": args.precision,
                         "image_size": list(size),
                         "skipped": [{"path": p, "reason": r} for p, r in res.skipped],
                         "seconds": round(res.seconds, 3)})
     return 0
+
+
+def _track_names(track_list: Optional[str], names: List[str]) -> Optional[dict]:
+    """Each image's track from ``--tracklets`` (None without it)."""
+    if track_list is None:
+        return None
+    from ..tracklets import read_tracklets
+
+    return dict(zip(names, read_tracklets(track_list, names)))
+
+
+def _rows_to_save(res: "FeatureResult", track_of: Optional[dict], recorded: dict) -> tuple:
+    """The features and row names to write: the images', or with ``track_of`` one row per track
+    (``recorded``'s per-image metadata replaced by the tracks')."""
+    if track_of is None:
+        return res.features, res.paths
+    from ..tracklets import aggregate
+
+    tracks = aggregate(res.features, [track_of[p] for p in res.paths], recorded)
+    recorded.update(tracks.extra, track_sizes=tracks.sizes)
+    return tracks.features, tracks.names
+
+
+def _image_meta(source: Optional[str], names: List[str]):
+    """None, or a function giving the features-file columns of some of ``names`` (the images
+    embedded, skipped ones left out) from the metadata ``source``."""
+    if source is None:
+        return None
+    import numpy as np
+
+    from ..metadata import check_source, read_meta
+
+    check_source(source)
+    columns = read_meta(source, names).as_extra()
+    row = {name: i for i, name in enumerate(names)}
+
+    def pick(paths: List[str]) -> dict:
+        rows = np.asarray([row[p] for p in paths], dtype=np.int64)
+        return {key: value[rows] for key, value in columns.items()}
+
+    return pick
 
 
 def _cmd_embed_chunks(args: argparse.Namespace) -> int:
@@ -197,7 +257,14 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 
     _check_rank_args(args)
     threshold = load_threshold(args)
+    rows_kept = row_filter(args)
     stored = _stored_gallery(args)
+    if rows_kept and stored is None:
+        from ..errors import UsageError
+
+        raise UsageError(f"filters read the gallery's cameras, times and tags: give --gallery a features file or "
+                         f"index that has them (`vehiclenet index build FEATURES --meta ...`), not the folder "
+                         f"{args.gallery}")
     queries = list_inputs(args.query, False)  # a query is what was asked about: never skipped
     for name, _ in queries.items:
         load_image(name)  # a bad query fails here, before the network is built
@@ -207,7 +274,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     images = queries if gallery is None else ImageInputs(queries.items + gallery.items, gallery.empty,
                                                          gallery.missing)
     net = embedding_network(args, len(images))
-    rankings = _rankings(args, net, stored, images, len(queries))
+    rankings = _rankings(args, net, stored, images, len(queries), rows_kept)
     results, lines = [], []
     for (query, qid, ranking, ids), picture in zip(rankings, pictures):
         lines.extend(_ranking_lines(query, ranking, qid, ids, threshold))
@@ -223,20 +290,37 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rankings(args: argparse.Namespace, net, stored, images: "ImageInputs", queries: int) -> list:
+def _rankings(args: argparse.Namespace, net, stored, images: "ImageInputs", queries: int, rows_kept) -> list:
     """(query, its VeRi id, Ranking, the matches' ids) per query: the first ``queries`` of
-    ``images``, the rest being the gallery folder's images when nothing is ``stored``."""
+    ``images``, the rest being the gallery folder's images when nothing is ``stored``;
+    ``rows_kept`` the :class:`vehiclenet.filters.RowFilter` of the gallery rows to rank."""
     from ..index import GalleryIndex
     from ..ranking import rank_gallery, rank_index, veri_id
 
     if isinstance(stored, GalleryIndex):
         feats = embed_queries(args, net, images, stored)
-        ranked = [rank_index(feats.features[i], stored, args.top_k, leave_out=q) for i, q in enumerate(feats.paths)]
+        masks = _query_masks(args, rows_kept, stored.columns(), len(stored), feats.paths)
+        ranked = [rank_index(feats.features[i], stored, args.top_k, leave_out=q, allowed=masks[i])
+                  for i, q in enumerate(feats.paths)]
     else:
         feats, gallery = _embed_query_and_gallery(args, net, stored, images, queries)
-        ranked = [rank_gallery(feats.features[i], gallery, args.top_k, leave_out=q, source=args.gallery)
-                  for i, q in enumerate(feats.paths)]
+        columns = {key: gallery.extra.get(key) for key in ("cams", "times", "tags")}
+        masks = _query_masks(args, rows_kept, columns, len(gallery.paths), feats.paths)
+        ranked = [rank_gallery(feats.features[i], gallery, args.top_k, leave_out=q, source=args.gallery,
+                               allowed=masks[i]) for i, q in enumerate(feats.paths)]
     return [(q, veri_id(q), r, [veri_id(p) for p in r.paths]) for q, r in zip(feats.paths, ranked)]
+
+
+def _query_masks(args: argparse.Namespace, rows_kept, columns: dict, n: int, queries: List[str]) -> list:
+    """Per query the gallery rows it may be matched with (None: all)."""
+    if not rows_kept:
+        return [None] * len(queries)
+    cams = query_cameras(args, queries) if rows_kept.exclude_same_camera else None
+    masks: list = [None] * len(queries)
+    for members, mask in rows_kept.groups(columns, n, cams, len(queries), args.gallery):
+        for i in members:
+            masks[i] = mask
+    return masks
 
 
 def _picture_names(args: argparse.Namespace, queries: List[str]) -> List[Optional[str]]:

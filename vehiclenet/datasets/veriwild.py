@@ -12,8 +12,9 @@ Layout::
 
 List lines are ``<vid>/<imgid>``. ``vehicle_info.txt`` has one header line, then
 ``<vid>/<imgid>;<camera id>;<time>;<model>;<type>;<color>`` (fields separated by ``;``);
-only the camera is used. 174 cameras. Test splits (query = one image per identity,
-given by ``test_N_query.txt``; gallery = ``test_N.txt``):
+the evaluation uses the camera, filtered search (``--meta veri-wild:ROOT``) the time too.
+174 cameras. Test splits (query = one image per identity, given by ``test_N_query.txt``;
+gallery = ``test_N.txt``):
 
 =======  ==========  =========================================================
 split    identities  images
@@ -43,7 +44,7 @@ from ..errors import DataError
 from .lists import LabelledImages, QueryGallery, check_images_exist, check_unique, list_lines, require_dir, \
     require_file
 
-__all__ = ["SPLITS", "read_veriwild", "read_vehicle_info", "veriwild_sources"]
+__all__ = ["SPLITS", "read_veriwild", "read_vehicle_info", "read_vehicle_records", "veriwild_sources"]
 
 SPLITS = {"small": 3000, "medium": 5000, "large": 10000}
 _REMEDY = "give the VERI-Wild root holding images/ and train_test_split/ (the dataset's own layout)"
@@ -88,13 +89,19 @@ def _read_list(path: str) -> Tuple[List[str], List[int], List[int]]:
 
 
 def read_vehicle_info(path: str, wanted: Set[str]) -> Dict[str, int]:
-    """Camera ids of the ``wanted`` ``<vid>/<imgid>`` keys from ``vehicle_info.txt``.
+    """Camera ids of the ``wanted`` ``<vid>/<imgid>`` keys from ``vehicle_info.txt``
+    (see :func:`read_vehicle_records`)."""
+    return {key: cam for key, (cam, _) in read_vehicle_records(path, wanted).items()}
+
+
+def read_vehicle_records(path: str, wanted: Set[str]) -> Dict[str, Tuple[int, str]]:
+    """Camera id and time text of the ``wanted`` ``<vid>/<imgid>`` keys from ``vehicle_info.txt``.
 
     The first line is the header (skipped when it is not a record); every record line is
     checked, a bad one raises DataError ``"<file>:<line>: expected '...'"``.
     """
     require_file(path, "VERI-Wild vehicle_info.txt", _REMEDY)
-    cams: Dict[str, int] = {}
+    records: Dict[str, Tuple[int, str]] = {}
     first = True
     for lineno, line in list_lines(path):
         fields = line.split(";")
@@ -111,8 +118,8 @@ def read_vehicle_info(path: str, wanted: Set[str]) -> Dict[str, int]:
                             "restore the dataset's own vehicle_info.txt") from None
         first = False
         if key in wanted:
-            cams[key] = cam
-    return cams
+            records[key] = (cam, fields[2].strip() if len(fields) > 2 else "")
+    return records
 
 
 def _labelled(image_dir: str, keys: List[str], ids: List[int], cams: Dict[str, int]) -> LabelledImages:
