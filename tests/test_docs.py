@@ -90,6 +90,16 @@ def _check_outputs(root: Path, code: str, stdout: str) -> None:
         assert (root / "ranked.png").is_file() and (root / "gallery.index").is_file()
         results = json.loads(stdout.strip().splitlines()[-1])["results"]
         assert [len(r["matches"]) for r in results] == [3, 3]
+    if "--exclude-same-camera --cameras 1,2,3" in code:  # README "Filtered search": gallery cameras are 0-5
+        matches = [line for line in stdout.splitlines() if line.startswith("   ")]
+        assert len(matches) == 3 + 2, stdout  # search: cameras 1-3 (three images), rank: cameras 1-2
+        assert {int(line.split("  cam ")[1].split()[0]) for line in matches[:3]} == {1, 2, 3}
+        assert "top 3 of 3 (exact index, filtered: cameras 1,2,3; exclude same camera)" in stdout
+        assert "top 2 of 2 gallery images" in stdout
+    if "--meta meta.csv" in code:  # docs/large-galleries.md: six gallery images, all inside the filter
+        assert ("top 3 of 6 (exact index, filtered: cameras 4; after 2018-03-11T08:00:00Z; before "
+                "2018-03-11T09:00:00Z; tags red)") in stdout, stdout
+        assert stdout.count("  cam 4  time 2018-03-11T08:30:00Z  tags red,van") == 3, stdout
 
 
 def test_every_example_not_run_names_the_test_that_runs_it():

@@ -130,6 +130,14 @@ def test_metadata_from_csv_veri_names_and_veri_wild(tmp_path):
     (tmp_path / "bad.csv").write_text("path,time\ng/a.jpg,yesterday\n")
     with pytest.raises(DataError, match=r"bad\.csv:2: 'yesterday' is not a time"):
         read_meta(str(tmp_path / "bad.csv"), ["g/a.jpg"])
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,camera\ng/a.jpg,2\n".encode("utf-8"))  # as spreadsheets save
+    assert read_meta(str(tmp_path / "bom.csv"), ["g/a.jpg"]).cams.tolist() == [2]
+    (tmp_path / "latin.csv").write_bytes("path,tags\ng/a.jpg,d\xe9j\xe0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.csv: not a UTF-8 CSV file"):
+        read_meta(str(tmp_path / "latin.csv"), ["g/a.jpg"])
+    (tmp_path / "ms.csv").write_text("path,time\ng/a.jpg,1520768438000\n")  # milliseconds
+    with pytest.raises(DataError, match=r"ms\.csv:2: 1520768438000 seconds is beyond the years 1-9999"):
+        read_meta(str(tmp_path / "ms.csv"), ["g/a.jpg"])
     (tmp_path / "nocol.csv").write_text("file,camera\n")
     with pytest.raises(DataError, match="header must name a path column"):
         read_meta(str(tmp_path / "nocol.csv"), ["g/a.jpg"])
@@ -218,6 +226,8 @@ def test_cli_filtered_search_equals_exact_search_over_the_filtered_rows(filtered
     (["--after", "soon"], "--after: 'soon' is not a time"),
     (["--query-camera", "3"], "--query-camera only serves --exclude-same-camera"),
     (["--tag", ""], "--tag takes one non-empty tag"),
+    (["--cameras=-1,2"], "cameras are numbers from 0"),
+    (["--after", "10" + "0" * 20], "beyond the years 1-9999"),
     (["--after", str(T0 + 5), "--before", str(T0)], "time window is empty"),
 ])
 def test_cli_filter_usage_errors_exit_2_before_work(filtered_files, bad, message):
@@ -228,6 +238,9 @@ def test_cli_filter_usage_errors_exit_2_before_work(filtered_files, bad, message
 
 def test_cli_meta_source_errors(filtered_files):
     tmp = filtered_files[0]
+    before = (tmp / "meta.csv").read_bytes()
+    res = run_cli("index", "build", "a.npz", "--out", "meta.csv", "--meta", "meta.csv", cwd=tmp)
+    assert res.returncode == 2 and "meta.csv" in res.stderr and (tmp / "meta.csv").read_bytes() == before
     res = run_cli("index", "build", "a.npz", "--out", "g.index", "--meta", "nope.csv", cwd=tmp)
     assert res.returncode == 2 and "--meta nope.csv: no such file" in res.stderr and not (tmp / "g.index").exists()
     (tmp / "short.csv").write_text("path,camera\ngallery/000000.jpg,1\n")

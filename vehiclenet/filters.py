@@ -60,10 +60,10 @@ class RowFilter:
         DataError naming ``source`` when a rule needs a column it does not store."""
         mask = None
         if self.cameras is not None:
-            cams = _column(columns, "cams", source, "--cameras")
+            cams = _column(columns, "cams", source, "--cameras", n)
             mask = _and(mask, np.isin(cams, np.asarray(self.cameras, dtype=np.int64)))
         if self.after is not None or self.before is not None:
-            times = _column(columns, "times", source, "--after/--before")
+            times = _column(columns, "times", source, "--after/--before", n)
             keep = times != UNKNOWN_TIME
             if self.after is not None:
                 keep &= times >= self.after
@@ -71,9 +71,7 @@ class RowFilter:
                 keep &= times < self.before
             mask = _and(mask, keep)
         if self.tags:
-            mask = _and(mask, _has_tags(_column(columns, "tags", source, "--tag"), set(self.tags)))
-        if mask is not None and len(mask) != n:
-            raise DataError(f"{source}: metadata for {len(mask)} rows, the gallery has {n}")
+            mask = _and(mask, _has_tags(_column(columns, "tags", source, "--tag", n), set(self.tags)))
         return mask
 
     def groups(self, columns: Dict[str, Any], n: int, query_cams: Optional[Sequence[int]], queries: int,
@@ -83,7 +81,7 @@ class RowFilter:
         everyone = np.arange(queries)
         if not self.exclude_same_camera:
             return [(everyone, base)]
-        cams = _column(columns, "cams", source, "--exclude-same-camera")
+        cams = _column(columns, "cams", source, "--exclude-same-camera", n)
         if query_cams is None:
             raise UsageError("--exclude-same-camera needs each query's camera: --query-camera N, query features "
                              "with a cams column, or VeRi-776 query file names (VVVV_cCCC_....jpg)")
@@ -101,14 +99,21 @@ def _and(mask: Optional[np.ndarray], more: np.ndarray) -> np.ndarray:
     return more if mask is None else mask & more
 
 
-def _column(columns: Dict[str, Any], key: str, source: str, option: str) -> Any:
+def _column(columns: Dict[str, Any], key: str, source: str, option: str, n: int) -> Any:
+    """Column ``key`` of ``columns`` (a callable there is called: tags are decoded only when a
+    rule reads them); DataError naming ``source`` when it is missing or not one value a row."""
     value = columns.get(key)
+    what = {"cams": "cameras", "times": "times", "tags": "tags"}[key]
     if value is None:
-        what = {"cams": "cameras", "times": "times", "tags": "tags"}[key]
         raise DataError(f"{option}: {source} stores no {what}; build it with metadata "
                         f"(`vehiclenet index build FEATURES --meta CSV|veri|veri-wild:ROOT`, or "
                         f"`vehiclenet embed ... --meta ...` for a features file)")
-    return np.asarray(value) if key != "tags" else value
+    value = value() if callable(value) else value
+    if len(value) != n:
+        raise DataError(f"{source}: {len(value)} {what} for {n} gallery rows; embed or index it again with --meta")
+    if key == "tags":
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value]
+    return np.asarray(value, dtype=np.int64)
 
 
 def _has_tags(tags: Sequence[str], wanted: set) -> np.ndarray:

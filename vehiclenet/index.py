@@ -78,6 +78,8 @@ NPROBE = 64
 HNSW_M = 32
 EF_CONSTRUCTION = 40
 EF_SEARCH = 64
+#: Fewest rows an add must bring for their recall to be measured (fewer give no usable estimate).
+RECHECK_MIN = 200
 #: Largest efSearch tuning tries (HNSW's recall levels off long before).
 EF_SEARCH_MAX = 4096
 
@@ -230,8 +232,10 @@ class GalleryIndex:
         return None if self._meta.tags is None else self._meta.tags[int(row)]
 
     def columns(self) -> Dict[str, Any]:
-        """The metadata columns a :class:`vehiclenet.filters.RowFilter` reads."""
-        return {"cams": self.cams, "times": self.times, "tags": self.tags}
+        """The metadata columns a :class:`vehiclenet.filters.RowFilter` reads (tags as a callable:
+        decoded only when a rule reads them)."""
+        tags = None if self._meta.tags is None else (lambda: self.tags)
+        return {"cams": self.cams, "times": self.times, "tags": tags}
 
     @property
     def sources(self) -> List[str]:
@@ -306,11 +310,13 @@ class GalleryIndex:
                                   avoid=trained)
         slower = tuning.exact_query_ms is not None and tuning.query_ms >= tuning.exact_query_ms  # single queries
         if auto and (not tuning.reached or slower):
-            why = (f"its best, {tuning.param} {tuning.value}, reached recall@{tuning.k} {tuning.recall:.3f}"
-                   if not tuning.reached else f"{tuning.param} {tuning.value} was no faster than exact search")
-            LOG.warning("%d features: ivf-sq8 cannot meet recall@%d %g (%s): the index is exact instead "
-                        "(%.0f MiB of float32 rows)", len(feats), tuning.k, target, why, feats.nbytes / 2 ** 20)
-            return cls._exact(meta, feats, target, note=f"auto: ivf-sq8 fell short ({why})")
+            why = (f"ivf-sq8 cannot meet recall@{tuning.k} {target:g} (its best, {tuning.param} {tuning.value}, "
+                   f"reached {tuning.recall:.3f})" if not tuning.reached else
+                   f"ivf-sq8 meets recall@{tuning.k} {target:g} only at {tuning.param} {tuning.value}, where one "
+                   f"query took {tuning.query_ms:.1f} ms against exact search's {tuning.exact_query_ms:.1f} ms")
+            LOG.warning("%d features: %s: the index is exact instead (%.0f MiB of float32 rows)", len(feats), why,
+                        feats.nbytes / 2 ** 20)
+            return cls._exact(meta, feats, target, note=f"auto: {why}")
         if not tuning.reached:
             LOG.warning("%s: recall@%d %.3f on its own rows at %s %d, below the target %g; %s", kind, tuning.k,
                         tuning.recall, tuning.param, tuning.value, target,
@@ -366,11 +372,13 @@ class GalleryIndex:
         def exact_single(q: np.ndarray) -> np.ndarray:  # as the exact kind scans: every stored row
             return exact_truth(q[None], np.array([-1]), rows_of, first + len(feats), k)[0]
 
+        # After an add, old rows are decoded from the index: no fair exact anchor, no speed figure.
         tuning = tune(search, queries, rows, truth, param=param, values=values, target=target,
-                      exact_seconds=exact_s, exact_single=exact_single)
+                      exact_seconds=exact_s, exact_single=exact_single if first == 0 else None,
+                      keep_first=first > 0)
         if held:
             self._faiss_add(feats[local], local + first)
-        tuning.fixed, tuning.note = fixed, note
+        tuning.fixed, tuning.note, tuning.sample = fixed, note, count
         self._meta.params[param] = tuning.value
         self._meta.tuning = tuning.to_json()
         return tuning
@@ -408,10 +416,14 @@ class GalleryIndex:
                                       for c in (ids, cams, times, tags))
             feats, paths = feats[keep], [paths[i] for i in keep]
         meta = self._meta
+        for have, new, name in ((meta.ids, ids, "ids"), (meta.cams, cams, "cams"), (meta.times, times, "times"),
+                                (meta.tags, tags, "tags")):  # every check before any change
+            _same_presence(have, new, name, self._name())
+            if new is not None and len(new) != len(feats):
+                raise DataError(f"{name}: {len(new)} values for {len(feats)} features")
         meta.ids = _append_column(meta.ids, ids, len(feats), "ids", self._name())
         meta.cams = _append_column(meta.cams, cams, len(feats), "cams", self._name())
         meta.times = _append_column(meta.times, times, len(feats), "times", self._name())
-        _same_presence(meta.tags, tags, "tags", self._name())
         if meta.tags is not None:
             meta.tags = meta.tags.extend(_tag_column(tags, len(feats)))
             self._tags = None
@@ -439,11 +451,16 @@ class GalleryIndex:
         old = self.tuning
         if old is None or old.param is None:
             return False
+        if len(feats) < RECHECK_MIN:
+            LOG.info("%s: %d rows added, too few to measure recall on (at least %d at once are checked)",
+                     self._name(), len(feats), RECHECK_MIN)
+            return False
         mapped = self.kind.startswith("ivf") and _direct_map_missing(self._faiss)
         values = [old.value] if old.fixed else [old.value, *self._ladder(old.param, old.value + 1)]
         tuning = self._add_tuned(feats, first, old.target, values, int(self._meta.params.get("seed", 0)),
-                                 count=old.queries or TUNE_QUERIES, fixed=old.fixed,
-                                 note="checked on the rows added last")
+                                 count=old.sample, fixed=old.fixed,
+                                 note="checked on the rows added last, against the rows stored before as stored "
+                                 "(8-bit codes for sq8)")
         if mapped and not _direct_map_missing(self._faiss):  # made by vectors(); saved as a build writes it
             _faiss().extract_index_ivf(self._faiss).set_direct_map_type(_faiss().DirectMap.NoMap)
         if tuning is None:
@@ -634,7 +651,8 @@ def _same_presence(have: Any, new: Any, name: str, where: str) -> None:
     if (have is None) != (new is None):
         stored = "stores" if have is not None else "does not store"
         raise DataError(f"{where}: the index {stored} {name}; the added features must "
-                        f"{'have' if have is not None else 'not have'} them too (key {name!r} of the features file)")
+                        f"{'have' if have is not None else 'not have'} them too (key {name!r} of the features file, "
+                        f"or from --meta)")
 
 
 def _append_column(have: Optional[np.ndarray], new: Optional[Sequence[int]], n: int, name: str,
@@ -1140,7 +1158,7 @@ def _tags(extra: Dict[str, Any], n: int, where: PathLike) -> Optional[List[str]]
     if values.ndim != 1 or len(values) != n or values.dtype.kind not in "US":
         raise DataError(f"{where}: tags must be {n} strings, one per row of features (got {values.dtype} of shape "
                         f"{values.shape})")
-    return [str(v) for v in values.tolist()]
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.tolist()]
 
 
 def _labels(extra: Dict[str, Any], key: str, n: int, where: PathLike) -> Optional[np.ndarray]:

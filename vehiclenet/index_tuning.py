@@ -36,7 +36,7 @@ TUNE_QUERIES = 2000
 _Z = 2.326  # one-sided 99 %
 _REFINE = 2  # bisection steps between the last setting that missed and the first that reached
 _LATENCY_QUERIES = 5  # single queries timed for the chosen setting and for exact search
-_TRUTH_BLOCK = 65536  # gallery rows per exact product while finding the truth
+_TRUTH_BYTES = 128 * 2 ** 20  # similarities held at once while finding the truth (twice: the product, its copy)
 
 #: search(queries, k, value) -> (Q, k) rows, -1 where fewer were found
 SearchFn = Callable[[np.ndarray, int, int], np.ndarray]
@@ -53,7 +53,8 @@ class Tuning:
     recall: float = 1.0
     recall_low: float = 1.0
     reached: bool = True
-    queries: int = 0
+    queries: int = 0  # rows searched to measure it
+    sample: int = TUNE_QUERIES  # rows asked for (a re-check after an add asks for as many)
     query_ms: Optional[float] = None  # p50 of single-query searches at ``value``
     exact_query_ms: Optional[float] = None  # p50 of the same single queries by exact search, same run
     seconds: float = 0.0
@@ -134,8 +135,9 @@ def exact_truth(queries: np.ndarray, query_rows: np.ndarray, rows_of: Callable[[
     q = np.ascontiguousarray(queries, dtype=np.float32)
     best_sims = np.full((len(q), 0), -np.inf, dtype=np.float32)
     best_rows = np.zeros((len(q), 0), dtype=np.int64)
-    for start in range(0, n, _TRUTH_BLOCK):
-        block = np.ascontiguousarray(rows_of(start, min(n, start + _TRUTH_BLOCK)), dtype=np.float32)
+    step = max(4096, _TRUTH_BYTES // (4 * max(1, len(q))))
+    for start in range(0, n, step):
+        block = np.ascontiguousarray(rows_of(start, min(n, start + step)), dtype=np.float32)
         # Tiles over the gallery rows: both cores work (scipy's BLAS; numpy's may run a generic kernel).
         sims = np.ascontiguousarray(matmul_nt(block, q, tile_rows=4096).T)
         own = (query_rows >= start) & (query_rows < start + len(block))
@@ -197,19 +199,22 @@ def _measure(search: SearchFn, queries: np.ndarray, query_rows: np.ndarray, trut
 
 def tune(search: SearchFn, queries: np.ndarray, query_rows: np.ndarray, truth: np.ndarray, *, param: str,
          values: List[int], target: float, exact_seconds: float = 0.0,
-         exact_single: Optional[Callable[[np.ndarray], Any]] = None) -> Tuning:
+         exact_single: Optional[Callable[[np.ndarray], Any]] = None, keep_first: bool = False) -> Tuning:
     """The smallest of ``values`` (ascending) whose recall's lower bound reaches ``target``,
     refined by bisection towards the last value that missed; the largest tried when none does
     (``reached`` False). The chosen setting's single-query latency (p50) is measured, and with
     ``exact_single`` (exact search of one query) exact search's beside it: what one user's
     query waits, where a batch would flatter exact search's memory-bound scan.
-    ``exact_seconds``: what the truth took, counted in ``seconds``."""
+    ``exact_seconds``: what the truth took, counted in ``seconds``. ``keep_first``: the first
+    value (the setting in use) stays unless its recall is below the target with 99 %
+    confidence, so that re-checks of new samples do not ratchet it up on noise."""
     t0 = time.perf_counter()
     tried: Dict[int, Tuple[float, float, float]] = {}
     below, chosen = None, None
     for value in values:
         tried[value] = _measure(search, queries, query_rows, truth, value)
-        if tried[value][1] >= target:
+        mean, low, _ = tried[value]
+        if low >= target or (keep_first and value == values[0] and 2 * mean - low >= target):
             chosen = value
             break
         below = value

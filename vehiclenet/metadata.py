@@ -17,14 +17,14 @@ import csv
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import DataError, UsageError
 
-__all__ = ["COLUMNS", "RowMeta", "UNKNOWN_CAMERA", "UNKNOWN_TIME", "check_source", "parse_time", "read_meta",
-           "tag_set"]
+__all__ = ["COLUMNS", "RowMeta", "UNKNOWN_CAMERA", "UNKNOWN_TIME", "check_source", "open_csv", "parse_time",
+           "read_meta", "tag_set"]
 
 UNKNOWN_CAMERA = -1
 UNKNOWN_TIME = np.iinfo(np.int64).min
@@ -52,14 +52,25 @@ class RowMeta:
         return out
 
 
+# Years 1 to 9999 (what date-times can print); a time in milliseconds lands far beyond.
+_FIRST_TIME, _LAST_TIME = -62_135_596_800, 253_402_300_799
+
+
 def parse_time(text: str, where: str = "time") -> int:
     """Whole seconds since 1970-01-01 UTC of ``text``: an integer, or an ISO 8601 date-time
-    (UTC unless it carries an offset). UsageError naming ``where`` otherwise."""
+    (UTC unless it carries an offset), within the years 1-9999. UsageError naming ``where`` otherwise."""
     value = str(text).strip()
     try:
-        return int(value)
+        seconds = int(value)
     except ValueError:
-        pass
+        return _date_time(value, where)
+    if not _FIRST_TIME <= seconds <= _LAST_TIME:
+        raise UsageError(f"{where}: {value} seconds is beyond the years 1-9999; give whole seconds since 1970 "
+                         "(milliseconds divided by 1000)")
+    return seconds
+
+
+def _date_time(value: str, where: str) -> int:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -85,6 +96,13 @@ def check_source(source: str) -> None:
                          "`veri` (cameras from VeRi-776 file names) or `veri-wild:ROOT`")
 
 
+def open_csv(path: str):
+    """``path`` opened for csv (UTF-8, with or without the byte-order mark spreadsheets write)."""
+    from .fileio import open_regular
+
+    return open(open_regular(path, os.O_RDONLY, follow=True), encoding="utf-8-sig", newline="")
+
+
 def read_meta(source: str, paths: Sequence[str]) -> RowMeta:
     """Metadata of the images ``paths`` from ``source`` (a CSV file, ``veri`` or
     ``veri-wild:ROOT``; see the module docstring). DataError naming the file and the first
@@ -98,23 +116,7 @@ def read_meta(source: str, paths: Sequence[str]) -> RowMeta:
 
 
 def _csv(path: str, paths: Sequence[str]) -> RowMeta:
-    from .fileio import open_regular
-
-    with open(open_regular(path, os.O_RDONLY, follow=True), encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in reader.fieldnames or []]
-        if "path" not in fields or not set(fields) & {"camera", "time", "tags"}:
-            raise DataError(f"{path}: its header must name a path column and at least one of camera, time, tags "
-                            f"(it names {', '.join(fields) or 'nothing'})")
-        reader.fieldnames = fields
-        rows: Dict[str, Dict[str, str]] = {}
-        for lineno, row in enumerate(reader, 2):
-            key = (row.get("path") or "").strip()
-            if not key:
-                raise DataError(f"{path}:{lineno}: no path")
-            if _key(key) in rows:
-                raise DataError(f"{path}:{lineno}: {key} is listed twice")
-            rows[_key(key)] = {**row, "_line": str(lineno)}
+    fields, rows = _csv_rows(path)
     found = []
     for p in paths:
         row = rows.get(_key(p)) or rows.get(os.path.realpath(p))
@@ -133,6 +135,29 @@ def _csv(path: str, paths: Sequence[str]) -> RowMeta:
     return meta
 
 
+def _csv_rows(path: str) -> Tuple[List[str], Dict[str, Dict[str, str]]]:
+    """The header and the rows (by normalised path, each with its ``_line``) of a metadata CSV."""
+    rows: Dict[str, Dict[str, str]] = {}
+    try:
+        with open_csv(path) as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip() for f in reader.fieldnames or []]
+            if "path" not in fields or not set(fields) & {"camera", "time", "tags"}:
+                raise DataError(f"{path}: its header must name a path column and at least one of camera, time, "
+                                f"tags (it names {', '.join(fields) or 'nothing'})")
+            reader.fieldnames = fields
+            for lineno, row in enumerate(reader, 2):
+                key = (row.get("path") or "").strip()
+                if not key:
+                    raise DataError(f"{path}:{lineno}: no path")
+                if _key(key) in rows:
+                    raise DataError(f"{path}:{lineno}: {key} is listed twice")
+                rows[_key(key)] = {**row, "_line": str(lineno)}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a UTF-8 CSV file ({exc}); save it as CSV UTF-8") from None
+    return fields, rows
+
+
 def _key(path: str) -> str:
     return os.path.normpath(path)
 
@@ -145,8 +170,8 @@ def _camera(text: Optional[str], where: str) -> int:
         cam = int(value)
     except ValueError:
         raise DataError(f"{where}: camera {value!r} is not a whole number") from None
-    if cam < 0:
-        raise DataError(f"{where}: camera {cam} is negative; cameras are numbers from 0 (leave it empty if unknown)")
+    if not 0 <= cam < 2 ** 31:
+        raise DataError(f"{where}: camera {cam} is not from 0 to {2 ** 31 - 1} (leave it empty if unknown)")
     return cam
 
 

@@ -35,13 +35,27 @@ class Tracklets:
 def read_tracklets(path: str, paths: Sequence[str]) -> List[str]:
     """The track of each of ``paths`` from the track list ``path`` (matched as given, or as
     the same file by real path). DataError naming the list and the first unlisted image."""
-    from .fileio import open_regular
+    from .metadata import open_csv
 
     try:
-        fh = open(open_regular(path, os.O_RDONLY, follow=True), encoding="utf-8", newline="")
+        fh = open_csv(path)
     except FileNotFoundError:
         raise DataError(f"{path}: no such track list; give a CSV file with a header naming path and track") \
             from None
+    try:
+        tracks = _tracks(path, fh)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a UTF-8 CSV file ({exc}); save it as CSV UTF-8") from None
+    out = []
+    for p in paths:
+        track = tracks.get(os.path.normpath(p)) or tracks.get(os.path.realpath(p))
+        if track is None:
+            raise DataError(f"{path}: lists no track for {p}; list every image embedded ({len(paths)} in all)")
+        out.append(track)
+    return out
+
+
+def _tracks(path: str, fh) -> Dict[str, str]:
     with fh:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in reader.fieldnames or []]
@@ -56,13 +70,7 @@ def read_tracklets(path: str, paths: Sequence[str]) -> List[str]:
             if os.path.normpath(image) in tracks:
                 raise DataError(f"{path}:{lineno}: {image} is listed twice")
             tracks[os.path.normpath(image)] = track
-    out = []
-    for p in paths:
-        track = tracks.get(os.path.normpath(p)) or tracks.get(os.path.realpath(p))
-        if track is None:
-            raise DataError(f"{path}: lists no track for {p}; list every image embedded ({len(paths)} in all)")
-        out.append(track)
-    return out
+    return tracks
 
 
 def aggregate(features: np.ndarray, tracks: Sequence[str], extra: Dict[str, np.ndarray] = None) -> Tracklets:

@@ -116,6 +116,8 @@ def row_filter(args: argparse.Namespace) -> Any:
         except ValueError:
             raise UsageError(f"--cameras {args.cameras!r}: give camera numbers separated by commas, e.g. 1,4,7") \
                 from None
+    if (cameras and cameras[0] < 0) or (args.query_camera is not None and args.query_camera < 0):
+        raise UsageError("cameras are numbers from 0 (--cameras, --query-camera)")
     if args.query_camera is not None and not args.exclude_same_camera:
         raise UsageError("--query-camera only serves --exclude-same-camera: add it, or drop --query-camera")
     tags = tuple(t.strip() for t in args.tag)

@@ -116,7 +116,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                          "embeds its share of the chunks")
     check_network_args(args)
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
-    check_output_file(args.out, "--out", [*args.inputs, *network_files(args)], accept=is_image_path)
+    check_output_file(args.out, "--out", [*args.inputs, *network_files(args), *_side_files(args)],
+                      accept=is_image_path)
     images = list_inputs(args.inputs, args.skip_bad)
     names = [name for name, _ in images.items]
     meta = _image_meta(args.meta, names)  # a bad source or track list fails before embedding
@@ -147,6 +148,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                         "skipped": [{"path": p, "reason": r} for p, r in res.skipped],
                         "seconds": round(res.seconds, 3)})
     return 0
+
+
+def _side_files(args: argparse.Namespace) -> List[str]:
+    """The metadata and track lists a command reads (never to be overwritten by its output)."""
+    return [f for f in (getattr(args, "meta", None), getattr(args, "tracklets", None))
+            if f is not None and f != "veri" and not f.startswith("veri-wild:")]
 
 
 def _track_names(track_list: Optional[str], names: List[str]) -> Optional[dict]:

@@ -135,7 +135,8 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     _check_index_tuning(args)
     target = _target_recall(args)
     _check_meta(args)
-    check_output_file(args.out, "--out", args.features, accept=lambda name: name.endswith(".npz"),
+    check_output_file(args.out, "--out", [*args.features, *_meta_file(args)],
+                      accept=lambda name: name.endswith(".npz"),
                       owned=_chunk_folders(args.features))
     kept(f"nothing written ({args.out} untouched)")
     start = time.perf_counter()
@@ -158,7 +159,8 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
     from ..interrupts import doing, kept
 
     _check_meta(args)
-    check_output_file(args.index, "INDEX", args.features, accept=lambda name: name.endswith(".npz"),
+    check_output_file(args.index, "INDEX", [*args.features, *_meta_file(args)],
+                      accept=lambda name: name.endswith(".npz"),
                       owned=_chunk_folders(args.features))
     start = time.perf_counter()
     doing(f"waiting for other updates of {args.index}")
@@ -185,6 +187,12 @@ def _chunk_folders(inputs: List[str]) -> List[str]:
     from ..shards import MANIFEST
 
     return [name for name in inputs if os.path.isfile(os.path.join(name, MANIFEST))]
+
+
+def _meta_file(args: argparse.Namespace) -> List[str]:
+    """--meta when it names a file: an input the output must not replace."""
+    return [args.meta] if args.meta is not None and args.meta != "veri" and not args.meta.startswith("veri-wild:") \
+        else []
 
 
 def _check_meta(args: argparse.Namespace) -> None:
@@ -248,7 +256,8 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
     flip = {None: "unknown", True: "on", False: "off"}[index.flip]
     columns = index.labels
     lines = [f"{shown(args.index)}: {index.count} features, {index.dimension}-d, kind {index.kind}{_params_text(index)}",
-             "search settings: " + ("fixed defaults, recall not measured (built with --no-tune)" if tuning is None
+             "search settings: " + ("not tuned, recall not measured (built with --no-tune, by an earlier version, or "
+                                    "from one row)" if tuning is None
                                     else tuning.describe()),
              f"weights: {describe(index.weights) if index.weights else 'unknown'}; flip {flip}",
              f"labels: {', '.join(columns) if columns else 'none'}",
@@ -359,7 +368,10 @@ def _time_text(seconds: int) -> Optional[str]:
 
     if seconds == UNKNOWN_TIME:
         return None
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # beyond the calendar (a file from elsewhere): the number itself
+        return str(seconds)
 
 
 def _filter_text(key: str, value: Any) -> str:
