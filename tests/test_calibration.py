@@ -136,6 +136,33 @@ def test_evaluate_reports_tpr_at_fpr(tmp_path):
     assert proc.stdout.splitlines()[2].startswith(f"verification: TPR@FPR=1e-04 {100 * out['roc']['1e-04']:.2f}")
 
 
+def test_evaluate_vehicleid_reports_tpr_at_fpr_over_every_pair_of_test_images(tmp_path):
+    from vehiclenet.calibration import pair_histograms, roc
+
+    feats, ids, _ = clustered(identities=60)
+    np.savez(tmp_path / "vid.npz", features=feats, ids=ids, dataset="vehicleid", split="small")
+    proc = cli("evaluate", "--dataset", "vehicleid", "--features", "vid.npz", "--trials", "2", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    # Counted directly: every unordered pair of the 300 images (no cameras, so no pair is junk).
+    d = 1.0 - feats.astype(np.float64) @ feats.T.astype(np.float64)
+    i, j = np.triu_indices(len(ids), 1)
+    pos, neg = np.sort(d[i, j][ids[i] == ids[j]]), np.sort(d[i, j][ids[i] != ids[j]])
+    assert (len(pos), len(neg)) == (60 * 10, 300 * 299 // 2 - 600)
+    assert out["roc"] == roc(*pair_histograms(feats, ids))
+    assert list(out["roc"]) == ["1e-04", "1e-03", "1e-02"]
+    for key, tpr in out["roc"].items():
+        # at most k = FPR x negatives below the threshold, a histogram bin edge (1e-4 wide) between the
+        # k-th and (k+1)-th nearest negative counted directly: the TPR lies between their fractions
+        k = int(float(key) * len(neg))
+        assert np.mean(pos <= neg[k - 1] - 2e-4) <= tpr <= np.mean(pos <= neg[k] + 2e-4), (key, tpr)
+    assert out["roc"]["1e-02"] > out["roc"]["1e-04"] > 0.0
+    line = proc.stdout.splitlines()[2]
+    assert line.startswith(f"verification: TPR@FPR=1e-04 {100 * out['roc']['1e-04']:.2f}"), line
+    assert line.endswith("(every pair of test images, cosine distance)"), line
+    assert "roc_s" in out["timings"]
+
+
 @pytest.mark.slow
 def test_compare_two_images_with_a_threshold_given_or_beside_the_checkpoint(tmp_path):
     import mindspore as ms
