@@ -572,11 +572,15 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
   return keep_plan(key, std::move(plan));
 }
 
+// The fingerprint of one convolution's weights and BatchNorm scales (what its reorder depends on).
+uint64_t weights_fingerprint(const ConvPlan &plan, const void *weights, const void *scales) {
+  return fingerprint(scales, plan.scales.get_size(), fingerprint(weights, plan.user_weights.get_size(), 0));
+}
+
 // The convolution's weights in its layout, scaled by the BatchNorm scales: reordered only when
-// these source weights are new to the plan or their values (or the scales) changed.
-memory &prepared_weights(ConvPlan &plan, dnnl::stream &stream, void *weights, void *scales) {
-  const uint64_t print = fingerprint(scales, plan.scales.get_size(),
-                                     fingerprint(weights, plan.user_weights.get_size(), 0));
+// these source weights are new to the plan or their values (or the scales) changed (`print`:
+// their weights_fingerprint, computed by the caller).
+memory &prepared_weights(ConvPlan &plan, dnnl::stream &stream, void *weights, void *scales, uint64_t print) {
   auto entry = std::find_if(plan.prepared.begin(), plan.prepared.end(),
                             [&](const PreparedWeights &p) { return p.source == weights; });
   if (entry != plan.prepared.end()) {
@@ -608,9 +612,9 @@ memory &prepared_weights(ConvPlan &plan, dnnl::stream &stream, void *weights, vo
 
 // One planned convolution on the caller's buffers (`residual` only for plans with one).
 void execute_conv(ConvPlan &plan, dnnl::stream &stream, void *x, void *weights, void *scales, void *bias, void *y,
-                  void *residual) {
+                  void *residual, uint64_t print) {
   if (plan.winograd) {
-    memory &u = prepared_weights(plan, stream, weights, scales);
+    memory &u = prepared_weights(plan, stream, weights, scales, print);
     winograd_execute(*plan.winograd, stream, x, u, static_cast<const float *>(bias), y);
     return;
   }
@@ -622,7 +626,7 @@ void execute_conv(ConvPlan &plan, dnnl::stream &stream, void *x, void *weights, 
   }
   std::unordered_map<int, memory> args{
       {DNNL_ARG_SRC, src},
-      {DNNL_ARG_WEIGHTS, prepared_weights(plan, stream, weights, scales)},
+      {DNNL_ARG_WEIGHTS, prepared_weights(plan, stream, weights, scales, print)},
       {DNNL_ARG_BIAS, memory(plan.bias, engine, bias)},
       {DNNL_ARG_DST, memory(plan.dst, engine, y)},
       {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.scratch.desc)},
@@ -673,7 +677,8 @@ int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char
     ConvPlan &plan = conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, relu, residual, src_type, dst_type,
                                residual_type, user_src_type);
     dnnl::stream stream(cpu_engine());
-    execute_conv(plan, stream, params[0], params[1], params[2], params[3], params[out], residual ? params[4] : nullptr);
+    execute_conv(plan, stream, params[0], params[1], params[2], params[3], params[out], residual ? params[4] : nullptr,
+                 weights_fingerprint(plan, params[1], params[2]));
     stream.wait();
   } catch (const dnnl::error &e) {
     return fail(e.what());
@@ -1081,6 +1086,7 @@ int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, cons
 constexpr int kBlocks[4] = {3, 4, 6, 3};
 constexpr int kMidChannels[4] = {64, 128, 256, 512};
 constexpr int kConvs = 53;
+constexpr int kPerConv = 5;  // backbone op inputs per convolution: weights, BatchNorm gamma, beta, mean, variance
 // The layout of the activations between the backbone's kernels. Where oneDNN runs AVX512-BF16
 // without AMX (AMD Zen 4, Intel Cooper Lake), channels in blocks of 16 (nChw16c; every channel
 // count here is a multiple of 16): its direct kernels on them ran the network 1.02x (fp32) and
@@ -1210,9 +1216,27 @@ BackbonePlan &backbone_plan(int64_t n, int64_t h, int64_t w, int64_t last_stride
   return *plans.front().second;
 }
 
+// The weights fingerprint of every convolution of the backbone, on all threads at once: reading
+// the 100 MB of float32 weights is bound by one core's memory bandwidth (a tenth of a bf16 call
+// on one core of an Intel Xeon with AMX), the largest convolutions first so the threads end together.
+std::vector<uint64_t> backbone_fingerprints(const BackbonePlan &plan, void **params, const std::vector<int> &order,
+                                            const std::vector<float *> &scale) {
+  std::vector<int> by_size(kConvs);
+  for (int i = 0; i < kConvs; i++) by_size[i] = i;
+  std::sort(by_size.begin(), by_size.end(), [&](int a, int b) {
+    return plan.steps[a].plan->user_weights.get_size() > plan.steps[b].plan->user_weights.get_size();
+  });
+  std::vector<uint64_t> prints(kConvs);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int j = 0; j < kConvs; j++) {
+    const int i = by_size[j];
+    prints[i] = weights_fingerprint(*plan.steps[i].plan, params[2 + kPerConv * order[i]], scale[i]);
+  }
+  return prints;
+}
+
 int run_backbone(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t last_stride,
                  bool bf16) {
-  constexpr int kPerConv = 5;  // weights, then its BatchNorm's gamma, beta, running mean and variance
   if (nparam != 2 + kPerConv * kConvs + 1)
     return fail("backbone: expected the image, the BatchNorm epsilon, 53 x (weights, gamma, beta, mean, variance), "
                 "and the output");
@@ -1272,12 +1296,13 @@ int run_backbone(int nparam, void **params, int *ndims, int64_t **shapes, const 
       }
       folded += 2 * channels;
     }
+    const std::vector<uint64_t> prints = backbone_fingerprints(plan, params, order, scale);
     dnnl::stream stream(cpu_engine());
     auto buffer = [&](int i) { return i < 0 ? params[0] : plan.buffers[i]->data; };
     for (int i = 0; i < kConvs; i++) {
       const Step &s = plan.steps[i];
       execute_conv(*s.plan, stream, buffer(s.in), params[2 + kPerConv * order[i]], scale[i], bias[i], buffer(s.out),
-                   s.residual >= 0 ? buffer(s.residual) : nullptr);
+                   s.residual >= 0 ? buffer(s.residual) : nullptr, prints[i]);
       if (i == 0) {
         plan.pool->fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.pool->src, cpu_engine(), buffer(plan.pool_in))},
                                         {DNNL_ARG_DST, memory(plan.pool->dst, cpu_engine(), buffer(plan.pool_out))},
