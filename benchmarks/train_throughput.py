@@ -1,11 +1,14 @@
 """Training images/s of VehicleNet (fine-tuning step: forward, backward, SGD) on this machine.
 
     python benchmarks/train_throughput.py [--image-size 384] [--batch-size 8] [--seconds 60] [--pipeline]
-                                          [--kernels both|onednn|mindspore]
+                                          [--kernels both|onednn|mindspore] [--precision fp32|bf16|both]
+                                          [--torch-python PYTHON]
 
 The step is the one `vehiclenet finetune` runs (softmax cross-entropy, two SGD
-parameter groups, momentum 0.9, weight decay 1e-4, graph mode, fp32), on the oneDNN
-kernels (vehiclenet/cpu_kernels.py, the default on x86-64 Linux) and on MindSpore's own
+parameter groups, momentum 0.9, weight decay 1e-4, graph mode), on the oneDNN
+kernels (vehiclenet/cpu_kernels.py, the default on x86-64 Linux) in fp32 and, with
+``--precision bf16|both`` on a CPU with native bf16, bf16 (``finetune --precision bf16``:
+the convolutions' passes in bf16, the rest float32), and on MindSpore's own
 operators, in the same run (the machine is shared: the ratio says more than either). Random
 weights and random inputs by default (throughput does not depend on them); the
 first step (graph compilation) is timed separately and excluded. ``--pipeline``
@@ -50,6 +53,8 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true", help="also time with the JPEG + augmentation pipeline")
     parser.add_argument("--kernels", choices=("both", "onednn", "mindspore"), default="both",
                         help="which CPU operators to time (default: both, in the same run)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="fp32",
+                        help="precision of the oneDNN kernels' step (default fp32; both: fp32 and bf16 in turn)")
     parser.add_argument("--torch-python", metavar="PYTHON",
                         help="also time the same step in PyTorch eager (benchmarks/torch_baseline.py --train)")
     args = parser.parse_args()
@@ -58,10 +63,11 @@ def main() -> None:
 
     from vehiclenet import create_network
     from vehiclenet import finetune as ft
+    from vehiclenet.errors import Bf16Unsupported
 
     s, b = args.image_size, args.batch_size
     print(f"mindspore {ms.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"graph mode, fp32, {s}x{s}, batch {b}, {args.num_classes} classes; OpenMP spin-wait shortened: "
+          f"graph mode, {s}x{s}, batch {b}, {args.num_classes} classes; OpenMP spin-wait shortened: "
           f"{vehiclenet.OPENMP_SPIN_SHORTENED}")
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal((b, 3, s, s), dtype=np.float32))
@@ -72,11 +78,17 @@ def main() -> None:
             yield x, y
 
     rates, steps = {}, {}
-    for kernels in ("onednn", "mindspore"):
+    precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    rows = [("onednn", p) for p in precisions] + [("mindspore", "fp32")]
+    for kernels, precision in rows:
         if args.kernels not in ("both", kernels):
             continue
-        net = create_network(pretrained=False, num_classes=args.num_classes, cpu_kernels=kernels == "onednn",
-                             mode="graph")
+        try:
+            net = create_network(pretrained=False, num_classes=args.num_classes, cpu_kernels=kernels == "onednn",
+                                 mode="graph", precision=precision)
+        except Bf16Unsupported as err:
+            print(f"bf16 not available here: {err}; skipped")
+            continue
         if kernels == "onednn" and net.model.train_ops is None:
             print("oneDNN kernels unavailable here (see `vehiclenet info`); skipped")
             continue
@@ -87,12 +99,13 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         step(x, y).asnumpy()
         done, elapsed = _time_steps(step, fixed(), args.seconds, b)
-        rates[kernels], steps[kernels] = done / elapsed, step
-        label = "oneDNN kernels" if kernels == "onednn" else "MindSpore's ops"
-        print(f"train step, {label:15s} (tensors in memory): {done / elapsed:6.2f} img/s  ({elapsed / done * 1000:7.1f} "
+        row = f"oneDNN {precision}" if kernels == "onednn" else "MindSpore's ops"
+        rates[row], steps[row] = done / elapsed, step
+        print(f"train step, {row:15s} (tensors in memory): {done / elapsed:6.2f} img/s  ({elapsed / done * 1000:7.1f} "
               f"ms/img, {done} images in {elapsed:.1f} s; first step incl. compile {compile_s:.1f} s)", flush=True)
-    if len(rates) == 2:
-        print(f"oneDNN kernels / MindSpore's ops: {rates['onednn'] / rates['mindspore']:.2f}x")
+    for row in rates:
+        if row != "oneDNN fp32" and "oneDNN fp32" in rates:
+            print(f"{row} / oneDNN fp32: {rates[row] / rates['oneDNN fp32']:.2f}x")
     if not rates:
         return
 
@@ -132,9 +145,25 @@ def main() -> None:
                   f"({done} images in {elapsed:.1f} s; JPEG decode + augmentations, {args.image_size}x{s})")
 
     if args.torch_python:
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_baseline.py")
-        subprocess.run([args.torch_python, script, "--train", "--seconds", str(args.seconds), "--image-size",
-                        str(s), "--batch-sizes", str(b)], check=True, env=ENV_BEFORE_MINDSPORE)
+        _compare_with_torch(args, rates)
+
+
+def _compare_with_torch(args: argparse.Namespace, rates: dict) -> None:
+    """PyTorch's training step in its three variants (a child process of ``--torch-python``), then
+    our rows as ratios to the matching one: fp32 to fp32 channels-last, bf16 to bf16 autocast."""
+    import re
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_baseline.py")
+    proc = subprocess.run([args.torch_python, script, "--train", "--seconds", str(args.seconds), "--image-size",
+                           str(args.image_size), "--batch-sizes", str(args.batch_size)], check=True,
+                          env=ENV_BEFORE_MINDSPORE, capture_output=True, text=True)
+    print(proc.stdout, end="", flush=True)
+    torch_rates = {m.group(1): float(m.group(2))
+                   for m in re.finditer(r"torch train (\S+)\s+batch\s+\d+:\s+([\d.]+) img/s", proc.stdout)}
+    for ours, theirs in (("oneDNN fp32", "fp32-channels-last"), ("oneDNN fp32", "fp32"),
+                         ("oneDNN bf16", "bf16-autocast-channels-last")):
+        if ours in rates and theirs in torch_rates:
+            print(f"{ours} / torch {theirs}: {rates[ours] / torch_rates[theirs]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def test_backend_is_chosen_at_construction_and_blocks_get_their_ops_by_role(prec
         assert not hasattr(backbone, "use_cpu_kernels") and backbone.bf16 == (precision == "bf16")
         assert _kernel(backbone.backbone_op) == f"VnBackbone{bf16}L{last_stride}"  # what inference runs
         assert _kernel(backbone.nhwc_ops.stem) == f"VnConv{bf16}S2Relu"
-        assert _kernel(backbone.train_ops.stem) == "VnConvTrainNoInputGradS2"
+        assert _kernel(backbone.train_ops.stem) == f"VnConvTrainNoInputGrad{bf16}S2"  # training in bf16 too
         blocks = [b for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for b in layer]
         strides = [b.stride for b in blocks]
         assert strides == [1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1, 1, last_stride, 1, 1]
@@ -77,7 +77,7 @@ def test_backend_is_chosen_at_construction_and_blocks_get_their_ops_by_role(prec
             assert [_kernel(k.conv1), _kernel(k.conv2), _kernel(k.down_sample)] == [
                 f"VnConv{bf16}S1Relu", f"VnConv{bf16}S{s}Relu", f"VnConv{bf16}S{s}"]
             assert [_kernel(t.conv1), _kernel(t.conv2), _kernel(t.down_sample), _kernel(t.conv3)] == [
-                "VnConvTrainS1", f"VnConvTrainS{s}", f"VnConvTrainS{s}", "VnConvTrainS1"]
+                f"VnConvTrain{bf16}S1", f"VnConvTrain{bf16}S{s}", f"VnConvTrain{bf16}S{s}", f"VnConvTrain{bf16}S1"]
             last_add = "VnConvBf16AddS1ReluToF32" if bf16 else "VnConvAddS1Relu"
             assert _kernel(k.conv3_add) == (last_add if block is blocks[-1] else f"VnConv{bf16}AddS1Relu")
     # The kernels add no parameter: the published names and shapes.
@@ -427,6 +427,56 @@ def test_training_convolution_matches_mindspore(in_ch, out_ch, kernel, stride, h
     first_dx, first_dw = _grads(cpu_kernels.train_conv(library_path(), stride, input_grad=False), _nhwc(dy),
                                 _nhwc(x), ms.Tensor(w))
     assert not first_dx.any() and _rel(first_dw, want_dw) <= 1e-5
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """float32 rounded to bf16 (to nearest, ties to even), kept as float32."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+
+
+_NATIVE_BF16 = library_path() is not None and cpu_kernels.cpu_isa(library_path())[1]
+
+
+@pytest.mark.skipif(not _NATIVE_BF16, reason="needs a CPU with native bf16 (AVX512-BF16, AMX)")
+@pytest.mark.parametrize("in_ch,out_ch,kernel,stride,height,width", [
+    (16, 32, 3, 1, 9, 10), (32, 16, 3, 2, 9, 10), (64, 32, 1, 1, 7, 8), (32, 64, 1, 2, 8, 8), (3, 16, 7, 2, 17, 12),
+])
+def test_bf16_training_convolution_is_the_float32_convolution_of_bf16_operands(in_ch, out_ch, kernel, stride, height,
+                                                                                width):
+    """Each bf16 pass (forward, backward to the input, backward to the weights) equals MindSpore's
+    float32 convolution of the bf16-rounded operands to float32 accumulation, and differs from
+    the unrounded float32 result by bf16 rounding only; a convolution oneDNN has no bf16 kernel
+    for (reported as "f32: ...") gives exactly the float32 op's result instead."""
+    import mindspore as ms
+    import mindspore.ops as ops
+
+    rng = np.random.default_rng(in_ch + kernel + stride)
+    x = rng.standard_normal((2, in_ch, height, width)).astype(np.float32)
+    w = rng.standard_normal((out_ch, in_ch, kernel, kernel)).astype(np.float32)
+
+    def plain(x, w):
+        return ops.conv2d(x, w, stride=stride, pad_mode="same")
+
+    dy = rng.standard_normal(plain(ms.Tensor(x), ms.Tensor(w)).shape).astype(np.float32)
+    op = cpu_kernels.train_conv(library_path(), stride, input_grad=True, bf16=True)
+    got = [_nchw(op(_nhwc(x), ms.Tensor(w)))] + _grads(op, _nhwc(dy), _nhwc(x), ms.Tensor(w))
+    got[1] = got[1].transpose(0, 3, 1, 2)
+    exact = [plain(ms.Tensor(x), ms.Tensor(w)).asnumpy()] + _grads(plain, ms.Tensor(dy), ms.Tensor(x), ms.Tensor(w))
+    implementation = cpu_kernels.train_conv_implementation(library_path(), 2, height, width, in_ch, out_ch, kernel,
+                                                           stride, bf16=True)
+    if implementation.startswith("f32: "):
+        for g, e in zip(got, exact):
+            assert _rel(g, e) <= 1e-5, implementation
+        return
+    assert implementation.startswith("bf16: ") and "ref" not in implementation, implementation
+    rx, rw, rdy = _bf16(x), _bf16(w), _bf16(dy)
+    rounded = [plain(ms.Tensor(rx), ms.Tensor(rw)).asnumpy()] + _grads(plain, ms.Tensor(rdy), ms.Tensor(rx),
+                                                                      ms.Tensor(rw))
+    for name, g, r, e in zip(("y", "dx", "dw"), got, rounded, exact):
+        assert g.dtype == np.float32 and g.shape == e.shape, name
+        assert _rel(g, r) <= 2e-5, (name, _rel(g, r), implementation)
+        assert 1e-4 <= _rel(g, e) <= 1e-2, (name, _rel(g, e), implementation)  # bf16, not float32
 
 
 @pytest.mark.parametrize("fused", ["batch_norm", "batch_norm_relu", "batch_norm_add_relu"])

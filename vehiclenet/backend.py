@@ -35,7 +35,8 @@ def check_stride(stride: int) -> int:
 @dataclass(frozen=True)
 class KernelBackend:
     """Run the backbone on the oneDNN kernels of ``library`` (a compiled shared library),
-    inference convolutions in ``precision`` ("fp32" or "bf16"; training is always float32)."""
+    convolutions in ``precision`` ("fp32" or "bf16"), for inference and for training (bf16
+    training: the convolutions' three passes in bf16, everything else float32)."""
 
     library: str
     precision: str = "fp32"

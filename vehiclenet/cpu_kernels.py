@@ -56,10 +56,10 @@ SYMBOLS = tuple(
     [f"VnConv{kind}{op}" for kind in ("", "Bf16") for op in ("S1", "S1Relu", "S2", "S2Relu", "AddS1Relu")]
     + ["VnConvBf16AddS1ReluToF32"]
     + [f"VnBackbone{kind}L{stride}" for kind in ("", "Bf16") for stride in (1, 2)]
-    + [f"VnConv{op}S{stride}" for op in ("Train", "TrainNoInputGrad", "BackwardData", "BackwardWeights")
-       for stride in (1, 2)]
+    + [f"VnConv{op}{kind}S{stride}" for op in ("Train", "TrainNoInputGrad", "BackwardData", "BackwardWeights")
+       for kind in ("", "Bf16") for stride in (1, 2)]
     + ["VnMaxPool3x3S2", "VnMaxPoolTrain3x3S2", "VnMaxPoolBackward3x3S2", "VnBackboneImplementations",
-       "VnWeightReorders", "VnConvImplementation", "VnCpuIsa", "VnBatchNormReluWorkspaceBytes"]
+       "VnWeightReorders", "VnConvImplementation", "VnTrainConvImplementation", "VnCpuIsa", "VnBatchNormReluWorkspaceBytes"]
     + [f"VnBatchNorm{name}" for name in ("Train", "ReluTrain", "Backward", "ReluBackward", "AddReluTrain",
                                          "AddReluBackward")]
 )
@@ -188,6 +188,19 @@ def convolution_implementation(library: str, batch: int, height: int, width: int
     return buffer.value.decode()
 
 
+def train_conv_implementation(library: str, batch: int, height: int, width: int, in_channels: int,
+                              out_channels: int, kernel: int, stride: int, bf16: bool = False) -> str:
+    """What runs a training convolution's three passes, e.g. ``bf16: brgconv:avx512_core_amx /
+    brgconv_bwd_d:avx512_core_amx / brgconv_bwd_w:avx512_core_amx``; ``f32: ...`` where bf16 was
+    asked for but oneDNN has only reference code for it (that convolution then trains in float32)."""
+    lib = ctypes.CDLL(library)
+    buffer = ctypes.create_string_buffer(512)
+    args = [ctypes.c_int64(v) for v in (batch, height, width, in_channels, out_channels, kernel, stride)]
+    if lib.VnTrainConvImplementation(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))) != 0:
+        raise KernelsUnavailable(buffer.value.decode(errors="replace"))
+    return buffer.value.decode()
+
+
 def weight_reorders(library: str) -> int:
     """How many times this process reordered convolution weights into oneDNN's layout. The
     inference kernels do it once per convolution of a network, and again only when its
@@ -301,16 +314,19 @@ def _halved(x, stride: int) -> list:
     return [x[0], -(-x[1] // stride), -(-x[2] // stride)]
 
 
-def train_conv(library: str, stride: int, input_grad: bool = True):
+def train_conv(library: str, stride: int, input_grad: bool = True, bf16: bool = False):
     """(x NHWC, weights OIHW) -> y NHWC, no bias. Its gradient is oneDNN's backward-to-input
     and backward-to-weights (OIHW, so it lands on the same Parameter as MindSpore's Conv2D
     would); with ``input_grad=False`` (the first layer, whose input is the image) the
-    backward-to-input is skipped and returns zeros."""
+    backward-to-input is skipped and returns zeros. With ``bf16`` all three passes compute in
+    bf16 with float32 accumulation; tensors in and out stay float32."""
     from mindspore import ops
 
     check_stride(stride)
-    backward_data = _aot(library, f"VnConvBackwardDataS{stride}", lambda dy, w, x: x, lambda dy, w, x: dy)
-    backward_weights = _aot(library, f"VnConvBackwardWeightsS{stride}", lambda x, dy, w: w, lambda x, dy, w: dy)
+    kind = "Bf16" if bf16 else ""
+    backward_data = _aot(library, f"VnConvBackwardData{kind}S{stride}", lambda dy, w, x: x, lambda dy, w, x: dy)
+    backward_weights = _aot(library, f"VnConvBackwardWeights{kind}S{stride}", lambda x, dy, w: w,
+                            lambda x, dy, w: dy)
 
     def bprop(x, w, out, dout):
         return backward_data(dout, w, x), backward_weights(x, dout, w)
@@ -318,7 +334,7 @@ def train_conv(library: str, stride: int, input_grad: bool = True):
     def bprop_weights_only(x, w, out, dout):
         return ops.zeros_like(x), backward_weights(x, dout, w)
 
-    name = f"VnConvTrainS{stride}" if input_grad else f"VnConvTrainNoInputGradS{stride}"
+    name = f"VnConvTrain{kind}S{stride}" if input_grad else f"VnConvTrainNoInputGrad{kind}S{stride}"
     return _aot(library, name, lambda x, w: _halved(x, stride) + [w[0]], lambda x, w: x,
                 bprop if input_grad else bprop_weights_only)
 
@@ -398,14 +414,18 @@ def _train_max_pool(library: str):
                 lambda x: [x, mstype.uint8], bprop)
 
 
-def make_train_ops(library: str) -> TrainOps:
+def make_train_ops(library: str, precision: str = "fp32") -> TrainOps:
     """Differentiable MindSpore custom ops over ``library`` for training on NHWC activations,
-    by role (see :class:`TrainOps`); each op's gradient is oneDNN's backward kernel."""
+    by role (see :class:`TrainOps`); each op's gradient is oneDNN's backward kernel. With
+    ``precision="bf16"`` the convolutions compute in bf16 (forward, backward to the input and
+    to the weights, float32 accumulation); BatchNorm, max-pool, the activations between the
+    ops, the weights and their gradients stay float32."""
+    bf16 = check_precision(precision) == "bf16"
     return TrainOps(
-        stem=train_conv(library, 2, input_grad=False),
+        stem=train_conv(library, 2, input_grad=False, bf16=bf16),
         max_pool=_train_max_pool(library),
-        conv_s1=train_conv(library, 1),
-        conv_s2=train_conv(library, 2),
+        conv_s1=train_conv(library, 1, bf16=bf16),
+        conv_s2=train_conv(library, 2, bf16=bf16),
         batch_norm=_train_batch_norm(library, relu=False),
         batch_norm_relu=_train_batch_norm(library, relu=True),
         batch_norm_add_relu=_train_batch_norm_add_relu(library),

@@ -321,20 +321,28 @@ def create_optimizer(net, lr, *, momentum: float = MOMENTUM, weight_decay: float
     return nn.SGD(groups, learning_rate=groups[1]["lr"], momentum=momentum, weight_decay=weight_decay)
 
 
-def build_train_step(net, optimizer):
+def build_train_step(net, optimizer, precision: Optional[str] = None):
     """Softmax cross-entropy + one optimizer step, as a cell: ``loss = step(images, labels)``.
 
     Sets the network to training mode. Under data-parallel mode (see
-    :func:`init_data_parallel`) the gradients are all-reduced and averaged.
+    :func:`init_data_parallel`) the gradients are all-reduced and averaged. The step computes
+    in the precision the network was created with (``create_network(precision="bf16")``: the
+    convolutions in bf16, everything else float32); ``precision``, if given, must be that one.
     """
     import mindspore.nn as nn
 
     from . import OPENMP_SPIN_SHORTENED
+    from .backend import check_precision
 
+    backend = getattr(getattr(net, "model", None), "backend", None)
+    has = backend.precision if backend is not None else "fp32"
+    if precision is not None and check_precision(precision) != has:
+        raise ValueError(f"the network computes in {has}: create it with create_network(..., precision="
+                         f"{precision!r}) to train in {precision}")
     on_kernels = getattr(getattr(net, "model", None), "train_ops", None) is not None
     if on_kernels and not OPENMP_SPIN_SHORTENED:
         LOG.warning("GNU OpenMP was loaded before vehiclenet could shorten its spin-wait (mindspore was imported "
-                    "first): training on the oneDNN CPU kernels runs about 8 %% slower. Import vehiclenet before "
+                    "first): training on the oneDNN CPU kernels runs about 8 % slower. Import vehiclenet before "
                     "mindspore, or set GOMP_SPINCOUNT=10000 in the environment.")
     net.set_train(True)
     loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
@@ -678,7 +686,8 @@ def _prepare_dataset(training: TrainingData, *, batch_size: int, image_size, num
 
 
 def _build_training(num_classes: int, *, pretrained: Union[bool, str], checkpoint: Optional[PathLike],
-                    device_target: Optional[str], schedule: Callable[[], np.ndarray]) -> Tuple[object, object, object]:
+                    device_target: Optional[str], schedule: Callable[[], np.ndarray],
+                    precision: str = "fp32") -> Tuple[object, object, object]:
     """``(net, optimizer, train step)``: the weights ``pretrained``/``checkpoint`` name, ``schedule()``'s rates."""
     from .model import create_network, weights_path
 
@@ -686,7 +695,7 @@ def _build_training(num_classes: int, *, pretrained: Union[bool, str], checkpoin
     with held("building the network"):
         # pretrained passed on: an asset's last_stride comes with it (net.weights_meta).
         net = create_network(pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                             device_target=device_target, mode="graph")  # training runs compiled
+                             device_target=device_target, mode="graph", precision=precision)  # training runs compiled
         optimizer = create_optimizer(net, schedule())
         return net, optimizer, build_train_step(net, optimizer)
 
@@ -764,14 +773,17 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
              warmup_epochs: Optional[float] = None, decay_epochs: Optional[Sequence[int]] = None,
              eval_data: Optional[PathLike] = None, eval_every: int = 0, distributed: Optional[bool] = None,
              max_steps_per_epoch: Optional[int] = None, seed: Optional[int] = None, device_target: Optional[str] = None,
-             on_epoch: Optional[Callable[[EpochStats], None]] = None) -> FinetuneResult:
+             precision: str = "fp32", on_epoch: Optional[Callable[[EpochStats], None]] = None) -> FinetuneResult:
     """Fine-tune VehicleNet on ``data``, writing ``labels.json`` and checkpoints into ``out``.
 
     Starts from the published weights (``pretrained=True``), a local ``checkpoint``,
     random weights (``pretrained=False``), or continues a previous run (``resume``:
     weights, SGD state, epoch and step). ``distributed=None`` turns data-parallel on
-    when a launcher such as msrun started several workers. ``on_epoch`` is called
-    with each epoch's :class:`EpochStats` (rank 0 only).
+    when a launcher such as msrun started several workers. ``precision="bf16"`` runs the
+    convolutions' forward and backward passes in bf16 on the oneDNN CPU kernels (float32
+    accumulation; BatchNorm, master weights, gradients and SGD in float32; checkpoints unchanged),
+    and raises :class:`~vehiclenet.errors.Bf16Unsupported` where the CPU has no native bf16.
+    ``on_epoch`` is called with each epoch's :class:`EpochStats` (rank 0 only).
     """
     ms = import_mindspore()
 
@@ -779,6 +791,9 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
     # start must not overwrite the labels.json or prune the checkpoints of an earlier one.
     _check_run_arguments(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, save_every=save_every,
                          keep_max=keep_max, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
+    from .backend import check_precision
+
+    check_precision(precision)
     training = _check_inputs(data, out, resume, eval_data)
     rank, size = _join_workers(distributed, device_target)
     if seed is not None:
@@ -791,6 +806,7 @@ def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int
         checkpoint, pretrained = None, False
     net, optimizer, step_cell = _build_training(
         training.num_classes, pretrained=pretrained, checkpoint=checkpoint, device_target=device_target,
+        precision=precision,
         schedule=lambda: lr_schedule(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs,
                                      decay_epochs=decay_epochs))
     start_epoch, global_step = _resume_position(step_cell, optimizer, resume, epochs)

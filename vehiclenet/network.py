@@ -245,7 +245,7 @@ def _kernel_ops(backend: Optional[KernelBackend]) -> Tuple[Optional[InferenceOps
         return None, None
     from .cpu_kernels import make_ops, make_train_ops
 
-    return make_ops(backend.library, backend.precision), make_train_ops(backend.library)
+    return make_ops(backend.library, backend.precision), make_train_ops(backend.library, backend.precision)
 
 
 class Head(nn.Cell):

@@ -33,6 +33,10 @@ def add_finetune_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--eval-every", type=int, default=0, metavar="E", help="evaluate on --eval-data every E epochs")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=None, help="seed for weights, data order and augmentations")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="convolution arithmetic: fp32 (default) or bf16 (forward and both backward passes in "
+                   "bfloat16 with float32 accumulation; BatchNorm, weights, gradients and the optimizer stay "
+                   "float32, checkpoints as in fp32); bf16 needs a CPU with AVX512-BF16 or AMX")
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -76,7 +80,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         pretrained=not args.no_pretrained, checkpoint=args.checkpoint, resume=args.resume,
         num_workers=args.num_workers, save_every=args.save_every, keep_max=args.keep_max,
         warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs, eval_data=args.eval_data,
-        eval_every=args.eval_every, max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed, on_epoch=show,
+        eval_every=args.eval_every, max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed,
+        precision=args.precision, on_epoch=show,
     )
     if result.rank == 0:
         lines = [f"{result.num_classes} identities, labels in {result.labels_file}"

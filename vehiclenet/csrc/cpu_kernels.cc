@@ -103,6 +103,17 @@ bool activation_type(const char *dtype, dt *type) {
   return false;
 }
 
+// A 64-byte aligned buffer (what oneDNN's kernels prefer).
+struct Buffer {
+  void *data = nullptr;
+  explicit Buffer(size_t bytes) : data(std::aligned_alloc(64, (bytes + 63) / 64 * 64)) {
+    if (!data) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer &) = delete;
+  Buffer &operator=(const Buffer &) = delete;
+};
+
 // A user scratchpad big enough for every primitive of one plan.
 struct Scratch {
   memory::desc desc;
@@ -712,41 +723,68 @@ struct Reordered {
   }
 };
 
+// In bf16 the three passes compute on bf16 copies of x and dy (converted inside the op, so
+// MindSpore's activations, BatchNorm and gradients stay float32) and on bf16 weights, and
+// write float32 y, dx and dw: oneDNN accumulates in float32, the master weights and the
+// optimizer never see bf16. A convolution whose bf16 passes would run oneDNN's reference code
+// keeps float32.
 struct TrainConvPlan {
-  memory::desc src, dst, user_weights;
+  memory::desc src, dst, user_weights;  // float32, as MindSpore holds them
+  memory::desc src_c, dst_c;            // what the passes compute on: src, dst or their bf16 copies
+  dnnl::reorder to_src_c, to_dst_c;     // float32 -> bf16 (bf16 plans only)
+  bool bf16 = false;
   dnnl::convolution_forward fwd;
   dnnl::convolution_backward_data bwd_data;
   dnnl::convolution_backward_weights bwd_weights;
   memory::desc fwd_scratch, data_scratch, weights_scratch;
   Reordered fwd_w, data_w, diff_w;
   Scratch scratch;
+  std::string implementation;  // of the three passes: "forward / backward data / backward weights"
 };
 
-TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
-  std::string key = key_of({n, h, w, cin, cout, k, stride});
-  if (auto *found = cached_plan<TrainConvPlan>(key)) return *found;
+// Buffers for the bf16 copies of x (0) and dy (1), shared by every plan (calls hold the kernel mutex).
+memory converted(int which, const memory::desc &desc) {
+  static std::unique_ptr<Buffer> buffers[2];
+  static size_t sizes[2] = {0, 0};
+  if (desc.get_size() > sizes[which]) {
+    buffers[which].reset();
+    buffers[which] = std::make_unique<Buffer>(desc.get_size());
+    sizes[which] = desc.get_size();
+  }
+  return memory(desc, cpu_engine(), buffers[which]->data);
+}
 
+std::unique_ptr<TrainConvPlan> build_train_conv_plan(const ConvWindow &window, bool bf16) {
   auto plan = std::make_unique<TrainConvPlan>();
-  const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride);
+  plan->bf16 = bf16;
   plan->src = window.src;
   plan->dst = window.dst;
   plan->user_weights = window.user_weights;
-  const memory::desc &any_weights = window.any_weights;
+  plan->src_c = bf16 ? memory::desc(window.src.get_dims(), dt::bf16, window.src.get_strides()) : window.src;
+  plan->dst_c = bf16 ? memory::desc(window.dst.get_dims(), dt::bf16, window.dst.get_strides()) : window.dst;
+  const memory::desc any_weights(window.user_weights.get_dims(), bf16 ? dt::bf16 : dt::f32, tag::any);
+  const memory::desc any_diff_weights(window.user_weights.get_dims(), dt::f32, tag::any);
   const memory::dims &strides = window.strides, &pad_l = window.pad_l, &pad_r = window.pad_r;
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
 
   dnnl::convolution_forward::primitive_desc fwd(cpu_engine(), dnnl::prop_kind::forward_training,
-                                                dnnl::algorithm::convolution_direct, plan->src, any_weights,
+                                                dnnl::algorithm::convolution_direct, plan->src_c, any_weights,
                                                 plan->dst, strides, pad_l, pad_r, attr);
   dnnl::convolution_backward_data::primitive_desc data(cpu_engine(), dnnl::algorithm::convolution_direct, plan->src,
-                                                       any_weights, plan->dst, strides, pad_l, pad_r, fwd, attr);
+                                                       any_weights, plan->dst_c, strides, pad_l, pad_r, fwd, attr);
   dnnl::convolution_backward_weights::primitive_desc weights(cpu_engine(), dnnl::algorithm::convolution_direct,
-                                                             plan->src, any_weights, plan->dst, strides, pad_l,
-                                                             pad_r, fwd, attr);
+                                                             plan->src_c, any_diff_weights, plan->dst_c, strides,
+                                                             pad_l, pad_r, fwd, attr);
+  plan->implementation = std::string(fwd.impl_info_str()) + " / " + data.impl_info_str() + " / " +
+                         weights.impl_info_str();
   plan->fwd = dnnl::convolution_forward(fwd);
   plan->bwd_data = dnnl::convolution_backward_data(data);
   plan->bwd_weights = dnnl::convolution_backward_weights(weights);
+  if (bf16) {
+    plan->to_src_c = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->src, cpu_engine(), plan->src_c));
+    plan->to_dst_c = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->dst, cpu_engine(), plan->dst_c));
+  }
   plan->fwd_w = Reordered(plan->user_weights, fwd.weights_desc(), false);
   plan->data_w = Reordered(plan->user_weights, data.weights_desc(), false);
   plan->diff_w = Reordered(plan->user_weights, weights.diff_weights_desc(), true);
@@ -754,6 +792,23 @@ TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int
   plan->data_scratch = data.scratchpad_desc();
   plan->weights_scratch = weights.scratchpad_desc();
   for (const auto &d : {plan->fwd_scratch, plan->data_scratch, plan->weights_scratch}) plan->scratch.fit(d);
+  return plan;
+}
+
+TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
+                               bool bf16) {
+  std::string key = key_of({n, h, w, cin, cout, k, stride, bf16});
+  if (auto *found = cached_plan<TrainConvPlan>(key)) return *found;
+  const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride);
+  std::unique_ptr<TrainConvPlan> plan;
+  if (bf16) {
+    try {
+      plan = build_train_conv_plan(window, true);
+    } catch (const dnnl::error &) {  // no bf16 implementation at all: float32 below
+    }
+    if (plan && plan->implementation.find("ref") != std::string::npos) plan.reset();
+  }
+  if (!plan) plan = build_train_conv_plan(window, false);
   return keep_plan(key, std::move(plan));
 }
 
@@ -772,7 +827,7 @@ enum class ConvPass { forward, backward_data, backward_weights };
 //   backward_data:    dy (N, OH, OW, Cout), w, x (for its shape)     -> dx (N, H, W, Cin)
 //   backward_weights: x, dy, w (for its shape)                       -> dw (Cout, Cin, K, K)
 int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t stride,
-                   ConvPass pass) {
+                   ConvPass pass, bool bf16) {
   const int inputs = pass == ConvPass::forward ? 2 : 3;
   if (nparam != inputs + 1) return fail("training convolution: wrong number of inputs");
   for (int i = 0; i <= inputs; i++) {
@@ -799,27 +854,35 @@ int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, cons
   }
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    TrainConvPlan &plan = train_conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride);
+    TrainConvPlan &plan = train_conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, bf16);
     auto &engine = cpu_engine();
     dnnl::stream stream(engine);
     void *out = params[inputs];
+    // x (0) or dy (1) as the passes compute on them: as given, or their bf16 copies.
+    auto computed = [&](int which, void *data) {
+      memory given(which == 0 ? plan.src : plan.dst, engine, data);
+      if (!plan.bf16) return given;
+      memory copy = converted(which, which == 0 ? plan.src_c : plan.dst_c);
+      (which == 0 ? plan.to_src_c : plan.to_dst_c).execute(stream, given, copy);
+      return copy;
+    };
     if (pass == ConvPass::forward) {
       memory weights = weights_for(plan.fwd_w, plan.user_weights, params[1], stream);
-      plan.fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
+      plan.fwd.execute(stream, {{DNNL_ARG_SRC, computed(0, params[0])},
                                 {DNNL_ARG_WEIGHTS, weights},
                                 {DNNL_ARG_DST, memory(plan.dst, engine, out)},
                                 {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
     } else if (pass == ConvPass::backward_data) {
       memory weights = weights_for(plan.data_w, plan.user_weights, params[1], stream);
-      plan.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, memory(plan.dst, engine, params[0])},
+      plan.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, computed(1, params[0])},
                                      {DNNL_ARG_WEIGHTS, weights},
                                      {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, out)},
                                      {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.data_scratch)}});
     } else {
       memory user(plan.user_weights, engine, out);
       memory diff = plan.diff_w.needed ? *plan.diff_w.buffer : user;
-      plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, memory(plan.src, engine, params[0])},
-                                        {DNNL_ARG_DIFF_DST, memory(plan.dst, engine, params[1])},
+      plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, computed(0, params[0])},
+                                        {DNNL_ARG_DIFF_DST, computed(1, params[1])},
                                         {DNNL_ARG_DIFF_WEIGHTS, diff},
                                         {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.weights_scratch)}});
       if (plan.diff_w.needed) plan.diff_w.reorder.execute(stream, diff, user);
@@ -1097,17 +1160,6 @@ tag preferred_layout() {
   return dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx512_core_bf16 ? tag::nChw16c : tag::nhwc;
 }
 
-// A 64-byte aligned buffer (what oneDNN's kernels prefer).
-struct Buffer {
-  void *data = nullptr;
-  explicit Buffer(size_t bytes) : data(std::aligned_alloc(64, (bytes + 63) / 64 * 64)) {
-    if (!data) throw std::bad_alloc();
-  }
-  ~Buffer() { std::free(data); }
-  Buffer(const Buffer &) = delete;
-  Buffer &operator=(const Buffer &) = delete;
-};
-
 // One step of the backbone: a planned convolution and where its operands live.
 struct Step {
   ConvPlan *plan;
@@ -1364,20 +1416,29 @@ VN_BACKBONE(VnBackboneL2, 2, false)
 VN_BACKBONE(VnBackboneBf16L1, 1, true)
 VN_BACKBONE(VnBackboneBf16L2, 2, true)
 
-#define VN_TRAIN_CONV(name, stride, pass)                                                                      \
+#define VN_TRAIN_CONV(name, stride, pass, bf16)                                                                \
   int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
-    return run_train_conv(nparam, params, ndims, shapes, dtypes, stride, pass);                                   \
+    return run_train_conv(nparam, params, ndims, shapes, dtypes, stride, pass, bf16);                             \
   }
-VN_TRAIN_CONV(VnConvTrainS1, 1, ConvPass::forward)
-VN_TRAIN_CONV(VnConvTrainS2, 2, ConvPass::forward)
+VN_TRAIN_CONV(VnConvTrainS1, 1, ConvPass::forward, false)
+VN_TRAIN_CONV(VnConvTrainS2, 2, ConvPass::forward, false)
 // The same forward under another name, for a first layer whose input needs no gradient:
 // MindSpore's graph mode finds a custom op's bprop by its function, so the name must differ.
-VN_TRAIN_CONV(VnConvTrainNoInputGradS1, 1, ConvPass::forward)
-VN_TRAIN_CONV(VnConvTrainNoInputGradS2, 2, ConvPass::forward)
-VN_TRAIN_CONV(VnConvBackwardDataS1, 1, ConvPass::backward_data)
-VN_TRAIN_CONV(VnConvBackwardDataS2, 2, ConvPass::backward_data)
-VN_TRAIN_CONV(VnConvBackwardWeightsS1, 1, ConvPass::backward_weights)
-VN_TRAIN_CONV(VnConvBackwardWeightsS2, 2, ConvPass::backward_weights)
+VN_TRAIN_CONV(VnConvTrainNoInputGradS1, 1, ConvPass::forward, false)
+VN_TRAIN_CONV(VnConvTrainNoInputGradS2, 2, ConvPass::forward, false)
+VN_TRAIN_CONV(VnConvBackwardDataS1, 1, ConvPass::backward_data, false)
+VN_TRAIN_CONV(VnConvBackwardDataS2, 2, ConvPass::backward_data, false)
+VN_TRAIN_CONV(VnConvBackwardWeightsS1, 1, ConvPass::backward_weights, false)
+VN_TRAIN_CONV(VnConvBackwardWeightsS2, 2, ConvPass::backward_weights, false)
+// The same passes computing in bf16, float32 in and out (see TrainConvPlan).
+VN_TRAIN_CONV(VnConvTrainBf16S1, 1, ConvPass::forward, true)
+VN_TRAIN_CONV(VnConvTrainBf16S2, 2, ConvPass::forward, true)
+VN_TRAIN_CONV(VnConvTrainNoInputGradBf16S1, 1, ConvPass::forward, true)
+VN_TRAIN_CONV(VnConvTrainNoInputGradBf16S2, 2, ConvPass::forward, true)
+VN_TRAIN_CONV(VnConvBackwardDataBf16S1, 1, ConvPass::backward_data, true)
+VN_TRAIN_CONV(VnConvBackwardDataBf16S2, 2, ConvPass::backward_data, true)
+VN_TRAIN_CONV(VnConvBackwardWeightsBf16S1, 1, ConvPass::backward_weights, true)
+VN_TRAIN_CONV(VnConvBackwardWeightsBf16S2, 2, ConvPass::backward_weights, true)
 
 // Max-pool 3x3, stride 2, NHWC in and out: x (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C).
 // Padding is ignored by the maximum, as in MindSpore's MaxPool with pad_mode="same".
@@ -1424,6 +1485,21 @@ int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
     const dt type = bf16 ? dt::bf16 : dt::f32;
     ConvPlan &plan = conv_plan(n, h, w, cin, cout, k, stride, true, false, type, type, type, dt::f32);
     std::snprintf(out, size, "%s", plan.implementation.c_str());
+  } catch (const std::exception &e) {
+    std::snprintf(out, size, "%s", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+// The implementations of a training convolution's passes, "forward / backward data / backward
+// weights" (with bf16 != 0, of the bf16 passes, or float32's where those would be reference code).
+int VnTrainConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
+                              int bf16, char *out, int size) {
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    TrainConvPlan &plan = train_conv_plan(n, h, w, cin, cout, k, stride, bf16 != 0);
+    std::snprintf(out, size, "%s%s", plan.bf16 ? "bf16: " : "f32: ", plan.implementation.c_str());
   } catch (const std::exception &e) {
     std::snprintf(out, size, "%s", e.what());
     return 1;
