@@ -56,7 +56,7 @@ SYMBOLS = tuple(
     [f"VnConv{kind}{op}" for kind in ("", "Bf16") for op in ("S1", "S1Relu", "S2", "S2Relu", "AddS1Relu")]
     + ["VnConvBf16AddS1ReluToF32"]
     + [f"VnBackbone{kind}L{stride}" for kind in ("", "Bf16") for stride in (1, 2)]
-    + [f"VnConv{op}{kind}S{stride}" for op in ("Train", "TrainNoInputGrad", "BackwardData", "BackwardWeights")
+    + [f"VnConv{op}{kind}S{stride}" for op in ("Train", "TrainNoInputGrad", "Backward", "BackwardWeights")
        for kind in ("", "Bf16") for stride in (1, 2)]
     + ["VnMaxPool3x3S2", "VnMaxPoolTrain3x3S2", "VnMaxPoolBackward3x3S2", "VnBackboneImplementations",
        "VnWeightReorders", "VnConvImplementation", "VnTrainConvImplementation", "VnCpuIsa", "VnBatchNormReluWorkspaceBytes"]
@@ -324,12 +324,14 @@ def train_conv(library: str, stride: int, input_grad: bool = True, bf16: bool = 
 
     check_stride(stride)
     kind = "Bf16" if bf16 else ""
-    backward_data = _aot(library, f"VnConvBackwardData{kind}S{stride}", lambda dy, w, x: x, lambda dy, w, x: dy)
+    # Both gradients in one op: it reads (and in bf16 converts) dy once.
+    backward = _aot(library, f"VnConvBackward{kind}S{stride}", lambda dy, w, x: [x, w], lambda dy, w, x: [dy, dy])
     backward_weights = _aot(library, f"VnConvBackwardWeights{kind}S{stride}", lambda x, dy, w: w,
                             lambda x, dy, w: dy)
 
     def bprop(x, w, out, dout):
-        return backward_data(dout, w, x), backward_weights(x, dout, w)
+        dx, dw = backward(dout, w, x)
+        return dx, dw
 
     def bprop_weights_only(x, w, out, dout):
         return ops.zeros_like(x), backward_weights(x, dout, w)

@@ -820,30 +820,33 @@ memory weights_for(Reordered &r, const memory::desc &user, void *data, dnnl::str
   return *r.buffer;
 }
 
-enum class ConvPass { forward, backward_data, backward_weights };
+enum class ConvPass { forward, backward, backward_weights };
 
-// Inputs and output per pass (all activations NHWC, weights OIHW):
-//   forward:          x (N, H, W, Cin), w (Cout, Cin, K, K)          -> y (N, OH, OW, Cout)
-//   backward_data:    dy (N, OH, OW, Cout), w, x (for its shape)     -> dx (N, H, W, Cin)
-//   backward_weights: x, dy, w (for its shape)                       -> dw (Cout, Cin, K, K)
+// Inputs and outputs per pass (all activations NHWC, weights OIHW):
+//   forward:          x (N, H, W, Cin), w (Cout, Cin, K, K)      -> y (N, OH, OW, Cout)
+//   backward:         dy (N, OH, OW, Cout), w, x                 -> dx (N, H, W, Cin), dw (Cout, Cin, K, K)
+//   backward_weights: x, dy, w (for its shape)                   -> dw
+// One backward op for both gradients reads (and in bf16 converts) dy once.
 int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t stride,
                    ConvPass pass, bool bf16) {
-  const int inputs = pass == ConvPass::forward ? 2 : 3;
-  if (nparam != inputs + 1) return fail("training convolution: wrong number of inputs");
-  for (int i = 0; i <= inputs; i++) {
+  const int inputs = pass == ConvPass::forward ? 2 : 3, outputs = pass == ConvPass::backward ? 2 : 1;
+  if (nparam != inputs + outputs) return fail("training convolution: wrong number of inputs");
+  for (int i = 0; i < nparam; i++) {
     if (!is_f32(dtypes[i]) || ndims[i] != 4) return fail("training convolution: tensors must be 4-d float32");
   }
   int x_at = 0, w_at = 1, dy_at = 0;
-  if (pass == ConvPass::backward_data) x_at = 2;
+  if (pass == ConvPass::backward) x_at = 2;
   if (pass == ConvPass::backward_weights) dy_at = 1, w_at = 2;
   const int64_t *x = shapes[x_at], *wt = shapes[w_at];
   const int64_t oh = (x[1] + stride - 1) / stride, ow = (x[2] + stride - 1) / stride;
   const int64_t y[4] = {x[0], oh, ow, wt[0]};
   const int64_t *dy = pass == ConvPass::forward ? shapes[inputs] : shapes[dy_at];
   const int64_t *result = shapes[inputs];
-  const int64_t *expected = pass == ConvPass::forward ? y : pass == ConvPass::backward_data ? x : wt;
+  const int64_t *expected = pass == ConvPass::forward ? y : pass == ConvPass::backward ? x : wt;
   bool ok = wt[1] == x[3] && wt[2] == wt[3] && stride >= 1;
   for (int d = 0; d < 4; d++) ok = ok && dy[d] == y[d] && result[d] == expected[d];
+  if (pass == ConvPass::backward)
+    for (int d = 0; d < 4; d++) ok = ok && shapes[inputs + 1][d] == wt[d];
   if (!ok) {
     char message[256];
     std::snprintf(message, sizeof(message),
@@ -872,17 +875,20 @@ int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, cons
                                 {DNNL_ARG_WEIGHTS, weights},
                                 {DNNL_ARG_DST, memory(plan.dst, engine, out)},
                                 {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
-    } else if (pass == ConvPass::backward_data) {
-      memory weights = weights_for(plan.data_w, plan.user_weights, params[1], stream);
-      plan.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, computed(1, params[0])},
-                                     {DNNL_ARG_WEIGHTS, weights},
-                                     {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, out)},
-                                     {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.data_scratch)}});
     } else {
-      memory user(plan.user_weights, engine, out);
+      const bool both = pass == ConvPass::backward;
+      memory diff_dst = computed(1, params[both ? 0 : 1]);
+      if (both) {
+        memory weights = weights_for(plan.data_w, plan.user_weights, params[1], stream);
+        plan.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
+                                       {DNNL_ARG_WEIGHTS, weights},
+                                       {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, out)},
+                                       {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.data_scratch)}});
+      }
+      memory user(plan.user_weights, engine, params[both ? inputs + 1 : inputs]);
       memory diff = plan.diff_w.needed ? *plan.diff_w.buffer : user;
-      plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, computed(0, params[0])},
-                                        {DNNL_ARG_DIFF_DST, computed(1, params[1])},
+      plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, computed(0, params[both ? 2 : 0])},
+                                        {DNNL_ARG_DIFF_DST, diff_dst},
                                         {DNNL_ARG_DIFF_WEIGHTS, diff},
                                         {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.weights_scratch)}});
       if (plan.diff_w.needed) plan.diff_w.reorder.execute(stream, diff, user);
@@ -1426,8 +1432,8 @@ VN_TRAIN_CONV(VnConvTrainS2, 2, ConvPass::forward, false)
 // MindSpore's graph mode finds a custom op's bprop by its function, so the name must differ.
 VN_TRAIN_CONV(VnConvTrainNoInputGradS1, 1, ConvPass::forward, false)
 VN_TRAIN_CONV(VnConvTrainNoInputGradS2, 2, ConvPass::forward, false)
-VN_TRAIN_CONV(VnConvBackwardDataS1, 1, ConvPass::backward_data, false)
-VN_TRAIN_CONV(VnConvBackwardDataS2, 2, ConvPass::backward_data, false)
+VN_TRAIN_CONV(VnConvBackwardS1, 1, ConvPass::backward, false)
+VN_TRAIN_CONV(VnConvBackwardS2, 2, ConvPass::backward, false)
 VN_TRAIN_CONV(VnConvBackwardWeightsS1, 1, ConvPass::backward_weights, false)
 VN_TRAIN_CONV(VnConvBackwardWeightsS2, 2, ConvPass::backward_weights, false)
 // The same passes computing in bf16, float32 in and out (see TrainConvPlan).
@@ -1435,8 +1441,8 @@ VN_TRAIN_CONV(VnConvTrainBf16S1, 1, ConvPass::forward, true)
 VN_TRAIN_CONV(VnConvTrainBf16S2, 2, ConvPass::forward, true)
 VN_TRAIN_CONV(VnConvTrainNoInputGradBf16S1, 1, ConvPass::forward, true)
 VN_TRAIN_CONV(VnConvTrainNoInputGradBf16S2, 2, ConvPass::forward, true)
-VN_TRAIN_CONV(VnConvBackwardDataBf16S1, 1, ConvPass::backward_data, true)
-VN_TRAIN_CONV(VnConvBackwardDataBf16S2, 2, ConvPass::backward_data, true)
+VN_TRAIN_CONV(VnConvBackwardBf16S1, 1, ConvPass::backward, true)
+VN_TRAIN_CONV(VnConvBackwardBf16S2, 2, ConvPass::backward, true)
 VN_TRAIN_CONV(VnConvBackwardWeightsBf16S1, 1, ConvPass::backward_weights, true)
 VN_TRAIN_CONV(VnConvBackwardWeightsBf16S2, 2, ConvPass::backward_weights, true)
 
