@@ -180,23 +180,25 @@ def convolution_implementation(library: str, batch: int, height: int, width: int
                                out_channels: int, kernel: int, stride: int, bf16: bool = False) -> str:
     """The oneDNN implementation that runs a convolution of this shape, e.g.
     ``brgconv:avx512_core`` (what benchmarks print to show the fast path is taken)."""
-    lib = ctypes.CDLL(library)
-    buffer = ctypes.create_string_buffer(256)
-    args = [ctypes.c_int64(v) for v in (batch, height, width, in_channels, out_channels, kernel, stride)]
-    if lib.VnConvImplementation(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))) != 0:
-        raise KernelsUnavailable(buffer.value.decode(errors="replace"))
-    return buffer.value.decode()
+    return _implementation(library, "VnConvImplementation", (batch, height, width, in_channels, out_channels,
+                                                             kernel, stride), bf16)
 
 
 def train_conv_implementation(library: str, batch: int, height: int, width: int, in_channels: int,
                               out_channels: int, kernel: int, stride: int, bf16: bool = False) -> str:
     """What runs a training convolution's three passes, e.g. ``bf16: brgconv:avx512_core_amx /
-    brgconv_bwd_d:avx512_core_amx / brgconv_bwd_w:avx512_core_amx``; ``f32: ...`` where bf16 was
-    asked for but oneDNN has only reference code for it (that convolution then trains in float32)."""
-    lib = ctypes.CDLL(library)
+    brg_fwd:avx512_core_amx+brgconv:avx512_core_amx / brgconv_bwd_w:avx512_core_amx`` (forward,
+    backward to the input, backward to the weights); ``f32: ...`` where bf16 was asked for but
+    oneDNN has only reference code for it (that convolution then trains in float32)."""
+    return _implementation(library, "VnTrainConvImplementation", (batch, height, width, in_channels, out_channels,
+                                                                  kernel, stride), bf16)
+
+
+def _implementation(library: str, function: str, shape: Tuple[int, ...], bf16: bool) -> str:
+    """The text an implementation-reporting entry point of ``library`` writes for ``shape``."""
     buffer = ctypes.create_string_buffer(512)
-    args = [ctypes.c_int64(v) for v in (batch, height, width, in_channels, out_channels, kernel, stride)]
-    if lib.VnTrainConvImplementation(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))) != 0:
+    args = [ctypes.c_int64(v) for v in shape]
+    if getattr(ctypes.CDLL(library), function)(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))):
         raise KernelsUnavailable(buffer.value.decode(errors="replace"))
     return buffer.value.decode()
 
