@@ -113,6 +113,7 @@ def test_cli_bf16_finetune_writes_float32_checkpoints_and_resumes_in_fp32(tmp_pa
     assert back.start_epoch == 1 and np.isfinite(back.history[0].loss)
 
 
+@pytest.mark.skipif(_LIBRARY is None, reason="the oneDNN CPU kernels are not in use here")
 def test_cli_bf16_finetune_without_bf16_instructions_is_a_clear_error(tmp_path):
     data = make_dataset(tmp_path / "vehicles", n_ids=2, per_id=3)
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3", VEHICLENET_HOME=str(tmp_path / "home"),

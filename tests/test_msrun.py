@@ -82,10 +82,11 @@ def _env() -> dict:
                 GLOG_v="3", PYTHONPATH=str(ROOT))
 
 
-def _msrun(log_dir: Path, *script_and_args, timeout: int = 600) -> subprocess.CompletedProcess:
+def _msrun(log_dir: Path, *script_and_args, timeout: int = 600, threads: int = 0) -> subprocess.CompletedProcess:
     cmd = [str(MSRUN), "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
            f"--log_dir={log_dir}", "--join=True", "--cluster_time_out=300", *map(str, script_and_args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=log_dir.parent)
+    env = dict(_env(), OMP_NUM_THREADS=str(threads)) if threads else _env()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=log_dir.parent)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("worker_*.log")))
     assert proc.returncode == 0, f"msrun failed ({proc.returncode}):\n{proc.stderr[-2000:]}\n{logs}"
     return proc
@@ -114,7 +115,9 @@ def test_two_workers_average_gradients(tmp_path, precision):
     script.write_text(WORKER)
     common = [init_ckpt, tmp_path / "batch.npz"]
 
-    _msrun(tmp_path / "logs", script, *common, tmp_path / "parallel_RANK.npz", "parallel", precision)
+    # bf16: workers and single-process halves on one thread each (see _check_bf16_average)
+    _msrun(tmp_path / "logs", script, *common, tmp_path / "parallel_RANK.npz", "parallel", precision,
+           threads=1 if precision == "bf16" else 0)
     if precision == "bf16":
         return _check_bf16_average(tmp_path, script, common, init_ckpt)
     for mode in ("union", "half"):
@@ -149,7 +152,7 @@ def test_two_workers_average_gradients(tmp_path, precision):
 def _check_bf16_average(tmp_path: Path, script: Path, common: list, init_ckpt: Path) -> None:
     """bf16 on the kernels (batch statistics): one momentum-SGD first step is linear in the
     gradient, so the ranks' averaged step equals the mean of single-process steps on each half.
-    The halves run on one thread each, as msrun's workers do: in bf16 the thread count changes
+    Workers and halves run on one thread each, so they sum alike: in bf16 the thread count changes
     oneDNN's float32 summation order, which moves some next-layer inputs across a bf16 rounding
     boundary, and random weights with two-image batch statistics amplify that (loss 1.54 on one
     thread, 1.72 on two, here)."""

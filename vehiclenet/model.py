@@ -235,7 +235,7 @@ def _cpu_backend(target: str, amp_level: str, precision: str, cpu_kernels: bool)
             raise Bf16Unsupported("precision='bf16' runs on the oneDNN CPU kernels, which cpu_kernels=False "
                                   "turns off; drop one of the two")
         if precision == "bf16":
-            raise Bf16Unsupported(f"precision='bf16' is for CPU inference (device {target}, amp_level {amp_level}); "
+            raise Bf16Unsupported(f"precision='bf16' is for the CPU (device {target}, amp_level {amp_level}); "
                                   f"use amp_level to lower precision on {target}")
         return None
     library = library_path()

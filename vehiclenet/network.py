@@ -166,7 +166,7 @@ class ResNet50(nn.Cell):
             raise ValueError(f"last_stride must be 1 or 2 (published model: 2), got {last_stride!r}")
         self.last_stride = last_stride
         self.backend = backend
-        self.bf16 = backend is not None and backend.bf16  # inference convolutions in bfloat16
+        self.bf16 = backend is not None and backend.bf16  # convolutions in bfloat16 (inference and training)
         self.nhwc_ops, self.train_ops = _kernel_ops(backend)
         self.backbone_op = None if self.nhwc_ops is None else self.nhwc_ops.backbone(last_stride)
         self.bn_eps = None if backend is None else ms.Tensor([BN_EPS], ms.float32)

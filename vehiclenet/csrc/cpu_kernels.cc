@@ -748,6 +748,7 @@ memory converted(int which, const memory::desc &desc) {
   static size_t sizes[2] = {0, 0};
   if (desc.get_size() > sizes[which]) {
     buffers[which].reset();
+    sizes[which] = 0;  // a failed allocation leaves no size that looks usable
     buffers[which] = std::make_unique<Buffer>(desc.get_size());
     sizes[which] = desc.get_size();
   }
