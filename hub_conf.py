@@ -1,5 +1,5 @@
 """Entry point of the VehicleNet model package: ``create_network`` builds the network
 (Ascend when present) and loads the sha256-verified published weights in one call."""
-from vehiclenet.model import create_network
+from vehiclenet.model.factory import create_network
 
 __all__ = ["create_network"]

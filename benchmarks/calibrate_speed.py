@@ -22,7 +22,7 @@ def features(n: int, noise: float, dim: int = 512, per_id: int = 5):
 
 
 def main() -> None:
-    from vehiclenet.calibration import calibrate
+    from vehiclenet.retrieval.calibration import calibrate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10000)

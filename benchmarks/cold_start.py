@@ -8,7 +8,7 @@ Measured, each in its own fresh process (wall time and that process's peak RSS, 
 a script ``create_network(include_top=False)`` + first call, in graph and PyNative mode,
 with a breakdown (import, build, load, first call = compile + run, second call = run);
 and the time of network calls on 2, 8 and 32 images (first and steady) in each mode, from
-which ``vehiclenet.device.mode_for_images`` picks PyNative for a handful of images.
+which ``vehiclenet.model.device.mode_for_images`` picks PyNative for a handful of images.
 
 The weights are a generated checkpoint in the published layout (random values, same
 size: 273 entries, 105 MB), passed with ``--checkpoint`` so reading them is counted and
@@ -77,7 +77,8 @@ print(json.dumps(out))
 # from / down to the kernel folder, and each library and its record checked and hashed.
 CHECKS_CHILD = r"""
 import json, time
-from vehiclenet import cache_trust, cpu_kernels, native
+from vehiclenet import cache_trust, native
+from vehiclenet.model import cpu_kernels
 native.retrieval_kernels(), cpu_kernels.library_path()  # built (once per machine) and loaded
 libraries = [native.find_built(native.RETRIEVAL_SOURCE, "retrieval_kernels", native.RETRIEVAL_FLAGS,
                                compiler_env="CC", default_compiler="cc"), cpu_kernels.built_library()]
@@ -128,7 +129,7 @@ def prepare(work: Path) -> Dict[str, Any]:
     gallery = work / "gallery.npz"
     np.savez(gallery, features=feats, paths=np.array([f"g/{i:04d}_c001_0_0.jpg" for i in range(1000)]))
     ckpt = work / "weights.ckpt"
-    script = ("import mindspore as ms, sys; from vehiclenet.network import VehicleNet; "
+    script = ("import mindspore as ms, sys; from vehiclenet.model.network import VehicleNet; "
               "ms.save_checkpoint(VehicleNet(num_classes=575), sys.argv[1])")
     subprocess.run([sys.executable, "-c", script, str(ckpt)], check=True, env=_env(work),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

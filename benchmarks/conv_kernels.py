@@ -7,7 +7,7 @@ Every distinct Conv2D of the real network (found by walking it once in PyNative 
 the input size each one sees) is timed on its own in graph mode with MindSpore's CPU
 kernel: forward, and for training the backward to its input and to its weights. Added up
 with each shape's multiplicity, that is what the convolutions alone cost. The forward is
-also timed on the oneDNN 3 kernel that inference uses on x86-64 (vehiclenet/cpu_kernels.py:
+also timed on the oneDNN 3 kernel that inference uses on x86-64 (vehiclenet/model/cpu_kernels.py:
 NHWC, BatchNorm folded, ReLU fused), and with training, forward + backward on the
 differentiable oneDNN ops that training uses. The whole network is timed in the same run, both
 ways: when it runs at about the rate of its convolutions alone, nothing outside them
@@ -50,7 +50,7 @@ def conv_shapes(image_size: int):
     import mindspore as ms
     import mindspore.nn as nn
 
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.model.network import VehicleNet
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
     net = VehicleNet(include_top=False)
@@ -84,7 +84,7 @@ def time_onednn_conv(library: str, shape, batch: int, seconds: float) -> float:
     import mindspore as ms
     import mindspore.nn as nn
 
-    from vehiclenet.cpu_kernels import make_ops
+    from vehiclenet.model.cpu_kernels import make_ops
 
     cin, cout, k, stride, h, w = shape
     op = make_ops(library).block(stride).conv2  # the 3x3 with ReLU at this stride
@@ -107,7 +107,7 @@ def time_onednn_train_conv(library: str, shape, batch: int, seconds: float) -> f
     import mindspore.nn as nn
     import mindspore.ops as ops
 
-    from vehiclenet.cpu_kernels import train_conv
+    from vehiclenet.model.cpu_kernels import train_conv
 
     cin, cout, k, stride, h, w = shape
     first = cin == 3
@@ -181,7 +181,7 @@ def time_network(batch: int, image_size: int, seconds: float, train: bool):
     import mindspore as ms
 
     from vehiclenet import create_network
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
 
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32))
@@ -215,7 +215,7 @@ def main() -> None:
 
     import mindspore as ms
 
-    from vehiclenet.cpu_kernels import library_path
+    from vehiclenet.model.cpu_kernels import library_path
 
     library = library_path()
     peak = sgemm_gflops()

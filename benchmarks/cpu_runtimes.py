@@ -167,12 +167,12 @@ def prepare_vehiclenet(row: str, checkpoint: str, x: np.ndarray) -> Result:
     precision = row.split()[-1]
     if row.startswith("README async"):
         # Diagnosis, not a way to run it: PyNative's asynchronous launch, as before the network
-        # launched its operators synchronously (vehiclenet.device.synchronous_pynative).
+        # launched its operators synchronously (vehiclenet.model.device.synchronous_pynative).
         import contextlib
 
-        import vehiclenet.device
+        import vehiclenet.model.device
 
-        vehiclenet.device.synchronous_pynative = contextlib.nullcontext
+        vehiclenet.model.device.synchronous_pynative = contextlib.nullcontext
         row = "README call fp32"
     tensor = ms.Tensor(x)
     images = len(x)
@@ -190,8 +190,8 @@ def prepare_vehiclenet(row: str, checkpoint: str, x: np.ndarray) -> Result:
         call = lambda: hub(tensor).asnumpy()  # noqa: E731
     elif row.startswith("embed"):
         from vehiclenet.cli._network import build_network
-        from vehiclenet.device import PYNATIVE_MAX_IMAGES, mode_for_images
-        from vehiclenet.features import _run_net
+        from vehiclenet.model.device import PYNATIVE_MAX_IMAGES, mode_for_images
+        from vehiclenet.embedding.features import _run_net
 
         net = build_network(checkpoint, False, precision, mode=mode_for_images(10 * PYNATIVE_MAX_IMAGES))
         call, images = (lambda: _run_net(net, x, flip=True)), 2 * len(x)
@@ -388,8 +388,8 @@ def export_onnx(checkpoint: Path, out: Path, batch: int, image_size: int) -> Pat
 
 
 def make_batch(batch: int, image_size: int) -> np.ndarray:
-    """Seeded random pixels normalised as real images are (vehiclenet.preprocessing)."""
-    from vehiclenet.preprocessing import MEAN, STD
+    """Seeded random pixels normalised as real images are (vehiclenet.embedding.preprocessing)."""
+    from vehiclenet.embedding.preprocessing import MEAN, STD
 
     pixels = np.random.default_rng(0).uniform(0, 255, (batch, 3, image_size, image_size))
     mean, std = np.array(MEAN).reshape(1, 3, 1, 1), np.array(STD).reshape(1, 3, 1, 1)
@@ -398,7 +398,7 @@ def make_batch(batch: int, image_size: int) -> np.ndarray:
 
 def vehiclenet_implementation(precision: str, batch: int, height: int, width: int) -> str:
     """The oneDNN implementations that run the network's whole-backbone op on this input."""
-    from vehiclenet.cpu_kernels import backbone_implementations, library_path
+    from vehiclenet.model.cpu_kernels import backbone_implementations, library_path
 
     library = library_path()
     if library is None:

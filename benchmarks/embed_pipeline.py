@@ -68,8 +68,9 @@ def main() -> None:
     import mindspore as ms
 
     from vehiclenet import create_network
-    from vehiclenet.features import embed, list_images
-    from vehiclenet.preprocessing import load_image, preprocess
+    from vehiclenet.embedding.features import embed
+    from vehiclenet.embedding.inputs import list_images
+    from vehiclenet.embedding.preprocessing import load_image, preprocess
 
     n, b = args.images, args.batch_size
     if n % b:

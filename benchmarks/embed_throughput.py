@@ -6,7 +6,7 @@
 
 Random weights (throughput does not depend on them) and random inputs; the first
 call (graph compilation) is timed separately and excluded. ``onednn`` is the network as
-``create_network`` returns it on an x86-64 CPU (oneDNN 3 kernels, vehiclenet/cpu_kernels.py),
+``create_network`` returns it on an x86-64 CPU (oneDNN 3 kernels, vehiclenet/model/cpu_kernels.py),
 ``mindspore`` the same network on MindSpore's own Conv2D; ``both`` times them in one run.
 """
 import argparse
@@ -39,7 +39,7 @@ def main() -> None:
     import mindspore as ms
 
     from vehiclenet import create_network
-    from vehiclenet.cpu_kernels import convolution_implementation, library_path
+    from vehiclenet.model.cpu_kernels import convolution_implementation, library_path
 
     print(f"mindspore {ms.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, mode={args.mode}, fp32, {args.image_size}x{args.image_size}")

@@ -84,8 +84,9 @@ def rss_mb() -> float:
 
 
 def child(mode: str, noise: float, dense_n: int, scale: str = "veri", k1: int = 100, k2: int = 15) -> dict:
-    from vehiclenet.evaluation import cosine_distance, evaluate
-    from vehiclenet.rerank import re_rank
+    from vehiclenet.retrieval.exact import cosine_distance
+    from vehiclenet.retrieval.metrics import evaluate
+    from vehiclenet.retrieval.rerank import re_rank
 
     qf, qi, qc, gf, gi, gc = synthetic(noise) if scale == "veri" else synthetic_wild(scale, noise)
     out = {"mode": mode, "rss_after_data_mb": rss_mb()}
@@ -111,7 +112,7 @@ def child(mode: str, noise: float, dense_n: int, scale: str = "veri", k1: int = 
         out["metrics_s"] = time.perf_counter() - t
     elif mode in ("rerank", "rerank-numpy"):
         if mode == "rerank-numpy":  # anchor: neighbour selection, Jaccard step and ranking in numpy
-            from vehiclenet import rerank
+            from vehiclenet.retrieval import rerank
 
             rerank._native_jaccard = lambda: None
             rerank._native_neighbour_kernels = lambda: None
@@ -143,8 +144,8 @@ def child(mode: str, noise: float, dense_n: int, scale: str = "veri", k1: int = 
 
 def _bounded(mode: str, out: dict, qf, qi, qc, gf, gi, gc, k1: int, k2: int):
     """The bounded-memory paths at large scale (and the matmul anchor); figures into ``out``."""
-    from vehiclenet.evaluation import evaluate_blocks, evaluate_features
-    from vehiclenet.rerank import re_rank_blocks
+    from vehiclenet.retrieval.metrics import evaluate_blocks, evaluate_features
+    from vehiclenet.retrieval.rerank import re_rank_blocks
 
     t = time.perf_counter()
     if mode == "matmul-anchor":  # numpy's matmul for the same product, 1,000 queries at a time
@@ -176,9 +177,10 @@ def _faiss_exact(feats: np.ndarray, k: int) -> np.ndarray:
 
 def _bounded_check(qf, qi, qc, gf, gi, gc) -> dict:
     """Bounded paths against the whole-matrix ones at this scale: bit-identical or not."""
-    from vehiclenet.blocks import collect
-    from vehiclenet.evaluation import cosine_distance, evaluate, evaluate_blocks, evaluate_features
-    from vehiclenet.rerank import exact_neighbours, re_rank, re_rank_blocks
+    from vehiclenet.retrieval.blocks import collect
+    from vehiclenet.retrieval.exact import cosine_distance
+    from vehiclenet.retrieval.metrics import evaluate, evaluate_blocks, evaluate_features
+    from vehiclenet.retrieval.rerank import exact_neighbours, re_rank, re_rank_blocks
 
     def same(a, b):
         return bool(np.array_equal(a.per_query_ap, b.per_query_ap) and np.array_equal(a.cmc, b.cmc)
@@ -205,8 +207,8 @@ def _bounded_check(qf, qi, qc, gf, gi, gc) -> dict:
     out["faiss_flat_rerank_identical"] = bool(np.array_equal(full, via_index))
     out["faiss_flat_rerank_max_abs_diff"] = float(np.abs(full - via_index).max())
     out["faiss_flat_metrics_identical"] = same(full_res, evaluate(via_index, qi, gi, qc, gc))
-    # The package's own exact gallery index (vehiclenet.index, evaluate --rerank --neighbours exact).
-    from vehiclenet.index import index_neighbours
+    # The package's own exact gallery index (vehiclenet.retrieval.index, evaluate --rerank --neighbours exact).
+    from vehiclenet.retrieval.index import index_neighbours
 
     via_index = collect(re_rank_blocks(qf, gf, neighbours=index_neighbours("exact")), shape)
     out["gallery_index_exact_rerank_identical"] = bool(np.array_equal(full, via_index))

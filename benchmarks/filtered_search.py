@@ -1,4 +1,4 @@
-"""Filtered search (vehiclenet/filters.py): recall and latency of a top-10 restricted to some
+"""Filtered search (vehiclenet/retrieval/filters.py): recall and latency of a top-10 restricted to some
 cameras or a time window, inside the index, against exact search over the rows that pass.
 
 The gallery is benchmarks/index_speed.py's synthetic one (identities grouped around vehicle
@@ -41,9 +41,9 @@ def p50_ms(search, queries: np.ndarray) -> float:
 
 
 def main() -> None:
-    from vehiclenet.blas import matmul_nt
-    from vehiclenet.filters import RowFilter
-    from vehiclenet.index import GalleryIndex
+    from vehiclenet.retrieval.blas import matmul_nt
+    from vehiclenet.retrieval.filters import RowFilter
+    from vehiclenet.retrieval.index import GalleryIndex
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=200_000)

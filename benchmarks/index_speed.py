@@ -1,4 +1,4 @@
-"""Gallery index speed, size and memory at a million features (vehiclenet/index.py).
+"""Gallery index speed, size and memory at a million features (vehiclenet/retrieval/index.py).
 
 Synthetic 512-d L2-normalised float32 features shaped like re-identification features: N/1000
 vehicle "models" (type, colour), N/20 identities around them and 20 images per identity around
@@ -10,7 +10,7 @@ peak RSS (ru_maxrss):
 * build: the index built chunk by chunk (trained on a sample of the first chunk, the other
   chunks added), saved, and its size on disk;
 * exact (the anchor, in the same run): brute force over the whole float32 gallery in memory
-  with vehiclenet/blas.py, as the exact kind searches: its top-10 is the truth for recall;
+  with vehiclenet/retrieval/blas.py, as the exact kind searches: its top-10 is the truth for recall;
 * search: the saved index loaded (memory-mapped, every part's sha256 verified) and searched:
   single-query latency p50/p99, 1,000-query batch throughput and recall@10, per nprobe.
 
@@ -27,7 +27,7 @@ all.
 
 Targets (issue 16, 2-core machine): recall@10 >= 0.95, p50 <= 10 ms a query, peak RSS <= 4 GB.
 
-Measured (AMD EPYC, 2 cores, 1,000,000 features; the full tables are in vehiclenet/index.py's
+Measured (AMD EPYC, 2 cores, 1,000,000 features; the full tables are in vehiclenet/retrieval/index.py's
 docstring): the default ``--spread 1.5`` (identities grouped around vehicle models), ivf-sq8 nlist 1024,
 nprobe 64: recall@10 0.979, p50 3.2 ms (58x faster than exact's 184 ms), p99 3.7 ms, 663
 queries/s in batches of 1,000 (22x exact's 30), build 21 s, 524 MiB, search RSS 974 MiB, build
@@ -97,7 +97,7 @@ def paths(start: int, count: int):
 
 def child_build_defaults(args) -> dict:
     """The index `vehiclenet index build FEATURES --out INDEX` writes: every default."""
-    from vehiclenet.index import GalleryIndex
+    from vehiclenet.retrieval.index import GalleryIndex
 
     gallery = np.empty((args.n, DIM), dtype=np.float32)
     for start, feats in gallery_chunks(args.n, args.seed, args.spread):
@@ -114,7 +114,7 @@ def child_build_defaults(args) -> dict:
 
 
 def child_build(args) -> dict:
-    from vehiclenet.index import GalleryIndex, _auto_nlist
+    from vehiclenet.retrieval.index import GalleryIndex, _auto_nlist
 
     nlist = args.nlist or _auto_nlist(args.n)  # from the whole gallery's size, not the first chunk's
     t0 = time.perf_counter()
@@ -136,7 +136,7 @@ def child_build(args) -> dict:
 
 def child_exact(args) -> dict:
     """The anchor: brute force over the whole gallery in memory (blas.py), and the truth for recall."""
-    from vehiclenet.blas import matmul_nt
+    from vehiclenet.retrieval.blas import matmul_nt
 
     gallery = np.empty((args.n, DIM), dtype=np.float32)
     for start, feats in gallery_chunks(args.n, args.seed, args.spread):
@@ -163,7 +163,7 @@ def child_exact(args) -> dict:
 
 
 def child_search(args) -> dict:
-    from vehiclenet.index import load_index
+    from vehiclenet.retrieval.index import load_index
 
     t = time.perf_counter()
     index = load_index(args.index)  # memory-mapped, every part's sha256 checked
@@ -287,7 +287,7 @@ def report_defaults(build: dict, exact: dict, exact_p50: float, search: dict) ->
 
 
 def report(kind: str, build: dict, exact_p50: float, exact: dict, search: dict) -> None:
-    from vehiclenet.index import EF_CONSTRUCTION, HNSW_M
+    from vehiclenet.retrieval.index import EF_CONSTRUCTION, HNSW_M
 
     shape = f"nlist {build['nlist']}" if kind.startswith("ivf") else f"M {HNSW_M}, efConstruction {EF_CONSTRUCTION}"
     print(f"--- {kind}, {shape}")

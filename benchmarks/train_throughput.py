@@ -6,7 +6,7 @@
 
 The step is the one `vehiclenet finetune` runs (softmax cross-entropy, two SGD
 parameter groups, momentum 0.9, weight decay 1e-4, graph mode), on the oneDNN
-kernels (vehiclenet/cpu_kernels.py, the default on x86-64 Linux) in fp32 and, with
+kernels (vehiclenet/model/cpu_kernels.py, the default on x86-64 Linux) in fp32 and, with
 ``--precision bf16|both`` on a CPU with native bf16, bf16 (``finetune --precision bf16``:
 the convolutions' passes in bf16, the rest float32), and on MindSpore's own
 operators, in the same run (the machine is shared: the ratio says more than either). Random
@@ -62,7 +62,7 @@ def main() -> None:
     import mindspore as ms
 
     from vehiclenet import create_network
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
     from vehiclenet.errors import Bf16Unsupported
 
     s, b = args.image_size, args.batch_size

@@ -14,7 +14,7 @@ import time
 # vehiclenet before mindspore: importing it shortens GNU OpenMP's spin-wait, which only takes
 # effect before mindspore loads libgomp (training on CPU is ~8 % faster).
 import vehiclenet
-from vehiclenet import finetune as ft
+from vehiclenet.training import finetune as ft
 
 import mindspore as ms  # noqa: E402  isort: skip
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from vehiclenet.assets import PACKAGED_MANIFEST, Asset, get_asset, load_manifest, parse_manifest, url_problem
+from vehiclenet.weights.assets import PACKAGED_MANIFEST, Asset, get_asset, load_manifest, parse_manifest, url_problem
 from vehiclenet.errors import ManifestError
 
 GOOD_SHA = "e38499b0dbc409d74bfd266533b7d3c3f0ee020811fb3bf6c60869c82eb36028"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vehiclenet.cpu_kernels import cpu_isa, library_path
+from vehiclenet.model.cpu_kernels import cpu_isa, library_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None] * 255
@@ -97,7 +97,7 @@ def test_bf16_rankings_agree_with_fp32_on_240_images(nets):
     AVX512-BF16, Winograd included: none swapped), the same nearest neighbour, the same top-10
     members and the same identity-level figures (98.75 %, 97.4 %, mAP 0.5844 against 0.5845).
     """
-    from vehiclenet.evaluation import evaluate
+    from vehiclenet.retrieval.metrics import evaluate
 
     images = _vehicle_like(np.random.default_rng(2), 192, 40, 6)
     ids, cams = np.repeat(np.arange(40), 6), np.tile(np.arange(6), 40)

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from vehiclenet.blocks import collect, ordered_map
+from vehiclenet.retrieval.blocks import collect, ordered_map
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from http_fixture import subprocess_env
-from vehiclenet import cache_trust, cpu_kernels, native
+from vehiclenet import cache_trust, native
+from vehiclenet.model import cpu_kernels
 
 NOBODY = 65534
 OTHER_USER = 1  # "daemon" on Debian: a second non-root owner
@@ -250,7 +251,7 @@ import json, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 import numpy as np, mindspore as ms
 from vehiclenet import create_network
-from vehiclenet.compile_cache import graph_key
+from vehiclenet.model.compile_cache import graph_key
 ckpt, batch = sys.argv[1], int(sys.argv[2])
 net = create_network(checkpoint=ckpt, include_top=False, mode="graph")
 x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, 3, 64, 64)).astype(np.float32))
@@ -273,7 +274,7 @@ def _poison(entries: Path, source_key: str, target_key: str) -> Path:
     """The batch-1 graph filed under the batch-2 key, its record re-signed for that key with the
     folder's own record key: what someone who can write (and so read) ``compiled/`` could do.
     MindSpore's cache does not check shapes."""
-    from vehiclenet.compile_cache import _mac
+    from vehiclenet.model.compile_cache import _mac
 
     target = entries / target_key
     shutil.copytree(entries / source_key, target)

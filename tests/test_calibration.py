@@ -38,7 +38,7 @@ def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_threshold_and_roc_agree_with_every_pair_counted_directly():
-    from vehiclenet.calibration import calibrate
+    from vehiclenet.retrieval.calibration import calibrate
 
     feats, ids, cams = clustered()
     cal = calibrate(feats, ids, cams, fmr=1e-3)
@@ -59,7 +59,7 @@ def test_threshold_and_roc_agree_with_every_pair_counted_directly():
 
 def test_same_vehicle_decides_by_the_threshold():
     from vehiclenet import same_vehicle
-    from vehiclenet.calibration import calibrate
+    from vehiclenet.retrieval.calibration import calibrate
 
     feats, ids, cams = clustered()
     cal = calibrate(feats, ids, cams)
@@ -71,8 +71,8 @@ def test_same_vehicle_decides_by_the_threshold():
 
 
 def test_calibrate_through_the_cli_writes_the_threshold_and_a_picture(tmp_path):
-    from vehiclenet.calibration import calibrate, load_calibration
-    from vehiclenet.features import save_features
+    from vehiclenet.retrieval.calibration import calibrate, load_calibration
+    from vehiclenet.embedding.result import save_features
 
     feats, ids, cams = clustered()
     save_features(tmp_path / "val.npz", feats, [f"v{i}.jpg" for i in range(len(ids))], ids=ids, cams=cams)
@@ -96,7 +96,7 @@ def test_calibrate_through_the_cli_writes_the_threshold_and_a_picture(tmp_path):
 
 
 def test_calibrate_reads_veri_names_and_evaluate_files_and_refuses_what_cannot_be_calibrated(tmp_path):
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     feats, ids, cams = clustered(identities=40)
     names = [f"{i:04d}_c{c + 1:03d}_{k:08d}_0.jpg" for k, (i, c) in enumerate(zip(ids, cams))]
@@ -122,7 +122,7 @@ def test_calibrate_reads_veri_names_and_evaluate_files_and_refuses_what_cannot_b
 
 
 def test_evaluate_reports_tpr_at_fpr(tmp_path):
-    from vehiclenet.calibration import cross_histograms, roc
+    from vehiclenet.retrieval.calibration import cross_histograms, roc
 
     feats, ids, cams = clustered(identities=60)
     q, g = np.arange(0, 300, 5), np.setdiff1d(np.arange(300), np.arange(0, 300, 5))
@@ -137,7 +137,7 @@ def test_evaluate_reports_tpr_at_fpr(tmp_path):
 
 
 def test_evaluate_vehicleid_reports_tpr_at_fpr_over_every_pair_of_test_images(tmp_path):
-    from vehiclenet.calibration import pair_histograms, roc
+    from vehiclenet.retrieval.calibration import pair_histograms, roc
 
     feats, ids, _ = clustered(identities=60)
     np.savez(tmp_path / "vid.npz", features=feats, ids=ids, dataset="vehicleid", split="small")
@@ -168,8 +168,8 @@ def test_compare_two_images_with_a_threshold_given_or_beside_the_checkpoint(tmp_
     import mindspore as ms
 
     from vehiclenet import create_network
-    from vehiclenet.calibration import calibrate, save_calibration
-    from vehiclenet.features import save_features
+    from vehiclenet.retrieval.calibration import calibrate, save_calibration
+    from vehiclenet.embedding.result import save_features
 
     rng = np.random.default_rng(2)
     for name in ("a.png", "b.png"):
@@ -205,8 +205,8 @@ def test_compare_two_images_with_a_threshold_given_or_beside_the_checkpoint(tmp_
 
 
 def test_search_marks_the_matches_a_threshold_calls_the_same_vehicle(tmp_path):
-    from vehiclenet.calibration import calibrate, save_calibration
-    from vehiclenet.features import save_features
+    from vehiclenet.retrieval.calibration import calibrate, save_calibration
+    from vehiclenet.embedding.result import save_features
 
     feats, ids, cams = clustered()
     save_calibration(tmp_path / "t.json", cal := calibrate(feats, ids, cams))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vehiclenet.device import PYNATIVE_MAX_IMAGES, mode_for_images
+from vehiclenet.model.device import PYNATIVE_MAX_IMAGES, mode_for_images
 
 
 def test_mode_for_images():
@@ -110,8 +110,8 @@ def test_another_shape_precision_or_version_gets_its_own_entry(published_ckpt, m
 
     import vehiclenet
     from vehiclenet import create_network
-    from vehiclenet.compile_cache import graph_key
-    from vehiclenet.cpu_kernels import bf16_status
+    from vehiclenet.model.compile_cache import graph_key
+    from vehiclenet.model.cpu_kernels import bf16_status
 
     net = create_network(pretrained=False, include_top=False, mode="pynative")
     x2, x3 = (ms.Tensor(np.zeros((b, 3, 64, 64), np.float32)) for b in (2, 3))
@@ -161,16 +161,18 @@ def test_the_graph_key_covers_sources_in_sub_packages(tmp_path):
     """A module moved into a sub-package still invalidates cached graphs when it changes."""
     import shutil
 
-    from vehiclenet.compile_cache import _sources_digest
+    from vehiclenet.model.compile_cache import _sources_digest
 
     package = tmp_path / "vehiclenet"
     shutil.copytree(Path(__file__).resolve().parents[1] / "vehiclenet", package,
                     ignore=shutil.ignore_patterns("__pycache__"))
     before = _sources_digest(package)
-    (package / "datasets" / "veri.py").write_text((package / "datasets" / "veri.py").read_text() + "\n# edited\n")
+    network = package / "model" / "network.py"
+    network.write_text(network.read_text() + "\n# edited\n")
     edited = _sources_digest(package)
-    (package / "model").mkdir()
-    (package / "network.py").rename(package / "model" / "network.py")  # the same bytes under another path
+    (package / "model" / "cells").mkdir()
+    network.rename(package / "model" / "cells" / "network.py")  # the same bytes under another path
     moved = _sources_digest(package)
-    (package / "model" / "network.py").write_text((package / "model" / "network.py").read_text() + "\n# edited\n")
+    network = package / "model" / "cells" / "network.py"
+    network.write_text(network.read_text() + "\n# edited\n")
     assert len({before, edited, moved, _sources_digest(package)}) == 4

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from vehiclenet import cpu_kernels
-from vehiclenet.cpu_kernels import KernelsUnavailable, build_library, convolution_implementation, library_path
+from vehiclenet.model import cpu_kernels
+from vehiclenet.model.cpu_kernels import KernelsUnavailable, build_library, convolution_implementation, library_path
 from vehiclenet.errors import UsageError
-from vehiclenet.model import create_network
+from vehiclenet.model.factory import create_network
 
 
 @pytest.fixture
@@ -59,8 +59,8 @@ def test_backend_is_chosen_at_construction_and_blocks_get_their_ops_by_role(prec
     holds the kernels of its roles: the strided 3x3 and shortcut only where the block's
     stride is 2 (last_stride=1 too), the float32-returning residual only in the last block."""
     from conftest import published_parameters
-    from vehiclenet.backend import KernelBackend
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.model.backend import KernelBackend
+    from vehiclenet.model.network import VehicleNet
 
     bf16 = "Bf16" if precision == "bf16" else ""
     for last_stride in (2, 1):
@@ -86,7 +86,7 @@ def test_backend_is_chosen_at_construction_and_blocks_get_their_ops_by_role(prec
 
 
 def test_plain_operators_are_chosen_at_construction_too():
-    from vehiclenet.backend import InferenceOps, KernelBackend, TrainOps
+    from vehiclenet.model.backend import InferenceOps, KernelBackend, TrainOps
     from vehiclenet.errors import Bf16Unsupported
 
     net = create_network(pretrained=False, include_top=False, cpu_kernels=False)
@@ -144,7 +144,7 @@ def test_whole_backbone_on_older_instruction_sets(isa, tmp_path):
 import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import numpy as np, mindspore as ms
 from test_cpu_kernels import _fast_and_plain, _rel
-from vehiclenet import cpu_kernels
+from vehiclenet.model import cpu_kernels
 library = cpu_kernels.library_path()
 print("ISA", cpu_kernels.cpu_isa(library)[0])
 print("WHOLE", cpu_kernels.backbone_implementations(library, 2, 70, 45))
@@ -243,7 +243,7 @@ def test_weights_are_reordered_once_and_again_only_when_their_values_change(mode
     Parameters (set_data, load_param_into_net, as after a training step) are used at once."""
     import mindspore as ms
 
-    from vehiclenet.cpu_kernels import weight_reorders
+    from vehiclenet.model.cpu_kernels import weight_reorders
 
     library = library_path()
     x = ms.Tensor(np.random.default_rng(4).standard_normal((2, 3, 64, 48)).astype(np.float32))
@@ -276,7 +276,7 @@ def test_one_ulp_in_one_weight_is_seen_and_batchnorm_shifts_need_no_reorder():
     shift the bias, which the op folds on every call: used at once, nothing reordered."""
     import mindspore as ms
 
-    from vehiclenet.cpu_kernels import weight_reorders
+    from vehiclenet.model.cpu_kernels import weight_reorders
 
     library = library_path()
     x = ms.Tensor(np.random.default_rng(7).standard_normal((1, 3, 64, 64)).astype(np.float32))
@@ -659,10 +659,10 @@ def test_training_with_frozen_batch_norm_matches_mindspore():
 
 
 def test_training_through_kernels_learns():
-    """The fine-tuning step of vehiclenet.finetune on the kernels: the loss falls on a fixed batch."""
+    """The fine-tuning step of vehiclenet.training.finetune on the kernels: the loss falls on a fixed batch."""
     import mindspore as ms
 
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
 
     net = create_network(pretrained=False, num_classes=3)
     assert net.model.train_ops is not None
@@ -771,11 +771,11 @@ def test_import_shortens_openmp_spinning_unless_set():
 
 def test_training_step_warns_when_openmp_spinning_was_not_shortened(monkeypatch, caplog):
     import vehiclenet
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
 
     net = create_network(pretrained=False, num_classes=3)
     assert net.model.train_ops is not None
     monkeypatch.setattr(vehiclenet, "OPENMP_SPIN_SHORTENED", False)
-    with caplog.at_level(logging.WARNING, logger="vehiclenet.finetune"):
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.training.finetune"):
         ft.build_train_step(net, ft.create_optimizer(net, 0.01))
     assert "GOMP_SPINCOUNT=10000" in caplog.text and "Import vehiclenet before mindspore" in caplog.text

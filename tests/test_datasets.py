@@ -16,8 +16,10 @@ from vehiclenet.datasets.vehicleid import (VehicleIDFeatures, load_vehicleid_fea
                                            save_vehicleid_features)
 from vehiclenet.datasets.veriwild import read_veriwild
 from vehiclenet.errors import DataError, UsageError
-from vehiclenet.evaluation import FeatureSet, cosine_distance, evaluate, save_features_npz
-from vehiclenet.protocols import evaluate_split, evaluate_vehicleid, one_image_per_identity
+from vehiclenet.embedding.files import FeatureSet, save_features_npz
+from vehiclenet.retrieval.exact import cosine_distance
+from vehiclenet.retrieval.metrics import evaluate
+from vehiclenet.retrieval.protocols import evaluate_split, evaluate_vehicleid, one_image_per_identity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

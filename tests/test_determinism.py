@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from vehiclenet.blas import gram_rows, matmul_nt, one_blas_thread
+from vehiclenet.retrieval.blas import gram_rows, matmul_nt, one_blas_thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,11 +39,11 @@ CHILD = textwrap.dedent(
     """
     import json
     import numpy as np
-    from vehiclenet.blas import evaluation_blas, matmul_nt
-    from vehiclenet.blocks import collect
-    from vehiclenet.evaluation import cosine_distance, evaluate, evaluate_features
-    from vehiclenet.features import nearest
-    from vehiclenet.rerank import re_rank, re_rank_blocks
+    from vehiclenet.retrieval.blas import evaluation_blas, matmul_nt
+    from vehiclenet.retrieval.blocks import collect
+    from vehiclenet.retrieval.exact import cosine_distance, nearest
+    from vehiclenet.retrieval.metrics import evaluate, evaluate_features
+    from vehiclenet.retrieval.rerank import re_rank, re_rank_blocks
 
     rng = np.random.default_rng(11)
     centres = rng.standard_normal((12, 512)).astype(np.float32)

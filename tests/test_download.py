@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vehiclenet import download as dl
-from vehiclenet.assets import get_asset
+from vehiclenet.weights import download as dl
+from vehiclenet.weights.assets import get_asset
 from vehiclenet.errors import DownloadChecksumError, DownloadError, ManifestError, OfflineError
 
 from http_fixture import (  # noqa: F401 - http_server is a fixture
@@ -310,7 +310,7 @@ def test_corrupted_cache_is_set_aside_and_fetched_again(env, http_server, monkey
         f.seek(777)
         f.write(b"\xff" if PAYLOAD[777] != 0xFF else b"\x00")
     dl._verified.clear()
-    with caplog.at_level(logging.WARNING, logger="vehiclenet.download"):
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.weights.download"):
         again = dl.fetch(progress=False)
     assert again == path and path.read_bytes() == PAYLOAD
     assert (path.parent / (FILE + ".corrupt")).exists()
@@ -338,7 +338,7 @@ def test_corrupted_cache_offline_does_not_claim_a_refetch(env, http_server, monk
     dl._verified.clear()
     n = len(http_server.requests)
     monkeypatch.setenv("VEHICLENET_OFFLINE", "1")
-    with caplog.at_level(logging.WARNING, logger="vehiclenet.download"):
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.weights.download"):
         with pytest.raises(OfflineError) as err:
             dl.fetch(progress=False)
     messages = [r.getMessage() for r in caplog.records]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from vehiclenet.visualize import GREEN, NEUTRAL, QUERY_BLUE, RED, ranking_layout
+from vehiclenet.retrieval.visualize import GREEN, NEUTRAL, QUERY_BLUE, RED, ranking_layout
 
 COLOURS = {1: (200, 30, 30), 2: (30, 60, 200), 3: (240, 200, 20)}
 
@@ -51,7 +51,7 @@ def run_cli(*args, cwd):
 @pytest.mark.slow
 def test_embed_real_files_fails_on_corrupt_then_skips_it(tmp_path, small_ckpt):
     from vehiclenet import create_network
-    from vehiclenet.features import embed
+    from vehiclenet.embedding.features import embed
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -168,7 +168,7 @@ def test_rank_prints_top_k_and_draws_the_picture(tmp_path, small_ckpt):
             assert _pixel(png, box, "bottom") == expected, name
 
     # Gallery as an .npz: thumbnails come from the stored paths; the query is not ranked.
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     names = sorted(gallery.iterdir())[:3] + [query]
     feats = np.eye(4, 512, dtype=np.float32)

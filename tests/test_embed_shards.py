@@ -130,7 +130,7 @@ def test_msrun_two_workers_give_the_single_process_features(work, finished):
     assert any("merged 40 image(s)" in log for log in logs.values()), logs
     _assert_equals_reference(work, finished["merged"])
 
-    from vehiclenet.features import load_features
+    from vehiclenet.embedding.files import load_features
 
     res = load_features(finished["dir"])  # a chunk folder reads as one FeatureResult too
     assert res.paths == work["ref"]["paths"].tolist() and not res.skipped
@@ -222,7 +222,7 @@ def test_damaged_chunks_are_redone_and_merge_refuses_them(work, finished, tmp_pa
     merge = _cli(work, "embed-merge", out_dir, "--out", tmp_path / "merged.npz")
     assert merge.returncode == 1 and "chunk-00008.npz" in merge.stderr and "run the same" in merge.stderr, merge.stderr
     from vehiclenet.errors import DataError
-    from vehiclenet.shards import load_feature_shards
+    from vehiclenet.embedding.shards import load_feature_shards
 
     (out_dir / "chunk-00008.npz.sha256").write_text((finished["dir"] / "chunk-00008.npz.sha256").read_text())
     with pytest.raises(DataError, match=r"chunk-00003.npz: sha256 \S+ is not the recorded"):
@@ -323,7 +323,7 @@ def test_skip_bad_chunks_keep_the_single_process_rows_and_list_what_was_skipped(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _embedded(proc.stderr) == [0, 1, 2]
 
-    from vehiclenet.features import load_features
+    from vehiclenet.embedding.files import load_features
 
     ref, res = np.load(tmp_path / "ref.npz"), load_features(tmp_path / "feats")
     assert res.paths == ref["paths"].tolist() == [str(imgs / f"{i}.png") for i in (0, 1, 4)]
@@ -338,8 +338,8 @@ def test_a_killed_runs_leftover_behind_a_finished_chunk_is_cleared(tmp_path):
     for dead processes only (a worker running beside it keeps its own)."""
     import socket
 
-    from vehiclenet import shards
-    from vehiclenet.features import FeatureResult
+    from vehiclenet.embedding import shards
+    from vehiclenet.embedding.result import FeatureResult
 
     paths = [f"img{i}.jpg" for i in range(4)]
     job = shards.ShardJob(images=4, inputs_sha256=shards.inputs_digest(paths), chunk_size=2, weights="sha256:00",

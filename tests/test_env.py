@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from http_fixture import subprocess_env
-from vehiclenet import cpu_kernels, env, native
+from vehiclenet.model import cpu_kernels
+from vehiclenet import env, native
 from vehiclenet.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]

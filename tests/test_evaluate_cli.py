@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from vehiclenet.evaluation import cosine_distance, evaluate
-from vehiclenet.rerank import re_rank
+from vehiclenet.retrieval.exact import cosine_distance
+from vehiclenet.retrieval.metrics import evaluate
+from vehiclenet.retrieval.rerank import re_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,9 +4,11 @@ import os
 import numpy as np
 import pytest
 
-from vehiclenet import evaluation
+from vehiclenet.retrieval import metrics as evaluation
 from vehiclenet.errors import DataError
-from vehiclenet.evaluation import cosine_distance, evaluate, parse_veri_name, read_veri, read_veri_split
+from vehiclenet.retrieval.exact import cosine_distance, cosine_distance_blocks
+from vehiclenet.retrieval.metrics import evaluate
+from vehiclenet.datasets.veri import parse_veri_name, read_veri, read_veri_split
 
 
 def naive(dist, qi, gi, qc, gc, ap="trapezoid", max_rank=10):
@@ -165,7 +167,7 @@ def test_evaluate_features_is_bit_identical_to_the_whole_matrix(ap):
 def test_cosine_distance_blocks_are_rows_of_cosine_distance():
     qf, _, _, gf, _, _ = _clustered_problem(2, nq=300)
     whole = cosine_distance(qf, gf)
-    blocks = list(evaluation.cosine_distance_blocks(qf, gf, block_rows=70, workers=3))
+    blocks = list(cosine_distance_blocks(qf, gf, block_rows=70, workers=3))
     assert [s for s, _ in blocks] == list(range(0, 300, 70))
     assert all(b.shape[0] <= 70 and b.shape[1] == len(gf) for _, b in blocks)  # never more than a block
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), whole)

@@ -63,7 +63,7 @@ def test_export_onnx_has_a_dynamic_batch_axis(published_ckpt, embedding_net, tmp
     import mindspore as ms
     import onnxruntime as ort
 
-    from vehiclenet.export import export_embedding
+    from vehiclenet.model.export import export_embedding
 
     path = export_embedding(tmp_path / "vn.onnx", file_format="onnx", checkpoint=published_ckpt, image_size=SIZE)
     assert path == tmp_path / "vn.onnx" and path.is_file()
@@ -85,7 +85,7 @@ def test_export_onnx_has_a_dynamic_batch_axis(published_ckpt, embedding_net, tmp
 
 
 def test_export_rejects_wrong_num_classes_and_format(published_ckpt, tmp_path):
-    from vehiclenet.export import export_embedding
+    from vehiclenet.model.export import export_embedding
 
     with pytest.raises(CheckpointError, match="575 identities, not --num-classes 10") as err:
         export_embedding(tmp_path / "x", checkpoint=published_ckpt, num_classes=10, image_size=SIZE)
@@ -99,8 +99,8 @@ def test_export_rejects_wrong_num_classes_and_format(published_ckpt, tmp_path):
 def test_export_checks_out_path_and_headless_files_before_work(published_ckpt, tmp_path):
     import mindspore as ms
 
-    from vehiclenet.export import export_embedding, export_weights
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.model.export import export_embedding, export_weights
+    from vehiclenet.model.network import VehicleNet
 
     # --out naming a folder is refused up front, by name, for every format.
     (tmp_path / "d.mindir").mkdir()
@@ -131,7 +131,7 @@ def test_export_ckpt_keeps_network_weights_only(published_ckpt, tmp_path):
     import mindspore as ms
 
     from vehiclenet import create_network
-    from vehiclenet.checkpoint import read_checkpoint
+    from vehiclenet.model.checkpoint import read_checkpoint
 
     proc = _cli("export", "--format", "ckpt", "--out", tmp_path / "weights", "--checkpoint", published_ckpt,
                 "--num-classes", 575)

@@ -12,15 +12,11 @@ import pytest
 from PIL import Image
 
 from vehiclenet.errors import DataError
-from vehiclenet.features import (
-    _batch_plan,
-    embed,
-    extract_features,
-    list_images,
-    load_features,
-    save_features,
-)
-from vehiclenet.preprocessing import load_image, preprocess
+from vehiclenet.embedding.features import batch_plan as _batch_plan, embed, extract_features
+from vehiclenet.embedding.inputs import list_images
+from vehiclenet.embedding.files import load_features
+from vehiclenet.embedding.result import save_features
+from vehiclenet.embedding.preprocessing import load_image, preprocess
 
 SMALL = (128, 128)
 
@@ -217,7 +213,7 @@ def test_saved_file_gets_the_mode_of_a_plain_write(tmp_path, umask):
 
 
 def test_nearest_orders_by_cosine_distance_and_keeps_ties_in_gallery_order():
-    from vehiclenet.features import nearest
+    from vehiclenet.retrieval.exact import nearest
 
     gallery = np.array([[1, 0], [0, 1], [0.6, 0.8], [0, 1], [-1, 0]], np.float32)
     order, dist = nearest(np.array([0, 1], np.float32), gallery, k=4)
@@ -230,7 +226,7 @@ def test_interrupted_embedding_does_not_decode_the_waiting_images(tmp_path, monk
     pool shuts down (its shutdown would otherwise decode every waiting image first)."""
     import time
 
-    import vehiclenet.features as features
+    import vehiclenet.embedding.features as features
 
     files = []
     for i in range(40):

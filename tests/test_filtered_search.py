@@ -1,4 +1,4 @@
-"""Camera-, time- and tag-aware search (vehiclenet/filters.py, metadata.py, tracklets.py): a
+"""Camera-, time- and tag-aware search (vehiclenet/retrieval/filters.py, metadata.py, tracklets.py): a
 filtered top-k is the true top-k of the rows that pass, compared with exact search over those
 rows alone; metadata from CSV files, VeRi-776 names and VERI-Wild's vehicle_info.txt;
 tracklets. Real faiss, real files, the command line as real subprocesses."""
@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from vehiclenet.errors import DataError, UsageError
-from vehiclenet.features import load_features, nearest, save_features
-from vehiclenet.filters import RowFilter
-from vehiclenet.index import GalleryIndex, load_index
-from vehiclenet.metadata import UNKNOWN_CAMERA, UNKNOWN_TIME, parse_time, read_meta
-from vehiclenet.ranking import search_filtered
-from vehiclenet.tracklets import aggregate, read_tracklets
+from vehiclenet.embedding.files import load_features
+from vehiclenet.embedding.result import save_features
+from vehiclenet.retrieval.exact import nearest
+from vehiclenet.retrieval.filters import RowFilter
+from vehiclenet.retrieval.index import GalleryIndex, load_index
+from vehiclenet.embedding.metadata import UNKNOWN_CAMERA, UNKNOWN_TIME, parse_time, read_meta
+from vehiclenet.retrieval.ranking import search_filtered
+from vehiclenet.embedding.tracklets import aggregate, read_tracklets
 
 from test_embed_rank_cli import COLOURS, draw_vehicle
 from test_index import clustered, names, run_cli, unit

@@ -37,7 +37,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def _entry(path, name):
-    from vehiclenet.checkpoint import read_checkpoint
+    from vehiclenet.model.checkpoint import read_checkpoint
 
     return read_checkpoint(path, keep_training_state=True)[name].asnumpy()
 
@@ -45,9 +45,9 @@ def _entry(path, name):
 @pytest.mark.slow
 def test_finetune_loss_falls_checkpoints_reload_and_resume(tiny_data, tmp_path, caplog, capfd):
     from vehiclenet import create_network
-    from vehiclenet import finetune as ft
-    from vehiclenet.checkpoint import load_weights
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.training import finetune as ft
+    from vehiclenet.model.checkpoint import load_weights
+    from vehiclenet.model.network import VehicleNet
 
     out = tmp_path / "run"
     first = ft.finetune(tiny_data, out, epochs=4, keep_max=2, **TINY)
@@ -123,7 +123,7 @@ def test_finetune_loss_falls_checkpoints_reload_and_resume(tiny_data, tmp_path, 
 
 
 def test_scan_layouts_and_label_map(tmp_path):
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
 
     folders = ft.scan_training_data(make_dataset(tmp_path / "f", n_ids=3, per_id=2, size=40))
     assert folders.layout == "folders" and folders.identities == ["0001", "0002", "0003"]
@@ -136,7 +136,7 @@ def test_scan_layouts_and_label_map(tmp_path):
 
 
 def test_bad_training_data_raises_clear_errors(tmp_path):
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
 
     with pytest.raises(DataError, match="does not exist") as err:
         ft.scan_training_data(tmp_path / "nowhere")
@@ -159,7 +159,7 @@ def test_bad_training_data_raises_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_an_earlier_run_is_never_overwritten_or_pruned(tiny_data, tmp_path):
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
     from vehiclenet.errors import CheckpointError, UsageError
 
     out = tmp_path / "run"
@@ -197,7 +197,7 @@ def test_an_earlier_run_is_never_overwritten_or_pruned(tiny_data, tmp_path):
 
 
 def test_bad_run_arguments_are_refused_before_anything_is_written(tiny_data, tmp_path):
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
     from vehiclenet.errors import UsageError
 
     out = tmp_path / "out"
@@ -218,7 +218,7 @@ def test_bad_run_arguments_are_refused_before_anything_is_written(tiny_data, tmp
 
 @pytest.mark.slow
 def test_diverging_training_is_a_clear_error(tiny_data, tmp_path):
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
     from vehiclenet.errors import TrainingError
 
     with pytest.raises(TrainingError, match="training diverged; lower --lr"):
@@ -226,7 +226,7 @@ def test_diverging_training_is_a_clear_error(tiny_data, tmp_path):
 
 
 def test_truncated_image_during_training_is_a_data_error(tmp_path):
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
     from vehiclenet.errors import ImageDecodeError
 
     data = make_dataset(tmp_path / "trunc", n_ids=2, per_id=6, size=64)
@@ -252,10 +252,10 @@ def _grey16_png(path: Path) -> Path:
 def test_training_decodes_images_as_evaluation_does(tmp_path, monkeypatch):
     """A 16-bit grey PNG gives training exactly the pixels evaluation sees (scaled, not clipped),
     and the whole training pipeline without augmentation gives evaluation's network input."""
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
     from vehiclenet.errors import ImageDecodeError
-    from vehiclenet.features import _prepare
-    from vehiclenet.preprocessing import load_image
+    from vehiclenet.embedding.features import _prepare
+    from vehiclenet.embedding.preprocessing import load_image
 
     path = _grey16_png(tmp_path / "0001" / "grey16.png")
     with Image.open(path) as im:
@@ -279,9 +279,9 @@ def test_training_decodes_images_as_evaluation_does(tmp_path, monkeypatch):
 
 
 def test_lr_schedule_param_groups_and_augmentations():
-    from vehiclenet import finetune as ft
-    from vehiclenet.augment import train_transforms
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.training import finetune as ft
+    from vehiclenet.training.augment import train_transforms
+    from vehiclenet.model.network import VehicleNet
 
     lr = ft.lr_schedule(0.02, steps_per_epoch=10, epochs=40)  # warm-up 5 epochs, decay at 30
     assert lr.shape == (400,)
@@ -316,8 +316,8 @@ def _cli(*args, timeout=300):
 
 @pytest.mark.slow
 def test_cli_finetune_prints_progress_and_writes_loadable_checkpoints(tiny_data, tmp_path):
-    from vehiclenet.checkpoint import load_weights
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.model.checkpoint import load_weights
+    from vehiclenet.model.network import VehicleNet
 
     out = tmp_path / "cli"
     split = make_query_gallery(tmp_path / "split")
@@ -394,9 +394,9 @@ def make_query_gallery(root: Path, *, seed: int = 3) -> Path:
 
 
 def test_evaluation_on_query_gallery_split(tmp_path):
-    from vehiclenet import finetune as ft
-    from vehiclenet.device import configure
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.training import finetune as ft
+    from vehiclenet.model.device import configure
+    from vehiclenet.model.network import VehicleNet
 
     make_query_gallery(tmp_path)
     configure("CPU")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vehiclenet import cpu_kernels
+from vehiclenet.model import cpu_kernels
 
 from test_finetune import TINY, make_dataset
 
@@ -36,7 +36,7 @@ def _train(precision: str, steps: int = 16, batch: int = 12):
     import mindspore as ms
 
     from vehiclenet import create_network
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
 
     x, y, held_x, held_y = _colour_batches()
     net = create_network(pretrained=False, num_classes=4, seed=0, mode="graph", precision=precision)
@@ -74,7 +74,7 @@ def test_bf16_loss_curve_and_held_out_features_track_fp32():
 
 def test_build_train_step_refuses_a_precision_the_network_was_not_created_with():
     from vehiclenet import create_network
-    from vehiclenet import finetune as ft
+    from vehiclenet.training import finetune as ft
 
     net = create_network(pretrained=False, num_classes=3)
     optimizer = ft.create_optimizer(net, ft.lr_schedule(0.003, 2, 1))
@@ -87,8 +87,8 @@ def test_build_train_step_refuses_a_precision_the_network_was_not_created_with()
 @needs_bf16
 @pytest.mark.slow
 def test_cli_bf16_finetune_writes_float32_checkpoints_and_resumes_in_fp32(tmp_path):
-    from vehiclenet import finetune as ft
-    from vehiclenet.checkpoint import read_checkpoint
+    from vehiclenet.training import finetune as ft
+    from vehiclenet.model.checkpoint import read_checkpoint
 
     data = make_dataset(tmp_path / "vehicles")
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3", VEHICLENET_HOME=str(tmp_path / "home"))

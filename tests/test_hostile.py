@@ -345,7 +345,7 @@ def test_outputs_beside_inputs_are_allowed_and_late_special_files_refused(tmp_pa
     only), and atomic_write refuses a FIFO that appears while the output is made, leaving no temp file."""
     from vehiclenet.errors import UsageError
     from vehiclenet.fileio import atomic_write, check_output_file
-    from vehiclenet.preprocessing import is_image_path
+    from vehiclenet.embedding.preprocessing import is_image_path
 
     imgs = tmp_path / "imgs"
     make_images(imgs)
@@ -395,7 +395,7 @@ def test_link_loops_in_an_input_folder_embed_each_file_once(tmp_path):
 
 
 def test_folder_walk_prefers_plain_names_and_visits_each_folder_once(tmp_path):
-    from vehiclenet.features import list_images
+    from vehiclenet.embedding.inputs import list_images
 
     root = tmp_path / "gallery"
     (root / "b-real" / "deep").mkdir(parents=True)
@@ -681,7 +681,7 @@ def assert_names_bad_entries(message: str, path: Path) -> None:
 
 def test_refused_checkpoint_leaves_the_network_exactly_as_it_was(checkpoints):
     from vehiclenet import create_network
-    from vehiclenet.checkpoint import load_weights
+    from vehiclenet.model.checkpoint import load_weights
     from vehiclenet.errors import CheckpointError
 
     net = create_network(pretrained=False)
@@ -787,7 +787,7 @@ def test_huge_pngs_are_refused_by_name_and_memory_stays_bounded(tmp_path, huge_p
 
 def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
     from vehiclenet.errors import DataError, UsageError
-    from vehiclenet.preprocessing import load_image
+    from vehiclenet.embedding.preprocessing import load_image
 
     (img,) = make_images(tmp_path, 1)  # 32x24
     assert load_image(img).shape == (24, 32, 3)
@@ -820,7 +820,7 @@ def test_big_jpeg_is_decoded_at_reduced_scale_with_the_same_features(tmp_path, m
     """An 8000x6000 JPEG (48 million pixels, above the limit) decodes at 1/4 scale through libjpeg:
     its network input is that of the full decode but on sharp edges, and its features are those
     of the same picture resized first, not those of another picture."""
-    from vehiclenet.preprocessing import load_image, preprocess
+    from vehiclenet.embedding.preprocessing import load_image, preprocess
 
     big = tmp_path / "big.jpg"
     scene = draw_scene(8000, 6000)
@@ -879,7 +879,7 @@ def test_manifest_file_names_the_cache_cannot_hold_are_refused(site, name):
 def test_fifo_or_device_as_checkpoint_is_not_a_regular_file(tmp_path, kind):
     """Reported by what it is, at once (no read that blocks or never ends), before MindSpore
     is imported; the library's loader says the same."""
-    from vehiclenet.checkpoint import read_checkpoint
+    from vehiclenet.model.checkpoint import read_checkpoint
     from vehiclenet.errors import CheckpointError
 
     ckpt = Path(kind)
@@ -926,7 +926,7 @@ def test_evaluate_refuses_zero_width_and_all_zero_features(tmp_path):
 
 def test_rank_refuses_a_gallery_file_with_nan_rows(tmp_path):
     """A NaN row would rank last with distance nan; like every reader of features, rank refuses the file."""
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     (query,) = make_images(tmp_path / "q", 1)
     rng = np.random.default_rng(1)

@@ -42,7 +42,7 @@ EVIL = ["g/\x1b[31mRED\x1b[0m.jpg", "g/two\n   1  0.0000  g/forged.jpg", "g/plai
 
 
 def test_search_escapes_names_that_would_drive_the_terminal(tmp_path):
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     feats = unit_rows(4)
     save_features(tmp_path / "g.npz", feats, EVIL)
@@ -63,7 +63,7 @@ def test_search_escapes_names_that_would_drive_the_terminal(tmp_path):
 
 @pytest.mark.slow
 def test_rank_escapes_names_that_would_drive_the_terminal(tmp_path):
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     query = tmp_path / "q\x1b[2J\nforged.png"
     Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(query, format="PNG")
@@ -96,7 +96,7 @@ WORDS = {"NaN": "NaN or inf (row 1)", "inf": "NaN or inf (row 2)", "all-zero": "
 
 
 def test_every_reader_refuses_features_no_distance_can_be_trusted_on(tmp_path):
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     good = unit_rows(4)
     save_features(tmp_path / "good.npz", good, [f"g{i}.jpg" for i in range(4)])
@@ -189,7 +189,7 @@ TAMPERED = {
 
 
 def test_index_files_whose_hashes_match_but_shapes_do_not_are_refused(tmp_path):
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     feats = unit_rows(4)
     save_features(tmp_path / "good.npz", feats, [f"g{i}.jpg" for i in range(4)])
@@ -221,7 +221,7 @@ def test_index_files_whose_hashes_match_but_shapes_do_not_are_refused(tmp_path):
 
 
 def test_tuning_beyond_what_faiss_takes_is_refused_before_building(tmp_path):
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     save_features(tmp_path / "good.npz", unit_rows(4), [f"g{i}.jpg" for i in range(4)])
     proc = cli("index", "build", "good.npz", "--out", "h.index", "--kind", "hnsw-sq8", "--ef-search", 2 ** 31,

@@ -38,7 +38,7 @@ def one_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> None
 
 
 def unit_features(path: Path, n: int = 4, d: int = 8) -> Path:
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
     return save_features(path, x / np.linalg.norm(x, axis=1, keepdims=True), [f"g{i}.jpg" for i in range(n)])
@@ -133,9 +133,9 @@ def test_sizes_from_arguments_are_bounded(tmp_path):
 
 
 def test_conditions_that_ended_in_a_traceback_are_named(tmp_path):
-    from vehiclenet import shards
+    from vehiclenet.embedding import shards
     from vehiclenet.datasets.vehicleid import VehicleIDFeatures, save_vehicleid_features
-    from vehiclenet.features import FeatureResult
+    from vehiclenet.embedding.result import FeatureResult
 
     gone = tmp_path / "gone"
     gone.mkdir()

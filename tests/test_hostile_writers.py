@@ -45,8 +45,8 @@ def snapshot(folder: Path) -> dict:
 
 def chunk_folder(folder: Path, n: int = 4, dim: int = 8, seed: int = 0) -> Path:
     """A finished folder of feature chunks (2 per chunk), as `embed --out-dir` leaves it."""
-    from vehiclenet import shards
-    from vehiclenet.features import FeatureResult
+    from vehiclenet.embedding import shards
+    from vehiclenet.embedding.result import FeatureResult
 
     paths = [f"img{i}.jpg" for i in range(n)]
     job = shards.ShardJob(images=n, inputs_sha256=shards.inputs_digest(paths), chunk_size=2, weights="sha256:00",
@@ -100,8 +100,8 @@ def test_outputs_inside_an_input_chunk_folder_are_refused(tmp_path, target):
 
 @pytest.mark.slow
 def test_concurrent_index_adds_keep_every_addition(tmp_path):
-    from vehiclenet.features import save_features
-    from vehiclenet.index import load_index
+    from vehiclenet.embedding.result import save_features
+    from vehiclenet.retrieval.index import load_index
 
     rng = np.random.default_rng(0)
 

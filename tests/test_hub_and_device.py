@@ -77,7 +77,7 @@ def test_device_selection_on_cpu():
     proc = _run("""
         import logging
         logging.basicConfig(level=logging.INFO)
-        from vehiclenet import device
+        from vehiclenet.model import device
         assert device.choose_device() == "CPU"            # no Ascend, no GPU here
         assert device.choose_device("cpu") == "CPU"       # case-insensitive
         assert device.choose_device("Ascend") == "Ascend" # explicit wins over detection
@@ -220,7 +220,7 @@ def raised(exc_type, *args, **kwargs):
     raise AssertionError(f"no {exc_type.__name__} for load{args}{kwargs}")
 
 def nothing_built():
-    from vehiclenet.device import device_already_set  # the model folder's package, imported by the conf
+    from vehiclenet.model.device import device_already_set  # the model folder's package, imported by the conf
     return device_already_set() is None
 ''' % (CHECKED,)
 
@@ -271,7 +271,7 @@ def own_manifest(tmp_path, monkeypatch, published_ckpt) -> str:
     import hashlib
 
     from http_fixture import write_manifest
-    from vehiclenet.download import cached_path
+    from vehiclenet.weights.download import cached_path
 
     sha = hashlib.sha256()
     with open(published_ckpt, "rb") as fh:
@@ -364,9 +364,9 @@ def test_cli_and_export_choose_their_mode():
     graph for many images and for export, PyNative for a handful of images."""
     proc = _run("""
         import mindspore as ms
-        from vehiclenet import export
+        from vehiclenet.model import export
         from vehiclenet.cli._network import build_network
-        from vehiclenet.device import mode_for_images
+        from vehiclenet.model.device import mode_for_images
         assert ms.get_context("mode") == ms.PYNATIVE_MODE
         build_network(None, False, "fp32", mode=mode_for_images(100))
         assert ms.get_context("mode") == ms.GRAPH_MODE
@@ -385,7 +385,7 @@ def test_hub_load_on_cpu_prints_no_device_probe_warning(hub_layout, tmp_path):
         import logging
         logging.basicConfig(level=logging.INFO)
         net = mindspore_hub.load(CARD, source="local")
-        from vehiclenet import device
+        from vehiclenet.model import device
         # The plugin check answers first: the noisy probe is not even called.
         calls = []
         ms.device_context.ascend.is_available = lambda: calls.append(1) or False

@@ -1,4 +1,4 @@
-"""Gallery indexes (vehiclenet/index.py) and `vehiclenet index` / `search` / `rank --gallery INDEX`,
+"""Gallery indexes (vehiclenet/retrieval/index.py) and `vehiclenet index` / `search` / `rank --gallery INDEX`,
 on real files with real faiss; the command line as real subprocesses."""
 import errno
 import json
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from vehiclenet.errors import DataError
-from vehiclenet.features import nearest, save_features
-from vehiclenet.index import GalleryIndex, build_index, load_index
+from vehiclenet.retrieval.exact import nearest
+from vehiclenet.embedding.result import save_features
+from vehiclenet.retrieval.index import GalleryIndex, build_index, load_index
 
 from test_embed_rank_cli import COLOURS, draw_vehicle, small_ckpt  # noqa: F401 (fixture)
 
@@ -151,7 +152,7 @@ class _FailingFile:
 
 
 def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    import vehiclenet.index as index_module
+    import vehiclenet.retrieval.index as index_module
 
     feats, _, _ = clustered(3000, 32, seed=6)
     real = index_module._write_container
@@ -186,8 +187,8 @@ def test_folder_of_features_files_is_read_in_sorted_order(tmp_path):
 def test_chunk_folder_of_embed_out_dir_is_read_verified(tmp_path):
     """A folder written by `embed --out-dir` (here through the library, no network) is one
     source, in input order; a damaged chunk is refused, naming it."""
-    from vehiclenet import shards
-    from vehiclenet.features import FeatureResult
+    from vehiclenet.embedding import shards
+    from vehiclenet.embedding.result import FeatureResult
 
     feats, _, _ = clustered(10, 16, seed=9)
     paths = names(10)
@@ -257,7 +258,7 @@ def test_cli_build_add_search_json(features_files):
 
 
 def test_search_leaves_each_query_own_file_out_as_rank_does(features_files):
-    from vehiclenet.ranking import search_leaving_out
+    from vehiclenet.retrieval.ranking import search_leaving_out
 
     tmp, feats, _ = features_files
     assert run_cli("index", "build", "a.npz", "--out", "g.index", cwd=tmp).returncode == 0
@@ -396,6 +397,6 @@ def test_rank_and_search_on_an_index_with_query_images(tmp_path, small_ckpt):
 
 def test_command_line_offers_every_index_kind():
     from vehiclenet.cli._network import INDEX_KINDS
-    from vehiclenet.index import KINDS
+    from vehiclenet.retrieval.index import KINDS
 
     assert INDEX_KINDS == KINDS and INDEX_KINDS[0] == "auto"

@@ -1,4 +1,4 @@
-"""Self-tuned gallery indexes (vehiclenet/index_tuning.py): the search effort chosen on the
+"""Self-tuned gallery indexes (vehiclenet/retrieval/index_tuning.py): the search effort chosen on the
 gallery's own rows reaches the target on new queries, auto falls back to exact where ivf-sq8
 cannot, `index add` re-checks, and the command line records and shows it. Real faiss, real
 files, the command line as real subprocesses."""
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from vehiclenet.errors import DataError, UsageError
-from vehiclenet.features import save_features
-from vehiclenet.index import GalleryIndex, load_index
-from vehiclenet.index_tuning import Tuning, exact_truth, ladder
+from vehiclenet.embedding.result import save_features
+from vehiclenet.retrieval.index import GalleryIndex, load_index
+from vehiclenet.retrieval.index_tuning import Tuning, exact_truth, ladder
 
 from test_index import names, run_cli, unit
 
@@ -68,14 +68,14 @@ def test_auto_tunes_nprobe_so_that_new_queries_reach_the_target(tmp_path):
 
 def test_auto_falls_back_to_exact_where_ivf_cannot_reach_the_target(caplog):
     gallery, queries = identities(52_000, 16, seed=2, queries=20)
-    with caplog.at_level(logging.WARNING, logger="vehiclenet.index"):
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.retrieval.index"):
         index = GalleryIndex.build(gallery, names(52_000), target_recall=1.0, tune_queries=200)
     assert index.kind == "exact" and index.params == {} and index.tuning.param is None
     assert "cannot meet recall@10 1" in index.tuning.note and "the index is exact instead" in caplog.text
     assert recall_at_10(index, gallery, queries) == 1.0
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vehiclenet.index"):
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.retrieval.index"):
         ivf = GalleryIndex.build(gallery, names(52_000), kind="ivf-sq8", target_recall=1.0, tune_queries=200)
     assert ivf.kind == "ivf-sq8" and not ivf.tuning.reached  # asked for by name: kept, with a warning
     assert ivf.params["nprobe"] == ivf.params["nlist"] == ivf.tuning.value  # the largest setting tried
@@ -93,7 +93,7 @@ def test_add_rechecks_the_added_rows_and_raises_the_setting_where_they_need_it(c
     assert index.tuning.queries == 400 == index.tuning.sample and index.tuning.exact_query_ms is None
     # Rows spread evenly over the sphere, unlike anything the cells were trained on.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vehiclenet.index"):
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.retrieval.index"):
         index.add(unit(np.random.default_rng(4).standard_normal((3000, 32))), names(3000, start=9000))
     raised = index.params["nprobe"]
     assert raised > index.tuning.tried[0][0] and index.tuning.tried[0][0] >= first
@@ -102,7 +102,7 @@ def test_add_rechecks_the_added_rows_and_raises_the_setting_where_they_need_it(c
 
 def test_a_given_setting_is_measured_not_changed(caplog):
     gallery, _ = identities(8000, 32, seed=5)
-    with caplog.at_level(logging.WARNING, logger="vehiclenet.index"):
+    with caplog.at_level(logging.WARNING, logger="vehiclenet.retrieval.index"):
         index = GalleryIndex.build(gallery, names(8000), kind="ivf-sq8", nprobe=2, tune_queries=300)
     assert index.params["nprobe"] == 2 and index.tuning.fixed and not index.tuning.reached
     assert "omit --nprobe/--ef-search" in caplog.text

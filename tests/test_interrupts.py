@@ -203,7 +203,7 @@ def test_embed_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, workdir, 
 
 
 def test_stale_temporary_output_of_a_dead_process_is_removed_live_ones_kept(tmp_path):
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
     from vehiclenet.fileio import _owner
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -255,7 +255,7 @@ def finetune(data: Path, out: Path, *extra, cwd: Path, env: Dict[str, str]) -> C
 
 
 def checkpoint_epoch(path: Path) -> int:
-    from vehiclenet.checkpoint import read_checkpoint
+    from vehiclenet.model.checkpoint import read_checkpoint
 
     return int(read_checkpoint(path, keep_training_state=True)["epoch_num"].asnumpy())
 

@@ -32,8 +32,8 @@ def test_embed_merge_does_not_import_mindspore(tmp_path):
     """`embed-merge` only reads chunk files: a folder written here through the library, no network."""
     import numpy as np
 
-    from vehiclenet import shards
-    from vehiclenet.features import FeatureResult
+    from vehiclenet.embedding import shards
+    from vehiclenet.embedding.result import FeatureResult
 
     paths = [f"img{i}.jpg" for i in range(5)]
     job = shards.ShardJob(images=5, inputs_sha256=shards.inputs_digest(paths), chunk_size=2, weights="sha256:00",
@@ -55,7 +55,7 @@ def test_index_commands_and_search_by_features_do_not_import_mindspore(tmp_path)
 
     import numpy as np
 
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     feats = np.eye(8, 16, dtype=np.float32)
     save_features(tmp_path / "a.npz", feats[:5], [f"g{i}.jpg" for i in range(5)])
@@ -71,7 +71,7 @@ def test_index_commands_and_search_by_features_do_not_import_mindspore(tmp_path)
 def test_calibrate_does_not_import_mindspore(tmp_path):
     import numpy as np
 
-    from vehiclenet.features import save_features
+    from vehiclenet.embedding.result import save_features
 
     rng = np.random.default_rng(0)
     ids = np.repeat(np.arange(20), 3)

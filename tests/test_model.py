@@ -6,7 +6,7 @@ import pytest
 
 import hub_conf
 from conftest import published_parameters, write_published_layout
-from vehiclenet.checkpoint import load_weights
+from vehiclenet.model.checkpoint import load_weights
 from vehiclenet.errors import CheckpointError
 
 

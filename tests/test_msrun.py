@@ -29,10 +29,10 @@ WORKER = r'''
 import sys
 import numpy as np
 import mindspore as ms
-from vehiclenet import finetune as ft
-from vehiclenet.checkpoint import load_weights
-from vehiclenet.device import configure
-from vehiclenet.network import VehicleNet
+from vehiclenet.training import finetune as ft
+from vehiclenet.model.checkpoint import load_weights
+from vehiclenet.model.device import configure
+from vehiclenet.model.network import VehicleNet
 
 init_ckpt, batch_file, out_file, mode, precision = sys.argv[1:6]
 data = np.load(batch_file)
@@ -50,8 +50,8 @@ else:
         x, y = x[2:], y[2:]
 ms.set_seed(0)
 if precision == "bf16":  # the oneDNN kernels' bf16 training convolutions
-    from vehiclenet.backend import KernelBackend
-    from vehiclenet.cpu_kernels import library_path
+    from vehiclenet.model.backend import KernelBackend
+    from vehiclenet.model.cpu_kernels import library_path
     net = VehicleNet(num_classes=3, backend=KernelBackend(library_path(), "bf16"))
 else:
     net = VehicleNet(num_classes=3)
@@ -97,7 +97,7 @@ def _worker_logs(log_dir: Path) -> dict:
 
 
 def _native_bf16() -> bool:
-    from vehiclenet import cpu_kernels
+    from vehiclenet.model import cpu_kernels
 
     library = cpu_kernels.library_path()
     return library is not None and cpu_kernels.cpu_isa(library)[1]
@@ -131,7 +131,7 @@ def test_two_workers_average_gradients(tmp_path, precision):
     union, half = np.load(tmp_path / "union_0.npz"), np.load(tmp_path / "half_0.npz")
     trainable = [n for n in union.files if not n.endswith(("moving_mean", "moving_variance"))]
     assert len(union.files) == 273 and len(trainable) == 165  # every parameter of the network
-    from vehiclenet.checkpoint import read_checkpoint
+    from vehiclenet.model.checkpoint import read_checkpoint
 
     init = {p: v.asnumpy() for p, v in read_checkpoint(init_ckpt).items() if p != "__training_state__"}
     changed = 0
@@ -156,7 +156,7 @@ def _check_bf16_average(tmp_path: Path, script: Path, common: list, init_ckpt: P
     oneDNN's float32 summation order, which moves some next-layer inputs across a bf16 rounding
     boundary, and random weights with two-image batch statistics amplify that (loss 1.54 on one
     thread, 1.72 on two, here)."""
-    from vehiclenet.checkpoint import read_checkpoint
+    from vehiclenet.model.checkpoint import read_checkpoint
 
     for mode in ("half", "other_half"):
         proc = subprocess.run([sys.executable, str(script), *map(str, common), str(tmp_path / f"{mode}_RANK.npz"),
@@ -191,8 +191,8 @@ def test_finetune_cli_under_msrun_shards_data_and_rank0_writes(tmp_path):
     assert "3 identities" in logs[0] and "2 workers" in logs[0]
     assert "data-parallel: rank 1 of 2" in logs[1] and "epoch 1/1" not in logs[1] and "saved" not in logs[1]
     assert sorted(p.name for p in out.iterdir()) == ["labels.json", "vehiclenet-e001.ckpt"]
-    from vehiclenet.checkpoint import load_weights
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.model.checkpoint import load_weights
+    from vehiclenet.model.network import VehicleNet
 
     report = load_weights(VehicleNet(num_classes=3), out / "vehiclenet-e001.ckpt")
     assert not report.reinitialized and "step_num" in report.training_state

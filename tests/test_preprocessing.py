@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from vehiclenet.errors import DataError
-from vehiclenet.preprocessing import INPUT_SIZE, MEAN, STD, load_image, preprocess, preprocess_image
+from vehiclenet.embedding.preprocessing import INPUT_SIZE, MEAN, STD, load_image, preprocess, preprocess_image
 
 
 def _smooth_rgb(h=48, w=64, seed=0) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 
 from http_fixture import Route, http_server, write_manifest  # noqa: F401 (fixture)
 from vehiclenet import create_network
-from vehiclenet.download import cached_path
+from vehiclenet.weights.download import cached_path
 from vehiclenet.errors import ChecksumError, DownloadError
 
 FILE = "vehiclenet_test_published_layout.ckpt"

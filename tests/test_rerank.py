@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from vehiclenet.evaluation import evaluate, evaluate_blocks
-from vehiclenet.rerank import neighbour_counts, re_rank
+from vehiclenet.retrieval.metrics import evaluate, evaluate_blocks
+from vehiclenet.retrieval.rerank import neighbour_counts, re_rank
 
 
 def direct_rerank(qf, gf, k1, k2, lam):
@@ -118,7 +118,7 @@ def test_the_published_k1_on_a_small_set_is_lowered_to_the_data_and_said(caplog)
     rng = np.random.default_rng(5)
     qf, _ = clustered(rng, 12)
     gf, _ = clustered(rng, 30)
-    with caplog.at_level("WARNING", logger="vehiclenet.rerank"):
+    with caplog.at_level("WARNING", logger="vehiclenet.retrieval.rerank"):
         got = re_rank(qf, gf)  # k1=100, k2=15
     assert "re-ranking 42 items: k1=100 is not below their number, so k1=41, k2=15 are used" in caplog.text
     np.testing.assert_array_equal(got, re_rank(qf, gf, 41, 15))
@@ -128,7 +128,7 @@ def test_the_published_k1_on_a_small_set_is_lowered_to_the_data_and_said(caplog)
 def test_compiled_and_numpy_jaccard_are_bit_identical():
     from scipy import sparse
 
-    from vehiclenet import rerank
+    from vehiclenet.retrieval import rerank
 
     assert rerank._native_jaccard() is not None, "the C Jaccard kernel did not build here"
     rng = np.random.default_rng(8)
@@ -151,7 +151,8 @@ def test_compiled_and_numpy_jaccard_are_bit_identical():
 def test_without_a_c_compiler_the_numpy_path_gives_the_same_result(monkeypatch, caplog):
     import logging
 
-    from vehiclenet import native, rerank
+    from vehiclenet import native
+    from vehiclenet.retrieval import rerank
 
     rng = np.random.default_rng(12)
     qf, _ = clustered(rng, 30)
@@ -184,8 +185,8 @@ def _some_problem(seed, nq=60, ng=240, dim=16, num_ids=12):
 
 @pytest.mark.parametrize("k1,k2,lam", [(20, 6, 0.0), (30, 1, 0.0), (15, 8, 0.4)])
 def test_blocks_are_bit_identical_to_re_rank_for_any_cut(k1, k2, lam):
-    from vehiclenet.blocks import collect
-    from vehiclenet.rerank import re_rank_blocks
+    from vehiclenet.retrieval.blocks import collect
+    from vehiclenet.retrieval.rerank import re_rank_blocks
 
     qf, qi, qc, gf, gi, gc = _some_problem(k1 + k2)
     whole = re_rank(qf, gf, k1, k2, lam)
@@ -202,7 +203,7 @@ def test_blocks_are_bit_identical_to_re_rank_for_any_cut(k1, k2, lam):
 
 
 def test_an_exact_neighbour_source_gives_identical_results():
-    from vehiclenet import rerank
+    from vehiclenet.retrieval import rerank
 
     qf, _, _, gf, _, _ = _some_problem(21)
     calls = []
@@ -220,7 +221,7 @@ def test_an_exact_neighbour_source_gives_identical_results():
 def test_faiss_exact_index_as_the_neighbour_source():
     import faiss
 
-    from vehiclenet.rerank import exact_neighbours
+    from vehiclenet.retrieval.rerank import exact_neighbours
 
     def flat_index(feats, k):  # what a gallery index's search(feats, k) gives: indices by ascending L2
         index = faiss.IndexFlatL2(feats.shape[1])
@@ -257,7 +258,7 @@ def test_a_bad_neighbour_source_is_named(bad, message):
 def test_bounded_path_never_holds_a_query_x_gallery_or_n_x_n_matrix():
     import tracemalloc
 
-    from vehiclenet.rerank import re_rank_blocks
+    from vehiclenet.retrieval.rerank import re_rank_blocks
 
     rng = np.random.default_rng(4)
     qf, qi = clustered(rng, 1500, num_ids=150, dim=32)
@@ -283,8 +284,8 @@ def test_bounded_path_never_holds_a_query_x_gallery_or_n_x_n_matrix():
 
 
 def test_compiled_and_numpy_neighbour_passes_are_bit_identical():
-    from vehiclenet import rerank
-    from vehiclenet.blas import one_blas_thread
+    from vehiclenet.retrieval import rerank
+    from vehiclenet.retrieval.blas import one_blas_thread
 
     assert rerank._native_neighbour_kernels() is not None, "the C kernels did not build here"
     rng = np.random.default_rng(9)
@@ -308,7 +309,7 @@ def test_compiled_and_numpy_neighbour_passes_are_bit_identical():
 def test_gallery_rows_built_as_csc_by_blocks_equal_scipy_tocsc():
     from scipy import sparse
 
-    from vehiclenet import rerank
+    from vehiclenet.retrieval import rerank
 
     v = sparse.random(500, 400, density=0.05, format="csr", dtype=np.float32, random_state=1)
     for rows in (1, 37, 4096):
@@ -320,9 +321,9 @@ def test_gallery_rows_built_as_csc_by_blocks_equal_scipy_tocsc():
 
 
 def test_gallery_index_as_the_neighbour_source():
-    """vehiclenet.index.index_neighbours: the exact kind gives today's re-ranking bit for bit;
+    """vehiclenet.retrieval.index.index_neighbours: the exact kind gives today's re-ranking bit for bit;
     an ivf kind gives approximate re-ranking, close in its figures."""
-    from vehiclenet.index import index_neighbours
+    from vehiclenet.retrieval.index import index_neighbours
 
     qf, qi, qc, gf, gi, gc = _some_problem(24, nq=60, ng=900, dim=32)
     exact = re_rank(qf, gf, 20, 6)

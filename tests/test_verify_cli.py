@@ -201,7 +201,7 @@ def test_download_cli_offline_and_failure_exit_1(setup, http_server):
 
 
 def test_info_reports_cache_and_assets(setup):
-    from vehiclenet.cpu_kernels import build_library
+    from vehiclenet.model.cpu_kernels import build_library
 
     tmp, cache, env = setup
     (cache / FILE).write_bytes(DATA)

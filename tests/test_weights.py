@@ -12,8 +12,8 @@ from PIL import Image
 
 from vehiclenet import __version__
 from vehiclenet.errors import UsageError
-from vehiclenet.features import save_features
-from vehiclenet.weights import WeightsChoice, check_same_weights, describe
+from vehiclenet.embedding.result import save_features
+from vehiclenet.weights.choice import WeightsChoice, check_same_weights, describe
 
 
 def run_cli(*args, cwd):
@@ -58,7 +58,7 @@ def test_identities_name_the_weights_without_downloading(tmp_path):
 
 
 def test_unseeded_random_weights_cannot_make_chunks_and_seeded_ones_are_recorded():
-    from vehiclenet.shards import make_job
+    from vehiclenet.embedding.shards import make_job
 
     with pytest.raises(UsageError, match="unseeded random weights differ in every process"):
         make_job(["a.jpg"], chunk_size=1, pretrained=False)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from http_fixture import Route, http_server, write_manifest  # noqa: F401 (fixture)
 from vehiclenet import create_network
-from vehiclenet.model import WeightsMeta
+from vehiclenet.model.factory import WeightsMeta
 
 OTHER = "vehiclenet_other_10ids"
 FILE = "vehiclenet_other_10ids.ckpt"
@@ -24,7 +24,7 @@ def ten_id_checkpoint(tmp_path_factory):
     """A network-only checkpoint with a 10-identity head (random weights), and its bytes."""
     import mindspore as ms
 
-    from vehiclenet.network import VehicleNet
+    from vehiclenet.model.network import VehicleNet
 
     path = tmp_path_factory.mktemp("other") / FILE
     ms.save_checkpoint(VehicleNet(num_classes=10), str(path))
@@ -91,7 +91,7 @@ def test_local_checkpoint_and_random_weights_keep_the_published_settings(other_a
 
 
 def test_embedding_resizes_to_the_assets_input_size(other_asset, tmp_path):
-    from vehiclenet.features import embed, input_size
+    from vehiclenet.embedding.features import embed, input_size
 
     rng = np.random.default_rng(5)
     files = []
@@ -114,7 +114,7 @@ def test_embed_command_uses_the_default_assets_settings(http_server, ten_id_chec
     import subprocess
     import sys
 
-    from vehiclenet.features import embed
+    from vehiclenet.embedding.features import embed
 
     path, data = ten_id_checkpoint
     url = http_server.add("/" + FILE, Route(body=data))
@@ -140,7 +140,7 @@ def test_export_follows_the_assets_input_size(other_asset, tmp_path):
     input at any batch; --image-size still wins."""
     import onnxruntime as ort
 
-    from vehiclenet.export import export_embedding
+    from vehiclenet.model.export import export_embedding
 
     net = create_network(pretrained=OTHER, include_top=False, mode="graph")
     path = export_embedding(tmp_path / "other.onnx", file_format="ONNX", pretrained=OTHER)

@@ -11,7 +11,7 @@ from typing import Any
 def _shorten_openmp_spinning() -> bool:
     """Default ``GOMP_SPINCOUNT`` to 10000; False when that cannot take effect.
 
-    The oneDNN CPU kernels (cpu_kernels.py) run on GNU OpenMP, whose threads by default spin
+    The oneDNN CPU kernels (model/cpu_kernels.py) run on GNU OpenMP, whose threads by default spin
     for ~300k iterations after every parallel region. On a small CPU that spinning takes the
     cores from the MindSpore operators that run in between, and MindSpore's own worker
     thread then waits out scheduler slices: training was ~8 % slower. libgomp reads this once,
@@ -40,11 +40,11 @@ __all__ = ["__version__", "create_network", "same_vehicle"]
 def __getattr__(name: str) -> Any:
     # PEP 562 lazy attributes: keep `import vehiclenet` free of mindspore and numpy.
     if name == "create_network":
-        from .model import create_network
+        from .model.factory import create_network
 
         return create_network
     if name == "same_vehicle":
-        from .calibration import same_vehicle
+        from .retrieval.calibration import same_vehicle
 
         return same_vehicle
     raise AttributeError(f"module 'vehiclenet' has no attribute {name!r}")

@@ -28,7 +28,7 @@ CPU_KERNELS = "VEHICLENET_CPU_KERNELS"
 COMPILE_CACHE = "VEHICLENET_COMPILE_CACHE"
 
 KERNEL_FOLDER = "kernels"  # the compiled libraries' sub-folder of the cache root
-COMPILED_FOLDER = "compiled"  # the compiled graphs' sub-folder (vehiclenet/compile_cache.py)
+COMPILED_FOLDER = "compiled"  # the compiled graphs' sub-folder (vehiclenet/model/compile_cache.py)
 
 _OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on")
 

@@ -34,8 +34,8 @@ import os
 import sys
 from typing import Any, Dict, Optional
 
-from .model import MODEL_NAMES, weights_meta
-from .model import create_network as _create_network
+from .model.factory import MODEL_NAMES, weights_meta
+from .model.factory import create_network as _create_network
 
 # Options that may follow num_classes, named in the error for extra positionals.
 _KEYWORDS = ("include_top=False", "checkpoint='file.ckpt'", "weights=True", "last_stride=2",

@@ -70,7 +70,7 @@ def load_threshold(args: argparse.Namespace) -> Optional[float]:
     """The threshold distance of ``--threshold`` (None without one), read before any work."""
     if not getattr(args, "threshold", None):
         return None
-    from ..calibration import load_calibration
+    from ..retrieval.calibration import load_calibration
 
     return load_calibration(args.threshold).distance
 
@@ -104,10 +104,10 @@ def add_filter_args(parser: argparse.ArgumentParser) -> None:
 
 
 def row_filter(args: argparse.Namespace) -> Any:
-    """The :class:`vehiclenet.filters.RowFilter` of the filter options, checked before any work."""
+    """The :class:`vehiclenet.retrieval.filters.RowFilter` of the filter options, checked before any work."""
     from ..errors import UsageError
-    from ..filters import RowFilter
-    from ..metadata import parse_time
+    from ..retrieval.filters import RowFilter
+    from ..embedding.metadata import parse_time
 
     cameras = None
     if args.cameras is not None:

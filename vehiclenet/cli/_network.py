@@ -5,10 +5,10 @@ import logging
 from typing import TYPE_CHECKING, List, Optional
 
 if TYPE_CHECKING:  # annotations only: the parsers of every command must not import numpy
-    from ..features import ImageInputs
-    from ..weights import WeightsChoice
+    from ..embedding.inputs import ImageInputs
+    from ..weights.choice import WeightsChoice
 
-#: vehiclenet.index.KINDS, written again here because that module imports numpy, which the
+#: vehiclenet.retrieval.index.KINDS, written again here because that module imports numpy, which the
 #: parser of every command (verify, download...) must not (tests/test_index.py checks they match).
 INDEX_KINDS = ("auto", "exact", "ivf-sq8", "ivf-flat", "hnsw-sq8")
 
@@ -75,7 +75,7 @@ def check_image_size(args: argparse.Namespace) -> None:
 
 def weights_choice(args: argparse.Namespace) -> "WeightsChoice":
     """The weights the command's options choose (random ones are seeded: default 0)."""
-    from ..weights import DEFAULT_SEED, WeightsChoice
+    from ..weights.choice import DEFAULT_SEED, WeightsChoice
 
     seed = (DEFAULT_SEED if args.seed is None else args.seed) if args.no_pretrained else None
     return WeightsChoice(args.checkpoint, not args.no_pretrained, seed)
@@ -83,7 +83,7 @@ def weights_choice(args: argparse.Namespace) -> "WeightsChoice":
 
 def network_files(args: argparse.Namespace) -> List[str]:
     """The weights file the network of ``embed``/``rank`` will read (an input like the images)."""
-    from ..download import weights_files
+    from ..weights.download import weights_files
 
     return weights_files(args.checkpoint, not args.no_pretrained)
 
@@ -92,7 +92,7 @@ def list_inputs(inputs: List[str], skip_bad: bool) -> "ImageInputs":
     """The images of ``inputs`` (files and folders), listed once for the whole command; missing
     inputs and folders without images are reported now, before MindSpore is imported (with
     --skip-bad, embed skips them instead)."""
-    from ..features import expand_inputs
+    from ..embedding.inputs import expand_inputs
 
     listed = expand_inputs(inputs)
     if not skip_bad:
@@ -103,8 +103,8 @@ def list_inputs(inputs: List[str], skip_bad: bool) -> "ImageInputs":
 def embedding_network(args: argparse.Namespace, images: int):
     """The embedding network for a job of ``images`` images: PyNative for a handful, where
     compiling the graph would take longer than the job."""
-    from ..checkpoint import check_checkpoint_file
-    from ..device import mode_for_images
+    from ..model.checkpoint import check_checkpoint_file
+    from ..model.device import mode_for_images
 
     if args.checkpoint:  # a FIFO or device is refused here, before the network is built
         check_checkpoint_file(args.checkpoint)
@@ -131,7 +131,7 @@ def build_network(checkpoint: Optional[str], pretrained: bool, precision: str, m
     # GLOG_v is read when mindspore is first imported, so set it before importing it.
     os.environ.setdefault("GLOG_v", "3")
     import_mindspore()
-    from ..model import create_network, weights_path
+    from ..model.factory import create_network, weights_path
 
     doing("fetching the weights")
     weights_path(checkpoint, pretrained)  # downloads here, interruptible; create_network finds it verified

@@ -47,7 +47,7 @@ def add_asset_commands(sub: "argparse._SubParsersAction") -> None:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from ..download import fetch
+    from ..weights.download import fetch
     from ..interrupts import doing, kept
 
     if args.quiet:
@@ -65,9 +65,9 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     import json
 
-    from ..download import cache_dir
+    from ..env import cache_dir
     from ..errors import UsageError
-    from ..verify import MISSING, verify_cache, verify_files
+    from ..weights.verify import MISSING, verify_cache, verify_files
 
     if args.files:
         results = verify_files(args.files, sha256=args.sha256)
@@ -122,10 +122,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import json
 
     from .. import env
-    from ..assets import manifest_path, redact_url
-    from ..blas import blas_libraries, evaluation_blas
-    from ..cpu_kernels import bf16_status
-    from ..cpu_kernels import status as cpu_kernels_status
+    from ..weights.assets import manifest_path, redact_url
+    from ..retrieval.blas import blas_libraries, evaluation_blas
+    from ..model.cpu_kernels import bf16_status
+    from ..model.cpu_kernels import status as cpu_kernels_status
 
     report = {
         "versions": _info_versions(),
@@ -170,7 +170,7 @@ def _info_device() -> str:
     # says what was chosen, so keep its log to errors unless the user set GLOG_v.
     os.environ.setdefault("GLOG_v", "3")
     try:
-        from ..device import choose_device
+        from ..model.device import choose_device
         from ..interrupts import import_mindspore
 
         import_mindspore()
@@ -180,9 +180,9 @@ def _info_device() -> str:
 
 
 def _info_assets() -> List[Dict[str, Any]]:
-    from ..assets import load_manifest
-    from ..download import cached_path
-    from ..verify import check_file
+    from ..weights.assets import load_manifest
+    from ..weights.download import cached_path
+    from ..weights.verify import check_file
 
     assets = []
     for i, asset in enumerate(load_manifest()):

@@ -10,7 +10,7 @@ from ._network import add_network_args, check_network_args, embedding_network, i
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..calibration import Calibration
+    from ..retrieval.calibration import Calibration
 
 
 def add_calibrate_commands(sub: "argparse._SubParsersAction") -> None:
@@ -48,7 +48,7 @@ def add_calibrate_commands(sub: "argparse._SubParsersAction") -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..calibration import calibrate, save_calibration
+    from ..retrieval.calibration import calibrate, save_calibration
     from ..errors import UsageError
     from ..fileio import check_output_file
 
@@ -56,7 +56,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--fmr must be between 0 and 1, got {args.fmr}")
     check_output_file(args.out, "--out", [args.features])
     if args.picture:
-        from ..visualize import picture_format
+        from ..retrieval.visualize import picture_format
 
         picture_format(args.picture)
         check_output_file(args.picture, "--picture", [args.features])
@@ -64,7 +64,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(feats, ids, cams, fmr=args.fmr, source=args.features)
     save_calibration(args.out, cal)
     if args.picture:
-        from ..visualize import draw_calibration
+        from ..retrieval.visualize import draw_calibration
 
         draw_calibration(cal, args.picture)
     roc = ", ".join(f"TPR@FPR={k} {v:.4f}" for k, v in cal.roc.items())
@@ -82,12 +82,11 @@ def _labelled(path: str) -> Tuple["np.ndarray", "np.ndarray", Optional["np.ndarr
     import numpy as np
 
     from ..errors import DataError
-    from ..evaluation import load_features_npz
-    from ..feature_checks import as_labels
-    from ..features import load_features
+    from ..embedding.files import load_features_npz
+    from ..embedding.checks import as_labels
+    from ..embedding.files import load_features
     from ..fileio import read_npz
-    from ..datasets.veri import parse_veri_name
-    from ..ranking import veri_id
+    from ..datasets.veri import parse_veri_name, veri_id
 
     if not os.path.isdir(path) and "query_features" in _npz_keys(path):
         fs = load_features_npz(path)
@@ -129,9 +128,9 @@ def _npz_keys(path: str) -> set:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ..calibration import same_vehicle
+    from ..retrieval.calibration import same_vehicle
     from ..errors import UsageError
-    from ..features import embed
+    from ..embedding.features import embed
 
     for name in (args.a, args.b):
         if os.path.isdir(name):
@@ -154,7 +153,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _threshold(args: argparse.Namespace) -> Optional["Calibration"]:
     """The threshold file given, else one beside the checkpoint (``<ckpt>.threshold.json``), else None."""
-    from ..calibration import load_calibration
+    from ..retrieval.calibration import load_calibration
 
     if args.threshold:
         return load_calibration(args.threshold)

@@ -14,9 +14,10 @@ MAX_THUMB = 1024  # a picture holds top-k + 1 thumbnails side by side: 11 x 1024
 
 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
-    from ..features import FeatureResult, ImageInputs
-    from ..index import GalleryIndex
-    from ..ranking import Ranking
+    from ..embedding.result import FeatureResult
+    from ..embedding.inputs import ImageInputs
+    from ..retrieval.index import GalleryIndex
+    from ..retrieval.ranking import Ranking
 
 
 _CHUNK_SIZE = 1000  # about 5 minutes of a 2-core CPU per chunk, flip on
@@ -95,7 +96,8 @@ def add_rank_command(sub: "argparse._SubParsersAction") -> None:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from ..env import launcher_rank, msrun_scheduler
     from ..errors import UsageError
-    from ..features import embed, input_size, save_features
+    from ..embedding.features import embed, input_size
+    from ..embedding.result import save_features
     from ..fileio import check_output_file, is_image_path
     from ..interrupts import doing, kept
 
@@ -160,7 +162,7 @@ def _track_names(track_list: Optional[str], names: List[str]) -> Optional[dict]:
     """Each image's track from ``--tracklets`` (None without it)."""
     if track_list is None:
         return None
-    from ..tracklets import read_tracklets
+    from ..embedding.tracklets import read_tracklets
 
     return dict(zip(names, read_tracklets(track_list, names)))
 
@@ -170,7 +172,7 @@ def _rows_to_save(res: "FeatureResult", track_of: Optional[dict], recorded: dict
     (``recorded``'s per-image metadata replaced by the tracks')."""
     if track_of is None:
         return res.features, res.paths
-    from ..tracklets import aggregate
+    from ..embedding.tracklets import aggregate
 
     tracks = aggregate(res.features, [track_of[p] for p in res.paths], recorded)
     recorded.update(tracks.extra, track_sizes=tracks.sizes)
@@ -184,7 +186,7 @@ def _image_meta(source: Optional[str], names: List[str]):
         return None
     import numpy as np
 
-    from ..metadata import check_source, read_meta
+    from ..embedding.metadata import check_source, read_meta
 
     check_source(source)
     columns = read_meta(source, names).as_extra()
@@ -201,13 +203,13 @@ def _cmd_embed_chunks(args: argparse.Namespace) -> int:
     """``embed --out-dir``: this worker's chunks (all of them outside msrun), then the merged
     ``--out`` if every chunk is finished. The worker that finishes last sees every chunk and
     merges; none waits for another, so a worker that died never leaves one hanging."""
-    from ..checkpoint import check_checkpoint_file
-    from ..device import mode_for_images
+    from ..model.checkpoint import check_checkpoint_file
+    from ..model.device import mode_for_images
     from ..env import launcher_rank
-    from ..features import list_images
+    from ..embedding.inputs import list_images
     from ..fileio import check_output_file, is_image_path
     from ..interrupts import kept
-    from ..shards import make_job, merge_shards, plan_shards, run_shards, unfinished_chunks
+    from ..embedding.shards import make_job, merge_shards, plan_shards, run_shards, unfinished_chunks
 
     check_network_args(args)
     if args.out:
@@ -248,7 +250,7 @@ def _cmd_embed_chunks(args: argparse.Namespace) -> int:
 
 def _cmd_embed_merge(args: argparse.Namespace) -> int:
     from ..fileio import check_output_file
-    from ..shards import merge_shards
+    from ..embedding.shards import merge_shards
 
     check_output_file(args.out, "--out", owned=[args.folder])
     res = merge_shards(args.folder, args.out)
@@ -258,9 +260,9 @@ def _cmd_embed_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
-    from ..features import ImageInputs
-    from ..preprocessing import load_image
-    from ..visualize import draw_ranking
+    from ..embedding.inputs import ImageInputs
+    from ..embedding.preprocessing import load_image
+    from ..retrieval.visualize import draw_ranking
 
     _check_rank_args(args)
     threshold = load_threshold(args)
@@ -300,9 +302,10 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 def _rankings(args: argparse.Namespace, net, stored, images: "ImageInputs", queries: int, rows_kept) -> list:
     """(query, its VeRi id, Ranking, the matches' ids) per query: the first ``queries`` of
     ``images``, the rest being the gallery folder's images when nothing is ``stored``;
-    ``rows_kept`` the :class:`vehiclenet.filters.RowFilter` of the gallery rows to rank."""
-    from ..index import GalleryIndex
-    from ..ranking import rank_gallery, rank_index, veri_id
+    ``rows_kept`` the :class:`vehiclenet.retrieval.filters.RowFilter` of the gallery rows to rank."""
+    from ..retrieval.index import GalleryIndex
+    from ..datasets.veri import veri_id
+    from ..retrieval.ranking import rank_gallery, rank_index
 
     if isinstance(stored, GalleryIndex):
         feats = embed_queries(args, net, images, stored)
@@ -353,7 +356,7 @@ def _check_rank_args(args: argparse.Namespace) -> None:
     """Usage errors of ``rank``, reported before any work."""
     from ..errors import UsageError
     from ..fileio import check_output_file, is_image_path
-    from ..visualize import picture_format
+    from ..retrieval.visualize import picture_format
 
     check_network_args(args)
     if args.top_k < 1:
@@ -372,10 +375,10 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, 
     import os
 
     from ..errors import DataError
-    from ..feature_checks import stored_flag
-    from ..features import load_features
-    from ..index import is_index_file, load_index
-    from ..weights import check_same_weights, stored_identity
+    from ..embedding.checks import stored_flag
+    from ..embedding.files import load_features
+    from ..retrieval.index import is_index_file, load_index
+    from ..weights.choice import check_same_weights, stored_identity
 
     if is_index_file(args.gallery):
         index = load_index(args.gallery)
@@ -400,7 +403,8 @@ def _embed_query_and_gallery(args: argparse.Namespace, net, stored: "Optional[Fe
                              images: "ImageInputs", queries: int) -> "Tuple[FeatureResult, FeatureResult]":
     """Query and gallery features: the gallery's are ``stored``, or embedded with the
     queries' (``images``: the ``queries`` query images, then the gallery folder's images)."""
-    from ..features import FeatureResult, embed
+    from ..embedding.result import FeatureResult
+    from ..embedding.features import embed
 
     flip = not args.no_flip
     if stored is not None:

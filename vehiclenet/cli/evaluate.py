@@ -1,8 +1,7 @@
 """`evaluate`: `--features` needs numpy/scipy only; `--data` builds the network (mindspore)."""
 import argparse
-import contextlib
-import time
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from ._network import INDEX_KINDS, add_image_size_arg, add_precision_arg, build_network, check_image_size, image_size
 from ._common import add_command, progress
@@ -12,9 +11,33 @@ MAX_TRIALS = 1000  # VehicleID's protocol draws 10 galleries; 1000 already pins 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
 
-    from ..evaluation import EvalResult, FeatureSet
+    from ..retrieval.metrics import EvalResult
+    from ..embedding.files import FeatureSet
     from ..datasets.vehicleid import VehicleIDFeatures
-    from ..protocols import TrialsResult
+    from ..retrieval.protocols import Rerank, TrialsResult
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What one ``evaluate`` run computes, read from the command line once, after its checks."""
+
+    dataset: str
+    split: Optional[str]
+    source: str  # the --features file or the --data root, as the report names it
+    trials: int
+    seed: int
+    rerank: "Optional[Rerank]"
+    ap: str
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """Features to evaluate, with what reading them revealed: the split a --features file records
+    and whether the dataset's query images are also in its gallery."""
+
+    features: Any  # FeatureSet (query vs gallery) or VehicleIDFeatures
+    split: Optional[str]
+    query_in_gallery: Optional[bool] = None
 
 
 def add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
@@ -61,54 +84,62 @@ def add_evaluate_command(sub: "argparse._SubParsersAction") -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    _check_evaluate_args(args)
-    if args.dataset == "vehicleid":
-        return _evaluate_vehicleid(args)
-    from .. import evaluation
+    request = _request(args)
+    if request.dataset == "vehicleid":
+        return _evaluate_vehicleid(args, request)
+    from ..embedding.files import load_features_npz
+    from ..retrieval.protocols import timed
 
     timings: Dict[str, float] = {}
-    with _timed(timings, "features_s"):
+    with timed(timings, "features_s"):
         if args.features is not None:
-            fs = evaluation.load_features_npz(args.features)
-            _check_recorded(args, fs.dataset, fs.split)
-            args.split = args.split or fs.split
+            fs = load_features_npz(args.features)
+            _check_recorded(request, fs.dataset, fs.split)
+            got = Evaluated(fs, request.split or fs.split)
         else:
-            fs = _embed_query_gallery(args)
-    result = _evaluate_split(args, fs, timings)
-    _print_evaluation(args, result, int(fs.gallery_features.shape[0]), timings, roc=_verification(fs, timings))
+            got = _embed_query_gallery(args, request)
+    result = _evaluate_split(request, got.features, timings)
+    _print_evaluation(args, request, got, result, int(got.features.gallery_features.shape[0]), timings,
+                      roc=_verification(got.features, timings))
     return 0
 
 
 def _verification(fs: "FeatureSet", timings: Dict[str, float]) -> Dict[str, float]:
     """TPR at FPR 1e-4, 1e-3, 1e-2 over every (query, gallery) pair by cosine distance (pairs of
     one vehicle seen by one camera left out, as the ranking leaves them out)."""
-    from ..calibration import cross_histograms, roc
+    from ..retrieval.calibration import cross_histograms, roc
+    from ..retrieval.protocols import timed
 
-    with _timed(timings, "roc_s"):
+    with timed(timings, "roc_s"):
         return roc(*cross_histograms(fs.query_features, fs.gallery_features, fs.query_ids, fs.gallery_ids,
                                      fs.query_cams, fs.gallery_cams))
 
 
-def _evaluate_split(args: argparse.Namespace, fs: "FeatureSet", timings: Dict[str, float]) -> "EvalResult":
+def _evaluate_split(request: EvaluateRequest, fs: "FeatureSet", timings: Dict[str, float]) -> "EvalResult":
     """Query vs gallery evaluation of ``fs`` (the one call of the evaluation engine for VeRi and VERI-Wild)."""
     from ..errors import UsageError
-    from ..protocols import evaluate_split
+    from ..retrieval.protocols import evaluate_split
 
     try:
         return evaluate_split(fs.query_features, fs.gallery_features, fs.query_ids, fs.gallery_ids, fs.query_cams,
-                              fs.gallery_cams, rerank=_rerank(args), ap=args.ap, timings=timings)
+                              fs.gallery_cams, rerank=request.rerank, ap=request.ap, timings=timings)
     except ValueError as exc:
-        if args.rerank:
+        if request.rerank is not None:
             raise UsageError(f"re-ranking: {exc}") from None
         raise
 
 
-def _rerank(args: argparse.Namespace):
-    from ..protocols import Rerank
+def _request(args: argparse.Namespace) -> EvaluateRequest:
+    """The run's request, after every usage check (nothing is read or embedded before)."""
+    from ..retrieval.protocols import Rerank
 
-    if not args.rerank:
-        return None
-    return Rerank(args.k1, args.k2, args.lambda_value, neighbours=args.neighbours or "exact", nprobe=args.nprobe)
+    _check_evaluate_args(args)
+    rerank = (Rerank(args.k1, args.k2, args.lambda_value, neighbours=args.neighbours or "exact", nprobe=args.nprobe)
+              if args.rerank else None)
+    return EvaluateRequest(
+        dataset=args.dataset, split=args.split, source=args.features if args.features is not None else args.data,
+        trials=10 if args.trials is None else args.trials, seed=0 if args.seed is None else args.seed,
+        rerank=rerank, ap=args.ap)
 
 
 def _check_evaluate_args(args: argparse.Namespace) -> None:
@@ -133,35 +164,25 @@ def _check_evaluate_args(args: argparse.Namespace) -> None:
         dataset.check_split(args.split)
     if args.dataset != "vehicleid" and (args.trials is not None or args.seed is not None):
         raise UsageError("--trials and --seed apply to --dataset vehicleid only (its random galleries)")
-    args.trials = 10 if args.trials is None else args.trials
-    args.seed = 0 if args.seed is None else args.seed
-    if not 1 <= args.trials <= MAX_TRIALS:
+    if args.trials is not None and not 1 <= args.trials <= MAX_TRIALS:
         raise UsageError(f"--trials must be from 1 to {MAX_TRIALS}, got {args.trials}")
-    if args.seed < 0:
+    if args.seed is not None and args.seed < 0:
         raise UsageError("--seed must be >= 0")
     if args.save_features:
         check_output_file(args.save_features, "--save-features")
 
 
-def _check_recorded(args: argparse.Namespace, dataset: Optional[str], split: Optional[str]) -> None:
+def _check_recorded(request: EvaluateRequest, dataset: Optional[str], split: Optional[str]) -> None:
     """DataError when a --features file says it holds another dataset or split than asked for."""
     from ..errors import DataError
 
     redo = (f"evaluate it with the --dataset/--split it was written for, or write it again with "
-            f"`vehiclenet evaluate --dataset {args.dataset} --data ROOT"
-            + (f" --split {args.split}" if args.split else "") + " --save-features FILE`")
-    if dataset is not None and dataset != args.dataset:
-        raise DataError(f"{args.features}: features of dataset {dataset!r}, not {args.dataset!r}; {redo}")
-    if split is not None and args.split is not None and split != args.split:
-        raise DataError(f"{args.features}: features of split {split!r}, not {args.split!r}; {redo}")
-
-
-@contextlib.contextmanager
-def _timed(timings: Dict[str, float], key: str) -> Iterator[None]:
-    """Record the seconds the block took as ``timings[key]`` (not when it raises)."""
-    start = time.perf_counter()
-    yield
-    timings[key] = time.perf_counter() - start
+            f"`vehiclenet evaluate --dataset {request.dataset} --data ROOT"
+            + (f" --split {request.split}" if request.split else "") + " --save-features FILE`")
+    if dataset is not None and dataset != request.dataset:
+        raise DataError(f"{request.source}: features of dataset {dataset!r}, not {request.dataset!r}; {redo}")
+    if split is not None and request.split is not None and split != request.split:
+        raise DataError(f"{request.source}: features of split {split!r}, not {request.split!r}; {redo}")
 
 
 def _embed_images(args: argparse.Namespace, groups: "List[List[str]]", inputs: "List[str]") -> "List[np.ndarray]":
@@ -169,13 +190,13 @@ def _embed_images(args: argparse.Namespace, groups: "List[List[str]]", inputs: "
     checked against the images, the lists and the weights first (before the network)."""
     import numpy as np
 
-    from ..download import weights_files
+    from ..weights.download import weights_files
     from ..fileio import check_output_file
 
     if args.save_features:
         check_output_file(args.save_features, "--save-features",
                           [*(p for g in groups for p in g), *weights_files(args.checkpoint), *inputs])
-    from ..features import extract_features
+    from ..embedding.features import extract_features
 
     net = build_network(args.checkpoint, args.checkpoint is None, args.precision, mode="graph")
     return [np.asarray(extract_features(net, paths, batch_size=args.batch_size, flip=not args.no_flip,
@@ -183,104 +204,99 @@ def _embed_images(args: argparse.Namespace, groups: "List[List[str]]", inputs: "
             for paths in groups]
 
 
-def _embed_query_gallery(args: argparse.Namespace) -> "FeatureSet":
+def _embed_query_gallery(args: argparse.Namespace, request: EvaluateRequest) -> Evaluated:
     """The features of ``--data``'s query and gallery images, also written to --save-features if given."""
-    from .. import evaluation
     from ..datasets import get_dataset
+    from ..embedding.files import FeatureSet, save_features_npz
     from ..interrupts import kept
 
-    data = get_dataset(args.dataset).read(args.data, args.split)
-    args.query_in_gallery = data.query_in_gallery
+    data = get_dataset(request.dataset).read(args.data, request.split)
     query, gallery = data.query, data.gallery
     feats = _embed_images(args, [query.paths, gallery.paths], list(data.sources))
-    fs = evaluation.FeatureSet(feats[0], query.ids, query.cams, feats[1], gallery.ids, gallery.cams,
-                               dataset=args.dataset, split=args.split)
+    fs = FeatureSet(feats[0], query.ids, query.cams, feats[1], gallery.ids, gallery.cams,
+                    dataset=request.dataset, split=request.split)
     if args.save_features:
-        evaluation.save_features_npz(args.save_features, fs)
+        save_features_npz(args.save_features, fs)
         kept(f"{args.save_features} written")
-    return fs
+    return Evaluated(fs, request.split, data.query_in_gallery)
 
 
-def _evaluate_vehicleid(args: argparse.Namespace) -> int:
+def _evaluate_vehicleid(args: argparse.Namespace, request: EvaluateRequest) -> int:
     """VehicleID: features of every test image (embedded or from --features), then the seeded trials."""
+    from ..errors import UsageError
+    from ..retrieval.protocols import evaluate_vehicleid, timed
+
+    timings: Dict[str, float] = {}
+    with timed(timings, "features_s"):
+        got = _vehicleid_features(args, request)
+    vf = got.features
+    try:
+        result = evaluate_vehicleid(vf.features, vf.ids, trials=request.trials, seed=request.seed,
+                                    rerank=request.rerank, ap=request.ap, timings=timings)
+    except ValueError as exc:
+        if request.rerank is not None:
+            raise UsageError(f"re-ranking: {exc}") from None
+        raise
+    _print_evaluation(args, request, got, result, result.num_gallery, timings,
+                      roc=_vehicleid_verification(vf, timings), pairs="every pair of test images")
+    return 0
+
+
+def _vehicleid_features(args: argparse.Namespace, request: EvaluateRequest) -> Evaluated:
+    """VehicleID's test features: read from --features, or embedded (and saved with --save-features)."""
     import os
 
     from ..datasets import vehicleid
-    from ..errors import UsageError
     from ..interrupts import kept
-    from ..protocols import evaluate_vehicleid
 
-    timings: Dict[str, float] = {}
-    with _timed(timings, "features_s"):
-        if args.features is not None:
-            vf = vehicleid.load_vehicleid_features(args.features)
-            _check_recorded(args, "vehicleid", vf.split)
-            args.split = args.split or vf.split
-        else:
-            images = vehicleid.read_vehicleid(args.data, args.split)
-            (feats,) = _embed_images(args, [images.paths], [vehicleid.vehicleid_list_path(args.data, args.split)])
-            names = [os.path.splitext(os.path.basename(p))[0] for p in images.paths]
-            vf = vehicleid.VehicleIDFeatures(feats, images.ids, names, args.split)
-            if args.save_features:
-                vehicleid.save_vehicleid_features(args.save_features, vf)
-                kept(f"{args.save_features} written")
-    try:
-        result = evaluate_vehicleid(vf.features, vf.ids, trials=args.trials, seed=args.seed, rerank=_rerank(args),
-                                    ap=args.ap, timings=timings)
-    except ValueError as exc:
-        if args.rerank:
-            raise UsageError(f"re-ranking: {exc}") from None
-        raise
-    _print_evaluation(args, result, result.num_gallery, timings, roc=_vehicleid_verification(vf, timings),
-                      pairs="every pair of test images")
-    return 0
+    if args.features is not None:
+        vf = vehicleid.load_vehicleid_features(args.features)
+        _check_recorded(request, "vehicleid", vf.split)
+        return Evaluated(vf, request.split or vf.split)
+    images = vehicleid.read_vehicleid(args.data, request.split)
+    (feats,) = _embed_images(args, [images.paths], [vehicleid.vehicleid_list_path(args.data, request.split)])
+    names = [os.path.splitext(os.path.basename(p))[0] for p in images.paths]
+    vf = vehicleid.VehicleIDFeatures(feats, images.ids, names, request.split)
+    if args.save_features:
+        vehicleid.save_vehicleid_features(args.save_features, vf)
+        kept(f"{args.save_features} written")
+    return Evaluated(vf, request.split)
 
 
 def _vehicleid_verification(vf: "VehicleIDFeatures", timings: Dict[str, float]) -> Dict[str, float]:
     """TPR at FPR 1e-4, 1e-3, 1e-2 over every unordered pair of VehicleID test images: the trials
     only redraw which image is the gallery's, so the pairs of the whole list are the steadier measure."""
-    from ..calibration import pair_histograms, roc
+    from ..retrieval.calibration import pair_histograms, roc
+    from ..retrieval.protocols import timed
 
-    with _timed(timings, "roc_s"):
+    with timed(timings, "roc_s"):
         return roc(*pair_histograms(vf.features, vf.ids))
 
 
-def _print_evaluation(args: argparse.Namespace, result: "Union[EvalResult, TrialsResult]", num_gallery: int,
-                      timings: Dict[str, float], roc: Optional[Dict[str, float]] = None,
-                      pairs: str = "every query-gallery pair") -> None:
+def _print_evaluation(args: argparse.Namespace, request: EvaluateRequest, got: Evaluated,
+                      result: "Union[EvalResult, TrialsResult]", num_gallery: int, timings: Dict[str, float],
+                      roc: Optional[Dict[str, float]] = None, pairs: str = "every query-gallery pair") -> None:
     """The figures as two lines, and with --json as one JSON object on a last line.
 
     VehicleID's figures are means over its trials, each followed by ``± std``."""
     import json
 
-    out = result.to_dict()
-    out["num_gallery"] = num_gallery
-    k1, k2 = args.k1, args.k2
-    if args.rerank:  # the k1, k2 used: lowered to the data on small sets (logged by re-ranking)
-        from ..rerank import neighbour_counts
-
-        k1, k2 = neighbour_counts(args.k1, args.k2, out["num_query"] + num_gallery)
-    out["rerank"] = {"k1": k1, "k2": k2, "lambda": args.lambda_value,
-                     "neighbours": args.neighbours or "exact", "nprobe": args.nprobe} if args.rerank else None
-    out["timings"] = {k: round(v, 4) for k, v in timings.items()}
-    if args.dataset != "veri":  # VeRi-776's output stays as it was
-        out.update(dataset=args.dataset, split=args.split)
-        if getattr(args, "query_in_gallery", None) is not None:
-            out["query_in_gallery"] = args.query_in_gallery
+    out = _report(request, got, result, num_gallery, timings)
     std = out.get("std") or {}
 
     def figure(key: str) -> str:
         return f"{100 * out[key]:.2f}" + (f" ± {100 * std[key]:.2f}" if key in std else "")
 
-    source = args.features if args.features is not None else args.data
-    where = "" if args.dataset == "veri" else f" [{args.dataset}{' ' + args.split if args.split else ''}]"
+    split = got.split
+    where = "" if request.dataset == "veri" else f" [{request.dataset}{' ' + split if split else ''}]"
     trials = (f", {out['trials']} trial(s) with seed {out['seed']}: one random gallery image per identity"
               if "trials" in out else "")
-    print(f"{source}{where}: {out['num_query']} queries ({out['num_valid_query']} with a valid match), "
+    rerank = out["rerank"]
+    print(f"{request.source}{where}: {out['num_query']} queries ({out['num_valid_query']} with a valid match), "
           f"{out['num_gallery']} gallery images{trials}"
-          + (f", re-ranked (k1={k1}, k2={k2}, lambda={args.lambda_value})" if args.rerank else ""))
+          + (f", re-ranked (k1={rerank['k1']}, k2={rerank['k2']}, lambda={rerank['lambda']})" if rerank else ""))
     print(f"mAP {figure('mAP')} | rank-1 {figure('rank1')} | rank-5 {figure('rank5')} | "
-          f"rank-10 {figure('rank10')} | mINP {figure('mINP')}  ({args.ap} AP"
+          f"rank-10 {figure('rank10')} | mINP {figure('mINP')}  ({request.ap} AP"
           + (", mean ± std over trials)" if std else ")"))
     if roc:
         out["roc"] = roc
@@ -288,3 +304,25 @@ def _print_evaluation(args: argparse.Namespace, result: "Union[EvalResult, Trial
               + f"  ({pairs}, cosine distance)")
     if args.json:
         print(json.dumps(out))
+
+
+def _report(request: EvaluateRequest, got: Evaluated, result: "Union[EvalResult, TrialsResult]", num_gallery: int,
+            timings: Dict[str, float]) -> Dict[str, Any]:
+    """The figures and what produced them, as ``--json`` prints them."""
+    out = result.to_dict()
+    out["num_gallery"] = num_gallery
+    rerank = request.rerank
+    if rerank is not None:  # the k1, k2 used: lowered to the data on small sets (logged by re-ranking)
+        from ..retrieval.rerank import neighbour_counts
+
+        k1, k2 = neighbour_counts(rerank.k1, rerank.k2, out["num_query"] + num_gallery)
+        out["rerank"] = {"k1": k1, "k2": k2, "lambda": rerank.lambda_value, "neighbours": rerank.neighbours,
+                         "nprobe": rerank.nprobe}
+    else:
+        out["rerank"] = None
+    out["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    if request.dataset != "veri":  # VeRi-776's output stays as it was
+        out.update(dataset=request.dataset, split=got.split)
+        if got.query_in_gallery is not None:
+            out["query_in_gallery"] = got.query_in_gallery
+    return out

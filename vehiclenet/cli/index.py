@@ -6,13 +6,13 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from ._network import (INDEX_KINDS, add_network_args, check_network_args, embedding_network, image_size, list_inputs,
-                       weights_choice)
+from ._network import (INDEX_KINDS, add_network_args, check_network_args, embedding_network, image_size,
+                       list_inputs, weights_choice)
 from ._common import (add_command, add_filter_args, add_threshold_arg, emit, load_threshold, progress,
                       query_cameras, row_filter, same_vehicle_field, same_vehicle_mark, shown)
 
 INDEX_PARAM_LIMIT = 2 ** 31 - 1
-# The library's defaults (vehiclenet/index_tuning.py), repeated for --help: importing it would import numpy.
+# The library's defaults (vehiclenet/retrieval/index_tuning.py), repeated for --help: importing it would import numpy.
 TARGET_RECALL = 0.95
 TUNE_QUERIES = 2000
 META_HELP = ("cameras, times and tags of the images, for filtered search: a CSV file (header path,camera,time,tags; "
@@ -22,8 +22,9 @@ META_HELP = ("cameras, times and tags of the images, for filtered search: a CSV 
 if TYPE_CHECKING:  # annotations only: each handler imports what it needs when it runs
     import numpy as np
 
-    from ..features import FeatureResult, ImageInputs
-    from ..index import GalleryIndex
+    from ..embedding.result import FeatureResult
+    from ..embedding.inputs import ImageInputs
+    from ..retrieval.index import GalleryIndex
 
 
 def add_index_commands(sub: "argparse._SubParsersAction") -> None:
@@ -129,7 +130,7 @@ def _add_search(sub: "argparse._SubParsersAction") -> None:
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from ..fileio import check_output_file
-    from ..index import build_index
+    from ..retrieval.index import build_index
     from ..interrupts import doing, kept
 
     _check_index_tuning(args)
@@ -155,7 +156,7 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
     from .. import env
     from ..errors import DataError
     from ..fileio import check_output_file, locked_for_update
-    from ..index import add_to_index, load_index
+    from ..retrieval.index import add_to_index, load_index
     from ..interrupts import doing, kept
 
     _check_meta(args)
@@ -184,7 +185,7 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
 def _chunk_folders(inputs: List[str]) -> List[str]:
     """The inputs that are folders of feature chunks (they hold a manifest): every file in them
     is the input's. A plain folder of .npz files only stands for its .npz files."""
-    from ..shards import MANIFEST
+    from ..embedding.shards import MANIFEST
 
     return [name for name in inputs if os.path.isfile(os.path.join(name, MANIFEST))]
 
@@ -197,7 +198,7 @@ def _meta_file(args: argparse.Namespace) -> List[str]:
 
 def _check_meta(args: argparse.Namespace) -> None:
     if args.meta is not None:
-        from ..metadata import check_source
+        from ..embedding.metadata import check_source
 
         check_source(args.meta)
 
@@ -248,8 +249,8 @@ def _params_text(index: "GalleryIndex") -> str:
 
 
 def _cmd_index_info(args: argparse.Namespace) -> int:
-    from ..index import load_index
-    from ..weights import describe
+    from ..retrieval.index import load_index
+    from ..weights.choice import describe
 
     index = load_index(args.index)
     tuning = index.tuning
@@ -274,10 +275,10 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..features import load_features
-    from ..index import load_index
-    from ..ranking import search_filtered
-    from ..weights import check_same_weights, stored_identity
+    from ..embedding.files import load_features
+    from ..retrieval.index import load_index
+    from ..retrieval.ranking import search_filtered
+    from ..weights.choice import check_same_weights, stored_identity
 
     _check_index_tuning(args)
     if args.top_k < 1:
@@ -312,7 +313,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def embed_queries(args: argparse.Namespace, net, images: "ImageInputs", index: "GalleryIndex") -> "FeatureResult":
     """Query features embedded like the index's (a flip mismatch is warned about)."""
-    from ..features import embed
+    from ..embedding.features import embed
 
     flip = not args.no_flip
     if index.flip is not None and index.flip != flip:
@@ -364,7 +365,7 @@ def _time_text(seconds: int) -> Optional[str]:
     """A stored time as ISO 8601 UTC; None where unknown."""
     from datetime import datetime, timezone
 
-    from ..metadata import UNKNOWN_TIME
+    from ..embedding.metadata import UNKNOWN_TIME
 
     if seconds == UNKNOWN_TIME:
         return None

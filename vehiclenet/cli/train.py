@@ -51,7 +51,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.resume and args.checkpoint:
         raise UsageError("--resume continues a run with its own weights; drop --checkpoint")
 
-    from ..finetune import finetune, note_start
+    from ..training.finetune import finetune, note_start
     from ..interrupts import import_mindspore
 
     note_start(args.resume)
@@ -120,7 +120,7 @@ def add_export_command(sub: "argparse._SubParsersAction") -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export_embedding
+    from ..model.export import export_embedding
     from ..interrupts import kept
 
     check_image_size(args)
@@ -132,7 +132,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "CKPT":
         line = f"CKPT: network weights, no training state ({path.stat().st_size / 2 ** 20:.1f} MiB)"
     else:
-        from ..model import weights_meta
+        from ..model.factory import weights_meta
 
         batch = "N" if args.format == "ONNX" else args.batch_size
         height, width = ((args.image_size,) * 2 if args.image_size else

@@ -1,6 +1,6 @@
 // oneDNN 3.x convolution, batch-norm and max-pool kernels for VehicleNet inference and
 // training on x86-64 CPUs, called by MindSpore as AOT custom operators (see
-// vehiclenet/cpu_kernels.py).
+// vehiclenet/model/cpu_kernels.py).
 //
 // Why: MindSpore 2.8.0's CPU Conv2D hands its bundled oneDNN 2.2 plain NCHW tensors, which
 // selects the im2col + GEMM path. oneDNN 3.x's brgemm convolutions on channels-last (NHWC)

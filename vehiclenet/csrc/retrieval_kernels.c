@@ -1,6 +1,6 @@
-/* Inner loops of k-reciprocal re-ranking (vehiclenet/rerank.py), called through ctypes.
+/* Inner loops of k-reciprocal re-ranking (vehiclenet/retrieval/rerank.py), called through ctypes.
  *
- * Bit-identical to the numpy formulation in rerank.py: the same float64 sums in the same
+ * Bit-identical to the numpy formulation in retrieval/rerank.py: the same float64 sums in the same
  * order, then the same float32 arithmetic. Built without fast-math and without FMA
  * contraction, so every operation rounds as numpy's does.
  */

@@ -10,7 +10,7 @@ Layout::
     <root>/train_test_split/test_list_13164.txt   (not used here)
 
 One line per image: ``<imgid> <vehicle id>`` separated by a space. There are no camera
-ids. The test protocol (:mod:`vehiclenet.protocols`) draws the gallery from the test
+ids. The test protocol (:mod:`vehiclenet.retrieval.protocols`) draws the gallery from the test
 list: for each identity one image chosen at random goes to the gallery, all its other
 images are queries, so every query has exactly one true match. The original protocol
 repeats the random split 10 times and reports mean CMC@1 and CMC@5 (later papers add
@@ -120,8 +120,8 @@ def save_vehicleid_features(path: str, vf: VehicleIDFeatures) -> None:
 
 def load_vehicleid_features(path: str) -> VehicleIDFeatures:
     """Read and check a VehicleID features file; DataError names the file, the key and what to do."""
-    from ..evaluation import read_records  # evaluation imports this package
-    from ..feature_checks import as_labels, checked_features
+    from ..embedding.files import read_records  # evaluation imports this package
+    from ..embedding.checks import as_labels, checked_features
 
     remedy = "write it with `vehiclenet evaluate --dataset vehicleid --data ROOT --split S --save-features FILE`"
     arrays = read_npz(path, VEHICLEID_KEYS, "a VehicleID features .npz (every test image once: features, ids)",

@@ -4,7 +4,7 @@ Layout: ``<root>/image_query/``, ``<root>/image_test/``, ``<root>/image_train/``
 files named ``VVVV_cCCC_....jpg`` (vehicle id, camera), optionally listed in
 ``name_query.txt`` / ``name_test.txt`` / ``name_train.txt`` (lines ``file`` or
 ``file id camera``). 200 test identities: 1,678 queries against 11,579 gallery images,
-20 cameras. Protocol (:mod:`vehiclenet.evaluation`): gallery images with the query's id
+20 cameras. Protocol (:mod:`vehiclenet.retrieval.metrics`): gallery images with the query's id
 *and* camera are junk, removed from that query's ranking.
 """
 import os

@@ -30,7 +30,7 @@ also names is left out of the gallery (``QueryGallery.query_in_gallery`` counts 
 and ``evaluate`` reports the count), so a gallery never holds a query image itself and
 the gallery is "the split's images minus the queries" either way.
 
-Protocol (fast-reid's, the VeRi-776 rule of :mod:`vehiclenet.evaluation`): for each
+Protocol (fast-reid's, the VeRi-776 rule of :mod:`vehiclenet.retrieval.metrics`): for each
 query, gallery images with the query's vehicle id *and* its camera are junk, removed
 from that query's ranking (neither hits nor misses); mAP, CMC@1/5/10 and mINP over all
 queries.
@@ -41,8 +41,8 @@ from typing import Dict, List, Set, Tuple
 import numpy as np
 
 from ..errors import DataError
-from .lists import LabelledImages, QueryGallery, check_images_exist, check_unique, list_lines, require_dir, \
-    require_file
+from .lists import (LabelledImages, QueryGallery, check_images_exist, check_unique, list_lines, require_dir,
+                    require_file)
 
 __all__ = ["SPLITS", "read_veriwild", "read_vehicle_info", "read_vehicle_records", "veriwild_sources"]
 
