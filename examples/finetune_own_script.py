@@ -14,6 +14,7 @@ import time
 # vehiclenet before mindspore: importing it shortens GNU OpenMP's spin-wait, which only takes
 # effect before mindspore loads libgomp (training on CPU is ~8 % faster).
 import vehiclenet
+from vehiclenet.datasets.folders import save_label_map, scan_training_data
 from vehiclenet.training import finetune as ft
 
 import mindspore as ms  # noqa: E402  isort: skip
@@ -31,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
 
     # 1. Data: identities -> labels 0..N-1, the mapping saved next to the checkpoints.
-    data = ft.scan_training_data(args.data)
-    ft.save_label_map(data, args.out)
+    data = scan_training_data(args.data)
+    save_label_map(data, args.out)
     dataset = ft.build_train_dataset(data, batch_size=args.batch_size, image_size=args.image_size)
     steps_per_epoch = dataset.get_dataset_size()
 

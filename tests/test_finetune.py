@@ -205,9 +205,15 @@ def test_bad_run_arguments_are_refused_before_anything_is_written(tiny_data, tmp
     for change, message in ((dict(lr=-1.0), "--lr"), (dict(lr=float("nan")), "--lr"),
                             (dict(warmup_epochs=-3), "--warmup-epochs"), (dict(decay_epochs=[0]), "--decay-epochs"),
                             (dict(decay_epochs=[9]), "--decay-epochs"), (dict(image_size=16), "--image-size"),
-                            (dict(keep_max=0), "--keep-max")):
+                            (dict(keep_max=0), "--keep-max"), (dict(num_workers=0), "--num-workers"),
+                            (dict(eval_every=1), "--eval-data"), (dict(resume=out, checkpoint=out), "--checkpoint"),
+                            (dict(precision="fp16"), "fp16")):
         with pytest.raises(UsageError, match=message):
             ft.finetune(tiny_data, out, **dict(args, **change))
+        with pytest.raises(UsageError, match=message):  # the same check, whichever way the run is configured
+            ft.finetune(tiny_data, out, ft.FinetuneConfig(**dict(args, **change)))
+    with pytest.raises(TypeError, match=r"\['epoch'\]"):
+        ft.finetune(tiny_data, out, epoch=3)
     with pytest.raises(DataError, match="nowhere"):
         ft.finetune(tiny_data, out, eval_data=tmp_path / "nowhere", eval_every=1, **args)
     (tmp_path / "file").write_text("x")

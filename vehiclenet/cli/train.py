@@ -41,19 +41,17 @@ def add_finetune_command(sub: "argparse._SubParsersAction") -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from ..errors import UsageError
-
-    # Epochs, sizes, lr and the schedule are checked by finetune() itself, before it writes anything.
-    if args.num_workers < 1:
-        raise UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
-    if args.eval_every and not args.eval_data:
-        raise UsageError("--eval-every needs --eval-data")
-    if args.resume and args.checkpoint:
-        raise UsageError("--resume continues a run with its own weights; drop --checkpoint")
-
-    from ..training.finetune import finetune, note_start
+    from ..training.finetune import FinetuneConfig, finetune, note_start
     from ..interrupts import import_mindspore
 
+    config = FinetuneConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+        pretrained=not args.no_pretrained, checkpoint=args.checkpoint, resume=args.resume,
+        num_workers=args.num_workers, save_every=args.save_every, keep_max=args.keep_max,
+        warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs, eval_data=args.eval_data,
+        eval_every=args.eval_every, max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed,
+        precision=args.precision)
+    config.check()  # every option, before MindSpore is imported and before anything is written
     note_start(args.resume)
     import_mindspore()
 
@@ -75,14 +73,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             line += f", saved {stats.checkpoint}"
         print(line, flush=True)
 
-    result = finetune(
-        args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        pretrained=not args.no_pretrained, checkpoint=args.checkpoint, resume=args.resume,
-        num_workers=args.num_workers, save_every=args.save_every, keep_max=args.keep_max,
-        warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs, eval_data=args.eval_data,
-        eval_every=args.eval_every, max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed,
-        precision=args.precision, on_epoch=show,
-    )
+    result = finetune(args.data, args.out, config, on_epoch=show)
     if result.rank == 0:
         lines = [f"{result.num_classes} identities, labels in {result.labels_file}"
                  + (f", {result.group_size} workers" if result.group_size > 1 else "")]

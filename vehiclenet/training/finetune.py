@@ -30,6 +30,7 @@ averaged across workers, each worker reads its shard of the data and only rank 0
 writes files.
 """
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -476,25 +477,70 @@ class FinetuneResult:
     group_size: int = 1
 
 
-def _check_run_arguments(*, epochs: int, batch_size: int, lr: float, image_size, save_every: int, keep_max: int,
-                         warmup_epochs: Optional[float], decay_epochs: Optional[Sequence[int]]) -> None:
-    from .augment import size_pair
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How :func:`finetune` trains: the recipe, where it starts from, and how it runs.
 
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("save_every", save_every),
-                        ("keep_max", keep_max)):
-        if value < 1:
-            raise UsageError(f"{name} / --{name.replace('_', '-')} must be >= 1, got {value}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise UsageError(f"lr / --lr must be a positive number, got {lr}")
-    if warmup_epochs is not None and not (math.isfinite(warmup_epochs) and 0 <= warmup_epochs <= epochs):
-        raise UsageError(f"warmup_epochs / --warmup-epochs must be between 0 and epochs ({epochs}), got {warmup_epochs}")
-    bad = [e for e in decay_epochs or () if not 1 <= e <= epochs]
-    if bad:
-        raise UsageError(f"decay_epochs / --decay-epochs must lie in 1..epochs ({epochs}), got {bad}")
-    try:
-        size_pair(image_size)
-    except ValueError as exc:
-        raise UsageError(f"{exc} (--image-size)") from None
+    Starts from the published weights (``pretrained=True``, or an asset's name), a local
+    ``checkpoint``, random weights (``pretrained=False``), or continues a previous run (``resume``:
+    weights, SGD state, epoch and step). ``distributed=None`` turns data-parallel on when a
+    launcher such as msrun started several workers. ``precision="bf16"`` runs the convolutions'
+    forward and backward passes in bf16 on the oneDNN CPU kernels (float32 accumulation;
+    BatchNorm, master weights, gradients and SGD in float32; checkpoints unchanged).
+    """
+
+    epochs: int = 40
+    batch_size: int = 24
+    lr: float = 0.02
+    image_size: Union[int, Tuple[int, int]] = 384
+    pretrained: Union[bool, str] = True
+    checkpoint: Optional[PathLike] = None
+    resume: Optional[PathLike] = None
+    num_workers: int = 2
+    save_every: int = 1
+    keep_max: int = 5
+    warmup_epochs: Optional[float] = None
+    decay_epochs: Optional[Sequence[int]] = None
+    eval_data: Optional[PathLike] = None
+    eval_every: int = 0
+    distributed: Optional[bool] = None
+    max_steps_per_epoch: Optional[int] = None
+    seed: Optional[int] = None
+    device_target: Optional[str] = None
+    precision: str = "fp32"
+
+    def check(self) -> None:
+        """UsageError naming the field (and its command-line option) of the first value that cannot work."""
+        from ..model.backend import check_precision
+        from .augment import size_pair
+
+        for name in ("epochs", "batch_size", "save_every", "keep_max", "num_workers"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"{_option('lr')} must be a positive number, got {self.lr}")
+        warmup = self.warmup_epochs
+        if warmup is not None and not (math.isfinite(warmup) and 0 <= warmup <= self.epochs):
+            raise UsageError(f"{_option('warmup_epochs')} must be between 0 and epochs ({self.epochs}), got {warmup}")
+        bad = [e for e in self.decay_epochs or () if not 1 <= e <= self.epochs]
+        if bad:
+            raise UsageError(f"{_option('decay_epochs')} must lie in 1..epochs ({self.epochs}), got {bad}")
+        try:
+            size_pair(self.image_size)
+        except ValueError as exc:
+            raise UsageError(f"{exc} (--image-size)") from None
+        if self.eval_every and self.eval_data is None:
+            raise UsageError(f"{_option('eval_every')} needs eval_data / --eval-data")
+        if self.resume is not None and self.checkpoint is not None:
+            raise UsageError("resume / --resume continues a run with its own weights; drop checkpoint / --checkpoint")
+        try:
+            check_precision(self.precision)
+        except ValueError as exc:
+            raise UsageError(f"{exc} (--precision)") from None
+
+
+def _option(name: str) -> str:
+    return f"{name} / --{name.replace('_', '-')}"
 
 
 def _check_out_dir(out: PathLike, resume: Optional[PathLike], training: TrainingData) -> None:
@@ -637,64 +683,59 @@ def _due(epoch: int, every: int, epochs: int) -> bool:
     return epoch % every == 0 or epoch == epochs
 
 
-def finetune(data: PathLike, out: PathLike, *, epochs: int = 40, batch_size: int = 24, lr: float = 0.02,
-             image_size=384, pretrained: Union[bool, str] = True, checkpoint: Optional[PathLike] = None,
-             resume: Optional[PathLike] = None, num_workers: int = 2, save_every: int = 1, keep_max: int = 5,
-             warmup_epochs: Optional[float] = None, decay_epochs: Optional[Sequence[int]] = None,
-             eval_data: Optional[PathLike] = None, eval_every: int = 0, distributed: Optional[bool] = None,
-             max_steps_per_epoch: Optional[int] = None, seed: Optional[int] = None, device_target: Optional[str] = None,
-             precision: str = "fp32", on_epoch: Optional[Callable[[EpochStats], None]] = None) -> FinetuneResult:
+def finetune(data: PathLike, out: PathLike, config: Optional[FinetuneConfig] = None, *,
+             on_epoch: Optional[Callable[[EpochStats], None]] = None, **options: Any) -> FinetuneResult:
     """Fine-tune VehicleNet on ``data``, writing ``labels.json`` and checkpoints into ``out``.
 
-    Starts from the published weights (``pretrained=True``), a local ``checkpoint``,
-    random weights (``pretrained=False``), or continues a previous run (``resume``:
-    weights, SGD state, epoch and step). ``distributed=None`` turns data-parallel on
-    when a launcher such as msrun started several workers. ``precision="bf16"`` runs the
-    convolutions' forward and backward passes in bf16 on the oneDNN CPU kernels (float32
-    accumulation; BatchNorm, master weights, gradients and SGD in float32; checkpoints unchanged),
-    and raises :class:`~vehiclenet.errors.Bf16Unsupported` where the CPU has no native bf16.
-    ``on_epoch`` is called with each epoch's :class:`EpochStats` (rank 0 only).
+    ``config`` (default :class:`FinetuneConfig`'s) with any of its fields given as keywords
+    (``epochs=4``) over it. Everything is checked before anything is written into ``out``;
+    ``precision="bf16"`` raises :class:`~vehiclenet.errors.Bf16Unsupported` where the CPU has
+    no native bf16. ``on_epoch`` is called with each epoch's :class:`EpochStats` (rank 0 only).
     """
+    try:
+        config = dataclasses.replace(config or FinetuneConfig(), **options)
+    except TypeError:
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FinetuneConfig)})
+        raise TypeError(f"finetune() got unknown option(s) {unknown}: see FinetuneConfig") from None
+    config.check()
+    return _run(data, out, config, on_epoch)
+
+
+def _run(data: PathLike, out: PathLike, c: FinetuneConfig,
+         on_epoch: Optional[Callable[[EpochStats], None]]) -> FinetuneResult:
+    """:func:`finetune` with a checked config."""
     ms = import_mindspore()
-
-    # Everything is checked before anything is written into ``out``: a run that cannot
-    # start must not overwrite the labels.json or prune the checkpoints of an earlier one.
-    _check_run_arguments(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, save_every=save_every,
-                         keep_max=keep_max, warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
-    from ..model.backend import check_precision
-
-    check_precision(precision)
-    training = _check_inputs(data, out, resume, eval_data)
-    rank, size = _join_workers(distributed, device_target)
-    if seed is not None:
-        ms.set_seed(seed)
-    note_start(resume)
+    # A run that cannot start must not overwrite the labels.json or prune the checkpoints of an earlier one.
+    training = _check_inputs(data, out, c.resume, c.eval_data)
+    rank, size = _join_workers(c.distributed, c.device_target)
+    if c.seed is not None:
+        ms.set_seed(c.seed)
+    note_start(c.resume)
     dataset, source, steps_per_epoch = _prepare_dataset(
-        training, batch_size=batch_size, image_size=image_size, num_workers=num_workers, rank=rank, group_size=size,
-        seed=seed, max_steps=max_steps_per_epoch)
-    if resume:  # the resumed state brings every weight
-        checkpoint, pretrained = None, False
+        training, batch_size=c.batch_size, image_size=c.image_size, num_workers=c.num_workers, rank=rank,
+        group_size=size, seed=c.seed, max_steps=c.max_steps_per_epoch)
+    checkpoint, pretrained = (None, False) if c.resume else (c.checkpoint, c.pretrained)  # resumed state: every weight
     net, optimizer, step_cell = _build_training(
-        training.num_classes, pretrained=pretrained, checkpoint=checkpoint, device_target=device_target,
-        precision=precision,
-        schedule=lambda: lr_schedule(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs,
-                                     decay_epochs=decay_epochs))
-    start_epoch, global_step = _resume_position(step_cell, optimizer, resume, epochs)
-    saver, result = _take_over_out_dir(out, training, keep_max, rank, size, start_epoch)
+        training.num_classes, pretrained=pretrained, checkpoint=checkpoint, device_target=c.device_target,
+        precision=c.precision,
+        schedule=lambda: lr_schedule(c.lr, steps_per_epoch, c.epochs, warmup_epochs=c.warmup_epochs,
+                                     decay_epochs=c.decay_epochs))
+    start_epoch, global_step = _resume_position(step_cell, optimizer, c.resume, c.epochs)
+    saver, result = _take_over_out_dir(out, training, c.keep_max, rank, size, start_epoch)
 
     with held("preparing the training data"):
-        iterator = dataset.create_tuple_iterator(num_epochs=epochs - start_epoch)
-    for epoch in range(start_epoch + 1, epochs + 1):
-        doing(f"training epoch {epoch} of {epochs}")
+        iterator = dataset.create_tuple_iterator(num_epochs=c.epochs - start_epoch)
+    for epoch in range(start_epoch + 1, c.epochs + 1):
+        doing(f"training epoch {epoch} of {c.epochs}")
         stats = _train_epoch(step_cell, iterator, source, epoch=epoch, step=global_step, group_size=size,
                              compile_first=epoch == start_epoch + 1)
         global_step = stats.step
-        _check_loss(stats, lr, result.checkpoints)
-        if _due(epoch, save_every, epochs):
+        _check_loss(stats, c.lr, result.checkpoints)
+        if _due(epoch, c.save_every, c.epochs):
             _save(saver, step_cell, stats, result.checkpoints)
-        if eval_data is not None and eval_every and _due(epoch, eval_every, epochs) and rank == 0:
+        if c.eval_data is not None and c.eval_every and _due(epoch, c.eval_every, c.epochs) and rank == 0:
             doing(f"evaluating after epoch {epoch}")
-            stats.evaluation = evaluate_query_gallery(net, eval_data, image_size=image_size)
+            stats.evaluation = evaluate_query_gallery(net, c.eval_data, image_size=c.image_size)
         result.history.append(stats)
         if on_epoch is not None and rank == 0:
             on_epoch(stats)
