@@ -114,9 +114,10 @@ def child_build_defaults(args) -> dict:
 
 
 def child_build(args) -> dict:
-    from vehiclenet.retrieval.index import GalleryIndex, _auto_nlist
+    from vehiclenet.retrieval.index import GalleryIndex
+    from vehiclenet.retrieval.stores import auto_nlist
 
-    nlist = args.nlist or _auto_nlist(args.n)  # from the whole gallery's size, not the first chunk's
+    nlist = args.nlist or auto_nlist(args.n)  # from the whole gallery's size, not the first chunk's
     t0 = time.perf_counter()
     index = None
     for start, feats in gallery_chunks(args.n, args.seed, args.spread):
@@ -287,7 +288,7 @@ def report_defaults(build: dict, exact: dict, exact_p50: float, search: dict) ->
 
 
 def report(kind: str, build: dict, exact_p50: float, exact: dict, search: dict) -> None:
-    from vehiclenet.retrieval.index import EF_CONSTRUCTION, HNSW_M
+    from vehiclenet.retrieval.stores import EF_CONSTRUCTION, HNSW_M
 
     shape = f"nlist {build['nlist']}" if kind.startswith("ivf") else f"M {HNSW_M}, efConstruction {EF_CONSTRUCTION}"
     print(f"--- {kind}, {shape}")

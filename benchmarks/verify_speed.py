@@ -104,7 +104,7 @@ def main() -> int:
             for _ in range(args.repeat)
         ]
         sys.path.insert(0, str(REPO))
-        from vehiclenet.weights.download import sha256_file
+        from vehiclenet.fileio import sha256_file
 
         t0 = time.perf_counter()
         sha256_file(target)

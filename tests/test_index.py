@@ -68,7 +68,7 @@ def test_exact_equals_nearest_for_batches_single_queries_and_ties(tmp_path):
 
     out = index.save(tmp_path / "g.index")
     loaded = load_index(out)
-    assert isinstance(loaded._vectors, np.memmap)  # memory-mapped, not read into memory
+    assert isinstance(loaded._store.vectors, np.memmap)  # memory-mapped, not read into memory
     assert (loaded.kind, loaded.count, loaded.dimension) == ("exact", 9000, 64)
     assert loaded.paths == names(9000) and loaded.path(8999) == "gallery/008999.jpg"
     assert loaded.ids.tolist() == ids.tolist() and loaded.cams.tolist() == (ids % 5).tolist()
@@ -101,7 +101,7 @@ def test_approximate_recall_on_clustered_features_and_round_trip(tmp_path, kind)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(more, truth)]) >= 0.98
 
     loaded = load_index(approx.save(tmp_path / "g.index"))
-    assert loaded._keep_alive is not None  # faiss reads its codes from the memory-mapped file
+    assert loaded._store.keep_alive is not None  # faiss reads its codes from the memory-mapped file
     d2, r2 = loaded.search(queries, 10)
     assert r2.tolist() == rows.tolist()
     np.testing.assert_array_equal(d2, dist)

@@ -1,51 +1,31 @@
 """Persisted gallery indexes: features of millions of gallery images, searched by cosine distance.
 
 A :class:`GalleryIndex` holds L2-normalised features (rows, in the order they were given),
-the path of each row's image and optionally vehicle ids and camera ids. ``search(queries, k)``
-returns cosine distances (1 - cos) and row numbers, best first.
+the path of each row's image and optionally vehicle ids, cameras, times and tags.
+``search(queries, k)`` returns cosine distances (1 - cos) and row numbers, best first.
 
-Kinds (``kind=``):
+Kinds (``kind=``), each kept by a store class of :mod:`vehiclenet.retrieval.stores`: ``"exact"``
+(the same rows as :func:`vehiclenet.retrieval.exact.nearest` for every query), ``"ivf-sq8"``,
+``"ivf-flat"`` and ``"hnsw-sq8"``. ``"auto"`` (the default) is exact up to ``AUTO_EXACT_MAX``
+rows and ivf-sq8 beyond, unless ivf-sq8 cannot reach the target recall (or is no faster than
+exact search there): then exact.
 
-* ``"exact"``: brute force on the stored float32 matrix with vehiclenet/retrieval/blas.py (scipy's
-  OpenBLAS, fixed tiles). Rows equal :func:`vehiclenet.retrieval.exact.nearest`'s for every query
-  and any BLAS kernel or query batch, ties in gallery order (a batched product finds the
-  candidates within a proven rounding bound of the k-th best, and near-ties are settled with
-  ``nearest``'s own bits: see :func:`_exact_search`); a single query gives ``nearest``'s
-  distance bits too. faiss's own flat search was measured beside it (100,000 x 512, 1,000
-  queries, AMD EPYC 2 cores: faiss 156, blas.py 137 GFLOP/s), but faiss-cpu 1.15.1 bundles
-  OpenBLAS 0.3.15, which ran at 20 GFLOP/s on a Sapphire Rapids Xeon that scipy's OpenBLAS
-  drives at ~200, and faiss returns only the top k, not the scores the bound needs.
-* ``"ivf-sq8"``: faiss IndexIVFScalarQuantizer, 8 bits per dimension (4x smaller than
-  float32), inner product, residuals encoded. ``nlist`` (default: the power of two nearest
-  sqrt(N), at most N/39 so every centroid trains on 39 points) coarse cells, ``nprobe`` of
-  them searched per query (tuned, below; ``NPROBE`` = 64 untuned). Distances are the quantised ones.
-* ``"ivf-flat"``: the same cells with float32 vectors (exact distances, 4x the size).
-* ``"hnsw-sq8"``: faiss IndexHNSWSQ (M 32, efConstruction 40, efSearch tuned, 64 untuned) over
-  8-bit codes; auto never picks it (its build took 13x ivf-sq8's at 1M rows and its recall
-  levels off where ivf's keeps rising with nprobe). Its graph is built on faiss's threads, so two builds may differ slightly.
-
-``"auto"`` (the default) is exact up to ``AUTO_EXACT_MAX`` rows and ivf-sq8 beyond, unless
-ivf-sq8 cannot reach the target recall (or is no faster than exact search there): then exact.
-
-Search effort is tuned at build time (:mod:`vehiclenet.retrieval.index_tuning`): the smallest nprobe
-(efSearch for hnsw) whose recall@10 against exact search, measured on 2,000 of the gallery's
-own rows searched leave-one-out, reaches ``target_recall`` (default 0.95) with 99 %
+Search effort is tuned at build time (:mod:`vehiclenet.retrieval.index_tuning`): the smallest
+nprobe (efSearch for hnsw) whose recall@10 against exact search, measured on 2,000 of the
+gallery's own rows searched leave-one-out, reaches ``target_recall`` (default 0.95) with 99 %
 confidence. The choice and what it measured are recorded in the manifest (``tuning``) and are
 the index's default search settings; ``add`` measures the added rows again and raises the
-setting where they need more. Measured figures (how far the fixed nprobe 64 of earlier versions
-fell short on features without coarse structure, what tuning picks at 200,000 and 1,000,000
-rows) are in docs/large-galleries.md.
+setting where they need more. docs/large-galleries.md has the kinds' measured speed and recall.
 
 File format (one file, ``FORMAT_VERSION``): a 64-byte header (magic ``VNGIDX``, format
 version, offset/length/sha256 of the manifest), the parts at 4096-byte aligned offsets, the
 JSON manifest last. The manifest records the package version, faiss version, kind,
 dimension, count, parameters, their tuning record, the source files and each part's offset,
-length and sha256.
-Parts: ``vectors`` (exact: float32 rows) or ``faiss`` (a serialised faiss index),
-``path_bytes``/``path_offsets`` (UTF-8 paths), optional ``ids``/``cams`` (int64).
-Loading memory-maps the file: exact vectors as a numpy memmap, faiss indexes through
-faiss's zero-copy reader (``IO_FLAG_MMAP_IFC``), so the kernel pages them in on demand.
-Writing goes to a private temporary file renamed into place (vehiclenet/fileio.py).
+length and sha256. Parts: the store's (``vectors`` or ``faiss``), ``path_bytes``/``path_offsets``
+(UTF-8 paths), optional ``ids``/``cams``/``times`` (int64) and ``tag_bytes``/``tag_offsets``.
+Loading memory-maps the file (exact vectors as a numpy memmap, faiss indexes through faiss's
+zero-copy reader), so the kernel pages them in on demand. Writing goes to a private temporary
+file renamed into place.
 """
 import hashlib
 import json
@@ -63,6 +43,7 @@ from ..errors import DataError, UsageError
 from ..fileio import describe_mode, open_regular
 from .index_tuning import (TARGET_RECALL, TUNE_K, TUNE_QUERIES, Tuning, check_target, exact_truth, ladder,
                            sample_rows, tune)
+from .stores import NPROBE, STORES, ExactStore, IvfStore, faiss_module
 
 __all__ = ["AUTO_EXACT_MAX", "GalleryIndex", "KINDS", "NPROBE", "add_to_index", "build_index", "index_neighbours",
            "is_index_file", "load_index", "read_feature_sources"]
@@ -70,19 +51,10 @@ __all__ = ["AUTO_EXACT_MAX", "GalleryIndex", "KINDS", "NPROBE", "add_to_index", 
 LOG = logging.getLogger(__name__)
 
 KINDS = ("auto", "exact", "ivf-sq8", "ivf-flat", "hnsw-sq8")
-#: Largest gallery "auto" searches exactly: one exact query over 50,000 x 512 took 10-13 ms on
-#: 2 cores (memory bound), about the 10 ms target; beyond that ivf-sq8 stays near 3 ms.
+#: Largest gallery "auto" searches exactly: about where one exact query takes 10 ms on 2 cores.
 AUTO_EXACT_MAX = 50_000
-#: Default cells searched per query (measured at 1M rows: see the module docstring).
-NPROBE = 64
-#: HNSW: neighbours per node, candidate list while building, default candidate list searching.
-HNSW_M = 32
-EF_CONSTRUCTION = 40
-EF_SEARCH = 64
 #: Fewest rows an add must bring for their recall to be measured (fewer give no usable estimate).
 RECHECK_MIN = 200
-#: Largest efSearch tuning tries (HNSW's recall levels off long before).
-EF_SEARCH_MAX = 4096
 
 FORMAT = "vehiclenet-gallery-index"
 FORMAT_VERSION = 1
@@ -90,18 +62,8 @@ MAGIC = b"VNGIDX\x00\x01"
 _HEADER = struct.Struct("<8sIIQQ32s")  # magic, format version, reserved, manifest offset, length, sha256
 _HEADER_SIZE = 64
 _ALIGN = 4096
-_NEAREST_TILE = 4096  # the tile rows of vehiclenet.retrieval.exact.nearest, whose bits exact search reproduces
-_SCORE_BYTES = 256 * 2 ** 20  # similarity block held at once by exact search
 
 PathLike = Union[str, os.PathLike]
-
-
-def _faiss():
-    # faiss's loader logs each CPU-specific build it tries (INFO); only its problems matter here.
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    import faiss
-
-    return faiss
 
 
 @dataclass
@@ -158,14 +120,10 @@ class GalleryIndex:
     :meth:`add`, write with :meth:`save`, read with :func:`load_index`.
     """
 
-    def __init__(self, meta: _Meta, vectors: Optional[np.ndarray] = None, faiss_index: Any = None,
-                 source: Optional[str] = None, keep_alive: Any = None) -> None:
+    def __init__(self, meta: _Meta, store: Any, source: Optional[str] = None) -> None:
         self._meta = meta
-        self._vectors = vectors  # exact kind: (N, D) float32, possibly a read-only memmap
-        self._faiss = faiss_index  # ivf kinds
-        self._keep_alive = keep_alive  # the memmap a zero-copy faiss index points into
+        self._store = store  # where the rows are kept and searched: a STORES class of meta.kind
         self.source = source  # the file it was loaded from, named in errors
-        self._norm: Optional[float] = None  # largest row norm (exact kind), for the rounding bound
         self._tags: Optional[List[str]] = None
 
     # ------------------------------------------------------------------ properties
@@ -299,14 +257,15 @@ class GalleryIndex:
                      flip=flip, sources=[os.fspath(s) for s in sources], weights=weights)
         if kind == "exact":
             return cls._exact(meta, feats, target)
-        faiss_index, trained = _train_faiss(feats, kind, nlist, nprobe, ef_search, seed, meta.params)
-        index = cls(meta, faiss_index=faiss_index)
+        store, trained = STORES[kind].train(feats, kind, nlist=nlist, nprobe=nprobe, ef_search=ef_search, seed=seed,
+                                            params=meta.params)
+        index = cls(meta, store)
         if target is None or len(feats) < 2:
-            index._faiss_add(feats, np.arange(len(feats)))
+            store.add(feats, np.arange(len(feats)))
             return index
-        fixed = nprobe if kind.startswith("ivf") else ef_search
-        values = [int(fixed)] if fixed else index._ladder("ef_search" if kind == "hnsw-sq8" else "nprobe",
-                                                           TUNE_K + 1 if kind == "hnsw-sq8" else 1)
+        fixed = {"nprobe": nprobe, "ef_search": ef_search}[store.param]
+        lowest = TUNE_K + 1 if store.param == "ef_search" else 1  # efSearch below k + 1 finds too few
+        values = [int(fixed)] if fixed else ladder(lowest, store.ladder_limit(meta.params))
         tuning = index._add_tuned(feats, 0, target, values, seed, count=tune_queries, fixed=bool(fixed),
                                   avoid=trained)
         slower = tuning.exact_query_ms is not None and tuning.query_ms >= tuning.exact_query_ms  # single queries
@@ -330,11 +289,7 @@ class GalleryIndex:
         meta.kind, meta.params = "exact", {}
         if target is not None:
             meta.tuning = Tuning(target=target, k=TUNE_K, note=note).to_json()
-        return cls(meta, vectors=np.array(feats, dtype=np.float32, order="C"))
-
-    def _ladder(self, param: str, start: int) -> List[int]:
-        limit = EF_SEARCH_MAX if param == "ef_search" else int(self._meta.params["nlist"])
-        return ladder(start, limit)
+        return cls(meta, ExactStore.of(feats))
 
     def _add_tuned(self, feats: np.ndarray, first: int, target: float, values: List[int], seed: int, *,
                    count: int = TUNE_QUERIES, fixed: bool = False, note: str = "",
@@ -347,15 +302,16 @@ class GalleryIndex:
         searched leave-one-out; an HNSW graph holds them out until tuned, because a query in
         the graph leads the search to its own neighbours (measured: recall 0.98 for rows in the
         graph where new queries found 0.94)."""
-        held = _is_id_map(self._faiss)
+        store = self._store
+        held = store.held_out
         local = sample_rows(len(feats), min(count, max(1, len(feats) // 2)) if held else count, seed, avoid)
         rest = np.setdiff1d(np.arange(len(feats)), local) if held else np.arange(len(feats))
-        self._faiss_add(feats[rest], rest + first)
+        store.add(feats[rest], rest + first)
         present = first + len(rest)
         k = min(TUNE_K, present - (0 if held else 1))
         if k < 1:
             if held:
-                self._faiss_add(feats[local], local + first)
+                store.add(feats[local], local + first)
             return None
         queries, rows = np.ascontiguousarray(feats[local]), local + first
 
@@ -365,7 +321,7 @@ class GalleryIndex:
 
         truth, exact_s = exact_truth(queries, rows, rows_of, first + len(feats), k,
                                      excluded=rows if held else None)
-        param = "ef_search" if self.kind == "hnsw-sq8" else "nprobe"
+        param = store.param
 
         def search(q: np.ndarray, want: int, value: int) -> np.ndarray:
             return self.search(q, want, **{param: value})[1]
@@ -378,17 +334,11 @@ class GalleryIndex:
                       exact_seconds=exact_s, exact_single=exact_single if first == 0 else None,
                       keep_first=first > 0)
         if held:
-            self._faiss_add(feats[local], local + first)
+            store.add(feats[local], local + first)
         tuning.fixed, tuning.note, tuning.sample = fixed, note, count
         self._meta.params[param] = tuning.value
         self._meta.tuning = tuning.to_json()
         return tuning
-
-    def _faiss_add(self, feats: np.ndarray, rows: np.ndarray) -> None:
-        if _is_id_map(self._faiss):
-            self._faiss.add_with_ids(np.ascontiguousarray(feats), np.asarray(rows, dtype=np.int64))
-        else:  # rows numbered in the order added
-            self._faiss.add(np.ascontiguousarray(feats))
 
     def add(self, features: np.ndarray, paths: Sequence[str], *, ids: Optional[Sequence[int]] = None,
             cams: Optional[Sequence[int]] = None, times: Optional[Sequence[int]] = None,
@@ -432,16 +382,13 @@ class GalleryIndex:
         meta.flip = meta.flip if meta.flip is not None else flip
         meta.weights = meta.weights if meta.weights is not None else weights
         meta.sources = meta.sources + [os.fspath(s) for s in sources]
-        if self.kind == "exact":
-            self._vectors = np.concatenate([np.asarray(self._vectors), feats]).astype(np.float32, copy=False)
-            self._norm = None
+        first = len(self) - len(feats)
+        if isinstance(self._store, ExactStore):
+            self._store.append(feats, first)
         else:
-            if self._keep_alive is not None:  # zero-copy from a read-only map: faiss must own its lists to grow
-                self._faiss = _faiss().deserialize_index(np.array(_serialise(self._faiss)))
-                self._keep_alive = None
-            first = len(self) - len(feats)
+            self._store.own()
             if not (len(feats) and self._recheck(feats, first)):
-                self._faiss_add(feats, np.arange(first, len(self)))
+                self._store.add(feats, np.arange(first, len(self)))
         return len(feats)
 
     def _recheck(self, feats: np.ndarray, first: int) -> bool:
@@ -456,14 +403,15 @@ class GalleryIndex:
             LOG.info("%s: %d rows added, too few to measure recall on (at least %d at once are checked)",
                      self._name(), len(feats), RECHECK_MIN)
             return False
-        mapped = self.kind.startswith("ivf") and _direct_map_missing(self._faiss)
-        values = [old.value] if old.fixed else [old.value, *self._ladder(old.param, old.value + 1)]
+        store = self._store
+        unmapped = isinstance(store, IvfStore) and not store.direct_map()
+        values = [old.value] if old.fixed else [old.value, *ladder(old.value + 1, store.ladder_limit(self._meta.params))]
         tuning = self._add_tuned(feats, first, old.target, values, int(self._meta.params.get("seed", 0)),
                                  count=old.sample, fixed=old.fixed,
                                  note="checked on the rows added last, against the rows stored before as stored "
                                  "(8-bit codes for sq8)")
-        if mapped and not _direct_map_missing(self._faiss):  # made by vectors(); saved as a build writes it
-            _faiss().extract_index_ivf(self._faiss).set_direct_map_type(_faiss().DirectMap.NoMap)
+        if unmapped and store.direct_map():  # made by vectors(); saved as a build writes it
+            store.drop_direct_map()
         if tuning is None:
             return True
         if tuning.value != old.value:
@@ -528,40 +476,13 @@ class GalleryIndex:
             share = float(np.count_nonzero(allowed)) / len(self)
             if share == 0.0:
                 return np.full((len(q), k), np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
-        if self.kind == "exact":
-            if self._norm is None:
-                self._norm = _max_norm(self._vectors)
-            found = min(k, len(self) if allowed is None else int(np.count_nonzero(allowed)))
-            return _padded(*_exact_search(self._vectors, q, found, self._norm, allowed), k)
-        faiss = _faiss()
-        selector, bits = None, None
-        if allowed is not None:
-            bits = np.packbits(allowed, bitorder="little")  # kept alive while faiss reads it
-            selector = faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(bits))
-        if self.kind == "hnsw-sq8":
-            ef = max(k, int(ef_search or self._meta.params.get("ef_search", EF_SEARCH)))
-            params = faiss.SearchParametersHNSW(efSearch=min(max(k, len(self)), int(np.ceil(ef / share))),
-                                                sel=selector)
-        else:
-            probe = int(nprobe or self._meta.params.get("nprobe", NPROBE))
-            params = faiss.SearchParametersIVF(nprobe=min(int(self._meta.params.get("nlist", probe)),
-                                                          int(np.ceil(probe / share))), sel=selector)
-        sims, rows = self._faiss.search(np.ascontiguousarray(q), k, params=params)
-        del bits
-        dist = (1.0 - sims).astype(np.float32)
-        dist[rows < 0] = np.inf  # fewer than k rows in the cells searched
-        return dist, rows.astype(np.int64)
+        value = nprobe if self._store.param == "nprobe" else ef_search if self._store.param else None
+        return self._store.search(q, k, allowed, share, value, self._meta.params, len(self))
 
     def vectors(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         """Stored rows ``start:stop`` as float32 (the sq8 kinds give the decoded, quantised rows)."""
         stop = len(self) if stop is None else min(stop, len(self))
-        if self.kind == "exact":
-            return np.asarray(self._vectors[start:stop])
-        if stop <= start:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        if self.kind.startswith("ivf"):
-            _ensure_direct_map(self._faiss)
-        return self._faiss.reconstruct_n(start, stop - start)
+        return self._store.rows(start, stop, self.dimension)
 
     def search_self(self, k: int, *, batch: int = 4096, nprobe: Optional[int] = None,
                     ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -584,11 +505,7 @@ class GalleryIndex:
 
     def _parts(self) -> Dict[str, np.ndarray]:
         meta = self._meta
-        parts: Dict[str, np.ndarray] = {}
-        if self.kind == "exact":
-            parts["vectors"] = np.asarray(self._vectors)
-        else:
-            parts["faiss"] = _serialise(self._faiss)
+        parts: Dict[str, np.ndarray] = self._store.parts()
         parts["path_bytes"] = np.asarray(meta.paths.data)
         parts["path_offsets"] = np.asarray(meta.paths.offsets)
         if meta.ids is not None:
@@ -664,200 +581,11 @@ def _append_column(have: Optional[np.ndarray], new: Optional[Sequence[int]], n: 
     return np.concatenate([np.asarray(have), _optional_column(new, n, name)])
 
 
-def _auto_nlist(n: int) -> int:
-    """The power of two nearest sqrt(n), so that each cell holds ~sqrt(n) rows; at most n/39."""
-    nlist = 2 ** int(round(np.log2(max(1.0, np.sqrt(n)))))
-    return max(1, min(nlist, n // 39))
-
-
-def _train_faiss(feats: np.ndarray, kind: str, nlist: Optional[int], nprobe: Optional[int],
-                 ef_search: Optional[int], seed: int, params: Dict[str, Any]) -> Tuple[Any, Optional[np.ndarray]]:
-    """An empty faiss index of ``kind`` trained on ``feats`` and the rows its cells were
-    trained on (None: no cells); its default search parameters go into ``params``."""
-    if kind == "hnsw-sq8":
-        params.update({"M": HNSW_M, "ef_construction": EF_CONSTRUCTION, "ef_search": int(ef_search or EF_SEARCH),
-                       "seed": seed})
-        return _train_hnsw(feats, seed), None
-    index, trained = _train_ivf(feats, kind, nlist, seed)
-    params.update({"nlist": int(index.nlist), "nprobe": int(nprobe or min(NPROBE, index.nlist)), "seed": seed})
-    return index, trained
-
-
-def _is_id_map(index: Any) -> bool:
-    """An index that numbers its rows by the ids given (HNSW graphs since tuning holds queries out)."""
-    return isinstance(index, _faiss().IndexIDMap2)
-
-
-def _train_ivf(feats: np.ndarray, kind: str, nlist: Optional[int], seed: int) -> Tuple[Any, np.ndarray]:
-    faiss = _faiss()
-    n, d = feats.shape
-    nlist = int(nlist or _auto_nlist(n))
-    if nlist < 1 or nlist > n:
-        raise UsageError(f"nlist must be between 1 and the number of features ({n}), got {nlist}")
-    quantiser = faiss.IndexFlatIP(d)
-    if kind == "ivf-sq8":
-        index = faiss.IndexIVFScalarQuantizer(quantiser, d, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                              faiss.METRIC_INNER_PRODUCT)
-    elif kind == "ivf-flat":
-        index = faiss.IndexIVFFlat(quantiser, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise UsageError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}")
-    index.own_fields = True
-    quantiser.this.disown()  # the IVF index frees its quantiser
-    # 64 points per cell train k-means as well as all of them (faiss's own subsampling bound is 256).
-    sample = min(n, 64 * nlist)
-    rows = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)) if sample < n else np.arange(n)
-    index.cp.seed = seed
-    index.train(np.ascontiguousarray(feats[rows]))
-    return index, rows
-
-
-def _train_hnsw(feats: np.ndarray, seed: int) -> Any:
-    """An HNSW graph over 8-bit codes, rows numbered by the ids given (so that some can be
-    added last); the quantiser's per-dimension ranges from a sample."""
-    faiss = _faiss()
-    index = faiss.IndexHNSWSQ(feats.shape[1], faiss.ScalarQuantizer.QT_8bit, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = EF_CONSTRUCTION
-    sample = min(len(feats), 65536)
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(feats), sample, replace=False)) if sample < len(feats) else slice(None)
-    index.train(np.ascontiguousarray(feats[rows]))
-    mapped = faiss.IndexIDMap2(index)
-    index.this.disown()  # the map frees the graph
-    mapped.own_fields = True
-    return mapped
-
-
-def _serialise(index: Any) -> np.ndarray:
-    return _faiss().serialize_index(index)
-
-
 def _faiss_version() -> Optional[str]:
     try:
-        return _faiss().__version__
+        return faiss_module().__version__
     except ImportError:
         return None
-
-
-def _direct_map_missing(index: Any) -> bool:
-    faiss = _faiss()
-    return faiss.extract_index_ivf(index).direct_map.type == faiss.DirectMap.NoMap
-
-
-def _ensure_direct_map(index: Any) -> None:
-    faiss = _faiss()
-    ivf = faiss.extract_index_ivf(index)
-    if ivf.direct_map.type == faiss.DirectMap.NoMap:
-        ivf.make_direct_map()  # row -> (cell, offset), 8 bytes a row, built on first use
-
-
-# ---------------------------------------------------------------------- exact search
-
-
-def _padded(dist: np.ndarray, rows: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """``dist``/``rows`` widened to ``k`` columns with inf / -1 (fewer rows were allowed)."""
-    if dist.shape[1] == k:
-        return dist, rows
-    pad = k - dist.shape[1]
-    return (np.concatenate([dist, np.full((len(dist), pad), np.inf, dtype=np.float32)], axis=1),
-            np.concatenate([rows, np.full((len(rows), pad), -1, dtype=np.int64)], axis=1))
-
-
-def _exact_search(gallery: np.ndarray, queries: np.ndarray, k: int, max_norm: float,
-                  allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact top-k with :func:`vehiclenet.retrieval.exact.nearest`'s rows, in its order.
-
-    A batched product (one BLAS call per gallery tile for many queries) may sum a dot
-    product in another order than ``nearest``'s one-query product. Both are within
-    gamma_D * |q| * |x| of the true value for any summation order (gamma_D = D*u / (1 - D*u),
-    u = 2^-24), so they differ by at most delta = 2 gamma_D |q| max|x|. Every row of the true
-    top-k lies within 2 delta of the batched k-th best, and candidates more than 2 delta apart
-    are in ``nearest``'s order. Runs of candidates closer than that (ties, near-ties) get
-    ``nearest``'s bits (their tiles recomputed the way it computes them) and are re-sorted.
-    Rows always equal ``nearest``'s; distances are its bits for a single query and for
-    near-ties, else the batched product's (within delta, in practice the same or 1 ulp off).
-    Rows outside ``allowed`` get similarity -inf, so they are never candidates.
-    """
-    from .blas import matmul_nt, one_blas_thread
-
-    n, d = gallery.shape
-    q_norm = np.linalg.norm(queries.astype(np.float64), axis=1)
-    delta = 2.0 * _gamma(d) * q_norm * max_norm * 1.01 + 1e-30
-    block = max(1, min(len(queries), _SCORE_BYTES // (4 * max(1, n))))
-    dist = np.empty((len(queries), k), dtype=np.float32)
-    rows = np.empty((len(queries), k), dtype=np.int64)
-    with one_blas_thread():  # once: entering costs ~1 ms (threadpoolctl looks the libraries up)
-        for s in range(0, len(queries), block):
-            sims = matmul_nt(gallery, queries[s:s + block], tile_rows=_NEAREST_TILE).T.copy()  # (block, N)
-            if allowed is not None:
-                sims[:, ~allowed] = -np.inf
-            for j in range(sims.shape[0]):
-                # One query alone is nearest's own product: its bits need no correction.
-                margin = 2.0 * delta[s + j] if sims.shape[0] > 1 else 0.0
-                dist[s + j], rows[s + j] = _top_k(gallery, queries[s + j], sims[j], k, margin, allowed)
-    return dist, rows
-
-
-def _gamma(d: int) -> float:
-    u = 2.0 ** -24
-    return d * u / (1.0 - d * u)
-
-
-def _max_norm(gallery: np.ndarray) -> float:
-    """Largest row norm, read in blocks (a memory-mapped gallery is never copied whole)."""
-    step = 65536
-    return max(float(np.sqrt(np.max(np.einsum("ij,ij->i", gallery[i:i + step], gallery[i:i + step],
-                                                 dtype=np.float64))))
-               for i in range(0, len(gallery), step))
-
-
-def _top_k(gallery: np.ndarray, query: np.ndarray, sims: np.ndarray, k: int, margin: float,
-           allowed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Top-k of one query from its batched similarities ``sims`` (see :func:`_exact_search`);
-    ``margin`` 0 when ``sims`` already has ``nearest``'s bits; ``allowed`` rows only (the
-    others' ``sims`` are -inf)."""
-    from .exact import nearest
-
-    n = len(sims)
-    if np.isnan(sims).any() or (allowed is None and not np.isfinite(sims).all()):
-        # NaN breaks the bound: nearest itself, over every allowed row
-        keep = np.arange(n) if allowed is None else np.flatnonzero(allowed)
-        order, dist = nearest(query, gallery[keep], k)
-        return dist, keep[order].astype(np.int64)
-    kth = float(np.partition(sims, n - k)[n - k])
-    cand = np.flatnonzero(sims.astype(np.float64) >= kth - margin)
-    cand = cand[np.lexsort((cand, -sims[cand]))]  # descending similarity, ties by row: nearest's stable order
-    values = sims[cand]
-    if margin > 0 and len(cand) > 1:
-        # Runs of candidates less than margin apart may be ordered otherwise by nearest's bits:
-        # those rows get nearest's bits and are re-sorted within their run.
-        close = -np.diff(values.astype(np.float64)) <= margin
-        starts = np.flatnonzero(np.concatenate([[True], ~close]))
-        ends = np.concatenate([starts[1:], [len(cand)]])
-        for a, b in zip(starts, ends):
-            if b - a > 1 and a < k:
-                exact = _nearest_sims(gallery, query, cand[a:b])
-                order = np.lexsort((cand[a:b], -exact))
-                cand[a:b], values[a:b] = cand[a:b][order], exact[order]
-    return (1.0 - values[:k]).astype(np.float32), cand[:k].astype(np.int64)
-
-
-def _nearest_sims(gallery: np.ndarray, query: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Similarities of rows ``cand`` with the bits :func:`vehiclenet.retrieval.exact.nearest` gives
-    them: each row's whole tile, in one single-query product of ``nearest``'s shape.
-    Call inside :func:`vehiclenet.retrieval.blas.one_blas_thread`, as ``nearest``'s product runs."""
-    from .blas import gram_rows
-
-    n = len(gallery)
-    exact = np.empty(len(cand), dtype=np.float32)
-    q = query.reshape(1, -1)
-    for tile in np.unique(cand // _NEAREST_TILE):
-        t0 = int(tile) * _NEAREST_TILE
-        t1 = min(t0 + _NEAREST_TILE, n)
-        tile_sims = gram_rows(gallery[t0:t1], q, 0, t1 - t0, tile_rows=_NEAREST_TILE)[:, 0]
-        inside = (cand >= t0) & (cand < t1)
-        exact[inside] = tile_sims[cand[inside] - t0]
-    return exact
 
 
 # ---------------------------------------------------------------------- the file
@@ -1055,19 +783,11 @@ def _from_parts(name: str, mm: np.ndarray, manifest: Dict[str, Any], verify: boo
     if len(meta.paths) != int(manifest["count"]):
         raise DataError(f"{name}: damaged (manifest says {manifest['count']} rows, {len(meta.paths)} paths stored); "
                         + _rebuild_hint(name, manifest))
-    if meta.kind == "exact":
-        return GalleryIndex(meta, vectors=parts["vectors"], source=name)
-    faiss = _faiss()
-    raw = parts["faiss"]
-    if isinstance(mm, np.memmap):
-        reader = faiss.ZeroCopyIOReader(faiss.swig_ptr(raw), raw.size)
-        index = faiss.read_index(reader, faiss.IO_FLAG_MMAP_IFC)
-    else:
-        index = faiss.deserialize_index(np.ascontiguousarray(raw))
-    if index.ntotal != len(meta.paths) or index.d != meta.dimension:
-        raise DataError(f"{name}: damaged (faiss index of {index.ntotal} x {index.d}, manifest "
+    store = STORES[meta.kind].from_parts(parts, mm if isinstance(mm, np.memmap) else None)
+    if not isinstance(store, ExactStore) and (store.index.ntotal != len(meta.paths) or store.index.d != meta.dimension):
+        raise DataError(f"{name}: damaged (faiss index of {store.index.ntotal} x {store.index.d}, manifest "
                         f"{len(meta.paths)} x {meta.dimension}); " + _rebuild_hint(name, manifest))
-    return GalleryIndex(meta, faiss_index=index, source=name, keep_alive=mm if isinstance(mm, np.memmap) else None)
+    return GalleryIndex(meta, store, source=name)
 
 
 # ---------------------------------------------------------------------- from features files
