@@ -156,3 +156,13 @@ def test_the_modules_of_before_the_regrouping_still_give_their_names_with_a_warn
         module = importlib.import_module(f"vehiclenet.{old}")
     assert any(issubclass(w.category, DeprecationWarning) and f"vehiclenet.{old}" in str(w.message) for w in caught)
     assert [n for n in names if not hasattr(module, n)] == []
+
+
+def test_kernel_entry_points_are_named_from_one_table():
+    from vehiclenet.model import kernel_abi as abi
+
+    assert abi.conv("bf16", "S1Relu") == "VnConvBf16S1Relu" and abi.backbone("fp32", 1) == "VnBackboneL1"
+    assert abi.train_conv("BackwardWeights", "bf16", 2) == "VnConvBackwardWeightsBf16S2"
+    assert len(set(abi.SYMBOLS)) == len(abi.SYMBOLS)
+    with pytest.raises(ValueError, match="VnConvBf16S3Relu is not an entry point"):
+        abi.conv("bf16", "S3Relu")

@@ -344,8 +344,7 @@ def test_outputs_beside_inputs_are_allowed_and_late_special_files_refused(tmp_pa
     """The library checks behind the CLI: an .npz in an input folder is no input (embed reads images
     only), and atomic_write refuses a FIFO that appears while the output is made, leaving no temp file."""
     from vehiclenet.errors import UsageError
-    from vehiclenet.fileio import atomic_write, check_output_file
-    from vehiclenet.fileio import is_image_path
+    from vehiclenet.fileio import atomic_write, check_output_file, is_image_path
 
     imgs = tmp_path / "imgs"
     make_images(imgs)

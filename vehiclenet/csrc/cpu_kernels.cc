@@ -517,42 +517,72 @@ bool winograd_types(dt src, dt dst, dt user_src) {
          dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx512_core_bf16;
 }
 
-// 53 convolutions of a ResNet-50 have 24 distinct shapes.
-// With `accumulate` the convolution adds itself to what its output buffer holds (oneDNN's sum
-// post-op, before the ReLU): the residual addition in place, without reading another tensor.
-// With `nchw_input` the caller's x is NCHW (the image), converted by the plan.
-ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride, bool relu,
-                    bool residual, dt src_type = dt::f32, dt dst_type = dt::f32, dt residual_type = dt::f32,
-                    dt user_src_type = dt::undef, bool accumulate = false, bool nchw_input = false,
-                    tag layout = tag::nhwc) {
-  if (user_src_type == dt::undef) user_src_type = src_type;
-  std::string key = key_of({n, h, w, cin, cout, k, stride, relu, residual, static_cast<int64_t>(src_type),
-                            static_cast<int64_t>(dst_type), static_cast<int64_t>(residual_type),
-                            static_cast<int64_t>(user_src_type), accumulate, nchw_input,
-                            static_cast<int64_t>(layout)});
+// One inference convolution: its shape, what is fused into it and its types. key() names its
+// plan: 53 convolutions of a ResNet-50 have 24 distinct shapes.
+struct ConvSpec {
+  int64_t n, h, w, cin, cout, k, stride;
+  bool relu = false;
+  bool residual = false;    // a residual tensor added before the ReLU (oneDNN's binary post-op)
+  // What the output buffer holds is added before the ReLU (oneDNN's sum post-op): the residual
+  // addition in place, without reading another tensor.
+  bool accumulate = false;
+  bool nchw_input = false;  // the caller's x is NCHW (the image), converted by the plan
+  dt src = dt::f32, dst = dt::f32, residual_type = dt::f32;
+  dt user_src = dt::undef;  // the caller's x, when not of type `src` (converted first)
+  tag layout = tag::nhwc;
+
+  ConvSpec(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride)
+      : n(n), h(h), w(w), cin(cin), cout(cout), k(k), stride(stride) {}
+  ConvSpec &fused(bool with_relu, bool with_residual, bool accumulating = false) {
+    relu = with_relu, residual = with_residual, accumulate = accumulating;
+    return *this;
+  }
+  ConvSpec &types(dt source, dt destination, dt residual_input = dt::f32, dt caller_source = dt::undef) {
+    src = source, dst = destination, residual_type = residual_input, user_src = caller_source;
+    return *this;
+  }
+  ConvSpec &input(bool nchw, tag activations) {
+    nchw_input = nchw, layout = activations;
+    return *this;
+  }
+  dt user_src_type() const { return user_src == dt::undef ? src : user_src; }
+  std::string key() const {
+    return key_of({n, h, w, cin, cout, k, stride, relu, residual, static_cast<int64_t>(src), static_cast<int64_t>(dst),
+                   static_cast<int64_t>(residual_type), static_cast<int64_t>(user_src_type()), accumulate, nchw_input,
+                   static_cast<int64_t>(layout)});
+  }
+};
+
+bool winograd_fits(const ConvSpec &s) {
+  return s.k == 3 && s.stride == 1 && winograd_types(s.src, s.dst, s.user_src_type()) && !s.residual &&
+         !s.accumulate && !s.nchw_input && s.cin % 16 == 0 && s.cout % 16 == 0 && s.cin >= kWinogradMinChannels &&
+         (s.layout == tag::nhwc || s.layout == tag::nChw16c);
+}
+
+ConvPlan &conv_plan(const ConvSpec &s) {
+  const std::string key = s.key();
   if (auto *found = cached_plan<ConvPlan>(key)) return *found;
 
   auto plan = std::make_unique<ConvPlan>();
-  const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride, src_type, dst_type, layout);
+  const ConvWindow window = conv_window(s.n, s.h, s.w, s.cin, s.cout, s.k, s.stride, s.src, s.dst, s.layout);
   // oneDNN's kernels take blocked outputs from NCHW inputs (the stem), not from NHWC ones.
-  plan->src = nchw_input && layout != tag::nhwc ? memory::desc({n, cin, h, w}, src_type, tag::nchw) : window.src;
+  plan->src = s.nchw_input && s.layout != tag::nhwc ? memory::desc({s.n, s.cin, s.h, s.w}, s.src, tag::nchw)
+                                                    : window.src;
   plan->dst = window.dst;
   plan->user_weights = window.user_weights;
-  plan->bias = memory::desc({cout}, dt::f32, tag::x);
+  plan->bias = memory::desc({s.cout}, dt::f32, tag::x);
   plan->scales = plan->bias;
-  plan->residual = nhwc_desc(window.dst.get_dims()[0], window.dst.get_dims()[2], window.dst.get_dims()[3], cout,
-                             residual_type, layout);
-  plan->user_src = nchw_input ? memory::desc({n, cin, h, w}, user_src_type, tag::nchw)
-                              : nhwc_desc(n, h, w, cin, user_src_type, layout);
+  plan->residual = nhwc_desc(window.dst.get_dims()[0], window.dst.get_dims()[2], window.dst.get_dims()[3], s.cout,
+                             s.residual_type, s.layout);
+  plan->user_src = s.nchw_input ? memory::desc({s.n, s.cin, s.h, s.w}, s.user_src_type(), tag::nchw)
+                                : nhwc_desc(s.n, s.h, s.w, s.cin, s.user_src_type(), s.layout);
   if (plan->user_src != plan->src) {
     plan->src_buffer = std::make_unique<memory>(plan->src, cpu_engine());
     plan->src_convert = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->user_src, cpu_engine(), plan->src));
   }
 
-  if (k == 3 && stride == 1 && winograd_types(src_type, dst_type, user_src_type) && !residual && !accumulate &&
-      !nchw_input && cin % 16 == 0 && cout % 16 == 0 && cin >= kWinogradMinChannels &&
-      (layout == tag::nhwc || layout == tag::nChw16c)) {
-    plan->winograd = winograd_plan(n, h, w, cin, cout, relu, layout, src_type == dt::bf16);
+  if (winograd_fits(s)) {
+    plan->winograd = winograd_plan(s.n, s.h, s.w, s.cin, s.cout, s.relu, s.layout, s.src == dt::bf16);
     plan->weights = plan->winograd->u;
     plan->implementation = plan->winograd->implementation;
     plan->weights_reorder =
@@ -560,9 +590,9 @@ ConvPlan &conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, 
     return keep_plan(key, std::move(plan));
   }
   dnnl::post_ops post;
-  if (residual) post.append_binary(dnnl::algorithm::binary_add, plan->residual);
-  if (accumulate) post.append_sum(1.f);
-  if (relu) post.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (s.residual) post.append_binary(dnnl::algorithm::binary_add, plan->residual);
+  if (s.accumulate) post.append_sum(1.f);
+  if (s.relu) post.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   dnnl::primitive_attr attr;
   attr.set_post_ops(post);
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -685,8 +715,9 @@ int run_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char
   }
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    ConvPlan &plan = conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, relu, residual, src_type, dst_type,
-                               residual_type, user_src_type);
+    ConvPlan &plan = conv_plan(ConvSpec(x[0], x[1], x[2], x[3], wt[0], wt[2], stride)
+                                   .fused(relu, residual)
+                                   .types(src_type, dst_type, residual_type, user_src_type));
     dnnl::stream stream(cpu_engine());
     execute_conv(plan, stream, params[0], params[1], params[2], params[3], params[out], residual ? params[4] : nullptr,
                  weights_fingerprint(plan, params[1], params[2]));
@@ -828,13 +859,50 @@ enum class ConvPass { forward, backward, backward_weights };
 //   backward:         dy (N, OH, OW, Cout), w, x                 -> dx (N, H, W, Cin), dw (Cout, Cin, K, K)
 //   backward_weights: x, dy, w (for its shape)                   -> dw
 // One backward op for both gradients reads (and in bf16 converts) dy once.
-int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t stride,
-                   ConvPass pass, bool bf16) {
-  const int inputs = pass == ConvPass::forward ? 2 : 3, outputs = pass == ConvPass::backward ? 2 : 1;
-  if (nparam != inputs + outputs) return fail("training convolution: wrong number of inputs");
-  for (int i = 0; i < nparam; i++) {
-    if (!is_f32(dtypes[i]) || ndims[i] != 4) return fail("training convolution: tensors must be 4-d float32");
+// x (0) or dy (1) as a training convolution's passes compute on them: as given, or their bf16 copies.
+memory pass_input(TrainConvPlan &plan, dnnl::stream &stream, int which, void *data) {
+  memory given(which == 0 ? plan.src : plan.dst, cpu_engine(), data);
+  if (!plan.bf16) return given;
+  memory copy = converted(which, which == 0 ? plan.src_c : plan.dst_c);
+  (which == 0 ? plan.to_src_c : plan.to_dst_c).execute(stream, given, copy);
+  return copy;
+}
+
+// forward: (x, w) -> y; backward: (dy, w, x) -> (dx, dw); backward_weights: (x, dy, w) -> dw.
+void execute_train_conv(TrainConvPlan &plan, ConvPass pass, void **params, int inputs) {
+  auto &engine = cpu_engine();
+  dnnl::stream stream(engine);
+  void *out = params[inputs];
+  if (pass == ConvPass::forward) {
+    memory weights = weights_for(plan.fwd_w, plan.user_weights, params[1], stream);
+    plan.fwd.execute(stream, {{DNNL_ARG_SRC, pass_input(plan, stream, 0, params[0])},
+                              {DNNL_ARG_WEIGHTS, weights},
+                              {DNNL_ARG_DST, memory(plan.dst, engine, out)},
+                              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
+    stream.wait();
+    return;
   }
+  const bool both = pass == ConvPass::backward;
+  memory diff_dst = pass_input(plan, stream, 1, params[both ? 0 : 1]);
+  if (both) {
+    memory weights = weights_for(plan.data_w, plan.user_weights, params[1], stream);
+    plan.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
+                                   {DNNL_ARG_WEIGHTS, weights},
+                                   {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, out)},
+                                   {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.data_scratch)}});
+  }
+  memory user(plan.user_weights, engine, params[both ? inputs + 1 : inputs]);
+  memory diff = plan.diff_w.needed ? *plan.diff_w.buffer : user;
+  plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, pass_input(plan, stream, 0, params[both ? 2 : 0])},
+                                    {DNNL_ARG_DIFF_DST, diff_dst},
+                                    {DNNL_ARG_DIFF_WEIGHTS, diff},
+                                    {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.weights_scratch)}});
+  if (plan.diff_w.needed) plan.diff_w.reorder.execute(stream, diff, user);
+  stream.wait();
+}
+
+// An empty string when a training convolution's tensors fit each other and `pass`.
+std::string train_conv_shape_problem(int64_t **shapes, int inputs, int64_t stride, ConvPass pass) {
   int x_at = 0, w_at = 1, dy_at = 0;
   if (pass == ConvPass::backward) x_at = 2;
   if (pass == ConvPass::backward_weights) dy_at = 1, w_at = 2;
@@ -848,53 +916,29 @@ int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, cons
   for (int d = 0; d < 4; d++) ok = ok && dy[d] == y[d] && result[d] == expected[d];
   if (pass == ConvPass::backward)
     for (int d = 0; d < 4; d++) ok = ok && shapes[inputs + 1][d] == wt[d];
-  if (!ok) {
-    char message[256];
-    std::snprintf(message, sizeof(message),
-                  "training convolution: shapes do not match: x %ldx%ldx%ldx%ld, weights %ldx%ldx%ldx%ld, stride %ld, "
-                  "output %ldx%ldx%ldx%ld", (long)x[0], (long)x[1], (long)x[2], (long)x[3], (long)wt[0], (long)wt[1],
-                  (long)wt[2], (long)wt[3], (long)stride, (long)dy[0], (long)dy[1], (long)dy[2], (long)dy[3]);
-    return fail(message);
+  if (ok) return "";
+  char message[256];
+  std::snprintf(message, sizeof(message),
+                "training convolution: shapes do not match: x %ldx%ldx%ldx%ld, weights %ldx%ldx%ldx%ld, stride %ld, "
+                "output %ldx%ldx%ldx%ld", (long)x[0], (long)x[1], (long)x[2], (long)x[3], (long)wt[0], (long)wt[1],
+                (long)wt[2], (long)wt[3], (long)stride, (long)dy[0], (long)dy[1], (long)dy[2], (long)dy[3]);
+  return message;
+}
+
+int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t stride,
+                   ConvPass pass, bool bf16) {
+  const int inputs = pass == ConvPass::forward ? 2 : 3, outputs = pass == ConvPass::backward ? 2 : 1;
+  if (nparam != inputs + outputs) return fail("training convolution: wrong number of inputs");
+  for (int i = 0; i < nparam; i++) {
+    if (!is_f32(dtypes[i]) || ndims[i] != 4) return fail("training convolution: tensors must be 4-d float32");
   }
+  const std::string problem = train_conv_shape_problem(shapes, inputs, stride, pass);
+  if (!problem.empty()) return fail(problem.c_str());
+  const int64_t *x = shapes[pass == ConvPass::backward ? 2 : 0], *wt = shapes[pass == ConvPass::backward_weights ? 2 : 1];
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
     TrainConvPlan &plan = train_conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, bf16);
-    auto &engine = cpu_engine();
-    dnnl::stream stream(engine);
-    void *out = params[inputs];
-    // x (0) or dy (1) as the passes compute on them: as given, or their bf16 copies.
-    auto computed = [&](int which, void *data) {
-      memory given(which == 0 ? plan.src : plan.dst, engine, data);
-      if (!plan.bf16) return given;
-      memory copy = converted(which, which == 0 ? plan.src_c : plan.dst_c);
-      (which == 0 ? plan.to_src_c : plan.to_dst_c).execute(stream, given, copy);
-      return copy;
-    };
-    if (pass == ConvPass::forward) {
-      memory weights = weights_for(plan.fwd_w, plan.user_weights, params[1], stream);
-      plan.fwd.execute(stream, {{DNNL_ARG_SRC, computed(0, params[0])},
-                                {DNNL_ARG_WEIGHTS, weights},
-                                {DNNL_ARG_DST, memory(plan.dst, engine, out)},
-                                {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
-    } else {
-      const bool both = pass == ConvPass::backward;
-      memory diff_dst = computed(1, params[both ? 0 : 1]);
-      if (both) {
-        memory weights = weights_for(plan.data_w, plan.user_weights, params[1], stream);
-        plan.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
-                                       {DNNL_ARG_WEIGHTS, weights},
-                                       {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, out)},
-                                       {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.data_scratch)}});
-      }
-      memory user(plan.user_weights, engine, params[both ? inputs + 1 : inputs]);
-      memory diff = plan.diff_w.needed ? *plan.diff_w.buffer : user;
-      plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, computed(0, params[both ? 2 : 0])},
-                                        {DNNL_ARG_DIFF_DST, diff_dst},
-                                        {DNNL_ARG_DIFF_WEIGHTS, diff},
-                                        {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.weights_scratch)}});
-      if (plan.diff_w.needed) plan.diff_w.reorder.execute(stream, diff, user);
-    }
-    stream.wait();
+    execute_train_conv(plan, pass, params, inputs);
   } catch (const std::exception &e) {
     return fail(e.what());
   }
@@ -1073,69 +1117,93 @@ int run_pool(int nparam, void **params, int *ndims, int64_t **shapes, const char
 //             bytes that the backward needs)]
 //   backward: dy, x, mean, variance, gamma, eps [, workspace (relu) | y (add_relu)] -> dx, dgamma,
 //             dbeta [, d identity (add_relu)]
-int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool backward,
-                   Fused fused) {
-  const bool relu = fused == Fused::relu, add = fused == Fused::add_relu;
-  const int x_at = backward ? 1 : 0, eps_at = backward ? 5 : 3;
-  const int inputs = eps_at + 1 + (add || (relu && backward));  // the first output's index
-  const int outputs = 3 + ((relu && !backward) || (add && backward));
-  if (nparam != inputs + outputs) return fail("batch-norm: wrong number of inputs");
+// Where a batch-norm op's tensors are among its parameters (-1: not there).
+struct BatchNormArgs {
+  bool backward, relu, add;
+  int x_at, eps_at;
+  int inputs, outputs;  // `inputs` is also the first output's index
   // The extra input (inputs - 1) or output (inputs + 3): the workspace, the identity (forward)
   // or y and the identity's gradient (backward).
-  const int workspace_at = relu ? (backward ? inputs - 1 : inputs + 3) : -1;
-  const int identity_at = add && !backward ? inputs - 1 : -1;
-  const int y_at = add && backward ? inputs - 1 : -1, d_identity_at = add && backward ? inputs + 3 : -1;
-  const int64_t *x = shapes[x_at], c = shapes[x_at][3];
+  int workspace_at, identity_at, y_at, d_identity_at;
+
+  BatchNormArgs(bool backward_pass, Fused fused) : backward(backward_pass) {
+    relu = fused == Fused::relu, add = fused == Fused::add_relu;
+    x_at = backward ? 1 : 0, eps_at = backward ? 5 : 3;
+    inputs = eps_at + 1 + (add || (relu && backward));
+    outputs = 3 + ((relu && !backward) || (add && backward));
+    workspace_at = relu ? (backward ? inputs - 1 : inputs + 3) : -1;
+    identity_at = add && !backward ? inputs - 1 : -1;
+    y_at = add && backward ? inputs - 1 : -1, d_identity_at = add && backward ? inputs + 3 : -1;
+  }
+  // Activations or their gradients (the others are per-channel, but eps and the workspace).
+  bool is_data(int i) const {
+    return i == 0 || i == x_at || i == inputs || i == identity_at || i == y_at || i == d_identity_at;
+  }
+};
+
+bool batch_norm_shapes_fit(const BatchNormArgs &a, int nparam, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int64_t *x = shapes[a.x_at], c = shapes[a.x_at][3];
   bool ok = true;
   for (int i = 0; i < nparam; i++) {
-    // activations or their gradients
-    const bool data = i == 0 || i == x_at || i == inputs || i == identity_at || i == y_at || i == d_identity_at;
-    if (i == workspace_at) continue;
-    ok = ok && is_f32(dtypes[i]) && (data ? ndims[i] == 4 && same_shape(x, shapes[i], 4)
-                                          : ndims[i] == 1 && shapes[i][0] == (i == eps_at ? 1 : c));
+    if (i == a.workspace_at) continue;
+    ok = ok && is_f32(dtypes[i]) && (a.is_data(i) ? ndims[i] == 4 && same_shape(x, shapes[i], 4)
+                                                  : ndims[i] == 1 && shapes[i][0] == (i == a.eps_at ? 1 : c));
   }
-  if (!ok) return fail(backward ? "batch-norm backward: unexpected inputs" : "batch-norm: unexpected inputs");
+  return ok;
+}
+
+void execute_batch_norm(BatchNormPlan &plan, const BatchNormArgs &a, void **params) {
+  auto &engine = cpu_engine();
+  auto data = [&](int i) { return memory(plan.data, engine, params[i]); };
+  auto stat = [&](int i) { return memory(plan.stat, engine, params[i]); };
+  dnnl::stream stream(engine);
+  const int in = a.inputs;
+  // With add_relu the batch-norm's backward takes the ReLU's backward (written to the
+  // identity's gradient, which it equals) instead of dy.
+  if (a.add && a.backward) {
+    plan.relu_backward.execute(stream, {{DNNL_ARG_DIFF_DST, data(0)}, {DNNL_ARG_DST, data(a.y_at)},
+                                        {DNNL_ARG_DIFF_SRC, data(a.d_identity_at)},
+                                        {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.relu_scratch)}});
+  }
+  std::unordered_map<int, memory> args;
+  if (a.backward) {
+    args = {{DNNL_ARG_DIFF_DST, data(a.add ? a.d_identity_at : 0)}, {DNNL_ARG_SRC, data(1)}, {DNNL_ARG_MEAN, stat(2)},
+            {DNNL_ARG_VARIANCE, stat(3)}, {DNNL_ARG_SCALE, stat(4)}, {DNNL_ARG_DIFF_SRC, data(in)},
+            {DNNL_ARG_DIFF_SCALE, stat(in + 1)}, {DNNL_ARG_DIFF_SHIFT, stat(in + 2)},
+            {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}};
+  } else {
+    args = {{DNNL_ARG_SRC, data(0)}, {DNNL_ARG_SCALE, stat(1)}, {DNNL_ARG_SHIFT, stat(2)},
+            {DNNL_ARG_DST, data(in)}, {DNNL_ARG_MEAN, stat(in + 1)}, {DNNL_ARG_VARIANCE, stat(in + 2)},
+            {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}};
+  }
+  if (a.relu) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[a.workspace_at]);
+  if (a.backward)
+    plan.bwd.execute(stream, args);
+  else
+    plan.fwd.execute(stream, args);
+  if (a.add && !a.backward) {  // y = relu(y + identity), in place
+    plan.add_relu.execute(stream, {{DNNL_ARG_SRC_0, data(in)}, {DNNL_ARG_SRC_1, data(a.identity_at)},
+                                   {DNNL_ARG_DST, data(in)}, {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.add_scratch)}});
+  }
+  stream.wait();
+}
+
+int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool backward,
+                   Fused fused) {
+  const BatchNormArgs a(backward, fused);
+  if (nparam != a.inputs + a.outputs) return fail("batch-norm: wrong number of inputs");
+  if (!batch_norm_shapes_fit(a, nparam, ndims, shapes, dtypes))
+    return fail(backward ? "batch-norm backward: unexpected inputs" : "batch-norm: unexpected inputs");
+  const int64_t *x = shapes[a.x_at];
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    const float eps = *static_cast<const float *>(params[eps_at]);
-    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], c, eps, fused);
-    if (relu && (std::strcmp(dtypes[workspace_at], "uint8") != 0 || ndims[workspace_at] != 1 ||
-                 shapes[workspace_at][0] != static_cast<int64_t>(plan.workspace.get_size())))
+    const float eps = *static_cast<const float *>(params[a.eps_at]);
+    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], x[3], eps, fused);
+    const int ws = a.workspace_at;
+    if (a.relu && (std::strcmp(dtypes[ws], "uint8") != 0 || ndims[ws] != 1 ||
+                   shapes[ws][0] != static_cast<int64_t>(plan.workspace.get_size())))
       return fail("batch-norm: the workspace has the wrong size");
-    auto &engine = cpu_engine();
-    auto data = [&](int i) { return memory(plan.data, engine, params[i]); };
-    auto stat = [&](int i) { return memory(plan.stat, engine, params[i]); };
-    dnnl::stream stream(engine);
-    // With add_relu the batch-norm's backward takes the ReLU's backward (written to the
-    // identity's gradient, which it equals) instead of dy.
-    const int bn_dy = add && backward ? d_identity_at : 0;
-    if (add && backward) {
-      plan.relu_backward.execute(stream, {{DNNL_ARG_DIFF_DST, data(0)}, {DNNL_ARG_DST, data(y_at)},
-                                          {DNNL_ARG_DIFF_SRC, data(d_identity_at)},
-                                          {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.relu_scratch)}});
-    }
-    std::unordered_map<int, memory> args;
-    if (backward) {
-      args = {{DNNL_ARG_DIFF_DST, data(bn_dy)}, {DNNL_ARG_SRC, data(1)}, {DNNL_ARG_MEAN, stat(2)},
-              {DNNL_ARG_VARIANCE, stat(3)}, {DNNL_ARG_SCALE, stat(4)}, {DNNL_ARG_DIFF_SRC, data(inputs)},
-              {DNNL_ARG_DIFF_SCALE, stat(inputs + 1)}, {DNNL_ARG_DIFF_SHIFT, stat(inputs + 2)},
-              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.bwd_scratch)}};
-    } else {
-      args = {{DNNL_ARG_SRC, data(0)}, {DNNL_ARG_SCALE, stat(1)}, {DNNL_ARG_SHIFT, stat(2)},
-              {DNNL_ARG_DST, data(inputs)}, {DNNL_ARG_MEAN, stat(inputs + 1)}, {DNNL_ARG_VARIANCE, stat(inputs + 2)},
-              {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}};
-    }
-    if (relu) args[DNNL_ARG_WORKSPACE] = memory(plan.workspace, engine, params[workspace_at]);
-    if (backward)
-      plan.bwd.execute(stream, args);
-    else
-      plan.fwd.execute(stream, args);
-    if (add && !backward) {  // y = relu(y + identity), in place
-      plan.add_relu.execute(stream, {{DNNL_ARG_SRC_0, data(inputs)}, {DNNL_ARG_SRC_1, data(identity_at)},
-                                     {DNNL_ARG_DST, data(inputs)},
-                                     {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.add_scratch)}});
-    }
-    stream.wait();
+    execute_batch_norm(plan, a, params);
   } catch (const std::exception &e) {
     return fail(e.what());
   }
@@ -1209,18 +1277,20 @@ std::unique_ptr<BackbonePlan> build_backbone_plan(int64_t n, int64_t h, int64_t 
   auto plan = std::make_unique<BackbonePlan>();
   plan->layout = layout;
   size_t largest = 0;
-  auto add = [&](int64_t nn, int64_t hh, int64_t ww, int64_t cin, int64_t cout, int64_t k, int64_t stride, bool relu,
-                 int in, int out, int residual, bool accumulate, dt src, dt dst, dt user_src, bool nchw) {
-    ConvPlan &conv = conv_plan(nn, hh, ww, cin, cout, k, stride, relu, residual >= 0, src, dst, act, user_src,
-                               accumulate, nchw, layout);
-    plan->steps.push_back({&conv, in, out, residual, {cout, cin, k, k}});
-    plan->folded.resize(plan->folded.size() + 2 * cout);
+  auto add = [&](const ConvSpec &spec, int in, int out, int residual) {
+    ConvPlan &conv = conv_plan(spec);
+    plan->steps.push_back({&conv, in, out, residual, {spec.cout, spec.cin, spec.k, spec.k}});
+    plan->folded.resize(plan->folded.size() + 2 * spec.cout);
     largest = std::max(largest, conv.dst.get_size());
+  };
+  // A convolution of the backbone's activations (type `act`, in `layout`).
+  auto conv = [&](int64_t hh, int64_t ww, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
+    return ConvSpec(n, hh, ww, cin, cout, k, stride).types(act, act, act).input(false, layout);
   };
   // Buffers 0-3 hold activations; the block input moves between them.
   auto out_size = [](int64_t v, int64_t stride) { return (v + stride - 1) / stride; };
   int64_t hh = out_size(h, 2), ww = out_size(w, 2);
-  add(n, h, w, 3, 64, 7, 2, true, -1, 0, -1, false, act, act, dt::f32, true);
+  add(conv(h, w, 3, 64, 7, 2).fused(true, false).types(act, act, act, dt::f32).input(true, layout), -1, 0, -1);
   plan->pool = &pool_plan(n, hh, ww, 64, false, act, layout);
   plan->pool_in = 0, plan->pool_out = 1;
   hh = out_size(hh, 2), ww = out_size(ww, 2);
@@ -1233,17 +1303,17 @@ std::unique_ptr<BackbonePlan> build_backbone_plan(int64_t n, int64_t h, int64_t 
       const bool last = layer == 3 && b == kBlocks[layer] - 1;
       const int t1 = (cur + 1) % 4, t2 = (cur + 2) % 4, shortcut = (cur + 3) % 4;
       const int64_t oh = out_size(hh, stride), ow = out_size(ww, stride);
-      add(n, hh, ww, channels, mid, 1, 1, true, cur, t1, -1, false, act, act, act, false);
-      add(n, hh, ww, mid, mid, 3, stride, true, t1, t2, -1, false, act, act, act, false);
+      add(conv(hh, ww, channels, mid, 1, 1).fused(true, false), cur, t1, -1);
+      add(conv(hh, ww, mid, mid, 3, stride).fused(true, false), t1, t2, -1);
       const int identity = b == 0 ? shortcut : cur;
       if (last) {  // float32 out, into t1 (free by now), the identity read as a residual
-        add(n, oh, ow, mid, out, 1, 1, true, t2, t1, identity, false, act, dt::f32, act, false);
+        add(conv(oh, ow, mid, out, 1, 1).fused(true, true).types(act, dt::f32, act), t2, t1, identity);
         plan->features = t1;
       } else {
-        add(n, oh, ow, mid, out, 1, 1, true, t2, identity, -1, true, act, act, act, false);
+        add(conv(oh, ow, mid, out, 1, 1).fused(true, false, true), t2, identity, -1);
       }
       if (b == 0) {  // the shortcut runs before conv3, which accumulates into its output
-        add(n, hh, ww, channels, out, 1, stride, false, cur, shortcut, -1, false, act, act, act, false);
+        add(conv(hh, ww, channels, out, 1, stride).fused(false, false), cur, shortcut, -1);
         std::swap(plan->steps[plan->steps.size() - 1], plan->steps[plan->steps.size() - 2]);
       }
       cur = identity;
@@ -1294,96 +1364,133 @@ std::vector<uint64_t> backbone_fingerprints(const BackbonePlan &plan, void **par
   return prints;
 }
 
-int run_backbone(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t last_stride,
-                 bool bf16) {
+// The backbone op's arguments: nullptr when usable, else what is wrong.
+const char *backbone_arguments_problem(int nparam, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 2 + kPerConv * kConvs + 1)
-    return fail("backbone: expected the image, the BatchNorm epsilon, 53 x (weights, gamma, beta, mean, variance), "
-                "and the output");
+    return "backbone: expected the image, the BatchNorm epsilon, 53 x (weights, gamma, beta, mean, variance), "
+           "and the output";
   const int out = nparam - 1;
   if (!is_f32(dtypes[0]) || ndims[0] != 4 || shapes[0][1] != 3 || !is_f32(dtypes[out]) || ndims[out] != 2 ||
       shapes[out][0] != shapes[0][0] || shapes[out][1] != 2048)
-    return fail("backbone: the image must be float32 (N, 3, H, W) and the output float32 (N, 2048)");
-  if (ndims[1] != 1 || shapes[1][0] != 1) return fail("backbone: the BatchNorm epsilon must be a (1,) tensor");
+    return "backbone: the image must be float32 (N, 3, H, W) and the output float32 (N, 2048)";
+  if (ndims[1] != 1 || shapes[1][0] != 1) return "backbone: the BatchNorm epsilon must be a (1,) tensor";
   for (int i = 1; i < out; i++)
-    if (!is_f32(dtypes[i])) return fail("backbone: epsilon, weights and BatchNorm parameters must be float32");
+    if (!is_f32(dtypes[i])) return "backbone: epsilon, weights and BatchNorm parameters must be float32";
+  return nullptr;
+}
+
+// The parameters come in network order (conv3 before the shortcut); the plan runs a first
+// block's shortcut before its conv3: the network position of each step's parameters.
+const std::vector<int> &step_parameters() {
+  static const std::vector<int> order = [] {
+    std::vector<int> o(kConvs);
+    for (int i = 0; i < kConvs; i++) o[i] = i;
+    int step = 1;
+    for (int layer = 0; layer < 4; layer++) {
+      for (int b = 0; b < kBlocks[layer]; b++) {
+        if (b == 0) std::swap(o[step + 2], o[step + 3]);  // steps: conv1, conv2, shortcut, conv3
+        step += b == 0 ? 4 : 3;
+      }
+    }
+    return o;
+  }();
+  return order;
+}
+
+// An empty string when every convolution's weights and BatchNorm have the plan's shapes.
+std::string backbone_weights_problem(const BackbonePlan &plan, const std::vector<int> &order, int *ndims,
+                                     int64_t **shapes) {
+  for (int i = 0; i < kConvs; i++) {
+    const int at = 2 + kPerConv * order[i];
+    const int64_t *want = plan.steps[i].weights;
+    bool ok = ndims[at] == 4 && same_shape(shapes[at], want, 4);
+    for (int j = 1; j < kPerConv; j++) ok = ok && ndims[at + j] == 1 && shapes[at + j][0] == want[0];
+    if (!ok) {
+      char message[200];
+      std::snprintf(message, sizeof(message),
+                    "backbone: convolution %d's weights are not %ldx%ldx%ldx%ld (or its BatchNorm's not %ld)",
+                    order[i], (long)want[0], (long)want[1], (long)want[2], (long)want[3], (long)want[0]);
+      return message;
+    }
+  }
+  return "";
+}
+
+// BatchNorm folded into each convolution: weights * scale (in the cached weight reorder)
+// and a bias, with scale = gamma / sqrt(variance + eps), bias = beta - mean * scale: the
+// same float32 operations, in the same order, as the network's _running_affine.
+void fold_batch_norms(BackbonePlan &plan, void **params, const std::vector<int> &order, std::vector<float *> &scale,
+                      std::vector<float *> &bias) {
+  const float eps = *static_cast<const float *>(params[1]);
+  float *folded = plan.folded.data();
+  for (int i = 0; i < kConvs; i++) {
+    const int at = 2 + kPerConv * order[i];
+    const int64_t channels = plan.steps[i].weights[0];
+    const auto *gamma = static_cast<const float *>(params[at + 1]), *beta = static_cast<const float *>(params[at + 2]);
+    const auto *mean = static_cast<const float *>(params[at + 3]), *var = static_cast<const float *>(params[at + 4]);
+    scale[i] = folded;
+    bias[i] = folded + channels;
+    for (int64_t c = 0; c < channels; c++) {
+      const float sd = std::sqrt(var[c] + eps);
+      scale[i][c] = gamma[c] / sd;
+      const float shifted = mean[c] * scale[i][c];
+      bias[i][c] = beta[c] - shifted;
+    }
+    folded += 2 * channels;
+  }
+}
+
+// Global average pooling of the float32 features, per image and channel.
+void global_average_pool(const BackbonePlan &plan, const float *features, float *pooled) {
+  // NHWC: per image, (pixels, 2048); nChw16c: per image, 2048 / 16 blocks, each (pixels, 16).
+  const int64_t pixels = plan.h * plan.w, c = 2048, width = plan.layout == tag::nhwc ? c : 16;
+  for (int64_t image = 0; image < plan.n; image++) {
+    float *sum = pooled + image * c;
+    std::fill(sum, sum + c, 0.f);
+    for (int64_t first = 0; first < c; first += width) {
+      const float *block = features + image * pixels * c + first * pixels;
+      for (int64_t p = 0; p < pixels; p++)
+        for (int64_t j = 0; j < width; j++) sum[first + j] += block[p * width + j];
+    }
+    for (int64_t ch = 0; ch < c; ch++) sum[ch] /= static_cast<float>(pixels);
+  }
+}
+
+// The plan's convolutions (and the max-pool after the stem) on the image params[0].
+void run_backbone_steps(BackbonePlan &plan, void **params, const std::vector<int> &order,
+                        const std::vector<float *> &scale, const std::vector<float *> &bias) {
+  const std::vector<uint64_t> prints = backbone_fingerprints(plan, params, order, scale);
+  dnnl::stream stream(cpu_engine());
+  auto buffer = [&](int i) { return i < 0 ? params[0] : plan.buffers[i]->data; };
+  for (int i = 0; i < kConvs; i++) {
+    const Step &s = plan.steps[i];
+    execute_conv(*s.plan, stream, buffer(s.in), params[2 + kPerConv * order[i]], scale[i], bias[i], buffer(s.out),
+                 s.residual >= 0 ? buffer(s.residual) : nullptr, prints[i]);
+    if (i == 0) {
+      plan.pool->fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.pool->src, cpu_engine(), buffer(plan.pool_in))},
+                                      {DNNL_ARG_DST, memory(plan.pool->dst, cpu_engine(), buffer(plan.pool_out))},
+                                      {DNNL_ARG_SCRATCHPAD, plan.pool->scratch.at(plan.pool->fwd_scratch)}});
+    }
+  }
+  stream.wait();
+}
+
+int run_backbone(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t last_stride,
+                 bool bf16) {
+  if (const char *problem = backbone_arguments_problem(nparam, ndims, shapes, dtypes)) return fail(problem);
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
     const int64_t *x = shapes[0];
     BackbonePlan &plan = backbone_plan(x[0], x[2], x[3], last_stride, bf16);
-    // The parameters come in network order (conv3 before the shortcut); the plan runs a first
-    // block's shortcut before its conv3, so map each step to its parameters by position.
-    std::vector<int> order(kConvs);
-    for (int i = 0; i < kConvs; i++) order[i] = i;
-    int step = 1;
-    for (int layer = 0; layer < 4; layer++) {
-      for (int b = 0; b < kBlocks[layer]; b++) {
-        if (b == 0) std::swap(order[step + 2], order[step + 3]);  // steps: conv1, conv2, shortcut, conv3
-        step += b == 0 ? 4 : 3;
-      }
-    }
-    for (int i = 0; i < kConvs; i++) {
-      const int at = 2 + kPerConv * order[i];
-      const int64_t *want = plan.steps[i].weights;
-      bool ok = ndims[at] == 4 && same_shape(shapes[at], want, 4);
-      for (int j = 1; j < kPerConv; j++) ok = ok && ndims[at + j] == 1 && shapes[at + j][0] == want[0];
-      if (!ok) {
-        char message[200];
-        std::snprintf(message, sizeof(message),
-                      "backbone: convolution %d's weights are not %ldx%ldx%ldx%ld (or its BatchNorm's not %ld)",
-                      order[i], (long)want[0], (long)want[1], (long)want[2], (long)want[3], (long)want[0]);
-        return fail(message);
-      }
-    }
-    // BatchNorm folded into each convolution: weights * scale (in the cached weight reorder)
-    // and a bias, with scale = gamma / sqrt(variance + eps), bias = beta - mean * scale: the
-    // same float32 operations, in the same order, as the network's _running_affine.
-    const float eps = *static_cast<const float *>(params[1]);
-    float *folded = plan.folded.data();
+    const std::vector<int> &order = step_parameters();
+    const std::string problem = backbone_weights_problem(plan, order, ndims, shapes);
+    if (!problem.empty()) return fail(problem.c_str());
     std::vector<float *> scale(kConvs), bias(kConvs);
-    for (int i = 0; i < kConvs; i++) {
-      const int at = 2 + kPerConv * order[i];
-      const int64_t channels = plan.steps[i].weights[0];
-      const auto *gamma = static_cast<const float *>(params[at + 1]), *beta = static_cast<const float *>(params[at + 2]);
-      const auto *mean = static_cast<const float *>(params[at + 3]), *var = static_cast<const float *>(params[at + 4]);
-      scale[i] = folded;
-      bias[i] = folded + channels;
-      for (int64_t c = 0; c < channels; c++) {
-        const float sd = std::sqrt(var[c] + eps);
-        scale[i][c] = gamma[c] / sd;
-        const float shifted = mean[c] * scale[i][c];
-        bias[i][c] = beta[c] - shifted;
-      }
-      folded += 2 * channels;
-    }
-    const std::vector<uint64_t> prints = backbone_fingerprints(plan, params, order, scale);
-    dnnl::stream stream(cpu_engine());
-    auto buffer = [&](int i) { return i < 0 ? params[0] : plan.buffers[i]->data; };
-    for (int i = 0; i < kConvs; i++) {
-      const Step &s = plan.steps[i];
-      execute_conv(*s.plan, stream, buffer(s.in), params[2 + kPerConv * order[i]], scale[i], bias[i], buffer(s.out),
-                   s.residual >= 0 ? buffer(s.residual) : nullptr, prints[i]);
-      if (i == 0) {
-        plan.pool->fwd.execute(stream, {{DNNL_ARG_SRC, memory(plan.pool->src, cpu_engine(), buffer(plan.pool_in))},
-                                        {DNNL_ARG_DST, memory(plan.pool->dst, cpu_engine(), buffer(plan.pool_out))},
-                                        {DNNL_ARG_SCRATCHPAD, plan.pool->scratch.at(plan.pool->fwd_scratch)}});
-      }
-    }
-    stream.wait();
-    // Global average pooling of the float32 features, per image and channel.
-    const auto *features = static_cast<const float *>(buffer(plan.features));
-    auto *pooled = static_cast<float *>(params[out]);
-    // NHWC: per image, (pixels, 2048); nChw16c: per image, 2048 / 16 blocks, each (pixels, 16).
-    const int64_t pixels = plan.h * plan.w, c = 2048, width = plan.layout == tag::nhwc ? c : 16;
-    for (int64_t image = 0; image < plan.n; image++) {
-      float *sum = pooled + image * c;
-      std::fill(sum, sum + c, 0.f);
-      for (int64_t first = 0; first < c; first += width) {
-        const float *block = features + image * pixels * c + first * pixels;
-        for (int64_t p = 0; p < pixels; p++)
-          for (int64_t j = 0; j < width; j++) sum[first + j] += block[p * width + j];
-      }
-      for (int64_t ch = 0; ch < c; ch++) sum[ch] /= static_cast<float>(pixels);
-    }
+    fold_batch_norms(plan, params, order, scale, bias);
+    run_backbone_steps(plan, params, order, scale, bias);
+    const int features = plan.features;
+    global_average_pool(plan, static_cast<const float *>(plan.buffers[features]->data),
+                        static_cast<float *>(params[nparam - 1]));
   } catch (const std::exception &e) {
     return fail(e.what());
   }
@@ -1490,7 +1597,7 @@ int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
     const dt type = bf16 ? dt::bf16 : dt::f32;
-    ConvPlan &plan = conv_plan(n, h, w, cin, cout, k, stride, true, false, type, type, type, dt::f32);
+    ConvPlan &plan = conv_plan(ConvSpec(n, h, w, cin, cout, k, stride).fused(true, false).types(type, type, type, dt::f32));
     std::snprintf(out, size, "%s", plan.implementation.c_str());
   } catch (const std::exception &e) {
     std::snprintf(out, size, "%s", e.what());

@@ -32,7 +32,6 @@ recorded (:mod:`vehiclenet.native`, :mod:`vehiclenet.cache_trust`).
 When anything is missing, the network logs why and runs MindSpore's own kernels.
 ``VEHICLENET_CPU_KERNELS=0`` turns the kernels off.
 """
-import ctypes
 import functools
 import importlib.metadata
 import logging
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from .. import env
+from . import kernel_abi as abi
 from .backend import InferenceOps, TrainOps, check_precision, check_stride
 from ..errors import Bf16Unsupported
 
@@ -51,18 +51,7 @@ ENV_SWITCH = env.CPU_KERNELS  # its name, for messages
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cc"
 ONEDNN_RUNTIME, ONEDNN_HEADERS = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
-# Every function of csrc/cpu_kernels.cc the package calls (a test checks it against the source).
-SYMBOLS = tuple(
-    [f"VnConv{kind}{op}" for kind in ("", "Bf16") for op in ("S1", "S1Relu", "S2", "S2Relu", "AddS1Relu")]
-    + ["VnConvBf16AddS1ReluToF32"]
-    + [f"VnBackbone{kind}L{stride}" for kind in ("", "Bf16") for stride in (1, 2)]
-    + [f"VnConv{op}{kind}S{stride}" for op in ("Train", "TrainNoInputGrad", "Backward", "BackwardWeights")
-       for kind in ("", "Bf16") for stride in (1, 2)]
-    + ["VnMaxPool3x3S2", "VnMaxPoolTrain3x3S2", "VnMaxPoolBackward3x3S2", "VnBackboneImplementations",
-       "VnWeightReorders", "VnConvImplementation", "VnTrainConvImplementation", "VnCpuIsa", "VnBatchNormReluWorkspaceBytes"]
-    + [f"VnBatchNorm{name}" for name in ("Train", "ReluTrain", "Backward", "ReluBackward", "AddReluTrain",
-                                         "AddReluBackward")]
-)
+SYMBOLS = abi.SYMBOLS  # every entry point the package calls
 
 
 class KernelsUnavailable(RuntimeError):
@@ -180,8 +169,8 @@ def convolution_implementation(library: str, batch: int, height: int, width: int
                                out_channels: int, kernel: int, stride: int, bf16: bool = False) -> str:
     """The oneDNN implementation that runs a convolution of this shape, e.g.
     ``brgconv:avx512_core`` (what benchmarks print to show the fast path is taken)."""
-    return _implementation(library, "VnConvImplementation", (batch, height, width, in_channels, out_channels,
-                                                             kernel, stride), bf16)
+    return _checked(abi.bindings(library).conv_implementation(
+        (batch, height, width, in_channels, out_channels, kernel, stride), bf16))
 
 
 def train_conv_implementation(library: str, batch: int, height: int, width: int, in_channels: int,
@@ -190,45 +179,36 @@ def train_conv_implementation(library: str, batch: int, height: int, width: int,
     brg_fwd:avx512_core_amx+brgconv:avx512_core_amx / brgconv_bwd_w:avx512_core_amx`` (forward,
     backward to the input, backward to the weights); ``f32: ...`` where bf16 was asked for but
     oneDNN has only reference code for it (that convolution then trains in float32)."""
-    return _implementation(library, "VnTrainConvImplementation", (batch, height, width, in_channels, out_channels,
-                                                                  kernel, stride), bf16)
+    return _checked(abi.bindings(library).train_conv_implementation(
+        (batch, height, width, in_channels, out_channels, kernel, stride), bf16))
 
 
-def _implementation(library: str, function: str, shape: Tuple[int, ...], bf16: bool) -> str:
-    """The text an implementation-reporting entry point of ``library`` writes for ``shape``."""
-    buffer = ctypes.create_string_buffer(512)
-    args = [ctypes.c_int64(v) for v in shape]
-    if getattr(ctypes.CDLL(library), function)(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))):
-        raise KernelsUnavailable(buffer.value.decode(errors="replace"))
-    return buffer.value.decode()
+def _checked(result: Tuple[bool, str]) -> str:
+    """The text an implementation-reporting entry point wrote; KernelsUnavailable with it when it failed."""
+    ok, text = result
+    if not ok:
+        raise KernelsUnavailable(text)
+    return text
 
 
 def weight_reorders(library: str) -> int:
     """How many times this process reordered convolution weights into oneDNN's layout. The
     inference kernels do it once per convolution of a network, and again only when its
     weights or BatchNorm scales change (they compare a fingerprint of the values each call)."""
-    count = ctypes.CDLL(library).VnWeightReorders
-    count.restype = ctypes.c_int64
-    return int(count())
+    return abi.bindings(library).weight_reorders()
 
 
 def backbone_implementations(library: str, batch: int, height: int, width: int, last_stride: int = 2,
                              bf16: bool = False) -> str:
     """The oneDNN implementations that run the whole-backbone op for this input, counted, and the
     activations' layout, e.g. ``35 jit_1x1:avx512_core, 17 jit:avx512_core, ... (nChw16c)``."""
-    buffer = ctypes.create_string_buffer(512)
-    args = [ctypes.c_int64(v) for v in (batch, height, width, last_stride)]
-    if ctypes.CDLL(library).VnBackboneImplementations(*args, ctypes.c_int(int(bf16)), buffer, ctypes.c_int(len(buffer))):
-        raise KernelsUnavailable(buffer.value.decode(errors="replace"))
-    return buffer.value.decode()
+    return _checked(abi.bindings(library).backbone_implementations((batch, height, width, last_stride), bf16))
 
 
 def cpu_isa(library: str) -> Tuple[str, bool]:
     """oneDNN's instruction set here (capped by ``DNNL_MAX_CPU_ISA``) and whether it has
     native bf16 arithmetic (AVX512-BF16, AVX512-FP16, AMX or AVX2-VNNI-2)."""
-    buffer = ctypes.create_string_buffer(64)
-    native_bf16 = ctypes.CDLL(library).VnCpuIsa(buffer, ctypes.c_int(len(buffer)))
-    return buffer.value.decode(), bool(native_bf16)
+    return abi.bindings(library).cpu_isa()
 
 
 def check_bf16(library: Optional[str]) -> str:
@@ -281,25 +261,26 @@ def make_ops(library: str, precision: str = "fp32") -> InferenceOps:
         return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
     if precision == "fp32":
-        kind, out = "", None  # every op keeps its input's dtype: float32 throughout
-        last_add = custom("VnConvAddS1Relu", 1, True)
+        out = None  # every op keeps its input's dtype: float32 throughout
+        last_add = custom(abi.conv("fp32", "AddS1Relu"), 1, True)
     else:
-        kind, out = "Bf16", ms.bfloat16  # bfloat16 activations between the convolutions,
-        last_add = custom("VnConvBf16AddS1ReluToF32", 1, True, ms.float32)  # float32 to the pooling
+        out = ms.bfloat16  # bfloat16 activations between the convolutions,
+        last_add = custom(abi.entry("VnConvBf16AddS1ReluToF32"), 1, True, ms.float32)  # float32 to the pooling
+
     def backbone(last_stride: int):
-        return ops.Custom(f"{library}:VnBackbone{kind}L{last_stride}", out_shape=lambda x, *_: [x[0], 2048],
+        return ops.Custom(f"{library}:{abi.backbone(precision, last_stride)}", out_shape=lambda x, *_: [x[0], 2048],
                           out_dtype=lambda x, *_: ms.float32, func_type="aot")
 
     return InferenceOps(
         backbone_last_stride_1=backbone(1),
         backbone_last_stride_2=backbone(2),
-        stem=custom(f"VnConv{kind}S2Relu", 2, True, out),
-        max_pool=custom("VnMaxPool3x3S2", 2, False),
-        conv_relu_s1=custom(f"VnConv{kind}S1Relu", 1, True, out),
-        conv_relu_s2=custom(f"VnConv{kind}S2Relu", 2, True, out),
-        conv_s1=custom(f"VnConv{kind}S1", 1, True, out),
-        conv_s2=custom(f"VnConv{kind}S2", 2, True, out),
-        conv_add_relu=custom(f"VnConv{kind}AddS1Relu", 1, True, out),
+        stem=custom(abi.conv(precision, "S2Relu"), 2, True, out),
+        max_pool=custom(abi.entry("VnMaxPool3x3S2"), 2, False),
+        conv_relu_s1=custom(abi.conv(precision, "S1Relu"), 1, True, out),
+        conv_relu_s2=custom(abi.conv(precision, "S2Relu"), 2, True, out),
+        conv_s1=custom(abi.conv(precision, "S1"), 1, True, out),
+        conv_s2=custom(abi.conv(precision, "S2"), 2, True, out),
+        conv_add_relu=custom(abi.conv(precision, "AddS1Relu"), 1, True, out),
         conv_add_relu_last=last_add,
     )
 
@@ -308,7 +289,8 @@ def _aot(library: str, function: str, out_shape, out_dtype, bprop=None):
     """The MindSpore AOT custom op running ``function`` of ``library``."""
     from mindspore import ops
 
-    return ops.Custom(f"{library}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{library}:{abi.entry(function)}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
+                      bprop=bprop)
 
 
 def _halved(x, stride: int) -> list:
@@ -325,10 +307,11 @@ def train_conv(library: str, stride: int, input_grad: bool = True, bf16: bool = 
     from mindspore import ops
 
     check_stride(stride)
-    kind = "Bf16" if bf16 else ""
+    precision = "bf16" if bf16 else "fp32"
     # Both gradients in one op: it reads (and in bf16 converts) dy once.
-    backward = _aot(library, f"VnConvBackward{kind}S{stride}", lambda dy, w, x: [x, w], lambda dy, w, x: [dy, dy])
-    backward_weights = _aot(library, f"VnConvBackwardWeights{kind}S{stride}", lambda x, dy, w: w,
+    backward = _aot(library, abi.train_conv("Backward", precision, stride), lambda dy, w, x: [x, w],
+                    lambda dy, w, x: [dy, dy])
+    backward_weights = _aot(library, abi.train_conv("BackwardWeights", precision, stride), lambda x, dy, w: w,
                             lambda x, dy, w: dy)
 
     def bprop(x, w, out, dout):
@@ -338,16 +321,14 @@ def train_conv(library: str, stride: int, input_grad: bool = True, bf16: bool = 
     def bprop_weights_only(x, w, out, dout):
         return ops.zeros_like(x), backward_weights(x, dout, w)
 
-    name = f"VnConvTrain{kind}S{stride}" if input_grad else f"VnConvTrainNoInputGrad{kind}S{stride}"
+    name = abi.train_conv("Train" if input_grad else "TrainNoInputGrad", precision, stride)
     return _aot(library, name, lambda x, w: _halved(x, stride) + [w[0]], lambda x, w: x,
                 bprop if input_grad else bprop_weights_only)
 
 
 def _workspace_bytes(library: str):
     """(n, h, w, c) -> bytes of the workspace oneDNN's batch-norm with fused ReLU needs."""
-    size_of = ctypes.CDLL(library).VnBatchNormReluWorkspaceBytes
-    size_of.restype = ctypes.c_int64
-    size_of.argtypes = [ctypes.c_int64] * 4
+    size_of = abi.bindings(library).batch_norm_relu_workspace_bytes
 
     @functools.lru_cache(maxsize=None)
     def workspace(n, h, w, c):
@@ -374,7 +355,7 @@ def _train_batch_norm(library: str, relu: bool):
     def dtypes(x, *_):
         return [x, x, x] + ([mstype.uint8] if relu else [])
 
-    backward = _aot(library, f"VnBatchNorm{name}Backward", lambda dy, x, mean, var, gamma, *_: [x, gamma, gamma],
+    backward = _aot(library, abi.batch_norm(f"{name}Backward"), lambda dy, x, mean, var, gamma, *_: [x, gamma, gamma],
                     lambda dy, *_: [dy, dy, dy])
 
     def bprop(x, gamma, beta, eps, out, dout):
@@ -385,7 +366,7 @@ def _train_batch_norm(library: str, relu: bool):
         dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps, out[3])
         return dx, dgamma, dbeta, ops.zeros_like(eps)
 
-    return _aot(library, f"VnBatchNorm{name}Train", shapes, dtypes, bprop_relu if relu else bprop)
+    return _aot(library, abi.batch_norm(f"{name}Train"), shapes, dtypes, bprop_relu if relu else bprop)
 
 
 def _train_batch_norm_add_relu(library: str):
