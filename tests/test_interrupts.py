@@ -320,3 +320,24 @@ def test_finetune_killed_and_interrupted_while_training_and_saving_resumes_from_
     assert sorted(p.name for p in out.iterdir()) == ["labels.json", "vehiclenet-e002.ckpt", "vehiclenet-e003.ckpt"]
     assert checkpoint_epoch(out / "vehiclenet-e003.ckpt") == 3
     assert_no_leftovers(workdir, before, out)
+
+
+def test_progress_is_recorded_only_under_the_command_line_s_handling():
+    """The library used from Python records nothing; handling() installs a Progress for its
+    command and removes it after, so the next command starts from "starting"."""
+    from vehiclenet import interrupts
+
+    interrupts.doing("embedding images")
+    interrupts.kept("kept out.npz")
+    assert interrupts.activity() == "running"
+    with interrupts.handling():
+        assert interrupts.activity() == "starting"
+        interrupts.doing("embedding images (3 of 9 done)")
+        interrupts.kept("kept out.npz")
+        with interrupts.held("saving"):
+            assert interrupts.activity() == "saving"
+        line = interrupts.report("embed", KeyboardInterrupt())
+    assert line == "vehiclenet embed: interrupted while embedding images (3 of 9 done); kept out.npz"
+    assert interrupts.activity() == "running"
+    with interrupts.handling():
+        assert interrupts.report(None, KeyboardInterrupt()).endswith("while starting; nothing was written")

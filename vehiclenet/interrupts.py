@@ -15,10 +15,12 @@ and is passed on as SIGINT, any other as SIGTERM. Both reach the main thread as 
 signal. Inside :func:`held` (importing MindSpore, building, compiling and running the
 network, saving) a signal is kept until the section ends and raised there as
 :class:`Interrupted`; elsewhere at once. Commands say what they are doing (:func:`doing`) and
-what an interruption would leave (:func:`kept`), for the one line :func:`report` prints.
+what an interruption would leave (:func:`kept`) to the :class:`Progress` that
+:func:`handling` installs, for the one line :func:`report` prints.
 
-Outside :func:`handling` (the library used from Python) signals are left as they are;
-:func:`import_mindspore` still blocks SIGINT until the import is complete.
+Outside :func:`handling` (the library used from Python) signals are left as they are and
+nothing is recorded (no :class:`Progress` is installed); :func:`import_mindspore` still blocks
+SIGINT until the import is complete.
 """
 import contextlib
 import logging
@@ -43,9 +45,17 @@ class Interrupted(KeyboardInterrupt):
         self.activity = activity
 
 
+class Progress:
+    """What the command does now and what an interruption would leave: the one line of
+    :func:`report`. :func:`handling` installs one for the command it runs."""
+
+    def __init__(self) -> None:
+        self.activity = "starting"
+        self.kept = "nothing was written"
+
+
 class _State:
-    activity = "starting"
-    kept = "nothing was written"
+    progress: Optional[Progress] = None  # installed by handling(): the command line's
     depth = 0  # nesting of held() sections
     pending: Optional[Interrupted] = None
     watcher: Optional[threading.Thread] = None
@@ -57,27 +67,32 @@ _FORWARDS_SIGNUM = sys.version_info >= (3, 10)  # _thread.interrupt_main(signum)
 
 
 def doing(activity: str) -> None:
-    """Say what the command does now ("embedding images (32 of 200 done)"); logged (debug) when it changes."""
-    changed, _state.activity = activity != _state.activity, activity
+    """Say what the command does now ("embedding images (32 of 200 done)"); logged (debug) when
+    it changes. Nothing without an installed :class:`Progress`."""
+    progress = _state.progress
+    if progress is None:
+        return
+    changed, progress.activity = activity != progress.activity, activity
     if changed:  # after the change: a signal can arrive while this line is written
         LOG.debug("now %s", activity)
 
 
 def activity() -> str:
     """What the command said it does now (see :func:`doing`): errors without a file name name it."""
-    return _state.activity
+    return _state.progress.activity if _state.progress is not None else "running"
 
 
 def kept(note: str) -> None:
     """Say what an interruption from now on leaves behind ("kept out/vehiclenet-e002.ckpt")."""
-    _state.kept = note
+    if _state.progress is not None:
+        _state.progress.kept = note
 
 
 def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
     # Runs in the main thread between two Python bytecodes, possibly inside MindSpore's own
     # Python code: within held() only note the signal, so nothing is raised there.
     signum, _state.forwarded = _state.forwarded or signum, None
-    exc = Interrupted(signum, _state.activity)
+    exc = Interrupted(signum, activity())
     if _state.depth > 0:
         _state.pending = _state.pending or exc
         return
@@ -96,7 +111,8 @@ def held(activity: Optional[str] = None) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = _state.activity
+    progress = _state.progress
+    previous = progress.activity if progress is not None else None
     _state.depth += 1
     if activity is not None:
         doing(activity)
@@ -104,7 +120,8 @@ def held(activity: Optional[str] = None) -> Iterator[None]:
         yield
     finally:
         _state.depth -= 1
-        _state.activity = previous
+        if progress is not None:
+            progress.activity = previous
         if _state.depth == 0 and _state.pending is not None:
             pending, _state.pending = _state.pending, None
             raise pending  # also over an error of the block: the user asked to stop
@@ -166,10 +183,11 @@ def handling() -> Iterator[None]:
         if _state.watcher is None:
             _state.watcher = threading.Thread(target=_watch_sigterm, name="vehiclenet-signals", daemon=True)
             _state.watcher.start()
-    _state.activity, _state.kept = "starting", "nothing was written"
+    outer, _state.progress = _state.progress, Progress()
     try:
         yield
     finally:
+        _state.progress = outer
         if old_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         signal.signal(signal.SIGINT, old_int)
@@ -179,9 +197,10 @@ def handling() -> Iterator[None]:
 def report(command: Optional[str], exc: BaseException) -> str:
     """The one line for an interrupted command: what it was doing, what is kept."""
     signum = getattr(exc, "signum", signal.SIGINT)
-    activity = getattr(exc, "activity", None) or _state.activity
+    doing_now = getattr(exc, "activity", None) or activity()
+    left = _state.progress.kept if _state.progress is not None else "nothing was written"
     how = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
-    return f"vehiclenet{' ' + command if command else ''}: {how} while {activity}; {_state.kept}"
+    return f"vehiclenet{' ' + command if command else ''}: {how} while {doing_now}; {left}"
 
 
 def exit_code(exc: BaseException) -> int:
