@@ -9,10 +9,8 @@ their image files; uint8 arrays (HxW, HxWxC RGB/RGBA, or a 4-D NxHxWxC stack); P
 encoded bytes (:mod:`vehiclenet.embedding.inputs` says how they are walked and named).
 
 Pipeline: a thread pool decodes and resizes the next batches while the network runs
-(Pillow releases the GIL while decoding). On a 2-core CPU pre-processing costs ~3-4 ms
-per image against ~0.25-0.35 s of network time per flipped image, so the pipeline runs at
-95-98 % of the network-alone rate (benchmarks/embed_pipeline.py); the prefetch matters more
-on accelerators. Batches are all one shape, so the graph compiles once: the batch size is
+(Pillow releases the GIL while decoding), so decoding hides behind the network
+(docs/benchmarks.md, ``benchmarks/embed_pipeline.py``). Batches are all one shape, so the graph compiles once: the batch size is
 evened out over the run (20 images at batch 16 run as 2 x 10, not 16 + 4) and the last
 batch is padded with copies, whose outputs are dropped. Without ``skip_bad`` a bad file
 stops the run when its turn comes (earlier batches have already gone through the network).

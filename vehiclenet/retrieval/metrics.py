@@ -21,10 +21,8 @@ Speed: no loop over gallery positions and no full sort of the rows. For each
 block of queries only gallery items at least as close as the query's farthest
 hit can precede a hit, so only those are sorted; a hit that ties with that
 farthest distance (common after re-ranking, where most Jaccard distances are
-exactly 1) is placed by counting the tied items with a lower index.
-1,678 x 11,579 takes about 0.2-0.4 s on 2 cores with realistic (clustered) distances and
-about 1 s in the worst case of random distances, where whole rows get sorted
-(see benchmarks/eval_speed.py).
+exactly 1) is placed by counting the tied items with a lower index. Random distances, where
+whole rows get sorted, are the worst case (docs/benchmarks.md, ``benchmarks/eval_speed.py``).
 """
 import ctypes
 import functools

@@ -43,12 +43,8 @@ gallery rows (float32 + int32 per non-zero, ~1,340 per row on clustered syntheti
 features at k1=100, k2=15), and one (block_rows, G) output block: O(N * k1 * k2), never
 N x N or Q x G.
 
-Measured on the 2-core test machine (AMD EPYC; ``benchmarks/eval_speed.py``, synthetic
-clustered 512-d features, k1=100, k2=15, lambda=0, default ``block_rows``/``workers``):
-VeRi scale (1,678 x 11,579) 4.8 s and 356 MB peak RSS for the whole process; VERI-Wild
-large (10,000 x 128,517, N = 138,517, 10,000 ids, noise 2.5) 329 s including the ranking
-by ``evaluate_blocks``, 2.6 GB peak RSS (0.37 GB of it the data). The two blocked
-O(N^2 d) passes (neighbours, weights) are most of the time.
+The two blocked O(N^2 d) passes (neighbours, weights) are most of the time; the measured time
+and memory at VeRi and VERI-Wild scale are in docs/benchmarks.md (``benchmarks/eval_speed.py``).
 """
 import ctypes
 import functools
