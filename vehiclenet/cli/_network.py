@@ -83,7 +83,7 @@ def weights_choice(args: argparse.Namespace) -> "WeightsChoice":
 
 def network_files(args: argparse.Namespace) -> List[str]:
     """The weights file the network of ``embed``/``rank`` will read (an input like the images)."""
-    from ..weights.download import weights_files
+    from ..weights.choice import weights_files
 
     return weights_files(args.checkpoint, not args.no_pretrained)
 

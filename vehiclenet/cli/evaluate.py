@@ -190,7 +190,7 @@ def _embed_images(args: argparse.Namespace, groups: "List[List[str]]", inputs: "
     checked against the images, the lists and the weights first (before the network)."""
     import numpy as np
 
-    from ..weights.download import weights_files
+    from ..weights.choice import weights_files
     from ..fileio import check_output_file
 
     if args.save_features:

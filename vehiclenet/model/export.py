@@ -58,7 +58,7 @@ def _output_path(out: Union[str, os.PathLike], fmt: str, checkpoint: Optional[Un
                  pretrained: Union[bool, str]) -> Path:
     """The file to write (suffix added), its folder created; checked before any work is done
     (not a device or FIFO, not the checkpoint it is made from)."""
-    from ..weights.download import weights_files
+    from ..weights.choice import weights_files
 
     out = _with_suffix(out, fmt)
     check_output_file(out, "--out", weights_files(checkpoint, pretrained))

@@ -3,11 +3,14 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from .backend import KernelBackend, check_precision
 from .network import PUBLISHED_LAST_STRIDE, PUBLISHED_NUM_CLASSES, VehicleNet
 from ..embedding.preprocessing import INPUT_SIZE
+
+if TYPE_CHECKING:
+    from ..weights.choice import WeightsChoice
 
 LOG = logging.getLogger(__name__)
 
@@ -35,11 +38,9 @@ def weights_meta(checkpoint=None, pretrained: Union[bool, str] = True) -> Weight
     """What the weights :func:`create_network` would load say about the network, from the
     manifest alone (nothing is downloaded): the ``pretrained`` asset's settings unless a
     ``checkpoint`` file is given or ``pretrained`` is off (then the published values)."""
-    if checkpoint is not None or pretrained is False or pretrained is None:
+    asset = _choice(checkpoint, pretrained).asset()
+    if asset is None:
         return WeightsMeta()
-    from ..weights.assets import get_asset
-
-    asset = get_asset(None if pretrained is True else pretrained)
     published = WeightsMeta()
     return WeightsMeta(
         num_classes=asset.num_classes or published.num_classes,
@@ -248,10 +249,10 @@ def _cpu_backend(target: str, amp_level: str, precision: str, cpu_kernels: bool)
 def weights_path(checkpoint=None, pretrained: Union[bool, str] = True) -> Optional[str]:
     """The file to load: ``checkpoint`` if given, else the verified download of the
     ``pretrained`` asset (True = the default one), else None (random weights)."""
-    if checkpoint is not None:
-        return os.fspath(checkpoint)
-    if pretrained is False or pretrained is None:
-        return None
-    from ..weights.download import fetch
+    return _choice(checkpoint, pretrained).file()
 
-    return os.fspath(fetch(None if pretrained is True else pretrained))
+
+def _choice(checkpoint, pretrained: Union[bool, str]) -> "WeightsChoice":
+    from ..weights.choice import WeightsChoice
+
+    return WeightsChoice(None if checkpoint is None else os.fspath(checkpoint), pretrained)

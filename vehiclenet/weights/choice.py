@@ -6,7 +6,7 @@ compare features refuse to mix two. Imports neither MindSpore nor numpy.
 """
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from ..errors import UsageError
 
@@ -27,6 +27,42 @@ class WeightsChoice:
     def random(self) -> bool:
         return self.checkpoint is None and (self.pretrained is False or self.pretrained is None)
 
+    @property
+    def from_asset(self) -> bool:
+        """Whether the weights are a manifest asset (neither a file nor random)."""
+        return self.checkpoint is None and not self.random
+
+    @property
+    def asset_name(self) -> Optional[str]:
+        """The asset :attr:`pretrained` names (None: the manifest's default one)."""
+        return None if self.pretrained is True else self.pretrained
+
+    def asset(self):
+        """The manifest entry of the weights (:class:`vehiclenet.weights.assets.Asset`), None
+        for a checkpoint file or random weights; nothing is downloaded."""
+        if not self.from_asset:
+            return None
+        from .assets import get_asset
+
+        return get_asset(self.asset_name)
+
+    def file(self) -> Optional[str]:
+        """The file to load: the checkpoint, or the asset's verified download (fetched if the
+        cache lacks it); None for random weights."""
+        if not self.from_asset:
+            return self.checkpoint
+        from .download import fetch
+
+        return os.fspath(fetch(self.asset_name))
+
+    def cached_file(self) -> Optional[str]:
+        """Where :meth:`file` is or will be, without fetching it."""
+        if not self.from_asset:
+            return self.checkpoint
+        from .download import cached_path
+
+        return os.fspath(cached_path(self.asset_name))
+
     def identity(self) -> Optional[str]:
         """``sha256:<hex>`` of the weights file (a checkpoint is hashed; an asset's hash is
         the manifest's, nothing is downloaded), ``random:seed=N:vehiclenet-<version>`` for
@@ -43,9 +79,7 @@ class WeightsChoice:
             return f"sha256:{sha256_file(self.checkpoint)}", INPUT_SIZE
         if self.random:
             return random_identity(self.seed), INPUT_SIZE
-        from .assets import get_asset
-
-        asset = get_asset(None if self.pretrained is True else self.pretrained)
+        asset = self.asset()
         return f"sha256:{asset.sha256}", tuple(asset.input_size or INPUT_SIZE)
 
 
@@ -98,3 +132,11 @@ def stored_identity(extra, source: Union[str, os.PathLike]) -> Optional[str]:
         raise DataError(f"{os.fspath(source)}: its 'weights' entry is not one string; write the file again "
                         "with `vehiclenet embed`")
     return str(value.item()) or None
+
+
+def weights_files(checkpoint: Union[str, os.PathLike, None] = None,
+                  pretrained: Union[bool, str, None] = True) -> List[str]:
+    """The file a network will load: ``checkpoint``, else the cache entry of the ``pretrained``
+    asset (True = the default one; not fetched here), else none (random weights)."""
+    cached = WeightsChoice(None if checkpoint is None else os.fspath(checkpoint), pretrained).cached_file()
+    return [] if cached is None else [cached]

@@ -136,17 +136,6 @@ def cached_path(asset: Union[Asset, str, None] = None) -> Path:
     return cache_dir() / asset.file
 
 
-def weights_files(checkpoint: Union[str, os.PathLike, None] = None,
-                  pretrained: Union[bool, str, None] = True) -> List[str]:
-    """The file a network will load: ``checkpoint``, else the cache entry of the ``pretrained``
-    asset (True = the default one; not fetched here), else none (random weights)."""
-    if checkpoint is not None:
-        return [os.fspath(checkpoint)]
-    if pretrained is False or pretrained is None:
-        return []
-    return [os.fspath(cached_path(None if pretrained is True else pretrained))]
-
-
 def part_path(final: Path) -> Path:
     """The in-progress download next to ``final`` (same folder, so rename is atomic)."""
     return final.with_name(final.name + PART_SUFFIX)
