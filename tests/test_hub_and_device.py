@@ -367,10 +367,11 @@ def test_cli_and_export_choose_their_mode():
         from vehiclenet.model import export
         from vehiclenet.cli._network import build_network
         from vehiclenet.model.device import mode_for_images
+        from vehiclenet.weights.choice import WeightsChoice
         assert ms.get_context("mode") == ms.PYNATIVE_MODE
-        build_network(None, False, "fp32", mode=mode_for_images(100))
+        build_network(WeightsChoice(pretrained=False), "fp32", mode=mode_for_images(100))
         assert ms.get_context("mode") == ms.GRAPH_MODE
-        build_network(None, False, "fp32", mode=mode_for_images(1))
+        build_network(WeightsChoice(pretrained=False), "fp32", mode=mode_for_images(1))
         assert ms.get_context("mode") == ms.PYNATIVE_MODE
         export.build_embedding_network(pretrained=False)
         assert ms.get_context("mode") == ms.GRAPH_MODE

@@ -41,6 +41,29 @@ def test_a_seed_draws_the_same_weights_whatever_was_drawn_before_and_leaves_nump
     assert not np.array_equal(first[conv], other[conv])
     with pytest.raises(ValueError, match="seed must be None or an int"):
         create_network(pretrained=False, seed=-1)
+    # One value for the same weights: a WeightsChoice builds what the arguments build.
+    chosen = _parameters(create_network(weights=WeightsChoice(pretrained=False, seed=3), include_top=False,
+                                        mode="pynative"))
+    assert all(np.array_equal(first[k], chosen[k]) for k in first)
+    with pytest.raises(ValueError, match="either as weights=WeightsChoice"):
+        create_network(weights=WeightsChoice(pretrained=False), pretrained=False)
+    with pytest.raises(ValueError, match="seed=4 contradicts weights.seed=3"):
+        create_network(weights=WeightsChoice(pretrained=False, seed=3), seed=4)
+
+
+def test_a_choice_is_resolved_once(tmp_path):
+    """A command makes one WeightsChoice: its checkpoint is hashed once, however many outputs
+    record the identity, so every output names the weights the network was built from even if
+    the file is rewritten meanwhile."""
+    ckpt = tmp_path / "w.ckpt"
+    ckpt.write_bytes(b"weights")
+    choice = WeightsChoice.of(ckpt)
+    first = choice.identity()
+    ckpt.write_bytes(b"other weights")
+    assert choice.identity() == first == "sha256:" + hashlib.sha256(b"weights").hexdigest()
+    assert WeightsChoice.of(ckpt).identity() == "sha256:" + hashlib.sha256(b"other weights").hexdigest()
+    assert choice == WeightsChoice.of(ckpt)  # what was resolved is not part of the value
+    assert choice.file() == str(ckpt) and WeightsChoice.of(None, False).file() is None
 
 
 def test_identities_name_the_weights_without_downloading(tmp_path):
@@ -59,10 +82,11 @@ def test_identities_name_the_weights_without_downloading(tmp_path):
 
 def test_unseeded_random_weights_cannot_make_chunks_and_seeded_ones_are_recorded():
     from vehiclenet.embedding.shards import make_job
+    from vehiclenet.weights.choice import WeightsChoice
 
     with pytest.raises(UsageError, match="unseeded random weights differ in every process"):
-        make_job(["a.jpg"], chunk_size=1, pretrained=False)
-    assert make_job(["a.jpg"], chunk_size=1, pretrained=False, seed=2).weights == \
+        make_job(["a.jpg"], chunk_size=1, weights=WeightsChoice(pretrained=False))
+    assert make_job(["a.jpg"], chunk_size=1, weights=WeightsChoice(pretrained=False, seed=2)).weights == \
         f"random:seed=2:vehiclenet-{__version__}"
 
 

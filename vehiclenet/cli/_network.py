@@ -2,10 +2,12 @@
 MindSpore is imported, and building the network."""
 import argparse
 import logging
-from typing import TYPE_CHECKING, List, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 if TYPE_CHECKING:  # annotations only: the parsers of every command must not import numpy
     from ..embedding.inputs import ImageInputs
+    from ..embedding.result import FeatureResult
     from ..weights.choice import WeightsChoice
 
 #: vehiclenet.retrieval.index.KINDS, written again here because that module imports numpy, which the
@@ -81,11 +83,66 @@ def weights_choice(args: argparse.Namespace) -> "WeightsChoice":
     return WeightsChoice(args.checkpoint, not args.no_pretrained, seed)
 
 
-def network_files(args: argparse.Namespace) -> List[str]:
-    """The weights file the network of ``embed``/``rank`` will read (an input like the images)."""
-    from ..weights.choice import weights_files
+@dataclass(frozen=True)
+class NetworkRequest:
+    """What the network options of ``embed``, ``rank``, ``search`` and ``compare`` ask for,
+    checked once: the commands pass this instead of reading ``args``, and its one
+    :class:`WeightsChoice` is fetched and hashed at most once per command."""
 
-    return weights_files(args.checkpoint, not args.no_pretrained)
+    weights: "WeightsChoice"
+    precision: str = "fp32"
+    flip: bool = True
+    batch_size: int = 16
+    skip_bad: bool = False
+    size: Optional[Tuple[int, int]] = None  # None: the weights' input size
+    progress: Optional[bool] = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "NetworkRequest":
+        """The request of the parsed options (:class:`UsageError` for a bad one)."""
+        from ._common import progress
+
+        check_network_args(args)
+        return cls(weights_choice(args), args.precision, not args.no_flip, args.batch_size, args.skip_bad,
+                   image_size(args), progress(args))
+
+    def files(self) -> List[str]:
+        """The weights file the network will read (an input of the command, like its images)."""
+        cached = self.weights.cached_file()
+        return [] if cached is None else [cached]
+
+    def identity(self) -> Optional[str]:
+        """The identity the command's outputs record and its comparisons check."""
+        return self.weights.identity()
+
+    def network(self, images: int):
+        """The embedding network for a job of ``images`` images (the execution mode suits it)."""
+        from ..model.device import mode_for_images
+
+        return self.network_in_mode(mode_for_images(images), images)
+
+    def network_in_mode(self, mode: str, images: Optional[int] = None):
+        """The embedding network in MindSpore ``mode`` ("graph" or "pynative")."""
+        from ..model.checkpoint import check_checkpoint_file
+
+        if self.weights.checkpoint:  # a FIFO or device is refused here, before the network is built
+            check_checkpoint_file(self.weights.checkpoint)
+        if self.weights.random:
+            logging.getLogger("vehiclenet").warning("--no-pretrained: random weights (seed %d), the features mean "
+                                                    "nothing", self.weights.seed)
+        if images is not None:
+            logging.getLogger("vehiclenet").info(
+                "execution mode %s for %d image(s): %s", mode, images,
+                "sooner than compiling the graph" if mode == "pynative" else "the graph is compiled once")
+        return build_network(self.weights, self.precision, mode=mode)
+
+    def embed(self, net, images: "ImageInputs", skip_bad: Optional[bool] = None) -> "FeatureResult":
+        """Features of ``images`` as the options ask (``skip_bad``: override --skip-bad)."""
+        from ..embedding.features import embed
+
+        return embed(net, images, batch_size=self.batch_size, flip=self.flip,
+                     skip_bad=self.skip_bad if skip_bad is None else skip_bad, progress=self.progress,
+                     size=self.size)
 
 
 def list_inputs(inputs: List[str], skip_bad: bool) -> "ImageInputs":
@@ -100,27 +157,7 @@ def list_inputs(inputs: List[str], skip_bad: bool) -> "ImageInputs":
     return listed
 
 
-def embedding_network(args: argparse.Namespace, images: int):
-    """The embedding network for a job of ``images`` images: PyNative for a handful, where
-    compiling the graph would take longer than the job."""
-    from ..model.checkpoint import check_checkpoint_file
-    from ..model.device import mode_for_images
-
-    if args.checkpoint:  # a FIFO or device is refused here, before the network is built
-        check_checkpoint_file(args.checkpoint)
-    choice = weights_choice(args)
-    if choice.random:
-        logging.getLogger("vehiclenet").warning("--no-pretrained: random weights (seed %d), the features mean "
-                                                "nothing", choice.seed)
-    mode = mode_for_images(images)
-    logging.getLogger("vehiclenet").info(
-        "execution mode %s for %d image(s): %s", mode, images,
-        "sooner than compiling the graph" if mode == "pynative" else "the graph is compiled once")
-    return build_network(choice.checkpoint, choice.pretrained, args.precision, mode=mode, seed=choice.seed)
-
-
-def build_network(checkpoint: Optional[str], pretrained: bool, precision: str, mode: str,
-                  seed: Optional[int] = None):
+def build_network(weights: "WeightsChoice", precision: str, mode: str):
     """The embedding network, with MindSpore imported and the network built with signals held
     (see interrupts.py); only the download of the weights stays interruptible at once."""
     import os
@@ -131,11 +168,10 @@ def build_network(checkpoint: Optional[str], pretrained: bool, precision: str, m
     # GLOG_v is read when mindspore is first imported, so set it before importing it.
     os.environ.setdefault("GLOG_v", "3")
     import_mindspore()
-    from ..model.factory import create_network, weights_path
+    from ..model.factory import create_network
 
     doing("fetching the weights")
-    weights_path(checkpoint, pretrained)  # downloads here, interruptible; create_network finds it verified
+    weights.file()  # downloads here, interruptible; the choice remembers the verified file
     with held("building the network"):
-        # pretrained passed on: the asset's input_size and last_stride come with it (net.weights_meta).
-        return create_network(pretrained=pretrained, checkpoint=checkpoint, include_top=False, precision=precision,
-                              mode=mode, seed=seed)
+        # The choice carries the asset: its input_size and last_stride come with it (net.weights_meta).
+        return create_network(weights=weights, include_top=False, precision=precision, mode=mode)

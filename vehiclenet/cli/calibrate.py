@@ -4,8 +4,8 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Optional, Tuple
 
-from ._common import add_command, emit, progress, shown
-from ._network import add_network_args, check_network_args, embedding_network, image_size, list_inputs
+from ._common import add_command, emit, shown
+from ._network import NetworkRequest, add_network_args, list_inputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,7 +85,6 @@ def _labelled(path: str) -> Tuple["np.ndarray", "np.ndarray", Optional["np.ndarr
     from ..embedding.files import load_features_npz
     from ..embedding.checks import as_labels
     from ..embedding.files import load_features
-    from ..fileio import read_npz
     from ..datasets.veri import parse_veri_name, veri_id
 
     if not os.path.isdir(path) and "query_features" in _npz_keys(path):
@@ -130,16 +129,14 @@ def _npz_keys(path: str) -> set:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from ..retrieval.calibration import same_vehicle
     from ..errors import UsageError
-    from ..embedding.features import embed
 
     for name in (args.a, args.b):
         if os.path.isdir(name):
             raise UsageError(f"{name!r} is a folder: compare takes two image files")
-    check_network_args(args)
+    request = NetworkRequest.from_args(args)
     images = list_inputs([args.a, args.b], False)
     cal = _threshold(args)
-    net = embedding_network(args, 2)
-    res = embed(net, images, batch_size=2, flip=not args.no_flip, progress=progress(args), size=image_size(args))
+    res = request.embed(request.network(2), images, skip_bad=False)
     distance, same = same_vehicle(res.features[0], res.features[1], cal) if cal else (_distance(res.features), None)
     verdict = ("" if cal is None else
                f": {'same vehicle' if same else 'different vehicles'} (threshold {cal.distance:.4f}, "

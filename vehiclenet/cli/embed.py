@@ -4,10 +4,9 @@ import argparse
 import logging
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
-from ._network import (add_network_args, build_network, check_network_args, embedding_network, image_size,
-                       list_inputs, network_files, weights_choice)
+from ._network import NetworkRequest, add_network_args, list_inputs
 from .index import embed_queries
-from ._common import (add_command, add_filter_args, add_threshold_arg, emit, load_threshold, progress,
+from ._common import (add_command, add_filter_args, add_threshold_arg, emit, load_threshold,
                       query_cameras, row_filter, same_vehicle_field, same_vehicle_mark, shown)
 
 MAX_THUMB = 1024  # a picture holds top-k + 1 thumbnails side by side: 11 x 1024 pixels is plenty
@@ -96,7 +95,7 @@ def add_rank_command(sub: "argparse._SubParsersAction") -> None:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from ..env import launcher_rank, msrun_scheduler
     from ..errors import UsageError
-    from ..embedding.features import embed, input_size
+    from ..embedding.features import input_size
     from ..embedding.result import save_features
     from ..fileio import check_output_file, is_image_path
     from ..interrupts import doing, kept
@@ -116,26 +115,25 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if launcher_rank()[1] > 1:
         raise UsageError("under msrun every worker would embed every image: give --out-dir DIR, and each worker "
                          "embeds its share of the chunks")
-    check_network_args(args)
+    request = NetworkRequest.from_args(args)
     # Folders stand for the images embed reads from them (an .npz beside them is no input).
-    check_output_file(args.out, "--out", [*args.inputs, *network_files(args), *_side_files(args)],
+    check_output_file(args.out, "--out", [*args.inputs, *request.files(), *_side_files(args)],
                       accept=is_image_path)
-    images = list_inputs(args.inputs, args.skip_bad)
+    images = list_inputs(args.inputs, request.skip_bad)
     names = [name for name, _ in images.items]
     meta = _image_meta(args.meta, names)  # a bad source or track list fails before embedding
     track_of = _track_names(args.tracklets, names)
     kept(f"nothing written ({args.out} untouched)")
-    net = embedding_network(args, len(images))
-    res = embed(net, images, batch_size=args.batch_size, flip=not args.no_flip, skip_bad=args.skip_bad,
-                progress=progress(args), size=image_size(args))
+    net = request.network(len(images))
+    res = request.embed(net, images)
     doing(f"writing {args.out}")  # atomically: an interrupt leaves the old file or none
-    weights = weights_choice(args).identity()
+    weights = request.identity()
     recorded = {} if weights is None else {"weights": weights}
-    size = image_size(args) or input_size(net)
+    size = request.size or input_size(net)
     if meta is not None:
         recorded.update(meta(res.paths))
     feats, rows_named = _rows_to_save(res, track_of, recorded)
-    out = save_features(args.out, feats, rows_named, flip=not args.no_flip, image_size=list(size), **recorded)
+    out = save_features(args.out, feats, rows_named, flip=request.flip, image_size=list(size), **recorded)
     kept(f"{out} written")
     n = len(res)
     skipped = f"skipped {len(res.skipped)}" + (
@@ -143,9 +141,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     )
     as_tracks = "" if track_of is None else f" as {len(rows_named)} track(s)"
     line = (f"embedded {n} image(s){as_tracks} -> {out} ({res.features.shape[1]}-d, flip "
-            f"{'on' if not args.no_flip else 'off'}); {skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
+            f"{'on' if request.flip else 'off'}); {skipped}; {res.seconds:.1f} s, {n / max(res.seconds, 1e-9):.2f} img/s")
     emit(args, [line], {"out": str(out), "images": n, "rows": len(rows_named), "dimension": int(res.features.shape[1]),
-                        "flip": not args.no_flip, "weights": weights, "precision": args.precision,
+                        "flip": request.flip, "weights": weights, "precision": request.precision,
                         "image_size": list(size),
                         "skipped": [{"path": p, "reason": r} for p, r in res.skipped],
                         "seconds": round(res.seconds, 3)})
@@ -204,33 +202,28 @@ def _cmd_embed_chunks(args: argparse.Namespace) -> int:
     ``--out`` if every chunk is finished. The worker that finishes last sees every chunk and
     merges; none waits for another, so a worker that died never leaves one hanging."""
     from ..model.checkpoint import check_checkpoint_file
-    from ..model.device import mode_for_images
     from ..env import launcher_rank
     from ..embedding.inputs import list_images
     from ..fileio import check_output_file, is_image_path
     from ..interrupts import kept
     from ..embedding.shards import make_job, merge_shards, plan_shards, run_shards, unfinished_chunks
 
-    check_network_args(args)
+    request = NetworkRequest.from_args(args)
     if args.out:
-        check_output_file(args.out, "--out", [*args.inputs, *network_files(args)], accept=is_image_path,
+        check_output_file(args.out, "--out", [*args.inputs, *request.files()], accept=is_image_path,
                           owned=[args.out_dir])
-    if args.checkpoint:
-        check_checkpoint_file(args.checkpoint)
+    if request.weights.checkpoint:
+        check_checkpoint_file(request.weights.checkpoint)
     rank, world = launcher_rank()
     paths = list_images(args.inputs)
-    choice = weights_choice(args)
     job = make_job(paths, chunk_size=_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
-                   checkpoint=choice.checkpoint, pretrained=choice.pretrained, seed=choice.seed,
-                   flip=not args.no_flip, precision=args.precision, skip_bad=args.skip_bad,
-                   image_size=image_size(args))
+                   weights=request.weights, flip=request.flip, precision=request.precision,
+                   skip_bad=request.skip_bad, image_size=request.size)
     plan = plan_shards(args.out_dir, job, paths, rank, world)
     kept(f"finished chunks stay in {args.out_dir}; the same command resumes")
     written = []
     if plan.todo:
-        net = build_network(choice.checkpoint, choice.pretrained, args.precision,
-                            mode=mode_for_images(plan.images_todo), seed=choice.seed)
-        written = run_shards(net, plan, batch_size=args.batch_size)
+        written = run_shards(request.network(plan.images_todo), plan, batch_size=request.batch_size)
     lines = [f"rank {rank} of {world}: {len(plan.done)} chunk(s) already done, verified; {len(written)} embedded "
              f"-> {args.out_dir} ({job.chunks} chunks in all)"]
     result = {"out_dir": args.out_dir, "rank": rank, "workers": world, "chunks": job.chunks,
@@ -264,10 +257,10 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     from ..embedding.preprocessing import load_image
     from ..retrieval.visualize import draw_ranking
 
-    _check_rank_args(args)
+    request = _check_rank_args(args)
     threshold = load_threshold(args)
     rows_kept = row_filter(args)
-    stored = _stored_gallery(args)
+    stored = _stored_gallery(args, request)
     if rows_kept and stored is None:
         from ..errors import UsageError
 
@@ -277,13 +270,13 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     queries = list_inputs(args.query, False)  # a query is what was asked about: never skipped
     for name, _ in queries.items:
         load_image(name)  # a bad query fails here, before the network is built
-    pictures = _picture_names(args, [name for name, _ in queries.items])
+    pictures = _picture_names(args, request, [name for name, _ in queries.items])
     # A gallery folder is listed once and embedded with the queries, in one run.
-    gallery = None if stored is not None else list_inputs([args.gallery], args.skip_bad)
+    gallery = None if stored is not None else list_inputs([args.gallery], request.skip_bad)
     images = queries if gallery is None else ImageInputs(queries.items + gallery.items, gallery.empty,
                                                          gallery.missing)
-    net = embedding_network(args, len(images))
-    rankings = _rankings(args, net, stored, images, len(queries), rows_kept)
+    net = request.network(len(images))
+    rankings = _rankings(args, request, net, stored, images, len(queries), rows_kept)
     results, lines = [], []
     for (query, qid, ranking, ids), picture in zip(rankings, pictures):
         lines.extend(_ranking_lines(query, ranking, qid, ids, threshold))
@@ -299,7 +292,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rankings(args: argparse.Namespace, net, stored, images: "ImageInputs", queries: int, rows_kept) -> list:
+def _rankings(args: argparse.Namespace, request: NetworkRequest, net, stored, images: "ImageInputs", queries: int,
+              rows_kept) -> list:
     """(query, its VeRi id, Ranking, the matches' ids) per query: the first ``queries`` of
     ``images``, the rest being the gallery folder's images when nothing is ``stored``;
     ``rows_kept`` the :class:`vehiclenet.retrieval.filters.RowFilter` of the gallery rows to rank."""
@@ -308,12 +302,12 @@ def _rankings(args: argparse.Namespace, net, stored, images: "ImageInputs", quer
     from ..retrieval.ranking import rank_gallery, rank_index
 
     if isinstance(stored, GalleryIndex):
-        feats = embed_queries(args, net, images, stored)
+        feats = embed_queries(request, net, images, stored)
         masks = _query_masks(args, rows_kept, stored.columns(), len(stored), feats.paths)
         ranked = [rank_index(feats.features[i], stored, args.top_k, leave_out=q, allowed=masks[i])
                   for i, q in enumerate(feats.paths)]
     else:
-        feats, gallery = _embed_query_and_gallery(args, net, stored, images, queries)
+        feats, gallery = _embed_query_and_gallery(request, net, stored, images, queries)
         columns = {key: gallery.extra.get(key) for key in ("cams", "times", "tags")}
         masks = _query_masks(args, rows_kept, columns, len(gallery.paths), feats.paths)
         ranked = [rank_gallery(feats.features[i], gallery, args.top_k, leave_out=q, source=args.gallery,
@@ -333,7 +327,7 @@ def _query_masks(args: argparse.Namespace, rows_kept, columns: dict, n: int, que
     return masks
 
 
-def _picture_names(args: argparse.Namespace, queries: List[str]) -> List[Optional[str]]:
+def _picture_names(args: argparse.Namespace, request: NetworkRequest, queries: List[str]) -> List[Optional[str]]:
     """Where each query's picture goes: --out for one query; for several, --out's name with
     the query's number (ranked.png: ranked-1.png, ranked-2.png, ...); None with --no-picture.
     Checked now, before any work, like every output."""
@@ -348,28 +342,30 @@ def _picture_names(args: argparse.Namespace, queries: List[str]) -> List[Optiona
     out = Path(args.out)
     names = [str(out.with_name(f"{out.stem}-{i}{out.suffix}")) for i in range(1, len(queries) + 1)]
     for name in names:
-        check_output_file(name, "--out", [*queries, args.gallery, *network_files(args)], accept=is_image_path)
+        check_output_file(name, "--out", [*queries, args.gallery, *request.files()], accept=is_image_path)
     return names
 
 
-def _check_rank_args(args: argparse.Namespace) -> None:
-    """Usage errors of ``rank``, reported before any work."""
+def _check_rank_args(args: argparse.Namespace) -> NetworkRequest:
+    """The network request of ``rank``; its usage errors are reported here, before any work."""
     from ..errors import UsageError
     from ..fileio import check_output_file, is_image_path
     from ..retrieval.visualize import picture_format
 
-    check_network_args(args)
+    request = NetworkRequest.from_args(args)
     if args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
     if not 16 <= args.thumb <= MAX_THUMB:
         raise UsageError(f"--thumb must be from 16 to {MAX_THUMB} pixels, got {args.thumb}")
     if not args.no_picture:
-        check_output_file(args.out, "--out", [*args.query, args.gallery, *network_files(args)],
+        check_output_file(args.out, "--out", [*args.query, args.gallery, *request.files()],
                           accept=is_image_path)
         picture_format(args.out)
+    return request
 
 
-def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, GalleryIndex]]":
+def _stored_gallery(args: argparse.Namespace,
+                    request: NetworkRequest) -> "Optional[Union[FeatureResult, GalleryIndex]]":
     """The features of an .npz ``--gallery`` or the index of a gallery index file; None for a
     folder, whose images are checked now."""
     import os
@@ -382,13 +378,12 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, 
 
     if is_index_file(args.gallery):
         index = load_index(args.gallery)
-        check_same_weights(index.weights, weights_choice(args).identity(), args.gallery)
+        check_same_weights(index.weights, request.identity(), args.gallery)
         return index
     if os.path.isfile(args.gallery) and args.gallery.lower().endswith(".npz"):
         gallery = load_features(args.gallery)
-        check_same_weights(stored_identity(gallery.extra, args.gallery), weights_choice(args).identity(),
-                           args.gallery)
-        stored, flip = stored_flag(gallery.extra, "flip", args.gallery), not args.no_flip
+        check_same_weights(stored_identity(gallery.extra, args.gallery), request.identity(), args.gallery)
+        stored, flip = stored_flag(gallery.extra, "flip", args.gallery), request.flip
         if stored is not None and stored != flip:
             logging.getLogger("vehiclenet").warning(
                 "%s was embedded with flip %s but the query uses flip %s; distances mix the two",
@@ -399,21 +394,17 @@ def _stored_gallery(args: argparse.Namespace) -> "Optional[Union[FeatureResult, 
     raise DataError(f"{args.gallery}: neither a folder, an .npz features file nor a gallery index")
 
 
-def _embed_query_and_gallery(args: argparse.Namespace, net, stored: "Optional[FeatureResult]",
+def _embed_query_and_gallery(request: NetworkRequest, net, stored: "Optional[FeatureResult]",
                              images: "ImageInputs", queries: int) -> "Tuple[FeatureResult, FeatureResult]":
     """Query and gallery features: the gallery's are ``stored``, or embedded with the
     queries' (``images``: the ``queries`` query images, then the gallery folder's images)."""
     from ..embedding.result import FeatureResult
-    from ..embedding.features import embed
 
-    flip = not args.no_flip
     if stored is not None:
-        return embed(net, images, batch_size=args.batch_size, flip=flip, progress=progress(args),
-                     size=image_size(args)), stored
+        return request.embed(net, images, skip_bad=False), stored
     # Queries and gallery in one run: one batch shape, so the graph compiles once. Skipped
     # gallery files are logged (WARNING) by embed; the queries decoded before.
-    both = embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad,
-                 progress=progress(args), size=image_size(args))
+    both = request.embed(net, images)
     return (FeatureResult(both.features[:queries], both.paths[:queries]),
             FeatureResult(both.features[queries:], both.paths[queries:]))
 

@@ -190,15 +190,16 @@ def _embed_images(args: argparse.Namespace, groups: "List[List[str]]", inputs: "
     checked against the images, the lists and the weights first (before the network)."""
     import numpy as np
 
-    from ..weights.choice import weights_files
+    from ..weights.choice import WeightsChoice, weights_files
     from ..fileio import check_output_file
 
+    weights = WeightsChoice.of(args.checkpoint)  # the published weights unless --checkpoint
     if args.save_features:
         check_output_file(args.save_features, "--save-features",
                           [*(p for g in groups for p in g), *weights_files(args.checkpoint), *inputs])
     from ..embedding.features import extract_features
 
-    net = build_network(args.checkpoint, args.checkpoint is None, args.precision, mode="graph")
+    net = build_network(weights, args.precision, mode="graph")
     return [np.asarray(extract_features(net, paths, batch_size=args.batch_size, flip=not args.no_flip,
                                         size=image_size(args), progress=progress(args)), dtype=np.float32)
             for paths in groups]

@@ -6,9 +6,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from ._network import (INDEX_KINDS, add_network_args, check_network_args, embedding_network, image_size,
-                       list_inputs, weights_choice)
-from ._common import (add_command, add_filter_args, add_threshold_arg, emit, load_threshold, progress,
+from ._network import INDEX_KINDS, NetworkRequest, add_network_args, list_inputs
+from ._common import (add_command, add_filter_args, add_threshold_arg, emit, load_threshold,
                       query_cameras, row_filter, same_vehicle_field, same_vehicle_mark, shown)
 
 INDEX_PARAM_LIMIT = 2 ** 31 - 1
@@ -285,23 +284,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--top-k must be >= 1")
     threshold = load_threshold(args)
     rows_kept = row_filter(args)
+    request = NetworkRequest.from_args(args)
     if args.features is not None:
-        check_network_args(args)
         if (args.checkpoint or args.no_pretrained or args.no_flip or args.skip_bad or args.precision != "fp32"
                 or args.image_size is not None):
             raise UsageError("--checkpoint, --no-pretrained, --no-flip, --skip-bad, --precision and --image-size "
                              "apply to --query only")
     else:
-        check_network_args(args)
-        images = list_inputs(args.query, args.skip_bad)
+        images = list_inputs(args.query, request.skip_bad)
     index = load_index(args.index)  # a bad index fails before the network is built
     if args.features is not None:
         queries = load_features(args.features)
         check_same_weights(index.weights, stored_identity(queries.extra, args.features), args.index,
                            what=args.features)
     else:
-        check_same_weights(index.weights, weights_choice(args).identity(), args.index)
-        queries = embed_queries(args, embedding_network(args, len(images)), images, index)
+        check_same_weights(index.weights, request.identity(), args.index)
+        queries = embed_queries(request, request.network(len(images)), images, index)
     cams = None
     if rows_kept.exclude_same_camera:
         cams = query_cameras(args, queries.paths, queries.extra.get("cams") if args.features is not None else None)
@@ -311,17 +309,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def embed_queries(args: argparse.Namespace, net, images: "ImageInputs", index: "GalleryIndex") -> "FeatureResult":
+def embed_queries(request: NetworkRequest, net, images: "ImageInputs", index: "GalleryIndex") -> "FeatureResult":
     """Query features embedded like the index's (a flip mismatch is warned about)."""
-    from ..embedding.features import embed
-
-    flip = not args.no_flip
+    flip = request.flip
     if index.flip is not None and index.flip != flip:
         logging.getLogger("vehiclenet").warning(
             "%s was embedded with flip %s but the queries use flip %s; distances mix the two",
             index.source, "on" if index.flip else "off", "on" if flip else "off")
-    return embed(net, images, batch_size=args.batch_size, flip=flip, skip_bad=args.skip_bad, progress=progress(args),
-                 size=image_size(args))
+    return request.embed(net, images)
 
 
 def _print_search(args: argparse.Namespace, index: "GalleryIndex", names: List[str], dist: "np.ndarray",

@@ -29,7 +29,7 @@ header, before any pixel is decoded.
 import io
 import os
 import threading
-from typing import Any, BinaryIO, Callable, Optional, Tuple, Union
+from typing import BinaryIO, Callable, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

@@ -43,6 +43,7 @@ from ..interrupts import doing, held
 
 if TYPE_CHECKING:
     from .result import FeatureResult
+    from ..weights.choice import WeightsChoice
 
 __all__ = ["ShardJob", "ShardPlan", "inputs_digest", "load_feature_shards", "make_job", "merge_shards", "plan_shards",
            "prepare_folder", "run_shards", "unfinished_chunks"]
@@ -155,12 +156,12 @@ def chunk_name(index: int) -> str:
     return f"chunk-{index:05d}.npz"
 
 
-def make_job(paths: Sequence[str], *, chunk_size: int, checkpoint: Optional[PathLike] = None,
-             pretrained: Union[bool, str] = True, seed: Optional[int] = None, flip: bool = True,
+def make_job(paths: Sequence[str], *, chunk_size: int, weights: "WeightsChoice", flip: bool = True,
              precision: str = "fp32", skip_bad: bool = False,
              image_size: Optional[Tuple[int, int]] = None) -> ShardJob:
-    """The :class:`ShardJob` of embedding ``paths`` with these settings (nothing is downloaded;
-    a ``checkpoint`` file is hashed). ``image_size`` replaces the weights' input size.
+    """The :class:`ShardJob` of embedding ``paths`` with these settings and ``weights``
+    (nothing is downloaded; a checkpoint file is hashed, once per choice). ``image_size``
+    replaces the weights' input size.
 
     Raises:
         UsageError: ``chunk_size`` below 1, or unseeded random weights (``pretrained`` off
@@ -168,17 +169,15 @@ def make_job(paths: Sequence[str], *, chunk_size: int, checkpoint: Optional[Path
             must fit together.
     """
     from .. import __version__
-    from ..weights.choice import WeightsChoice
 
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be >= 1, got {chunk_size}")
-    choice = WeightsChoice(None if checkpoint is None else os.fspath(checkpoint), pretrained, seed)
-    weights, size = choice.identity_and_input_size()
-    if weights is None:
+    identity, size = weights.identity_and_input_size()
+    if identity is None:
         raise UsageError("unseeded random weights differ in every process, so chunks of a resumed or parallel "
                          "job would not fit together: give a seed (--seed), a --checkpoint or the published weights")
     return ShardJob(images=len(paths), inputs_sha256=inputs_digest(paths), chunk_size=int(chunk_size),
-                    weights=weights, flip=bool(flip), precision=precision,
+                    weights=identity, flip=bool(flip), precision=precision,
                     image_size=tuple(size if image_size is None else image_size),
                     skip_bad=bool(skip_bad), version=__version__)
 

@@ -74,16 +74,18 @@ def build_embedding_network(*, checkpoint: Optional[Union[str, os.PathLike]] = N
     head (a check that the right file is exported; the head's last layer is not part
     of the embedding network).
     """
-    from .factory import create_network, weights_path
+    from .factory import create_network
+    from ..weights.choice import WeightsChoice
 
-    path = weights_path(checkpoint, pretrained)  # a download stays interruptible at once
+    weights = WeightsChoice.of(checkpoint, pretrained)
+    path = weights.file()  # a download stays interruptible at once
     if path is None:
         LOG.warning("exporting random weights (no checkpoint and pretrained=False)")
     with held("building the network"):
         # The exported graph must be MindSpore's own operators: custom ops name a library on this machine.
-        # pretrained passed on (found verified in the cache now): the asset's last_stride comes with it.
-        net = create_network(checkpoint=checkpoint, pretrained=pretrained, include_top=False,
-                             device_target=device_target, cpu_kernels=False, mode="graph")
+        # The choice carries the asset: its last_stride comes with it.
+        net = create_network(weights=weights, include_top=False, device_target=device_target, cpu_kernels=False,
+                             mode="graph")
     if net.load_report is not None:
         _check_num_classes(path, net.load_report.file_num_classes, num_classes)
     return net

@@ -38,7 +38,11 @@ def weights_meta(checkpoint=None, pretrained: Union[bool, str] = True) -> Weight
     """What the weights :func:`create_network` would load say about the network, from the
     manifest alone (nothing is downloaded): the ``pretrained`` asset's settings unless a
     ``checkpoint`` file is given or ``pretrained`` is off (then the published values)."""
-    asset = _choice(checkpoint, pretrained).asset()
+    return _meta(_choice(checkpoint, pretrained))
+
+
+def _meta(choice: "WeightsChoice") -> WeightsMeta:
+    asset = choice.asset()
     if asset is None:
         return WeightsMeta()
     published = WeightsMeta()
@@ -64,6 +68,7 @@ def create_network(
     precision: str = "fp32",
     cpu_kernels: bool = True,
     seed: Optional[int] = None,
+    weights: Optional["WeightsChoice"] = None,
 ):
     """Build VehicleNet and load its weights, ready for inference.
 
@@ -104,8 +109,11 @@ def create_network(
             library of this machine). The choice is made here, for the network's life.
         seed: draws the random initialisation (all of it with ``pretrained=False``, a
             re-sized head otherwise) from this seed, the same in every process and whatever
-            was drawn before; ``None`` (default) draws anew each time. The global random
-            state of numpy and MindSpore is left as it was.
+            was drawn before; ``None`` (default) draws anew each time (or ``weights.seed``).
+            The global random state of numpy and MindSpore is left as it was.
+        weights: the weights as one :class:`~vehiclenet.weights.choice.WeightsChoice`, in place
+            of ``pretrained``/``checkpoint`` (give one or the other): a choice already
+            resolved (its file fetched, its identity hashed) is not resolved again.
 
     Returns:
         A ``mindspore.nn.Cell`` in inference mode (``set_train(False)``): BatchNorm
@@ -133,17 +141,19 @@ def create_network(
         raise ValueError(f"amp_level must be one of {device_mod.AMP_LEVELS} or None, got {amp_level!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32):
         raise ValueError(f"seed must be None or an int in [0, 2**32), got {seed!r}")
+    choice = _weights_choice(weights, checkpoint, pretrained, seed)
+    seed = choice.seed
     target = device_mod.configure(device_target, mode)
     amp_level = amp_level or device_mod.default_amp_level(target)
     backend = _cpu_backend(target, amp_level, precision, cpu_kernels)
-    weights = weights_path(checkpoint, pretrained)
-    params = _read(weights)
-    trained = _with_file_head(weights_meta(checkpoint, pretrained), params)
+    file = choice.file()
+    params = _read(file)
+    trained = _with_file_head(_meta(choice), params)
     meta = _resolved_meta(trained, num_classes, last_stride)
-    with _initialisation_skipped(weights is not None or seed is not None):
+    with _initialisation_skipped(file is not None or seed is not None):
         net = VehicleNet(num_classes=meta.num_classes, include_top=include_top, last_stride=meta.last_stride,
                          backend=backend)
-    report = _load(net, weights, params, trained.last_stride, meta.last_stride)
+    report = _load(net, file, params, trained.last_stride, meta.last_stride)
     with _seeded(seed):
         net.init_parameters_data()  # what the file did not fill (a head of another size) is initialised now
     if amp_level != "O0":
@@ -252,7 +262,22 @@ def weights_path(checkpoint=None, pretrained: Union[bool, str] = True) -> Option
     return _choice(checkpoint, pretrained).file()
 
 
-def _choice(checkpoint, pretrained: Union[bool, str]) -> "WeightsChoice":
+def _choice(checkpoint, pretrained: Union[bool, str], seed: Optional[int] = None) -> "WeightsChoice":
     from ..weights.choice import WeightsChoice
 
-    return WeightsChoice(None if checkpoint is None else os.fspath(checkpoint), pretrained)
+    return WeightsChoice.of(checkpoint, pretrained, seed)
+
+
+def _weights_choice(weights: Optional["WeightsChoice"], checkpoint, pretrained: Union[bool, str],
+                    seed: Optional[int]) -> "WeightsChoice":
+    """The one choice of weights ``create_network``'s arguments make (``seed`` filled in)."""
+    if weights is None:
+        return _choice(checkpoint, pretrained, seed)
+    if checkpoint is not None or pretrained is not True:
+        raise ValueError("give the weights either as weights=WeightsChoice(...) or as pretrained=/checkpoint=, "
+                         "not both")
+    if seed is not None and weights.seed not in (None, seed):
+        raise ValueError(f"seed={seed} contradicts weights.seed={weights.seed}; give one")
+    if seed is None or weights.seed == seed:
+        return weights
+    return dataclasses.replace(weights, seed=seed)

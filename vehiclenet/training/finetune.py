@@ -605,13 +605,15 @@ def _build_training(num_classes: int, *, pretrained: Union[bool, str], checkpoin
                     device_target: Optional[str], schedule: Callable[[], np.ndarray],
                     precision: str = "fp32") -> Tuple[object, object, object]:
     """``(net, optimizer, train step)``: the weights ``pretrained``/``checkpoint`` name, ``schedule()``'s rates."""
-    from ..model.factory import create_network, weights_path
+    from ..model.factory import create_network
+    from ..weights.choice import WeightsChoice
 
-    weights_path(checkpoint, pretrained)  # a download stays interruptible; create_network finds it verified
+    weights = WeightsChoice.of(checkpoint, pretrained)
+    weights.file()  # a download stays interruptible; the choice remembers the verified file
     with held("building the network"):
-        # pretrained passed on: an asset's last_stride comes with it (net.weights_meta).
-        net = create_network(pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                             device_target=device_target, mode="graph", precision=precision)  # training runs compiled
+        # The choice carries the asset: its last_stride comes with it (net.weights_meta).
+        net = create_network(weights=weights, num_classes=num_classes, device_target=device_target, mode="graph",
+                             precision=precision)  # training runs compiled
         optimizer = create_optimizer(net, schedule())
         return net, optimizer, build_train_step(net, optimizer)
 

@@ -5,8 +5,8 @@ gallery index records the identity of the weights that embedded it, and the comm
 compare features refuse to mix two. Imports neither MindSpore nor numpy.
 """
 import os
-from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
 
 from ..errors import UsageError
 
@@ -17,11 +17,28 @@ DEFAULT_SEED = 0
 @dataclass(frozen=True)
 class WeightsChoice:
     """A weights file (``checkpoint``), else a manifest asset (``pretrained``: True for the
-    default one, or its name), else random weights drawn from ``seed`` (None: unseeded)."""
+    default one, or its name), else random weights drawn from ``seed`` (None: unseeded).
+
+    Resolved once: :meth:`file` fetches and verifies at most once per choice and
+    :meth:`identity` hashes a checkpoint at most once, so a command makes one choice and
+    hands it on (``create_network(weights=choice)``) instead of resolving the weights again.
+    """
 
     checkpoint: Optional[str] = None
     pretrained: Union[bool, str] = True
     seed: Optional[int] = None
+    _resolved: Dict[str, object] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, checkpoint: Union[str, os.PathLike, None] = None, pretrained: Union[bool, str, None] = True,
+           seed: Optional[int] = None) -> "WeightsChoice":
+        """The choice ``create_network``'s ``checkpoint``/``pretrained``/``seed`` arguments make."""
+        return cls(None if checkpoint is None else os.fspath(checkpoint), pretrained, seed)
+
+    def _once(self, key: str, compute):
+        if key not in self._resolved:
+            self._resolved[key] = compute()
+        return self._resolved[key]
 
     @property
     def random(self) -> bool:
@@ -53,7 +70,7 @@ class WeightsChoice:
             return self.checkpoint
         from .download import fetch
 
-        return os.fspath(fetch(self.asset_name))
+        return self._once("file", lambda: os.fspath(fetch(self.asset_name)))
 
     def cached_file(self) -> Optional[str]:
         """Where :meth:`file` is or will be, without fetching it."""
@@ -76,7 +93,7 @@ class WeightsChoice:
         if self.checkpoint is not None:
             from ..fileio import sha256_file
 
-            return f"sha256:{sha256_file(self.checkpoint)}", INPUT_SIZE
+            return self._once("identity", lambda: f"sha256:{sha256_file(self.checkpoint)}"), INPUT_SIZE
         if self.random:
             return random_identity(self.seed), INPUT_SIZE
         asset = self.asset()
@@ -138,5 +155,5 @@ def weights_files(checkpoint: Union[str, os.PathLike, None] = None,
                   pretrained: Union[bool, str, None] = True) -> List[str]:
     """The file a network will load: ``checkpoint``, else the cache entry of the ``pretrained``
     asset (True = the default one; not fetched here), else none (random weights)."""
-    cached = WeightsChoice(None if checkpoint is None else os.fspath(checkpoint), pretrained).cached_file()
+    cached = WeightsChoice.of(checkpoint, pretrained).cached_file()
     return [] if cached is None else [cached]
