@@ -30,7 +30,8 @@ random network is saved to a checkpoint that every row and the export load. The 
 one seeded batch of random pixels normalised like real images. Every row lives in a process
 of its own, started once: it builds its network and makes a first call (compilation,
 reported apart) and a warm-up call. Then the rows take turns, each with all cores, in
-``--cycles`` cycles (default 8, the order rotating each cycle) of ``--calls`` timed calls
+``--cycles`` cycles (default 8, a new seeded order each cycle, a 1 s pause before each row
+so that the previous row's spinning threads are quiet) of ``--calls`` timed calls
 each (default 2): rows run seconds apart, not minutes, so a machine whose speed drifts (a
 shared virtual machine: one runtime's rate varied by 40 % between runs minutes apart)
 moves every row alike. A row's rate is the median over the cycles; its ratio to an anchor
@@ -52,6 +53,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import statistics
@@ -73,6 +75,7 @@ VEHICLENET_RUNTIMES = ("README call fp32", "README call bf16", "hub entry fp32",
                        "graph bf16", "README async fp32")
 CHILD_RUNTIMES = ("onnxruntime fp32", "openvino f32", "openvino bf16")
 ANCHORS = ("onnxruntime fp32", "openvino bf16")  # every row's ratio to each, same run
+SETTLE_SECONDS = 1.0  # before each row's calls: the previous row's threads have gone quiet (see take_turns)
 # (runtime, reference, what the comparison shows)
 AGREEMENT = (
     ("README call bf16", "README call fp32", "bf16 vs fp32"),
@@ -192,8 +195,9 @@ def prepare_vehiclenet(row: str, checkpoint: str, x: np.ndarray) -> Result:
         from vehiclenet.cli._network import build_network
         from vehiclenet.model.device import PYNATIVE_MAX_IMAGES, mode_for_images
         from vehiclenet.embedding.features import _run_net
+        from vehiclenet.weights.choice import WeightsChoice
 
-        net = build_network(checkpoint, False, precision, mode=mode_for_images(10 * PYNATIVE_MAX_IMAGES))
+        net = build_network(WeightsChoice(checkpoint), precision, mode=mode_for_images(10 * PYNATIVE_MAX_IMAGES))
         call, images = (lambda: _run_net(net, x, flip=True)), 2 * len(x)
     else:
         from vehiclenet import create_network
@@ -263,14 +267,22 @@ class Child:
 
 
 def take_turns(children: List[Child], cycles: int, calls: int) -> List[Dict[str, float]]:
-    """``cycles`` cycles in which every row makes ``calls`` calls, the order rotating by one
-    each cycle (no row always follows the same one); the rates of each cycle by row."""
+    """``cycles`` cycles in which every row makes ``calls`` calls, in a new seeded order each
+    cycle, after a pause; the rates of each cycle by row.
+
+    A runtime's threads may keep a core busy for a while after its calls return (MindSpore's
+    PyNative actor thread spun for ~0.15 s of CPU here): whichever row ran next would pay for
+    it. Hence the pause, and an order in which no row always follows the same one (rotating
+    the order would keep every row behind the same neighbour)."""
     per_cycle = []
+    shuffler = random.Random(0)
     for cycle in range(cycles):
-        order = children[cycle % len(children):] + children[:cycle % len(children)]
+        order = list(children)
+        shuffler.shuffle(order)
         rates = {}
         for child in order:
             print(f"cycle {cycle + 1}/{cycles}: {child.name} ...", file=sys.stderr)
+            time.sleep(SETTLE_SECONDS)
             rate = child.run(calls)
             if rate is not None:
                 rates[child.name] = rate
