@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # annotations only: the parsers of every command must not imp
     from ..weights.choice import WeightsChoice
 
 #: vehiclenet.retrieval.index.KINDS, written again here because that module imports numpy, which the
-#: parser of every command (verify, download...) must not (tests/test_index.py checks they match).
+#: parser of every command (verify, download...) must not (tests/retrieval/test_index.py checks they match).
 INDEX_KINDS = ("auto", "exact", "ivf-sq8", "ivf-flat", "hnsw-sq8")
 
 
