@@ -7,6 +7,7 @@ docs, packaging, outputs, interrupts, the options every command shares); hostile
 beside the feature they attack. Helpers several files use are in ``support/``.
 """
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,8 +54,13 @@ def published_ckpt(tmp_path_factory) -> Path:
 def _session_kernel_cache(tmp_path_factory):
     """The compiled kernels of the whole session in one folder of its own (also for the CLI
     subprocesses, which inherit the variable): compiled once, not once per test's cache root."""
+    base = tmp_path_factory.getbasetemp()
+    # Under pytest-xdist every worker has its own base folder inside the run's: the workers share
+    # one kernel folder there (builds are locked), so the kernels are compiled once per run.
+    kernels = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "kernels"
+    kernels.mkdir(mode=0o700, exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VEHICLENET_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
+        patch.setenv("VEHICLENET_KERNEL_CACHE", str(kernels))
         # The platform's user cache folder (where compiled code goes when a cache folder is
         # refused, and where ONNX Runtime keeps its files) is the session's own too.
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user_cache")))
