@@ -84,7 +84,7 @@ def _check_hub_pretrained(hub: Dict[str, Any], kwargs: Dict[str, Any], card_clas
             f"checkpoint={path!r} with mindspore_hub.load's pretrained=True (its default): the hub would load "
             f"the card's checkpoint over {path} afterwards. Pass pretrained=False to mindspore_hub.load: "
             + _load_call(hub, checkpoint=path, pretrained=False)
-            + " (add num_classes=N for a checkpoint of N identities)")
+            + " (the head's size is read from the file)")
     weights = kwargs.get("weights")
     if weights not in (None, False):
         raise ValueError(

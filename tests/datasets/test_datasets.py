@@ -1,6 +1,5 @@
 """VehicleID and VERI-Wild: readers on their real layouts, the protocols against hand-worked
 cases, and `vehiclenet evaluate --dataset ...` through real subprocesses."""
-import io
 import json
 import math
 import os
@@ -9,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from support.datasets import INFO_HEADER, make_vehicleid, make_veriwild, write_text
 from vehiclenet.datasets import DATASETS, get_dataset
 from vehiclenet.datasets.vehicleid import (VehicleIDFeatures, load_vehicleid_features, read_vehicleid,
                                            save_vehicleid_features)
@@ -24,27 +23,6 @@ from vehiclenet.retrieval.protocols import evaluate_split, evaluate_vehicleid, o
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _tiny_jpeg() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (90, 120, 200)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-JPEG = _tiny_jpeg()
-
-
-def _write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
-def _image(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as fh:
-        fh.write(JPEG)
-
-
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "vehiclenet", "evaluate", *args],
@@ -56,14 +34,6 @@ def last_json(stdout):
 
 
 # --------------------------------------------------------------------------- VehicleID reader
-
-
-def make_vehicleid(root, rows, list_name="test_list_800.txt"):
-    """``<root>/image/<imgid>.jpg`` and ``<root>/train_test_split/<list_name>`` with ``imgid vid`` rows."""
-    for imgid, _ in rows:
-        _image(os.path.join(root, "image", f"{imgid}.jpg"))
-    _write(os.path.join(root, "train_test_split", list_name), "".join(f"{i} {v}\n" for i, v in rows))
-    return str(root)
 
 
 def test_read_vehicleid_real_layout(tmp_path):
@@ -82,7 +52,7 @@ def test_read_vehicleid_real_layout(tmp_path):
 @pytest.mark.parametrize("line", ["0000021", "0000021 1 7", "0000021 one", "0000021\t", "dir/0000021 1"])
 def test_vehicleid_bad_line_names_file_and_line(tmp_path, line):
     root = make_vehicleid(tmp_path, [("0004396", 1)])
-    _write(os.path.join(root, "train_test_split", "test_list_800.txt"), f"0004396 1\n\n{line}\n")
+    write_text(os.path.join(root, "train_test_split", "test_list_800.txt"), f"0004396 1\n\n{line}\n")
     with pytest.raises(DataError) as err:
         read_vehicleid(root, "small")
     assert "test_list_800.txt:3: expected '<imgid> <vehicle id>'" in str(err.value)
@@ -98,10 +68,10 @@ def test_vehicleid_layout_errors(tmp_path):
     os.remove(os.path.join(root, "image", "0000002.jpg"))
     with pytest.raises(DataError, match=r"test_list_800.txt names 1 image\(s\) that do not exist: .*0000002.jpg"):
         read_vehicleid(root, "small")
-    _write(os.path.join(root, "train_test_split", "test_list_800.txt"), "0000001 4\n0000001 4\n")
+    write_text(os.path.join(root, "train_test_split", "test_list_800.txt"), "0000001 4\n0000001 4\n")
     with pytest.raises(DataError, match=r"test_list_800.txt:2: image '0000001' is listed twice \(also line 1\)"):
         read_vehicleid(root, "small")
-    _write(os.path.join(root, "train_test_split", "test_list_800.txt"), "\n")
+    write_text(os.path.join(root, "train_test_split", "test_list_800.txt"), "\n")
     with pytest.raises(DataError, match="lists no images"):
         read_vehicleid(root, "small")
 
@@ -118,25 +88,6 @@ def test_registry_and_split_usage():
 
 
 # --------------------------------------------------------------------------- VERI-Wild reader
-
-INFO_HEADER = "id;Camera ID;Time;Model;Type;Color\n"
-
-
-def make_veriwild(root, query, gallery, cams, n=3000, info_extra=""):
-    """``images/<vid>/<imgid>.jpg``, ``test_<n>_query.txt``, ``test_<n>.txt`` and ``vehicle_info.txt``.
-
-    ``query``/``gallery`` are ``vid/imgid`` keys; ``cams`` maps every key to its camera."""
-    for key in set(query) | set(gallery):
-        vid, imgid = key.split("/")
-        _image(os.path.join(root, "images", vid, f"{imgid}.jpg"))
-    split = os.path.join(root, "train_test_split")
-    _write(os.path.join(split, f"test_{n}_query.txt"), "".join(k + "\n" for k in query))
-    _write(os.path.join(split, f"test_{n}.txt"), "".join(k + "\n" for k in gallery))
-    _write(os.path.join(split, "vehicle_info.txt"), INFO_HEADER + "".join(
-        f"{k};{c};2018-03-11 12:00:{i:02d};Audi-A4;Sedan;Black\n" for i, (k, c) in enumerate(cams.items()))
-        + info_extra)
-    return str(root)
-
 
 # The hand-worked VERI-Wild case. Every feature is a unit vector at an angle on a circle, so
 # cosine distance ranks the gallery by angular distance from the query.
@@ -220,7 +171,7 @@ def test_veriwild_metrics_hand_worked_with_junk(tmp_path):
 def test_veriwild_bad_lines_name_file_and_line(tmp_path, name, text, message):
     root = make_veriwild(tmp_path, WILD_QUERY[:1], ["00001/0000102", "00001/0000103"],
                          {k: WILD_CAMS[k] for k in ("00001/0000101", "00001/0000102", "00001/0000103")})
-    _write(os.path.join(root, "train_test_split", name), text)
+    write_text(os.path.join(root, "train_test_split", name), text)
     with pytest.raises(DataError) as err:
         read_veriwild(root, "small")
     assert message in str(err.value)

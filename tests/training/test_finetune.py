@@ -356,20 +356,6 @@ def test_cli_finetune_bad_input_exit_codes(tiny_data, tmp_path, published_ckpt):
     assert proc.returncode == 2 and "--epochs must be >= 1" in proc.stderr
 
 
-@pytest.mark.slow
-def test_example_script_runs(tiny_data, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "finetune_own_script.py"), "--data", str(tiny_data),
-         "--out", str(tmp_path / "ex"), "--epochs", "2", "--batch-size", "6", "--image-size", "64",
-         "--no-pretrained", "--lr", "0.003"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, GLOG_v="3"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "epoch 2" in proc.stdout and "reloaded" in proc.stdout
-    assert (tmp_path / "ex" / "labels.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "ex").glob("*.ckpt")) == ["vehiclenet-e001.ckpt",
-                                                                          "vehiclenet-e002.ckpt"]
-
-
 def test_evaluation_on_query_gallery_split(tmp_path):
     from vehiclenet.training import finetune as ft
     from vehiclenet.model.device import configure

@@ -11,7 +11,7 @@ def add_finetune_command(sub: "argparse._SubParsersAction") -> None:
         help="fine-tune on your own identities (ROOT/<id>/*.jpg or VeRi image_train/)",
         description="Fine-tune VehicleNet: published backbone and bottleneck, a new last layer for your "
         "identities. Writes labels.json and vehiclenet-eNNN.ckpt (network + SGD state + epoch) into --out; "
-        "create_network(checkpoint=FILE, num_classes=N) loads them. Under msrun every worker trains on its "
+        "create_network(checkpoint=FILE) loads them (the head sized from the file). Under msrun every worker trains on its "
         "shard with averaged gradients and only rank 0 writes files.",
     )
     p.add_argument("--data", required=True, metavar="DIR", help="ROOT/<id>/*.jpg, or a VeRi-776 folder (image_train/)")
@@ -93,7 +93,7 @@ def add_export_command(sub: "argparse._SubParsersAction") -> None:
         "MindIR (reload with mindspore.load + nn.GraphCell; B fixed) or ONNX (onnxruntime; any B, the input x "
         "has a dynamic batch axis). CKPT writes the network "
         "weights of --checkpoint (head included) without the optimizer state of a fine-tuning checkpoint, a "
-        "third of its size, for create_network(checkpoint=..., num_classes=N); --image-size and --batch-size "
+        "third of its size, for create_network(checkpoint=...); --image-size and --batch-size "
         "do not apply to it. The last line of stdout is the file written.",
     )
     p.add_argument("--format", required=True, type=str.upper, choices=["MINDIR", "ONNX", "CKPT"],

@@ -17,7 +17,7 @@ and its output (batch, 512), as deployment tool chains expect.
 
 ``export_weights`` keeps a checkpoint's network (head included) and drops the SGD
 state and position a fine-tuning checkpoint carries, a third of the size; it loads
-with ``create_network(checkpoint=..., num_classes=N)`` like the original.
+with ``create_network(checkpoint=...)`` like the original.
 """
 import logging
 import os

@@ -21,8 +21,8 @@ Every piece is usable alone::
 
 or in one call: ``ft.finetune("my_vehicles/", "runs/exp1", epochs=40)`` (what
 ``vehiclenet finetune`` runs). Checkpoints hold the network, the SGD state and
-``epoch_num``/``step_num``; ``create_network(checkpoint=..., num_classes=N)``
-loads them and :func:`resume_training` continues from them.
+``epoch_num``/``step_num``; ``create_network(checkpoint=...)`` loads them
+(the head sized from the file) and :func:`resume_training` continues from them.
 
 Data-parallel: under ``msrun`` (or any launcher that sets ``MS_WORKER_NUM`` /
 ``RANK_SIZE``) :func:`init_data_parallel` joins the collective group, gradients are
