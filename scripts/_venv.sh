@@ -27,11 +27,20 @@ installed() {
   done
   return 1
 }
-if ! installed "$extras"; then
+install() {
   # pip 25.0 or newer, so that `pip show vehiclenet` prints the licence: older ones show only the
   # legacy "License:" field, empty for a PEP 639 licence expression. No download when it already is.
-  .venv/bin/python -m pip install -q --disable-pip-version-check "pip>=25"
+  .venv/bin/python -m pip install -q --disable-pip-version-check "pip>=25" &&
   # Editable (PEP 660), built by the setuptools pyproject.toml names.
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+}
+if ! installed "$extras"; then
+  # One line instead of pip's and setuptools' warnings; the whole output when it fails.
+  echo "setting up .venv: installing the package${extras:+ with $extras} and its dependencies (log: .venv/install.log)" >&2
+  if ! install > .venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    echo "setting up .venv failed (the output above is in .venv/install.log)" >&2
+    exit 1
+  fi
   echo "$want" > ".venv/.vehiclenet-installed${extras}"
 fi

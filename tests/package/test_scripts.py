@@ -1,4 +1,5 @@
-"""The set-up scripts: scripts/_venv.sh installs only when what pip reads has changed (issue 24).
+"""The set-up scripts: scripts/_venv.sh installs only when what pip reads has changed (issue 24),
+saying so in one line, with pip's whole output only when the install fails.
 
 Run on a copy of the script beside a one-module project of its own (no dependencies), so
 that what it installs, and when, can be watched without touching the repository's .venv.
@@ -55,6 +56,9 @@ def test_the_package_is_installed_only_when_what_pip_reads_changed(tmp_path):
     project = _project(tmp_path)
     first = _source(project)
     assert first.returncode == 0, first.stderr
+    # One line, not pip's or setuptools' warnings (those stay in the log).
+    assert first.stdout == "" and first.stderr.splitlines() == [
+        "setting up .venv: installing the package and its dependencies (log: .venv/install.log)"], first.stderr
     installed = _installed(project)
 
     again = _source(project)  # nothing changed: nothing installed, nothing printed
@@ -73,3 +77,13 @@ def test_the_package_is_installed_only_when_what_pip_reads_changed(tmp_path):
     changed = _source(project)
     assert changed.returncode == 0, changed.stderr
     assert _installed(project) != installed
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the set-up scripts are bash")
+def test_a_failed_install_shows_pips_output_and_installs_nothing_next_time(tmp_path):
+    project = _project(tmp_path)
+    (project / "pyproject.toml").write_text(PYPROJECT.replace('version = "1.0"', 'version = "not a version"'))
+    failed = _source(project)
+    assert failed.returncode == 1
+    assert "not a version" in failed.stderr and "setting up .venv failed" in failed.stderr, failed.stderr
+    assert not list((project / ".venv").glob(".vehiclenet-installed*"))  # the next run tries again
