@@ -438,16 +438,33 @@ def _bf16(a: np.ndarray) -> np.ndarray:
 _NATIVE_BF16 = library_path() is not None and cpu_kernels.cpu_isa(library_path())[1]
 
 
+def _in_bf16(op):
+    """``op`` on bf16 activations, seen from float32: its tensor inputs but the weights-like
+    ``keep`` ones are cast to bf16 and its outputs back (so MindSpore's float32 arithmetic, and
+    the cast's backward, carry the gradients to and from it)."""
+    import mindspore as ms
+    import mindspore.ops as ops
+
+    def wrapped(*args, keep=(), index=None):
+        cast = [a if i in keep else ops.cast(a, ms.bfloat16) for i, a in enumerate(args)]
+        out = op(*cast)
+        out = out if index is None else out[index]
+        return ops.cast(out, ms.float32)
+
+    return wrapped
+
+
 @pytest.mark.skipif(not _NATIVE_BF16, reason="needs a CPU with native bf16 (AVX512-BF16, AMX)")
 @pytest.mark.parametrize("in_ch,out_ch,kernel,stride,height,width", [
     (16, 32, 3, 1, 9, 10), (32, 16, 3, 2, 9, 10), (64, 32, 1, 1, 7, 8), (32, 64, 1, 2, 8, 8), (3, 16, 7, 2, 17, 12),
 ])
 def test_bf16_training_convolution_is_the_float32_convolution_of_bf16_operands(in_ch, out_ch, kernel, stride, height,
                                                                                 width):
-    """Each bf16 pass (forward, backward to the input, backward to the weights) equals MindSpore's
-    float32 convolution of the bf16-rounded operands to float32 accumulation, and differs from
-    the unrounded float32 result by bf16 rounding only; a convolution oneDNN has no bf16 kernel
-    for (reported as "f32: ...") gives exactly the float32 op's result instead."""
+    """On bf16 activations (x in, y out, dy in, dx out), each bf16 pass (forward, backward to the
+    input, backward to the weights) is MindSpore's float32 convolution of the bf16-rounded
+    operands to float32 accumulation, y and dx then rounded to bf16, dw float32; a convolution
+    oneDNN has no bf16 kernel for (reported as "f32: ...") computes in float32 on the bf16
+    activations and unrounded weights instead. The first layer's op takes the float32 image."""
     import mindspore as ms
     import mindspore.ops as ops
 
@@ -460,25 +477,130 @@ def test_bf16_training_convolution_is_the_float32_convolution_of_bf16_operands(i
 
     dy = rng.standard_normal(plain(ms.Tensor(x), ms.Tensor(w)).shape).astype(np.float32)
     op = cpu_kernels.train_conv(library_path(), stride, input_grad=True, bf16=True)
-    got = [_nchw(op(_nhwc(x), ms.Tensor(w)))] + _grads(op, _nhwc(dy), _nhwc(x), ms.Tensor(w))
+    assert op(_nhwc(x).astype(ms.bfloat16), ms.Tensor(w)).dtype == ms.bfloat16
+
+    def conv(x, w):
+        return _in_bf16(op)(x, w, keep=(1,))
+
+    got = [_nchw(conv(_nhwc(x), ms.Tensor(w)))] + _grads(conv, _nhwc(dy), _nhwc(x), ms.Tensor(w))
     got[1] = got[1].transpose(0, 3, 1, 2)
     exact = [plain(ms.Tensor(x), ms.Tensor(w)).asnumpy()] + _grads(plain, ms.Tensor(dy), ms.Tensor(x), ms.Tensor(w))
     implementation = cpu_kernels.train_conv_implementation(library_path(), 2, height, width, in_ch, out_ch, kernel,
                                                            stride, bf16=True)
     if cpu_kernels.cpu_isa(library_path())[0].startswith("avx512") and in_ch >= 16:
         assert implementation.startswith("bf16: "), implementation  # oneDNN has bf16 kernels for these
-    if implementation.startswith("f32: "):
-        for g, e in zip(got, exact):
-            assert _rel(g, e) <= 1e-5, implementation
-        return
-    assert implementation.startswith("bf16: ") and "ref" not in implementation, implementation
-    rx, rw, rdy = _bf16(x), _bf16(w), _bf16(dy)
+    assert "ref" not in implementation, implementation
+    rx, rdy = _bf16(x), _bf16(dy)
+    rw = w if implementation.startswith("f32: ") else _bf16(w)
     rounded = [plain(ms.Tensor(rx), ms.Tensor(rw)).asnumpy()] + _grads(plain, ms.Tensor(rdy), ms.Tensor(rx),
                                                                       ms.Tensor(rw))
     for name, g, r, e in zip(("y", "dx", "dw"), got, rounded, exact):
         assert g.dtype == np.float32 and g.shape == e.shape, name
-        assert _rel(g, r) <= 2e-5, (name, _rel(g, r), implementation)
+        if name == "dw":  # float32 out
+            assert _rel(g, r) <= 2e-5, (name, _rel(g, r), implementation)
+        else:  # the float32 result rounded once to bf16
+            assert np.array_equal(g, _bf16(g)), name
+            assert _rel(g, _bf16(r)) <= 3e-4, (name, _rel(g, _bf16(r)), implementation)
         assert 1e-4 <= _rel(g, e) <= 1e-2, (name, _rel(g, e), implementation)  # bf16, not float32
+    # The first layer's op reads the float32 image (rounded inside) and gives only dw.
+    first = cpu_kernels.train_conv(library_path(), stride, input_grad=False, bf16=True)
+
+    def stem(x, w):
+        return ops.cast(first(x, w), ms.float32)
+
+    assert _rel(_nchw(stem(_nhwc(x), ms.Tensor(w))), _bf16(rounded[0])) <= 3e-4
+    first_dx, first_dw = _grads(stem, _nhwc(dy), _nhwc(x), ms.Tensor(w))
+    assert not first_dx.any() and _rel(first_dw, rounded[2]) <= 2e-5
+
+
+@pytest.mark.skipif(not _NATIVE_BF16, reason="needs a CPU with native bf16 (AVX512-BF16, AMX)")
+@pytest.mark.parametrize("fused", ["batch_norm", "batch_norm_relu", "batch_norm_add_relu"])
+def test_bf16_training_batch_norm_is_float32_arithmetic_on_bf16_activations(fused):
+    """On bf16 activations: statistics, output and gradients are MindSpore's float32 BatchNorm
+    of the bf16 inputs, y and the activations' gradients rounded to bf16 (y before the residual
+    addition too), the statistics and the gradients to gamma and beta float32."""
+    import mindspore as ms
+    import mindspore.ops as ops
+
+    rng = np.random.default_rng(16)
+    x = _bf16((rng.standard_normal((2, 32, 5, 7)) * 2 + 1).astype(np.float32))
+    gamma = rng.uniform(0.5, 1.5, 32).astype(np.float32)
+    beta = rng.standard_normal(32).astype(np.float32)
+    identity = _bf16(rng.standard_normal(x.shape).astype(np.float32))
+    dy = _bf16(rng.standard_normal(x.shape).astype(np.float32))
+    relu, add = fused != "batch_norm", fused == "batch_norm_add_relu"
+    unused = ms.Tensor(np.zeros(32, np.float32))
+
+    def plain(x, gamma, beta, identity):
+        y = ops.batch_norm(x, unused, unused + 1, gamma, beta, training=True, eps=1e-4)
+        y = y + identity if add else y
+        return ops.relu(y) if relu else y
+
+    args = [ms.Tensor(v) for v in (x, gamma, beta, identity)]
+    want_y = plain(*args).asnumpy()
+    want = _grads(plain, ms.Tensor(dy), *args)
+    op = getattr(cpu_kernels.make_train_ops(library_path(), "bf16"), fused)
+    eps = ms.Tensor([1e-4], ms.float32)
+    bf16 = _in_bf16(lambda x, gamma, beta, identity: op(x, gamma, beta, eps, identity) if add
+                    else op(x, gamma, beta, eps))
+    outputs = op(*([_nhwc(x).astype(ms.bfloat16), args[1], args[2], eps]
+                   + ([_nhwc(identity).astype(ms.bfloat16)] if add else [])))
+    assert outputs[0].dtype == ms.bfloat16 and outputs[1].dtype == outputs[2].dtype == ms.float32
+    got_y = _nchw(ops.cast(outputs[0], ms.float32))
+    # With the addition, BatchNorm's output is rounded to bf16 before it: a second rounding.
+    assert np.array_equal(got_y, _bf16(got_y)) and _rel(got_y, _bf16(want_y)) <= (4e-3 if add else 3e-4)
+    assert _rel(outputs[1].asnumpy(), x.mean((0, 2, 3))) <= 1e-5
+    assert _rel(outputs[2].asnumpy(), x.var((0, 2, 3))) <= 1e-5
+
+    def first(x, gamma, beta, identity):
+        return bf16(x, gamma, beta, identity, keep=(1, 2), index=0)
+
+    got = _grads(first, _nhwc(dy), _nhwc(x), args[1], args[2], _nhwc(identity))
+    assert _rel(got[0].transpose(0, 3, 1, 2), _bf16(want[0])) <= 3e-3  # bf16 roundings inside oneDNN's backward
+    assert _rel(got[1], want[1]) <= 1e-3 and _rel(got[2], want[2]) <= 1e-5
+    if add:
+        assert np.array_equal(got[3].transpose(0, 3, 1, 2), _bf16(want[3]))  # the ReLU's mask of dy
+
+
+@pytest.mark.skipif(not _NATIVE_BF16, reason="needs a CPU with native bf16 (AVX512-BF16, AMX)")
+def test_bf16_training_max_pool_and_fork():
+    """Max-pool on bf16 activations picks the same maxima as MindSpore's float32 one (exact) and
+    routes the gradients the same way; the fork copies exactly and its backward is the two
+    gradients' float32 sum rounded to bf16 once."""
+    import mindspore as ms
+    import mindspore.nn as nn
+    import mindspore.ops as ops
+
+    rng = np.random.default_rng(3)
+    x = _bf16(rng.standard_normal((2, 16, 9, 10)).astype(np.float32))
+    pool = nn.MaxPool2d(3, 2, pad_mode="same")
+    want_y = pool(ms.Tensor(x)).asnumpy()
+    dy = _bf16(rng.standard_normal(want_y.shape).astype(np.float32))
+    (want_dx,) = _grads(pool, ms.Tensor(dy), ms.Tensor(x))
+    ops_bf16 = cpu_kernels.make_train_ops(library_path(), "bf16")
+
+    def pooled(x):
+        return _in_bf16(ops_bf16.max_pool)(x, index=0)
+
+    np.testing.assert_array_equal(_nchw(pooled(_nhwc(x))), want_y)
+    (got_dx,) = _grads(pooled, _nhwc(dy), _nhwc(x))
+    # Where windows overlap, the gradients' sum is rounded to bf16 (a few cancel to small values).
+    np.testing.assert_allclose(got_dx.transpose(0, 3, 1, 2), want_dx, rtol=1e-2, atol=1e-2 * np.abs(dy).max())
+    assert np.array_equal(got_dx.transpose(0, 3, 1, 2) != 0, want_dx != 0)  # the same maxima
+
+    a, b = ops_bf16.fork(_nhwc(x).astype(ms.bfloat16))
+    assert a.dtype == b.dtype == ms.bfloat16
+    np.testing.assert_array_equal(_nchw(ops.cast(a, ms.float32)), x)
+    np.testing.assert_array_equal(_nchw(ops.cast(b, ms.float32)), x)
+    da, db = (_bf16(rng.standard_normal(x.shape).astype(np.float32)) for _ in range(2))
+
+    def both(x, da, db):
+        a, b = ops_bf16.fork(ops.cast(x, ms.bfloat16))
+        return (ops.cast(a, ms.float32) * da).sum() + (ops.cast(b, ms.float32) * db).sum()
+
+    (got,) = ops.GradOperation()(both)(ms.Tensor(x), ms.Tensor(da), ms.Tensor(db)).asnumpy()[None]
+    np.testing.assert_array_equal(got, _bf16(da + db))
+    assert ops_bf16.fork is not None and cpu_kernels.make_train_ops(library_path()).fork is None
 
 
 @pytest.mark.parametrize("fused", ["batch_norm", "batch_norm_relu", "batch_norm_add_relu"])

@@ -754,16 +754,16 @@ struct Reordered {
   }
 };
 
-// In bf16 the three passes compute on bf16 copies of x and dy (converted inside the op, so
-// MindSpore's activations, BatchNorm and gradients stay float32) and on bf16 weights, and
-// write float32 y, dx and dw: oneDNN accumulates in float32, the master weights and the
-// optimizer never see bf16. A convolution whose bf16 passes would run oneDNN's reference code
-// keeps float32.
+// In bf16 the three passes compute on bf16 x and dy and on bf16 weights, and write y and dx
+// in the activations' type (bf16 between the ops of a bf16 network; the stem reads the float32
+// image, converted inside the op) and dw in float32: oneDNN accumulates in float32, the master
+// weights and the optimizer never see bf16. A convolution whose bf16 passes would run oneDNN's
+// reference code computes in float32 instead, converting its bf16 operands in and out.
 struct TrainConvPlan {
-  memory::desc src, dst, user_weights;  // float32, as MindSpore holds them
-  memory::desc src_c, dst_c;            // what the passes compute on: src, dst or their bf16 copies
-  dnnl::reorder to_src_c, to_dst_c;     // float32 -> bf16 (bf16 plans only)
-  bool bf16 = false;
+  memory::desc src, dst, user_weights;  // as MindSpore holds them: x and y/dy in their types, OIHW float32
+  memory::desc src_c, dst_c;            // what the passes compute on: x and dy in the compute type
+  memory::desc fwd_dst, data_diff_src;  // what the forward and backward-data passes write
+  bool bf16 = false;                    // the compute type
   dnnl::convolution_forward fwd;
   dnnl::convolution_backward_data bwd_data;
   dnnl::convolution_backward_weights bwd_weights;
@@ -773,10 +773,11 @@ struct TrainConvPlan {
   std::string implementation;  // of the three passes: "forward / backward data / backward weights"
 };
 
-// Buffers for the bf16 copies of x (0) and dy (1), shared by every plan (calls hold the kernel mutex).
+// Buffers for converted copies of x (0), dy (1) and an output (2), shared by every plan (calls
+// hold the kernel mutex).
 memory converted(int which, const memory::desc &desc) {
-  static std::unique_ptr<Buffer> buffers[2];
-  static size_t sizes[2] = {0, 0};
+  static std::unique_ptr<Buffer> buffers[3];
+  static size_t sizes[3] = {0, 0, 0};
   if (desc.get_size() > sizes[which]) {
     buffers[which].reset();
     sizes[which] = 0;  // a failed allocation leaves no size that looks usable
@@ -786,15 +787,22 @@ memory converted(int which, const memory::desc &desc) {
   return memory(desc, cpu_engine(), buffers[which]->data);
 }
 
-std::unique_ptr<TrainConvPlan> build_train_conv_plan(const ConvWindow &window, bool bf16) {
+memory::desc retyped(const memory::desc &d, dt type) { return memory::desc(d.get_dims(), type, d.get_strides()); }
+
+// `src_type` / `dst_type`: the types of x and of y and dy as MindSpore holds them.
+std::unique_ptr<TrainConvPlan> build_train_conv_plan(const ConvWindow &window, bool bf16, dt src_type, dt dst_type) {
   auto plan = std::make_unique<TrainConvPlan>();
   plan->bf16 = bf16;
-  plan->src = window.src;
-  plan->dst = window.dst;
+  const dt compute = bf16 ? dt::bf16 : dt::f32;
+  plan->src = retyped(window.src, src_type);
+  plan->dst = retyped(window.dst, dst_type);
   plan->user_weights = window.user_weights;
-  plan->src_c = bf16 ? memory::desc(window.src.get_dims(), dt::bf16, window.src.get_strides()) : window.src;
-  plan->dst_c = bf16 ? memory::desc(window.dst.get_dims(), dt::bf16, window.dst.get_strides()) : window.dst;
-  const memory::desc any_weights(window.user_weights.get_dims(), bf16 ? dt::bf16 : dt::f32, tag::any);
+  plan->src_c = retyped(window.src, compute);
+  plan->dst_c = retyped(window.dst, compute);
+  // bf16 kernels write float32 or bf16; float32 kernels float32 only.
+  plan->fwd_dst = bf16 ? plan->dst : retyped(window.dst, dt::f32);
+  plan->data_diff_src = bf16 ? plan->src : retyped(window.src, dt::f32);
+  const memory::desc any_weights(window.user_weights.get_dims(), compute, tag::any);
   const memory::desc any_diff_weights(window.user_weights.get_dims(), dt::f32, tag::any);
   const memory::dims &strides = window.strides, &pad_l = window.pad_l, &pad_r = window.pad_r;
   dnnl::primitive_attr attr;
@@ -802,9 +810,10 @@ std::unique_ptr<TrainConvPlan> build_train_conv_plan(const ConvWindow &window, b
 
   dnnl::convolution_forward::primitive_desc fwd(cpu_engine(), dnnl::prop_kind::forward_training,
                                                 dnnl::algorithm::convolution_direct, plan->src_c, any_weights,
-                                                plan->dst, strides, pad_l, pad_r, attr);
-  dnnl::convolution_backward_data::primitive_desc data(cpu_engine(), dnnl::algorithm::convolution_direct, plan->src,
-                                                       any_weights, plan->dst_c, strides, pad_l, pad_r, fwd, attr);
+                                                plan->fwd_dst, strides, pad_l, pad_r, attr);
+  dnnl::convolution_backward_data::primitive_desc data(cpu_engine(), dnnl::algorithm::convolution_direct,
+                                                       plan->data_diff_src, any_weights, plan->dst_c, strides, pad_l,
+                                                       pad_r, fwd, attr);
   dnnl::convolution_backward_weights::primitive_desc weights(cpu_engine(), dnnl::algorithm::convolution_direct,
                                                              plan->src_c, any_diff_weights, plan->dst_c, strides,
                                                              pad_l, pad_r, fwd, attr);
@@ -813,10 +822,6 @@ std::unique_ptr<TrainConvPlan> build_train_conv_plan(const ConvWindow &window, b
   plan->fwd = dnnl::convolution_forward(fwd);
   plan->bwd_data = dnnl::convolution_backward_data(data);
   plan->bwd_weights = dnnl::convolution_backward_weights(weights);
-  if (bf16) {
-    plan->to_src_c = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->src, cpu_engine(), plan->src_c));
-    plan->to_dst_c = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->dst, cpu_engine(), plan->dst_c));
-  }
   plan->fwd_w = Reordered(plan->user_weights, fwd.weights_desc(), false);
   plan->data_w = Reordered(plan->user_weights, data.weights_desc(), false);
   plan->diff_w = Reordered(plan->user_weights, weights.diff_weights_desc(), true);
@@ -828,19 +833,20 @@ std::unique_ptr<TrainConvPlan> build_train_conv_plan(const ConvWindow &window, b
 }
 
 TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
-                               bool bf16) {
-  std::string key = key_of({n, h, w, cin, cout, k, stride, bf16});
+                               bool bf16, dt src_type = dt::f32, dt dst_type = dt::f32) {
+  std::string key = key_of({n, h, w, cin, cout, k, stride, bf16, static_cast<int64_t>(src_type),
+                            static_cast<int64_t>(dst_type)});
   if (auto *found = cached_plan<TrainConvPlan>(key)) return *found;
   const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride);
   std::unique_ptr<TrainConvPlan> plan;
   if (bf16) {
     try {
-      plan = build_train_conv_plan(window, true);
+      plan = build_train_conv_plan(window, true, src_type, dst_type);
     } catch (const dnnl::error &) {  // no bf16 implementation at all: float32 below
     }
     if (plan && plan->implementation.find("ref") != std::string::npos) plan.reset();
   }
-  if (!plan) plan = build_train_conv_plan(window, false);
+  if (!plan) plan = build_train_conv_plan(window, false, src_type, dst_type);
   return keep_plan(key, std::move(plan));
 }
 
@@ -854,46 +860,61 @@ memory weights_for(Reordered &r, const memory::desc &user, void *data, dnnl::str
 
 enum class ConvPass { forward, backward, backward_weights };
 
+// A tensor the caller holds as `user`, as a primitive reads it (`wanted`): in place when the
+// types agree, else converted into buffer `slot`.
+memory read_as(dnnl::stream &stream, const memory::desc &user, const memory::desc &wanted, void *data, int slot) {
+  memory given(user, cpu_engine(), data);
+  if (user == wanted) return given;
+  memory copy = converted(slot, wanted);
+  dnnl::reorder(given, copy).execute(stream, given, copy);
+  return copy;
+}
+
+// Where a primitive writes a tensor the caller holds as `user`: in place, or buffer 2 (then
+// `written` converts it to the caller's).
+memory write_as(const memory::desc &user, const memory::desc &produced, void *data) {
+  return user == produced ? memory(user, cpu_engine(), data) : converted(2, produced);
+}
+
+void written(dnnl::stream &stream, memory produced, const memory::desc &user, void *data) {
+  memory out(user, cpu_engine(), data);
+  if (produced.get_data_handle() != data) dnnl::reorder(produced, out).execute(stream, produced, out);
+}
+
 // Inputs and outputs per pass (all activations NHWC, weights OIHW):
 //   forward:          x (N, H, W, Cin), w (Cout, Cin, K, K)      -> y (N, OH, OW, Cout)
 //   backward:         dy (N, OH, OW, Cout), w, x                 -> dx (N, H, W, Cin), dw (Cout, Cin, K, K)
 //   backward_weights: x, dy, w (for its shape)                   -> dw
-// One backward op for both gradients reads (and in bf16 converts) dy once.
-// x (0) or dy (1) as a training convolution's passes compute on them: as given, or their bf16 copies.
-memory pass_input(TrainConvPlan &plan, dnnl::stream &stream, int which, void *data) {
-  memory given(which == 0 ? plan.src : plan.dst, cpu_engine(), data);
-  if (!plan.bf16) return given;
-  memory copy = converted(which, which == 0 ? plan.src_c : plan.dst_c);
-  (which == 0 ? plan.to_src_c : plan.to_dst_c).execute(stream, given, copy);
-  return copy;
-}
-
-// forward: (x, w) -> y; backward: (dy, w, x) -> (dx, dw); backward_weights: (x, dy, w) -> dw.
+// One backward op for both gradients reads (and, if needed, converts) dy once.
 void execute_train_conv(TrainConvPlan &plan, ConvPass pass, void **params, int inputs) {
   auto &engine = cpu_engine();
   dnnl::stream stream(engine);
   void *out = params[inputs];
   if (pass == ConvPass::forward) {
     memory weights = weights_for(plan.fwd_w, plan.user_weights, params[1], stream);
-    plan.fwd.execute(stream, {{DNNL_ARG_SRC, pass_input(plan, stream, 0, params[0])},
+    memory y = write_as(plan.dst, plan.fwd_dst, out);
+    plan.fwd.execute(stream, {{DNNL_ARG_SRC, read_as(stream, plan.src, plan.src_c, params[0], 0)},
                               {DNNL_ARG_WEIGHTS, weights},
-                              {DNNL_ARG_DST, memory(plan.dst, engine, out)},
+                              {DNNL_ARG_DST, y},
                               {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.fwd_scratch)}});
+    written(stream, y, plan.dst, out);
     stream.wait();
     return;
   }
   const bool both = pass == ConvPass::backward;
-  memory diff_dst = pass_input(plan, stream, 1, params[both ? 0 : 1]);
+  memory diff_dst = read_as(stream, plan.dst, plan.dst_c, params[both ? 0 : 1], 1);
   if (both) {
     memory weights = weights_for(plan.data_w, plan.user_weights, params[1], stream);
+    memory dx = write_as(plan.src, plan.data_diff_src, out);
     plan.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
                                    {DNNL_ARG_WEIGHTS, weights},
-                                   {DNNL_ARG_DIFF_SRC, memory(plan.src, engine, out)},
+                                   {DNNL_ARG_DIFF_SRC, dx},
                                    {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.data_scratch)}});
+    written(stream, dx, plan.src, out);
   }
   memory user(plan.user_weights, engine, params[both ? inputs + 1 : inputs]);
   memory diff = plan.diff_w.needed ? *plan.diff_w.buffer : user;
-  plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, pass_input(plan, stream, 0, params[both ? 2 : 0])},
+  plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, read_as(stream, plan.src, plan.src_c, params[both ? 2 : 0], 0)},
                                     {DNNL_ARG_DIFF_DST, diff_dst},
                                     {DNNL_ARG_DIFF_WEIGHTS, diff},
                                     {DNNL_ARG_SCRATCHPAD, plan.scratch.at(plan.weights_scratch)}});
@@ -929,15 +950,30 @@ int run_train_conv(int nparam, void **params, int *ndims, int64_t **shapes, cons
                    ConvPass pass, bool bf16) {
   const int inputs = pass == ConvPass::forward ? 2 : 3, outputs = pass == ConvPass::backward ? 2 : 1;
   if (nparam != inputs + outputs) return fail("training convolution: wrong number of inputs");
+  const int x_at = pass == ConvPass::backward ? 2 : 0, w_at = pass == ConvPass::backward_weights ? 2 : 1;
+  const int y_at = pass == ConvPass::forward ? inputs : pass == ConvPass::backward ? 0 : 1;
+  const int dx_at = pass == ConvPass::backward ? inputs : -1;
+  dt src_type = dt::f32, dst_type = dt::f32;
   for (int i = 0; i < nparam; i++) {
-    if (!is_f32(dtypes[i]) || ndims[i] != 4) return fail("training convolution: tensors must be 4-d float32");
+    if (ndims[i] != 4) return fail("training convolution: tensors must be 4-d");
   }
+  // float32 kernels take float32 only; bf16 kernels take x and y/dy in float32 or bf16 (dx in x's
+  // type), the weights and their gradient in float32.
+  bool types = activation_type(dtypes[x_at], &src_type) && activation_type(dtypes[y_at], &dst_type) &&
+               (bf16 || (src_type == dt::f32 && dst_type == dt::f32));
+  for (int i = 0; i < nparam; i++) {
+    if (i == x_at || i == dx_at) types = types && std::strcmp(dtypes[i], dtypes[x_at]) == 0;
+    else if (i != y_at) types = types && is_f32(dtypes[i]);
+  }
+  if (!types)
+    return fail(bf16 ? "training convolution: x and y must be float32 or bfloat16, the weights float32"
+                     : "training convolution: tensors must be float32");
   const std::string problem = train_conv_shape_problem(shapes, inputs, stride, pass);
   if (!problem.empty()) return fail(problem.c_str());
-  const int64_t *x = shapes[pass == ConvPass::backward ? 2 : 0], *wt = shapes[pass == ConvPass::backward_weights ? 2 : 1];
+  const int64_t *x = shapes[x_at], *wt = shapes[w_at];
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    TrainConvPlan &plan = train_conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, bf16);
+    TrainConvPlan &plan = train_conv_plan(x[0], x[1], x[2], x[3], wt[0], wt[2], stride, bf16, src_type, dst_type);
     execute_train_conv(plan, pass, params, inputs);
   } catch (const std::exception &e) {
     return fail(e.what());
@@ -972,13 +1008,15 @@ dnnl::batch_normalization_forward::primitive_desc batch_norm_forward_desc(const 
                                                            data, eps, flags, attr);
 }
 
-BatchNormPlan &batch_norm_plan(int64_t n, int64_t h, int64_t w, int64_t c, float eps, Fused fused) {
+// `type`: of the activations and their gradients (float32 or bf16); statistics, scale and shift
+// are float32 either way.
+BatchNormPlan &batch_norm_plan(int64_t n, int64_t h, int64_t w, int64_t c, float eps, Fused fused, dt type) {
   int32_t eps_bits;
   std::memcpy(&eps_bits, &eps, sizeof(eps_bits));
-  std::string key = key_of({n, h, w, c, eps_bits, static_cast<int64_t>(fused)});
+  std::string key = key_of({n, h, w, c, eps_bits, static_cast<int64_t>(fused), static_cast<int64_t>(type)});
   if (auto *found = cached_plan<BatchNormPlan>(key)) return *found;
   auto plan = std::make_unique<BatchNormPlan>();
-  plan->data = nhwc_desc(n, h, w, c);
+  plan->data = nhwc_desc(n, h, w, c, type);
   plan->stat = memory::desc({c}, dt::f32, tag::x);
   auto fwd = batch_norm_forward_desc(plan->data, eps, fused);
   dnnl::primitive_attr attr;
@@ -1050,7 +1088,7 @@ PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training, d
   if (training) {
     plan->workspace = fwd.workspace_desc();
     // The workspace is handed to MindSpore as a uint8 tensor shaped like the output.
-    if (plan->workspace.get_size() != plan->dst.get_size() / sizeof(float))
+    if (plan->workspace.get_size() != plan->dst.get_size() / memory::data_type_size(type))
       throw std::runtime_error("max-pool: oneDNN's workspace is not one byte per output");
     dnnl::pooling_backward::primitive_desc bwd(cpu_engine(), dnnl::algorithm::pooling_max, plan->src, plan->dst,
                                                strides, kernels, dilation, pad_l, pad_r, fwd, attr);
@@ -1061,11 +1099,11 @@ PoolPlan &pool_plan(int64_t n, int64_t h, int64_t w, int64_t c, bool training, d
   return keep_plan(key, std::move(plan));
 }
 
-// x (N, H, W, C) at `x_at` and y (N, ceil(H/2), ceil(W/2), C) at `y_at`, both float32 (or, for
-// inference, both bfloat16).
-bool pool_shapes_ok(int *ndims, int64_t **shapes, const char **dtypes, int x_at, int y_at, bool inference) {
-  const bool types = (is_f32(dtypes[x_at]) && is_f32(dtypes[y_at])) ||
-                     (inference && is_bf16(dtypes[x_at]) && is_bf16(dtypes[y_at]));
+// x (N, H, W, C) at `x_at` and y (N, ceil(H/2), ceil(W/2), C) at `y_at`, both float32 or both
+// bfloat16 (`bf16`: whether bfloat16 is asked for; inference takes either).
+bool pool_shapes_ok(int *ndims, int64_t **shapes, const char **dtypes, int x_at, int y_at, bool inference, bool bf16) {
+  const bool f32 = is_f32(dtypes[x_at]) && is_f32(dtypes[y_at]), half = is_bf16(dtypes[x_at]) && is_bf16(dtypes[y_at]);
+  const bool types = inference ? f32 || half : bf16 ? half : f32;
   if (!types || ndims[x_at] != 4 || ndims[y_at] != 4) return false;
   const int64_t *x = shapes[x_at], *y = shapes[y_at];
   return y[0] == x[0] && y[3] == x[3] && y[1] == (x[1] + 1) / 2 && y[2] == (x[2] + 1) / 2;
@@ -1075,14 +1113,17 @@ enum class PoolPass { inference, training, backward };
 
 // Shared body of the max-pool entry points. Tensors, in MindSpore's order (inputs, then outputs):
 //   inference: x, y;  training: x, y, where (uint8, shaped like y);  backward: dy, where, x, dx.
-int run_pool(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, PoolPass pass) {
+// Training passes take float32, or bfloat16 with `bf16`.
+int run_pool(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, PoolPass pass,
+             bool bf16 = false) {
   const int x_at = pass == PoolPass::backward ? 2 : 0, y_at = pass == PoolPass::backward ? 0 : 1;
   const int where_at = pass == PoolPass::backward ? 1 : 2;
   bool ok = nparam == (pass == PoolPass::inference ? 2 : pass == PoolPass::training ? 3 : 4) &&
-            pool_shapes_ok(ndims, shapes, dtypes, x_at, y_at, pass == PoolPass::inference);
+            pool_shapes_ok(ndims, shapes, dtypes, x_at, y_at, pass == PoolPass::inference, bf16);
   if (ok && pass != PoolPass::inference)
     ok = std::strcmp(dtypes[where_at], "uint8") == 0 && ndims[where_at] == 4 && same_shape(shapes[y_at], shapes[where_at], 4);
-  if (ok && pass == PoolPass::backward) ok = is_f32(dtypes[3]) && ndims[3] == 4 && same_shape(shapes[2], shapes[3], 4);
+  if (ok && pass == PoolPass::backward)
+    ok = std::strcmp(dtypes[3], dtypes[2]) == 0 && ndims[3] == 4 && same_shape(shapes[2], shapes[3], 4);
   if (!ok) return fail("max-pool: unexpected inputs");
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
@@ -1141,13 +1182,15 @@ struct BatchNormArgs {
   }
 };
 
-bool batch_norm_shapes_fit(const BatchNormArgs &a, int nparam, int *ndims, int64_t **shapes, const char **dtypes) {
+// Activations (and their gradients) in `data` type, the per-channel tensors and eps float32.
+bool batch_norm_shapes_fit(const BatchNormArgs &a, int nparam, int *ndims, int64_t **shapes, const char **dtypes,
+                           const char *data) {
   const int64_t *x = shapes[a.x_at], c = shapes[a.x_at][3];
   bool ok = true;
   for (int i = 0; i < nparam; i++) {
     if (i == a.workspace_at) continue;
-    ok = ok && is_f32(dtypes[i]) && (a.is_data(i) ? ndims[i] == 4 && same_shape(x, shapes[i], 4)
-                                                  : ndims[i] == 1 && shapes[i][0] == (i == a.eps_at ? 1 : c));
+    ok = ok && (a.is_data(i) ? std::strcmp(dtypes[i], data) == 0 && ndims[i] == 4 && same_shape(x, shapes[i], 4)
+                             : is_f32(dtypes[i]) && ndims[i] == 1 && shapes[i][0] == (i == a.eps_at ? 1 : c));
   }
   return ok;
 }
@@ -1189,21 +1232,58 @@ void execute_batch_norm(BatchNormPlan &plan, const BatchNormArgs &a, void **para
 }
 
 int run_batch_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool backward,
-                   Fused fused) {
+                   Fused fused, bool bf16) {
   const BatchNormArgs a(backward, fused);
   if (nparam != a.inputs + a.outputs) return fail("batch-norm: wrong number of inputs");
-  if (!batch_norm_shapes_fit(a, nparam, ndims, shapes, dtypes))
+  if (!batch_norm_shapes_fit(a, nparam, ndims, shapes, dtypes, bf16 ? "bfloat16" : "float32"))
     return fail(backward ? "batch-norm backward: unexpected inputs" : "batch-norm: unexpected inputs");
   const int64_t *x = shapes[a.x_at];
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
     const float eps = *static_cast<const float *>(params[a.eps_at]);
-    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], x[3], eps, fused);
+    BatchNormPlan &plan = batch_norm_plan(x[0], x[1], x[2], x[3], eps, fused, bf16 ? dt::bf16 : dt::f32);
     const int ws = a.workspace_at;
     if (a.relu && (std::strcmp(dtypes[ws], "uint8") != 0 || ndims[ws] != 1 ||
                    shapes[ws][0] != static_cast<int64_t>(plan.workspace.get_size())))
       return fail("batch-norm: the workspace has the wrong size");
     execute_batch_norm(plan, a, params);
+  } catch (const std::exception &e) {
+    return fail(e.what());
+  }
+  return 0;
+}
+
+// Shared body of VnForkBf16 (x -> two copies) and its backward ((da, db) -> da + db): three bf16
+// tensors of one shape.
+int run_fork(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool backward) {
+  bool ok = nparam == 3;
+  for (int i = 0; ok && i < 3; i++) ok = is_bf16(dtypes[i]) && ndims[i] == ndims[0] && same_shape(shapes[i], shapes[0], ndims[0]);
+  if (!ok) return fail("fork: expected three bfloat16 tensors of one shape");
+  int64_t count = 1;
+  for (int d = 0; d < ndims[0]; d++) count *= shapes[0][d];
+  if (count == 0) return 0;
+  try {
+    std::lock_guard<std::mutex> lock(kernel_mutex());
+    auto &engine = cpu_engine();
+    dnnl::stream stream(engine);
+    const memory::desc flat({count}, dt::bf16, tag::x);
+    if (backward) {
+      dnnl::binary::primitive_desc add(engine, dnnl::algorithm::binary_add, flat, flat, flat);
+      dnnl::binary(add).execute(stream, {{DNNL_ARG_SRC_0, memory(flat, engine, params[0])},
+                                         {DNNL_ARG_SRC_1, memory(flat, engine, params[1])},
+                                         {DNNL_ARG_DST, memory(flat, engine, params[2])}});
+    } else {
+      const size_t bytes = static_cast<size_t>(count) * 2, chunk = 1 << 16;
+      const int64_t chunks = static_cast<int64_t>((bytes + chunk - 1) / chunk);
+      const auto *x = static_cast<const char *>(params[0]);
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < chunks; i++) {
+        const size_t at = static_cast<size_t>(i) * chunk, size = std::min(chunk, bytes - at);
+        std::memcpy(static_cast<char *>(params[1]) + at, x + at, size);
+        std::memcpy(static_cast<char *>(params[2]) + at, x + at, size);
+      }
+    }
+    stream.wait();
   } catch (const std::exception &e) {
     return fail(e.what());
   }
@@ -1573,6 +1653,30 @@ int VnMaxPoolBackward3x3S2(int nparam, void **params, int *ndims, int64_t **shap
   return run_pool(nparam, params, ndims, shapes, dtypes, PoolPass::backward);
 }
 
+// The same two on bf16 activations and gradients.
+int VnMaxPoolBf16Train3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                            void *) {
+  return run_pool(nparam, params, ndims, shapes, dtypes, PoolPass::training, true);
+}
+
+int VnMaxPoolBf16Backward3x3S2(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                               void *) {
+  return run_pool(nparam, params, ndims, shapes, dtypes, PoolPass::backward, true);
+}
+
+// A bf16 activation that two ops read (a block's input: its first convolution and its
+// shortcut): two copies, so that MindSpore never adds their two gradients itself (it has no
+// CPU addition of bfloat16). x -> (a, b).
+int VnForkBf16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return run_fork(nparam, params, ndims, shapes, dtypes, false);
+}
+
+// Its backward: (da, db) -> da + db, rounded to bf16 once.
+int VnForkBf16Backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                       void *) {
+  return run_fork(nparam, params, ndims, shapes, dtypes, true);
+}
+
 // Which oneDNN implementations run the whole backbone for this input and precision, e.g.
 // "35 jit_1x1:avx512_core, 17 jit:avx512_core, 1 ... (nChw16c)". 0, or 1 with the error in `out`.
 int VnBackboneImplementations(int64_t n, int64_t h, int64_t w, int64_t last_stride, int bf16, char *out, int size) {
@@ -1647,23 +1751,30 @@ int VnCpuIsa(char *out, int size) {
          effective == isa::avx512_core_amx || effective == isa::avx512_core_amx_fp16 || effective == isa::avx2_vnni_2;
 }
 
-#define VN_BATCH_NORM(name, backward, fused)                                                                   \
+#define VN_BATCH_NORM(name, backward, fused, bf16)                                                             \
   int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {         \
-    return run_batch_norm(nparam, params, ndims, shapes, dtypes, backward, fused);                                \
+    return run_batch_norm(nparam, params, ndims, shapes, dtypes, backward, fused, bf16);                          \
   }
-VN_BATCH_NORM(VnBatchNormTrain, false, Fused::none)
-VN_BATCH_NORM(VnBatchNormReluTrain, false, Fused::relu)
-VN_BATCH_NORM(VnBatchNormAddReluTrain, false, Fused::add_relu)
-VN_BATCH_NORM(VnBatchNormBackward, true, Fused::none)
-VN_BATCH_NORM(VnBatchNormReluBackward, true, Fused::relu)
-VN_BATCH_NORM(VnBatchNormAddReluBackward, true, Fused::add_relu)
+VN_BATCH_NORM(VnBatchNormTrain, false, Fused::none, false)
+VN_BATCH_NORM(VnBatchNormReluTrain, false, Fused::relu, false)
+VN_BATCH_NORM(VnBatchNormAddReluTrain, false, Fused::add_relu, false)
+VN_BATCH_NORM(VnBatchNormBackward, true, Fused::none, false)
+VN_BATCH_NORM(VnBatchNormReluBackward, true, Fused::relu, false)
+VN_BATCH_NORM(VnBatchNormAddReluBackward, true, Fused::add_relu, false)
+// The same on bf16 activations and gradients (a bf16 network's, between its convolutions).
+VN_BATCH_NORM(VnBatchNormBf16Train, false, Fused::none, true)
+VN_BATCH_NORM(VnBatchNormBf16ReluTrain, false, Fused::relu, true)
+VN_BATCH_NORM(VnBatchNormBf16AddReluTrain, false, Fused::add_relu, true)
+VN_BATCH_NORM(VnBatchNormBf16Backward, true, Fused::none, true)
+VN_BATCH_NORM(VnBatchNormBf16ReluBackward, true, Fused::relu, true)
+VN_BATCH_NORM(VnBatchNormBf16AddReluBackward, true, Fused::add_relu, true)
 
-// Bytes of workspace the batch-norm with fused ReLU needs for x (N, H, W, C), so that MindSpore
-// can allocate it as an output; -1 on error.
-int64_t VnBatchNormReluWorkspaceBytes(int64_t n, int64_t h, int64_t w, int64_t c) {
+// Bytes of workspace the batch-norm with fused ReLU needs for x (N, H, W, C) (float32, or bf16
+// with bf16 != 0), so that MindSpore can allocate it as an output; -1 on error.
+int64_t VnBatchNormReluWorkspaceBytes(int64_t n, int64_t h, int64_t w, int64_t c, int bf16) {
   try {
-    return static_cast<int64_t>(
-        batch_norm_forward_desc(nhwc_desc(n, h, w, c), 1e-5f, Fused::relu).workspace_desc().get_size());
+    const memory::desc data = nhwc_desc(n, h, w, c, bf16 ? dt::bf16 : dt::f32);
+    return static_cast<int64_t>(batch_norm_forward_desc(data, 1e-5f, Fused::relu).workspace_desc().get_size());
   } catch (const std::exception &) {
     return -1;
   }

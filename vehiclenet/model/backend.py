@@ -11,7 +11,7 @@ MindSpore's graph compiler reads their fields as constants (checked under
 ``jit_syntax_level=STRICT``). This module imports no MindSpore.
 """
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 Op = Callable[..., Any]  # a mindspore.ops.Custom over the kernel library
 
@@ -36,7 +36,8 @@ def check_stride(stride: int) -> int:
 class KernelBackend:
     """Run the backbone on the oneDNN kernels of ``library`` (a compiled shared library),
     convolutions in ``precision`` ("fp32" or "bf16"), for inference and for training (bf16
-    training: the convolutions' three passes in bf16, everything else float32)."""
+    training: the convolutions' three passes in bf16 and bf16 activations between the ops;
+    BatchNorm statistics, weights and their gradients float32)."""
 
     library: str
     precision: str = "fp32"
@@ -107,6 +108,7 @@ class BlockTrainOps:
     batch_norm: Op
     batch_norm_relu: Op
     batch_norm_add_relu: Op  # relu(bn(x) + identity): the block's end
+    fork: Optional[Op] = None  # bf16: x -> (x, x) for the block's two readers of its input
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class TrainOps:
     batch_norm: Op
     batch_norm_relu: Op
     batch_norm_add_relu: Op
+    fork: Optional[Op] = None  # bf16 only: one activation as two tensors (see cpu_kernels._fork)
 
     def block(self, stride: int) -> BlockTrainOps:
         """The ops of a block whose 3x3 convolution and shortcut have ``stride``."""
@@ -127,5 +130,5 @@ class TrainOps:
         return BlockTrainOps(
             conv1=self.conv_s1, conv2=strided, down_sample=strided, conv3=self.conv_s1,
             batch_norm=self.batch_norm, batch_norm_relu=self.batch_norm_relu,
-            batch_norm_add_relu=self.batch_norm_add_relu,
+            batch_norm_add_relu=self.batch_norm_add_relu, fork=self.fork,
         )

@@ -303,16 +303,18 @@ def train_conv(library: str, stride: int, input_grad: bool = True, bf16: bool = 
     and backward-to-weights (OIHW, so it lands on the same Parameter as MindSpore's Conv2D
     would); with ``input_grad=False`` (the first layer, whose input is the image) the
     backward-to-input is skipped and returns zeros. With ``bf16`` all three passes compute in
-    bf16 with float32 accumulation; tensors in and out stay float32."""
+    bf16 with float32 accumulation and y is bf16 (x may be float32 or bf16; dx has x's type, the
+    weights and their gradient stay float32)."""
+    from mindspore import dtype as mstype
     from mindspore import ops
 
     check_stride(stride)
     precision = "bf16" if bf16 else "fp32"
     # Both gradients in one op: it reads (and in bf16 converts) dy once.
     backward = _aot(library, abi.train_conv("Backward", precision, stride), lambda dy, w, x: [x, w],
-                    lambda dy, w, x: [dy, dy])
+                    lambda dy, w, x: [x, w])
     backward_weights = _aot(library, abi.train_conv("BackwardWeights", precision, stride), lambda x, dy, w: w,
-                            lambda x, dy, w: dy)
+                            lambda x, dy, w: w)
 
     def bprop(x, w, out, dout):
         dx, dw = backward(dout, w, x)
@@ -322,17 +324,17 @@ def train_conv(library: str, stride: int, input_grad: bool = True, bf16: bool = 
         return ops.zeros_like(x), backward_weights(x, dout, w)
 
     name = abi.train_conv("Train" if input_grad else "TrainNoInputGrad", precision, stride)
-    return _aot(library, name, lambda x, w: _halved(x, stride) + [w[0]], lambda x, w: x,
-                bprop if input_grad else bprop_weights_only)
+    return _aot(library, name, lambda x, w: _halved(x, stride) + [w[0]],
+                (lambda x, w: mstype.bfloat16) if bf16 else (lambda x, w: x), bprop if input_grad else bprop_weights_only)
 
 
-def _workspace_bytes(library: str):
+def _workspace_bytes(library: str, bf16: bool):
     """(n, h, w, c) -> bytes of the workspace oneDNN's batch-norm with fused ReLU needs."""
     size_of = abi.bindings(library).batch_norm_relu_workspace_bytes
 
     @functools.lru_cache(maxsize=None)
     def workspace(n, h, w, c):
-        size = size_of(n, h, w, c)
+        size = size_of(n, h, w, c, bf16)
         if size < 0:
             raise KernelsUnavailable(f"oneDNN has no batch-norm with fused ReLU for NHWC {n}x{h}x{w}x{c}")
         return size
@@ -340,23 +342,25 @@ def _workspace_bytes(library: str):
     return workspace
 
 
-def _train_batch_norm(library: str, relu: bool):
+def _train_batch_norm(library: str, relu: bool, precision: str = "fp32"):
     """(x, gamma, beta, eps (1,)) -> (y, batch mean, biased batch variance); with ``relu``,
-    relu(y) and also the workspace (uint8) its backward needs."""
+    relu(y) and also the workspace (uint8) its backward needs. x and y (and their gradients)
+    in ``precision``, the rest float32."""
     from mindspore import dtype as mstype
     from mindspore import ops
 
     name = "Relu" if relu else ""
-    workspace = _workspace_bytes(library) if relu else None
+    workspace = _workspace_bytes(library, precision == "bf16") if relu else None
 
     def shapes(x, gamma, *_):
         return [x, gamma, gamma] + ([[workspace(*x)]] if relu else [])
 
-    def dtypes(x, *_):
-        return [x, x, x] + ([mstype.uint8] if relu else [])
+    def dtypes(x, gamma, *_):
+        return [x, gamma, gamma] + ([mstype.uint8] if relu else [])
 
-    backward = _aot(library, abi.batch_norm(f"{name}Backward"), lambda dy, x, mean, var, gamma, *_: [x, gamma, gamma],
-                    lambda dy, *_: [dy, dy, dy])
+    backward = _aot(library, abi.batch_norm(f"{name}Backward", precision),
+                    lambda dy, x, mean, var, gamma, *_: [x, gamma, gamma],
+                    lambda dy, x, mean, var, gamma, *_: [dy, gamma, gamma])
 
     def bprop(x, gamma, beta, eps, out, dout):
         dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps)
@@ -366,52 +370,65 @@ def _train_batch_norm(library: str, relu: bool):
         dx, dgamma, dbeta = backward(dout[0], x, out[1], out[2], gamma, eps, out[3])
         return dx, dgamma, dbeta, ops.zeros_like(eps)
 
-    return _aot(library, abi.batch_norm(f"{name}Train"), shapes, dtypes, bprop_relu if relu else bprop)
+    return _aot(library, abi.batch_norm(f"{name}Train", precision), shapes, dtypes, bprop_relu if relu else bprop)
 
 
-def _train_batch_norm_add_relu(library: str):
+def _train_batch_norm_add_relu(library: str, precision: str = "fp32"):
     """(x, gamma, beta, eps, identity) -> (relu(bn(x) + identity), batch mean, batch variance):
     the end of a bottleneck block."""
     from mindspore import ops
 
     # Its backward is the ReLU's from the output, which is also the identity's gradient.
-    backward = _aot(library, "VnBatchNormAddReluBackward",
-                    lambda dy, x, mean, var, gamma, eps, y: [x, gamma, gamma, x], lambda dy, *_: [dy] * 4)
+    backward = _aot(library, abi.batch_norm("AddReluBackward", precision),
+                    lambda dy, x, mean, var, gamma, eps, y: [x, gamma, gamma, x],
+                    lambda dy, x, mean, var, gamma, eps, y: [dy, gamma, gamma, dy])
 
     def bprop(x, gamma, beta, eps, identity, out, dout):
         dx, dgamma, dbeta, didentity = backward(dout[0], x, out[1], out[2], gamma, eps, out[0])
         return dx, dgamma, dbeta, ops.zeros_like(eps), didentity
 
-    return _aot(library, "VnBatchNormAddReluTrain", lambda x, gamma, *_: [x, gamma, gamma],
-                lambda x, *_: [x, x, x], bprop)
+    return _aot(library, abi.batch_norm("AddReluTrain", precision), lambda x, gamma, *_: [x, gamma, gamma],
+                lambda x, gamma, *_: [x, gamma, gamma], bprop)
 
 
-def _train_max_pool(library: str):
+def _train_max_pool(library: str, precision: str = "fp32"):
     """3x3, stride 2: x -> (y, uint8 positions of the maxima for the backward)."""
     from mindspore import dtype as mstype
 
-    backward = _aot(library, "VnMaxPoolBackward3x3S2", lambda dy, where, x: x, lambda dy, where, x: dy)
+    backward = _aot(library, abi.max_pool("Backward", precision), lambda dy, where, x: x, lambda dy, where, x: dy)
 
     def bprop(x, out, dout):
         return (backward(dout[0], out[1], x),)
 
-    return _aot(library, "VnMaxPoolTrain3x3S2", lambda x: [_halved(x, 2) + [x[3]]] * 2,
+    return _aot(library, abi.max_pool("Train", precision), lambda x: [_halved(x, 2) + [x[3]]] * 2,
                 lambda x: [x, mstype.uint8], bprop)
+
+
+def _fork(library: str):
+    """bf16 x -> (x, x) as two tensors, for an activation two ops read: their gradients are
+    summed by the op's backward (MindSpore has no CPU addition of bfloat16)."""
+    backward = _aot(library, "VnForkBf16Backward", lambda da, db: da, lambda da, db: da)
+
+    def bprop(x, out, dout):
+        return (backward(dout[0], dout[1]),)
+
+    return _aot(library, "VnForkBf16", lambda x: [x, x], lambda x: [x, x], bprop)
 
 
 def make_train_ops(library: str, precision: str = "fp32") -> TrainOps:
     """Differentiable MindSpore custom ops over ``library`` for training on NHWC activations,
     by role (see :class:`TrainOps`); each op's gradient is oneDNN's backward kernel. With
     ``precision="bf16"`` the convolutions compute in bf16 (forward, backward to the input and
-    to the weights, float32 accumulation); BatchNorm, max-pool, the activations between the
-    ops, the weights and their gradients stay float32."""
+    to the weights, float32 accumulation) and the activations between the ops and their
+    gradients are bf16 (BatchNorm's statistics, the weights and their gradients stay float32)."""
     bf16 = check_precision(precision) == "bf16"
     return TrainOps(
         stem=train_conv(library, 2, input_grad=False, bf16=bf16),
-        max_pool=_train_max_pool(library),
+        max_pool=_train_max_pool(library, precision),
         conv_s1=train_conv(library, 1, bf16=bf16),
         conv_s2=train_conv(library, 2, bf16=bf16),
-        batch_norm=_train_batch_norm(library, relu=False),
-        batch_norm_relu=_train_batch_norm(library, relu=True),
-        batch_norm_add_relu=_train_batch_norm_add_relu(library),
+        batch_norm=_train_batch_norm(library, relu=False, precision=precision),
+        batch_norm_relu=_train_batch_norm(library, relu=True, precision=precision),
+        batch_norm_add_relu=_train_batch_norm_add_relu(library, precision),
+        fork=_fork(library) if bf16 else None,
     )

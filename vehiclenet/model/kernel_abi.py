@@ -9,14 +9,17 @@ import ctypes
 import functools
 from typing import Tuple
 
-__all__ = ["SYMBOLS", "TAGS", "conv", "backbone", "train_conv", "batch_norm", "entry", "Bindings", "bindings"]
+__all__ = ["SYMBOLS", "TAGS", "conv", "backbone", "train_conv", "batch_norm", "max_pool", "entry", "Bindings",
+           "bindings"]
 
 #: The precision part of a name ("" for float32).
 TAGS = {"fp32": "", "bf16": "Bf16"}
 CONV_OPS = ("S1", "S1Relu", "S2", "S2Relu", "AddS1Relu")
 TRAIN_CONV_PASSES = ("Train", "TrainNoInputGrad", "Backward", "BackwardWeights")
 BATCH_NORM_OPS = ("Train", "ReluTrain", "Backward", "ReluBackward", "AddReluTrain", "AddReluBackward")
-MAX_POOL_OPS = ("VnMaxPool3x3S2", "VnMaxPoolTrain3x3S2", "VnMaxPoolBackward3x3S2")
+MAX_POOL_OPS = ("VnMaxPool3x3S2", "VnMaxPoolTrain3x3S2", "VnMaxPoolBackward3x3S2", "VnMaxPoolBf16Train3x3S2",
+                "VnMaxPoolBf16Backward3x3S2")
+FORK_OPS = ("VnForkBf16", "VnForkBf16Backward")
 INFO_FUNCTIONS = ("VnBackboneImplementations", "VnWeightReorders", "VnConvImplementation",
                   "VnTrainConvImplementation", "VnCpuIsa", "VnBatchNormReluWorkspaceBytes")
 
@@ -26,8 +29,8 @@ SYMBOLS = tuple(
     + ["VnConvBf16AddS1ReluToF32"]
     + [f"VnBackbone{tag}L{stride}" for tag in TAGS.values() for stride in (1, 2)]
     + [f"VnConv{op}{tag}S{stride}" for op in TRAIN_CONV_PASSES for tag in TAGS.values() for stride in (1, 2)]
-    + list(MAX_POOL_OPS) + list(INFO_FUNCTIONS)
-    + [f"VnBatchNorm{op}" for op in BATCH_NORM_OPS]
+    + list(MAX_POOL_OPS) + list(FORK_OPS) + list(INFO_FUNCTIONS)
+    + [f"VnBatchNorm{tag}{op}" for tag in TAGS.values() for op in BATCH_NORM_OPS]
 )
 
 
@@ -53,9 +56,14 @@ def train_conv(training_pass: str, precision: str, stride: int) -> str:
     return entry(f"VnConv{training_pass}{TAGS[precision]}S{stride}")
 
 
-def batch_norm(op: str) -> str:
-    """A training batch-norm op (one of :data:`BATCH_NORM_OPS`)."""
-    return entry(f"VnBatchNorm{op}")
+def batch_norm(op: str, precision: str = "fp32") -> str:
+    """A training batch-norm op (one of :data:`BATCH_NORM_OPS`) on activations of ``precision``."""
+    return entry(f"VnBatchNorm{TAGS[precision]}{op}")
+
+
+def max_pool(op: str, precision: str = "fp32") -> str:
+    """A training max-pool op ("Train" or "Backward") on activations of ``precision``."""
+    return entry(f"VnMaxPool{TAGS[precision]}{op}3x3S2")
 
 
 class Bindings:
@@ -71,7 +79,8 @@ class Bindings:
                                      [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_char_p, ctypes.c_int])
         self._reorders = _typed(lib.VnWeightReorders, [], ctypes.c_int64)
         self._isa = _typed(lib.VnCpuIsa, [ctypes.c_char_p, ctypes.c_int])
-        self._workspace = _typed(lib.VnBatchNormReluWorkspaceBytes, [ctypes.c_int64] * 4, ctypes.c_int64)
+        self._workspace = _typed(lib.VnBatchNormReluWorkspaceBytes, [ctypes.c_int64] * 4 + [ctypes.c_int],
+                                 ctypes.c_int64)
 
     def conv_implementation(self, shape: Tuple[int, ...], bf16: bool) -> Tuple[bool, str]:
         """(ok, text): the oneDNN implementation of an inference convolution, or the error."""
@@ -92,9 +101,10 @@ class Bindings:
         native = self._isa(buffer, len(buffer))
         return buffer.value.decode(), bool(native)
 
-    def batch_norm_relu_workspace_bytes(self, n: int, h: int, w: int, c: int) -> int:
-        """Bytes of the workspace oneDNN's batch-norm with fused ReLU needs; negative: none exists."""
-        return int(self._workspace(n, h, w, c))
+    def batch_norm_relu_workspace_bytes(self, n: int, h: int, w: int, c: int, bf16: bool = False) -> int:
+        """Bytes of the workspace oneDNN's batch-norm with fused ReLU needs (on float32 or bf16
+        activations); negative: none exists."""
+        return int(self._workspace(n, h, w, c, int(bool(bf16))))
 
 
 @functools.lru_cache(maxsize=None)

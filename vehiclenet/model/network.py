@@ -50,7 +50,7 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     return (conv.weight,) + _running_affine(bn)
 
 
-def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool, identity=None):
+def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool, identity=None, bf16: bool = False):
     """``bn`` (plus ``identity`` if given, then a ReLU if ``relu``) on NHWC ``x`` in a network
     being trained.
 
@@ -58,14 +58,19 @@ def _bn_train(batch_norm, x, bn: nn.BatchNorm2d, eps, relu: bool, identity=None)
     the ReLU), updating the running statistics exactly as MindSpore's BatchNorm2d does:
     ``bn.momentum`` is the batch's weight and the running variance takes the unbiased batch
     variance. A BatchNorm frozen with ``bn.set_train(False)`` uses its running statistics
-    and leaves them alone, as in MindSpore's graph.
+    and leaves them alone, as in MindSpore's graph; on the bf16 activations of a ``bf16``
+    network it computes in float32 (MindSpore has no CPU arithmetic on bfloat16).
     """
     if not bn.training:
         scale, shift = _running_affine(bn)
+        if bf16:
+            x = ops.cast(x, ms.float32)
+            identity = None if identity is None else ops.cast(identity, ms.float32)
         y = x * scale + shift  # channels last: broadcasts per channel
         if identity is not None:
             y = y + identity
-        return ops.relu(y) if relu else y
+        y = ops.relu(y) if relu else y
+        return ops.cast(y, ms.bfloat16) if bf16 else y
     if identity is None:
         outputs = batch_norm(x, bn.gamma, bn.beta, eps)
     else:
@@ -143,13 +148,16 @@ class Bottleneck(nn.Cell):
     def construct_nhwc_train(self, x):
         """Training forward on NHWC tensors with the differentiable oneDNN ops (batch statistics)."""
         t, eps = self.train_ops, self.bn_eps
-        out = _bn_train(t.batch_norm_relu, t.conv1(x, self.conv1.weight), self.bn1, eps, True)
-        out = _bn_train(t.batch_norm_relu, t.conv2(out, self.conv2.weight), self.bn2, eps, True)
-        identity = x
+        bf16 = t.fork is not None
+        # x has two readers; in bf16 they get a copy each, whose backward adds their gradients.
+        x, identity = t.fork(x) if bf16 else (x, x)
+        out = _bn_train(t.batch_norm_relu, t.conv1(x, self.conv1.weight), self.bn1, eps, True, bf16=bf16)
+        out = _bn_train(t.batch_norm_relu, t.conv2(out, self.conv2.weight), self.bn2, eps, True, bf16=bf16)
         if self.down_sample:
             down, down_bn = self.down_sample_layer[0], self.down_sample_layer[1]
-            identity = _bn_train(t.batch_norm, t.down_sample(x, down.weight), down_bn, eps, False)
-        return _bn_train(t.batch_norm_add_relu, t.conv3(out, self.conv3.weight), self.bn3, eps, True, identity)
+            identity = _bn_train(t.batch_norm, t.down_sample(identity, down.weight), down_bn, eps, False, bf16=bf16)
+        return _bn_train(t.batch_norm_add_relu, t.conv3(out, self.conv3.weight), self.bn3, eps, True, identity,
+                         bf16=bf16)
 
 
 class ResNet50(nn.Cell):
@@ -232,11 +240,11 @@ class ResNet50(nn.Cell):
     def construct_nhwc_train(self, x):
         t = self.train_ops
         x = t.stem(ops.transpose(x, (0, 2, 3, 1)), self.conv1.weight)
-        x = t.max_pool(_bn_train(t.batch_norm_relu, x, self.bn1, self.bn_eps, True))[0]
+        x = t.max_pool(_bn_train(t.batch_norm_relu, x, self.bn1, self.bn_eps, True, bf16=self.bf16))[0]
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = block.construct_nhwc_train(x)
-        return ops.mean(x, (1, 2))
+        return ops.mean(ops.cast(x, ms.float32) if self.bf16 else x, (1, 2))
 
 
 def _kernel_ops(backend: Optional[KernelBackend]) -> Tuple[Optional[InferenceOps], Optional[TrainOps]]:

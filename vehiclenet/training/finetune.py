@@ -196,7 +196,8 @@ def build_train_step(net, optimizer, precision: Optional[str] = None):
     Sets the network to training mode. Under data-parallel mode (see
     :func:`init_data_parallel`) the gradients are all-reduced and averaged. The step computes
     in the precision the network was created with (``create_network(precision="bf16")``: the
-    convolutions in bf16, everything else float32); ``precision``, if given, must be that one.
+    convolutions in bf16 and bf16 activations between the ops; BatchNorm statistics, weights,
+    gradients and the optimizer float32); ``precision``, if given, must be that one.
     """
     import mindspore.nn as nn
 
