@@ -8,7 +8,8 @@ The step is the one `vehiclenet finetune` runs (softmax cross-entropy, two SGD
 parameter groups, momentum 0.9, weight decay 1e-4, graph mode), on the oneDNN
 kernels (vehiclenet/model/cpu_kernels.py, the default on x86-64 Linux) in fp32 and, with
 ``--precision bf16|both`` on a CPU with native bf16, bf16 (``finetune --precision bf16``:
-the convolutions' passes in bf16, the rest float32), and on MindSpore's own
+the convolutions' passes in bf16 and bf16 activations between the ops; BatchNorm
+statistics, weights and the optimizer float32), and on MindSpore's own
 operators, in the same run (the machine is shared: the ratio says more than either). Random
 weights and random inputs by default (throughput does not depend on them); the
 first step (graph compilation) is timed separately and excluded. ``--pipeline``

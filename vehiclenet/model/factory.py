@@ -103,7 +103,8 @@ def create_network(
             model exactly; ``"bf16"`` convolves in bfloat16 with float32 accumulation on
             the oneDNN kernels (features within cosine 0.9999 of fp32, about 2x faster on
             CPUs with AVX512-BF16 or AMX). Training a bf16 network convolves in bf16 too,
-            forward and backward; everything else, weights and gradients stay float32.
+            forward and backward, with bf16 activations between the ops; BatchNorm
+            statistics, weights, gradients and the optimizer stay float32.
         cpu_kernels: ``False`` builds the network on MindSpore's own operators even where
             the oneDNN kernels are available (export does: its graph must not name a
             library of this machine). The choice is made here, for the network's life.
