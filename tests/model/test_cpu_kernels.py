@@ -513,6 +513,44 @@ def test_bf16_training_convolution_is_the_float32_convolution_of_bf16_operands(i
     assert not first_dx.any() and _rel(first_dw, rounded[2]) <= 2e-5
 
 
+def test_bf16_training_convolution_without_bf16_kernels_computes_in_float32(tmp_path):
+    """Where oneDNN has no bf16 kernel for a training convolution (here: its instruction set
+    capped at AVX2, as on such a CPU), the op still takes and gives bf16 activations, computing
+    in float32 between them: y and dx are the float32 results rounded to bf16 once, dw float32."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"""
+import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]
+import numpy as np, mindspore as ms, mindspore.ops as ops
+from test_cpu_kernels import _bf16, _grads, _in_bf16, _nchw, _nhwc, _rel
+from vehiclenet.model import cpu_kernels
+library = cpu_kernels.library_path()
+print("IMPL", cpu_kernels.train_conv_implementation(library, 2, 9, 10, 16, 32, 3, 1, bf16=True))
+rng = np.random.default_rng(5)
+x = _bf16(rng.standard_normal((2, 16, 9, 10)).astype(np.float32))
+w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+dy = _bf16(rng.standard_normal((2, 32, 9, 10)).astype(np.float32))
+op = cpu_kernels.train_conv(library, 1, input_grad=True, bf16=True)
+print("TYPE", op(_nhwc(x).astype(ms.bfloat16), ms.Tensor(w)).dtype)
+conv = lambda x, w: _in_bf16(op)(x, w, keep=(1,))
+plain = lambda x, w: ops.conv2d(x, w, pad_mode="same")
+got = [_nchw(conv(_nhwc(x), ms.Tensor(w)))] + _grads(conv, _nhwc(dy), _nhwc(x), ms.Tensor(w))
+got[1] = got[1].transpose(0, 3, 1, 2)
+want = [plain(ms.Tensor(x), ms.Tensor(w)).asnumpy()] + _grads(plain, ms.Tensor(dy), ms.Tensor(x), ms.Tensor(w))
+print("REL", _rel(got[0], _bf16(want[0])), _rel(got[1], _bf16(want[1])), _rel(got[2], want[2]))
+"""
+    env = dict(os.environ, DNNL_MAX_CPU_ISA="AVX2", PYTHONPATH=os.path.dirname(os.path.dirname(here)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.split(" ", 1)[0] in ("IMPL", "TYPE", "REL"))
+    assert lines["IMPL"].startswith("f32: ") and "ref" not in lines["IMPL"], lines
+    assert lines["TYPE"] == "BFloat16", lines
+    y, dx, dw = (float(v) for v in lines["REL"].split())
+    assert y <= 3e-4 and dx <= 3e-4 and dw <= 1e-5, lines
+
+
 @pytest.mark.skipif(not _NATIVE_BF16, reason="needs a CPU with native bf16 (AVX512-BF16, AMX)")
 @pytest.mark.parametrize("fused", ["batch_norm", "batch_norm_relu", "batch_norm_add_relu"])
 def test_bf16_training_batch_norm_is_float32_arithmetic_on_bf16_activations(fused):
