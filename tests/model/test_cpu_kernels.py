@@ -551,6 +551,30 @@ print("REL", _rel(got[0], _bf16(want[0])), _rel(got[1], _bf16(want[1])), _rel(go
     assert y <= 3e-4 and dx <= 3e-4 and dw <= 1e-5, lines
 
 
+def _batch_norm_case(fused: str, channels: int, seed: int, rounded=lambda a: a):
+    """Inputs of a training BatchNorm test (the activations passed through ``rounded``), the
+    MindSpore tensors x, gamma, beta, identity, and MindSpore's float32 output and gradients."""
+    import mindspore as ms
+    import mindspore.ops as ops
+
+    rng = np.random.default_rng(seed)
+    x = rounded((rng.standard_normal((2, channels, 5, 7)) * 2 + 1).astype(np.float32))
+    gamma = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    beta = rng.standard_normal(channels).astype(np.float32)
+    identity = rounded(rng.standard_normal(x.shape).astype(np.float32))
+    dy = rounded(rng.standard_normal(x.shape).astype(np.float32))
+    relu, add = fused != "batch_norm", fused == "batch_norm_add_relu"
+    unused = ms.Tensor(np.zeros(channels, np.float32))
+
+    def plain(x, gamma, beta, identity):
+        y = ops.batch_norm(x, unused, unused + 1, gamma, beta, training=True, eps=1e-4)
+        y = y + identity if add else y
+        return ops.relu(y) if relu else y
+
+    args = [ms.Tensor(v) for v in (x, gamma, beta, identity)]
+    return x, gamma, beta, identity, dy, args, plain(*args).asnumpy(), _grads(plain, ms.Tensor(dy), *args)
+
+
 @pytest.mark.skipif(not _NATIVE_BF16, reason="needs a CPU with native bf16 (AVX512-BF16, AMX)")
 @pytest.mark.parametrize("fused", ["batch_norm", "batch_norm_relu", "batch_norm_add_relu"])
 def test_bf16_training_batch_norm_is_float32_arithmetic_on_bf16_activations(fused):
@@ -560,23 +584,8 @@ def test_bf16_training_batch_norm_is_float32_arithmetic_on_bf16_activations(fuse
     import mindspore as ms
     import mindspore.ops as ops
 
-    rng = np.random.default_rng(16)
-    x = _bf16((rng.standard_normal((2, 32, 5, 7)) * 2 + 1).astype(np.float32))
-    gamma = rng.uniform(0.5, 1.5, 32).astype(np.float32)
-    beta = rng.standard_normal(32).astype(np.float32)
-    identity = _bf16(rng.standard_normal(x.shape).astype(np.float32))
-    dy = _bf16(rng.standard_normal(x.shape).astype(np.float32))
-    relu, add = fused != "batch_norm", fused == "batch_norm_add_relu"
-    unused = ms.Tensor(np.zeros(32, np.float32))
-
-    def plain(x, gamma, beta, identity):
-        y = ops.batch_norm(x, unused, unused + 1, gamma, beta, training=True, eps=1e-4)
-        y = y + identity if add else y
-        return ops.relu(y) if relu else y
-
-    args = [ms.Tensor(v) for v in (x, gamma, beta, identity)]
-    want_y = plain(*args).asnumpy()
-    want = _grads(plain, ms.Tensor(dy), *args)
+    x, gamma, beta, identity, dy, args, want_y, want = _batch_norm_case(fused, 32, 16, _bf16)
+    add = fused == "batch_norm_add_relu"
     op = getattr(cpu_kernels.make_train_ops(library_path(), "bf16"), fused)
     eps = ms.Tensor([1e-4], ms.float32)
     bf16 = _in_bf16(lambda x, gamma, beta, identity: op(x, gamma, beta, eps, identity) if add
@@ -645,25 +654,9 @@ def test_bf16_training_max_pool_and_fork():
 def test_training_batch_norm_matches_mindspore(fused):
     """Output, batch statistics and the gradients to x, gamma, beta (and the residual identity)."""
     import mindspore as ms
-    import mindspore.ops as ops
 
-    rng = np.random.default_rng(6)
-    x = (rng.standard_normal((2, 6, 5, 7)) * 2 + 1).astype(np.float32)
-    gamma = rng.uniform(0.5, 1.5, 6).astype(np.float32)
-    beta = rng.standard_normal(6).astype(np.float32)
-    identity = rng.standard_normal(x.shape).astype(np.float32)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
+    x, gamma, beta, identity, dy, args, want_y, want = _batch_norm_case(fused, 6, 6)
     relu, add = fused != "batch_norm", fused == "batch_norm_add_relu"
-    unused = ms.Tensor(np.zeros(6, np.float32))
-
-    def plain(x, gamma, beta, identity):
-        y = ops.batch_norm(x, unused, unused + 1, gamma, beta, training=True, eps=1e-4)
-        y = y + identity if add else y
-        return ops.relu(y) if relu else y
-
-    args = [ms.Tensor(v) for v in (x, gamma, beta, identity)]
-    want_y = plain(*args).asnumpy()
-    want = _grads(plain, ms.Tensor(dy), *args)
     if relu:
         assert 0.2 < (want_y > 0).mean() < 0.8  # the ReLU really masks
 
