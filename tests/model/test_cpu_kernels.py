@@ -270,6 +270,34 @@ def test_weights_are_reordered_once_and_again_only_when_their_values_change(mode
     assert _rel(fast(x).asnumpy(), other_plain(x).asnumpy()) <= 1e-5
     ms.set_context(mode=ms.GRAPH_MODE)
 
+def test_plans_of_many_input_shapes_are_not_all_kept():
+    """Each batch size (or image size) gets its own convolution plans, each holding reordered
+    weights: a process that sees many must not keep every one. After five other batch sizes the
+    first one's plans are gone (its weights are reordered again), while the most recent shapes'
+    are still there (nothing reordered); results stay MindSpore's."""
+    import mindspore as ms
+
+    from vehiclenet.model.cpu_kernels import weight_reorders
+
+    library = library_path()
+    rng = np.random.default_rng(8)
+    fast, plain = _fast_and_plain(seed=8, mode="pynative", include_top=False)
+    images = {n: ms.Tensor(rng.standard_normal((n, 3, 40, 32)).astype(np.float32)) for n in range(1, 7)}
+
+    def reorders(n):
+        before = weight_reorders(library)
+        fast(images[n]).asnumpy()
+        return weight_reorders(library) - before
+
+    try:
+        assert [reorders(n) for n in range(1, 7)] == [53] * 6  # a new shape: every convolution
+        assert reorders(6) == 0 and reorders(5) == 0  # the two most recent whole-network plans
+        assert reorders(1) == 53  # dropped
+        assert _rel(fast(images[1]).asnumpy(), plain(images[1]).asnumpy()) <= 1e-5
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
 def test_one_ulp_in_one_weight_is_seen_and_batchnorm_shifts_need_no_reorder():
     """The per-call fingerprint misses no change: one element of the largest weight moved by
     one ulp is reordered again (exactly that convolution). A BatchNorm's mean and beta only

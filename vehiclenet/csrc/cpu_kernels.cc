@@ -491,7 +491,7 @@ std::string key_of(const std::vector<int64_t> &values) {
   return key;
 }
 
-// Plans (primitives, layouts, buffers) are built once per shape and kept for the process.
+// Pool plans (primitives and scratch only: small) are built once per shape and kept for the process.
 template <class Plan>
 std::unordered_map<std::string, std::unique_ptr<Plan>> &plan_cache() {
   static std::unordered_map<std::string, std::unique_ptr<Plan>> plans;
@@ -507,6 +507,42 @@ Plan *cached_plan(const std::string &key) {
 template <class Plan>
 Plan &keep_plan(const std::string &key, std::unique_ptr<Plan> plan) {
   return *plan_cache<Plan>().emplace(key, std::move(plan)).first->second;
+}
+
+// Convolution and batch-norm plans hold their own reordered weights and scratch, per input
+// shape (a ResNet-50 at one batch and image size: 24 inference convolution plans, ~100 MB
+// and more at 384x384; training ~22 convolution and ~15 batch-norm plans), so a process that
+// sees many batch sizes or image sizes (an embedding service, a test suite) would keep every
+// shape's. Only the most recent are kept: room for a few shapes (or precisions) at once, never
+// fewer than one network uses. A plan is used inside one call (under the kernel mutex); the
+// whole-backbone plans hold their convolutions' plans themselves (shared), so dropping one
+// from here never pulls it from under them.
+constexpr size_t kRecentPlans = 96;
+
+template <class Plan>
+std::list<std::pair<std::string, std::shared_ptr<Plan>>> &recent_plans() {
+  static std::list<std::pair<std::string, std::shared_ptr<Plan>>> plans;
+  return plans;
+}
+
+template <class Plan>
+std::shared_ptr<Plan> recent_plan(const std::string &key) {
+  auto &plans = recent_plans<Plan>();
+  for (auto it = plans.begin(); it != plans.end(); ++it) {
+    if (it->first == key) {
+      plans.splice(plans.begin(), plans, it);
+      return plans.front().second;
+    }
+  }
+  return nullptr;
+}
+
+template <class Plan>
+std::shared_ptr<Plan> keep_recent_plan(const std::string &key, std::unique_ptr<Plan> plan) {
+  auto &plans = recent_plans<Plan>();
+  while (plans.size() >= kRecentPlans) plans.pop_back();
+  plans.emplace_front(key, std::shared_ptr<Plan>(std::move(plan)));
+  return plans.front().second;
 }
 
 // Winograd for fp32 everywhere; for bf16 (activations in and out) only where oneDNN runs
@@ -559,9 +595,9 @@ bool winograd_fits(const ConvSpec &s) {
          (s.layout == tag::nhwc || s.layout == tag::nChw16c);
 }
 
-ConvPlan &conv_plan(const ConvSpec &s) {
+std::shared_ptr<ConvPlan> shared_conv_plan(const ConvSpec &s) {
   const std::string key = s.key();
-  if (auto *found = cached_plan<ConvPlan>(key)) return *found;
+  if (auto found = recent_plan<ConvPlan>(key)) return found;
 
   auto plan = std::make_unique<ConvPlan>();
   const ConvWindow window = conv_window(s.n, s.h, s.w, s.cin, s.cout, s.k, s.stride, s.src, s.dst, s.layout);
@@ -587,7 +623,7 @@ ConvPlan &conv_plan(const ConvSpec &s) {
     plan->implementation = plan->winograd->implementation;
     plan->weights_reorder =
         dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plan->winograd->u_user, cpu_engine(), plan->weights));
-    return keep_plan(key, std::move(plan));
+    return keep_recent_plan(key, std::move(plan));
   }
   dnnl::post_ops post;
   if (s.residual) post.append_binary(dnnl::algorithm::binary_add, plan->residual);
@@ -610,8 +646,11 @@ ConvPlan &conv_plan(const ConvSpec &s) {
   scaling.set_scales_mask(DNNL_ARG_SRC, 1 << 0);
   plan->weights_reorder = dnnl::reorder(
       dnnl::reorder::primitive_desc(cpu_engine(), plan->user_weights, cpu_engine(), plan->weights, scaling));
-  return keep_plan(key, std::move(plan));
+  return keep_recent_plan(key, std::move(plan));
 }
+
+// The plan of one call's convolution (valid until the next plan is made).
+ConvPlan &conv_plan(const ConvSpec &s) { return *shared_conv_plan(s); }
 
 // The fingerprint of one convolution's weights and BatchNorm scales (what its reorder depends on).
 uint64_t weights_fingerprint(const ConvPlan &plan, const void *weights, const void *scales) {
@@ -836,7 +875,7 @@ TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int
                                bool bf16, dt src_type = dt::f32, dt dst_type = dt::f32) {
   std::string key = key_of({n, h, w, cin, cout, k, stride, bf16, static_cast<int64_t>(src_type),
                             static_cast<int64_t>(dst_type)});
-  if (auto *found = cached_plan<TrainConvPlan>(key)) return *found;
+  if (auto found = recent_plan<TrainConvPlan>(key)) return *found;
   const ConvWindow window = conv_window(n, h, w, cin, cout, k, stride);
   std::unique_ptr<TrainConvPlan> plan;
   if (bf16) {
@@ -847,7 +886,7 @@ TrainConvPlan &train_conv_plan(int64_t n, int64_t h, int64_t w, int64_t cin, int
     if (plan && plan->implementation.find("ref") != std::string::npos) plan.reset();
   }
   if (!plan) plan = build_train_conv_plan(window, false, src_type, dst_type);
-  return keep_plan(key, std::move(plan));
+  return *keep_recent_plan(key, std::move(plan));
 }
 
 // OIHW weights as the primitive wants them: reordered into the plan's buffer, or used in place.
@@ -1014,7 +1053,7 @@ BatchNormPlan &batch_norm_plan(int64_t n, int64_t h, int64_t w, int64_t c, float
   int32_t eps_bits;
   std::memcpy(&eps_bits, &eps, sizeof(eps_bits));
   std::string key = key_of({n, h, w, c, eps_bits, static_cast<int64_t>(fused), static_cast<int64_t>(type)});
-  if (auto *found = cached_plan<BatchNormPlan>(key)) return *found;
+  if (auto found = recent_plan<BatchNormPlan>(key)) return *found;
   auto plan = std::make_unique<BatchNormPlan>();
   plan->data = nhwc_desc(n, h, w, c, type);
   plan->stat = memory::desc({c}, dt::f32, tag::x);
@@ -1048,7 +1087,7 @@ BatchNormPlan &batch_norm_plan(int64_t n, int64_t h, int64_t w, int64_t c, float
   }
   for (const auto &d : {plan->fwd_scratch, plan->bwd_scratch, plan->add_scratch, plan->relu_scratch})
     plan->scratch.fit(d);
-  return keep_plan(key, std::move(plan));
+  return *keep_recent_plan(key, std::move(plan));
 }
 
 bool same_shape(const int64_t *a, const int64_t *b, int n) {
@@ -1317,7 +1356,7 @@ tag preferred_layout() {
 
 // One step of the backbone: a planned convolution and where its operands live.
 struct Step {
-  ConvPlan *plan;
+  std::shared_ptr<ConvPlan> plan;
   int in, out, residual;  // buffer indices (-1: the caller's image / none)
   int64_t weights[4];     // the OIHW shape its weights must have
 };
@@ -1358,10 +1397,10 @@ std::unique_ptr<BackbonePlan> build_backbone_plan(int64_t n, int64_t h, int64_t 
   plan->layout = layout;
   size_t largest = 0;
   auto add = [&](const ConvSpec &spec, int in, int out, int residual) {
-    ConvPlan &conv = conv_plan(spec);
-    plan->steps.push_back({&conv, in, out, residual, {spec.cout, spec.cin, spec.k, spec.k}});
+    std::shared_ptr<ConvPlan> conv = shared_conv_plan(spec);
+    plan->steps.push_back({conv, in, out, residual, {spec.cout, spec.cin, spec.k, spec.k}});
     plan->folded.resize(plan->folded.size() + 2 * spec.cout);
-    largest = std::max(largest, conv.dst.get_size());
+    largest = std::max(largest, conv->dst.get_size());
   };
   // A convolution of the backbone's activations (type `act`, in `layout`).
   auto conv = [&](int64_t hh, int64_t ww, int64_t cin, int64_t cout, int64_t k, int64_t stride) {
