@@ -1750,12 +1750,14 @@ int VnConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
 }
 
 // The implementations of a training convolution's passes, "forward / backward data / backward
-// weights" (with bf16 != 0, of the bf16 passes, or float32's where those would be reference code).
+// weights" (with bf16 != 0, of the bf16 passes on bf16 activations, as a bf16 network runs them,
+// or float32's where those would be reference code).
 int VnTrainConvImplementation(int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k, int64_t stride,
                               int bf16, char *out, int size) {
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
-    TrainConvPlan &plan = train_conv_plan(n, h, w, cin, cout, k, stride, bf16 != 0);
+    const dt activations = bf16 ? dt::bf16 : dt::f32;
+    TrainConvPlan &plan = train_conv_plan(n, h, w, cin, cout, k, stride, bf16 != 0, activations, activations);
     std::snprintf(out, size, "%s%s", plan.bf16 ? "bf16: " : "f32: ", plan.implementation.c_str());
   } catch (const std::exception &e) {
     std::snprintf(out, size, "%s", e.what());

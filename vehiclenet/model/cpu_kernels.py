@@ -177,8 +177,9 @@ def train_conv_implementation(library: str, batch: int, height: int, width: int,
                               out_channels: int, kernel: int, stride: int, bf16: bool = False) -> str:
     """What runs a training convolution's three passes, e.g. ``bf16: brgconv:avx512_core_amx /
     brg_fwd:avx512_core_amx+brgconv:avx512_core_amx / brgconv_bwd_w:avx512_core_amx`` (forward,
-    backward to the input, backward to the weights); ``f32: ...`` where bf16 was asked for but
-    oneDNN has only reference code for it (that convolution then trains in float32)."""
+    backward to the input, backward to the weights) on bf16 activations, as a bf16 network runs
+    them; ``f32: ...`` where bf16 was asked for but oneDNN has only reference code for it (that
+    convolution then computes in float32 between its bf16 activations)."""
     return _checked(abi.bindings(library).train_conv_implementation(
         (batch, height, width, in_channels, out_channels, kernel, stride), bf16))
 
