@@ -800,18 +800,30 @@ def test_training_step_matches_mindspore(mode):
     ms.set_context(mode=ms.GRAPH_MODE)
 
 
-def test_training_with_frozen_batch_norm_matches_mindspore():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_with_frozen_batch_norm_matches_mindspore(precision):
     """BatchNorms frozen with set_train(False) inside a network being trained use and keep
     their running statistics, as in MindSpore's graph. Without batch statistics the network
     is well-conditioned: the whole gradient must agree to 1e-3 (measured: 1e-4) and each
-    parameter's to 1e-2 (a ReLU input within rounding of 0 may flip either way)."""
+    parameter's to 1e-2 (a ReLU input within rounding of 0 may flip either way). A bf16
+    network computes its frozen BatchNorms in float32 between bf16 activations: the loss and
+    the whole gradient within bf16's rounding of float32's."""
     import mindspore as ms
     import mindspore.nn as nn
 
+    if precision == "bf16" and not _NATIVE_BF16:
+        pytest.skip("needs a CPU with native bf16 (AVX512-BF16, AMX)")
     # Fixed weights, whatever seed an earlier test left: after ms.set_seed(7) (or 10) a ReLU
     # input within rounding of 0 moved the whole gradient by 2.4e-3; seeds 0-3 and 11 stay < 1e-3.
     ms.set_seed(0)
     fast, plain = _fast_and_plain(seed=10, num_classes=4)
+    if precision == "bf16":
+        fast = create_network(pretrained=False, num_classes=4, precision="bf16")
+        assert not ms.load_param_into_net(fast, {p.name: ms.Parameter(p.asnumpy(), p.name)
+                                                 for p in plain.get_parameters()})[0]
+    # bf16 (measured on AMD EPYC Zen 4): loss 1.2e-5 relative, whole gradient 8.5e-3, the worst
+    # parameter the stem's at 0.26 (its gradient has passed ~50 ops' bf16 roundings).
+    loss_tol, grad_tol, param_tol, small = (1e-5, 1e-3, 1e-2, 1e-5) if precision == "fp32" else (1e-3, 3e-2, 0.5, 1e-3)
     rng = np.random.default_rng(10)
     x = ms.Tensor(rng.standard_normal((2, 3, 64, 64)).astype(np.float32))
     y = ms.Tensor(np.array([0, 3], np.int32))
@@ -819,8 +831,10 @@ def test_training_with_frozen_batch_norm_matches_mindspore():
     for net in (fast, plain):
         net.set_train(True)
         net.classifier.dropout.set_train(False)
-        for _, cell in net.model.cells_and_names():
-            if isinstance(cell, nn.BatchNorm2d):
+        # The head's BatchNorm1d too: over a batch of 2 its batch statistics turn each feature
+        # into about +-1 by which image's is larger, so a rounding can flip it.
+        for _, cell in net.cells_and_names():
+            if isinstance(cell, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 cell.set_train(False)
         before = {p.name: p.asnumpy() for p in net.get_parameters() if "moving" in p.name}
         loss = nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean"))
@@ -830,13 +844,15 @@ def test_training_with_frozen_batch_norm_matches_mindspore():
                 np.testing.assert_array_equal(p.asnumpy(), before[p.name], err_msg=p.name)
         results.append((float(value.asnumpy()), [g.asnumpy() for g in grads]))
     (loss_fast, grads_fast), (loss_plain, grads_plain) = results
-    assert abs(loss_fast - loss_plain) <= 1e-5 * abs(loss_plain)
+    assert abs(loss_fast - loss_plain) <= loss_tol * abs(loss_plain), (loss_fast, loss_plain)
     total = np.sqrt(sum((b ** 2).sum() for b in grads_plain))
-    assert np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(grads_fast, grads_plain))) <= 1e-3 * total
+    whole = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(grads_fast, grads_plain))) / total
+    print(f"{precision}: loss {loss_fast:.6f} vs {loss_plain:.6f}, whole gradient {whole:.2e}")
+    assert whole <= grad_tol
     for name, a, b in zip([p.name for p in fast.trainable_params()], grads_fast, grads_plain):
-        if np.linalg.norm(b) < 1e-5 * total:  # the Dense bias before the head's BatchNorm: 0 but for rounding
+        if np.linalg.norm(b) < small * total:  # e.g. the Dense bias before the head's BatchNorm: 0 but for rounding
             continue
-        assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), name
+        assert np.linalg.norm(a - b) <= param_tol * np.linalg.norm(b), (name, np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_training_through_kernels_learns():
