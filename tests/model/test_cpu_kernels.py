@@ -134,8 +134,8 @@ def test_create_network_runs_on_the_kernels_here():
 @pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
 def test_whole_backbone_on_older_instruction_sets(isa, tmp_path):
     """On a CPU with only AVX2 (or AVX-512 without bf16) the whole-backbone op runs oneDNN's
-    brgemm kernels on NHWC (AVX2 has no kernels for the blocked layout), never its reference
-    code, and gives MindSpore's features. oneDNN's instruction set is capped as on such a CPU
+    brgemm kernels on NHWC (AVX2 has no kernels for the blocked layout; on AVX2 its jit_1x1
+    kernel for 1x1 convolutions), never its reference code, and gives MindSpore's features. oneDNN's instruction set is capped as on such a CPU
     (a cap above what this CPU has leaves its own: AVX512_CORE on an AVX2 machine is AVX2)."""
     import subprocess
     import sys
@@ -148,6 +148,7 @@ from vehiclenet.model import cpu_kernels
 library = cpu_kernels.library_path()
 print("ISA", cpu_kernels.cpu_isa(library)[0])
 print("WHOLE", cpu_kernels.backbone_implementations(library, 2, 70, 45))
+print("EVEN", cpu_kernels.backbone_implementations(library, 2, 64, 64))
 fast, plain = _fast_and_plain(seed=9, mode="pynative", include_top=False)
 x = ms.Tensor(np.random.default_rng(9).standard_normal((2, 3, 70, 45)).astype(np.float32))
 print("REL", _rel(fast(x).asnumpy(), plain(x).asnumpy()))
@@ -155,11 +156,17 @@ print("REL", _rel(fast(x).asnumpy(), plain(x).asnumpy()))
     env = dict(os.environ, DNNL_MAX_CPU_ISA=isa, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.split(" ", 1)[0] in ("ISA", "WHOLE", "REL"))
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines()
+                 if line.split(" ", 1)[0] in ("ISA", "WHOLE", "EVEN", "REL"))
     native = cpu_kernels.cpu_isa(library_path())[0]
     assert lines["ISA"] == (native if native == "avx2" else isa.lower()), lines
     assert not _slow_parts(lines["WHOLE"]) and "10 winograd_2x2_3x3" in lines["WHOLE"], lines
     assert lines["WHOLE"].endswith("(NHWC)"), lines  # nChw16c only on AVX512-BF16 without AMX
+    if lines["ISA"] == "avx2":
+        # oneDNN's jit_1x1 kernel, not its first choice (brgemm), for every 1x1 convolution it
+        # takes (all at even sizes; at 70x45 two strided shortcuts stay brgemm)
+        assert "36 jit_1x1:avx2" in lines["EVEN"], lines
+        assert "jit_1x1:avx2" in lines["WHOLE"], lines
     assert float(lines["REL"]) <= 1e-5, lines
 
 
