@@ -134,8 +134,8 @@ def test_create_network_runs_on_the_kernels_here():
 @pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
 def test_whole_backbone_on_older_instruction_sets(isa, tmp_path):
     """On a CPU with only AVX2 (or AVX-512 without bf16) the whole-backbone op runs oneDNN's
-    brgemm kernels on NHWC (AVX2 has no kernels for the blocked layout; on AVX2 its jit_1x1
-    kernel for 1x1 convolutions), never its reference code, and gives MindSpore's features. oneDNN's instruction set is capped as on such a CPU
+    brgemm kernels on NHWC (AVX2 has no kernels for the blocked layout), its jit_1x1 kernel for
+    the 1x1 convolutions on AVX2, never its reference code, and gives MindSpore's features. oneDNN's instruction set is capped as on such a CPU
     (a cap above what this CPU has leaves its own: AVX512_CORE on an AVX2 machine is AVX2)."""
     import subprocess
     import sys
@@ -163,8 +163,8 @@ print("REL", _rel(fast(x).asnumpy(), plain(x).asnumpy()))
     assert not _slow_parts(lines["WHOLE"]) and "10 winograd_2x2_3x3" in lines["WHOLE"], lines
     assert lines["WHOLE"].endswith("(NHWC)"), lines  # nChw16c only on AVX512-BF16 without AMX
     if lines["ISA"] == "avx2":
-        # oneDNN's jit_1x1 kernel, not its first choice (brgemm), for every 1x1 convolution it
-        # takes (all at even sizes; at 70x45 two strided shortcuts stay brgemm)
+        # jit_1x1 rather than oneDNN's first choice (brgemm) wherever oneDNN offers it: for all
+        # 36 at even sizes; at 70x45 it has none for two strided shortcuts, which stay brgemm
         assert "36 jit_1x1:avx2" in lines["EVEN"], lines
         assert "jit_1x1:avx2" in lines["WHOLE"], lines
     assert float(lines["REL"]) <= 1e-5, lines

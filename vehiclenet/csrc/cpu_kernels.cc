@@ -596,10 +596,10 @@ struct ConvSpec {
 template <class Make>
 dnnl::convolution_forward::primitive_desc preferred_inference_conv(const Make &make) {
   dnnl::convolution_forward::primitive_desc first = make();
-  if (std::string(first.impl_info_str()).rfind("brgconv_1x1:avx2", 0) != 0) return first;
+  if (std::string(first.impl_info_str()) != "brgconv_1x1:avx2") return first;  // not bf16's avx2_vnni_2
   dnnl::convolution_forward::primitive_desc other = make();
   while (other.next_impl())
-    if (std::string(other.impl_info_str()).rfind("jit_1x1:avx2", 0) == 0) return other;
+    if (std::string(other.impl_info_str()) == "jit_1x1:avx2") return other;
   return first;
 }
 
