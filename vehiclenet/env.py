@@ -132,8 +132,8 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable(MAX_PIXELS, "40000000", "largest image decoded at full size; larger JPEGs are decoded at reduced "
              "scale, other formats refused (see docs/safety.md)", _whole(1)),
     Variable(CPU_KERNELS, "1", "0: MindSpore's own CPU operators instead of the oneDNN kernels", _flag),
-    Variable(COMPILE_CACHE, "1", "0: compile the inference graph in every process instead of keeping it in "
-             "`compiled/` of the cache root", _flag),
+    Variable(COMPILE_CACHE, "1", "0: compile the inference and training graphs in every process instead of "
+             "keeping them in `compiled/` of the cache root", _flag),
 )}
 
 

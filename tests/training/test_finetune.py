@@ -333,6 +333,70 @@ def test_cli_finetune_prints_progress_and_writes_loadable_checkpoints(tiny_data,
 
 
 @pytest.mark.slow
+def test_a_second_run_loads_the_compiled_training_graph_and_trains_identically(tiny_data, tmp_path):
+    """The first step's graph is kept in the compile cache: a second run with the same settings
+    loads it (its first step takes a second, not ~15) and writes the same checkpoint, bit for bit."""
+    from vehiclenet.model.checkpoint import read_checkpoint
+
+    args = ("--data", tiny_data, "--epochs", 1, "--batch-size", 6, "--image-size", 32, "--no-pretrained",
+            "--num-workers", 1, "--max-steps-per-epoch", 2, "--seed", 5)
+    logs, weights = [], []
+    for run in ("first", "second"):
+        proc = _cli("finetune", "--out", tmp_path / run, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs.append(proc.stderr)
+        weights.append(read_checkpoint(tmp_path / run / "vehiclenet-e001.ckpt", keep_training_state=True))
+    assert "compile cache filled" in logs[0] and "compile cache hit" in logs[1], logs[1][-2000:]
+    assert len(list((Path(os.environ["VEHICLENET_HOME"]) / "compiled").iterdir())) == 2  # the entry + its key
+    first, second = weights
+    assert first.keys() == second.keys() and len(first) > 600
+    for name in first:
+        if name != "__training_state__":
+            np.testing.assert_array_equal(first[name].asnumpy(), second[name].asnumpy(), err_msg=name)
+
+
+def test_the_training_graph_key_names_every_setting_the_graph_holds():
+    """MindSpore's own cache checks neither shapes nor constants: the entry's key must change
+    with everything baked into the training graph, and only with that."""
+    import mindspore as ms
+    import mindspore.nn as nn
+
+    from vehiclenet import create_network
+    from vehiclenet.model.compile_cache import graph_key
+    from vehiclenet.training import finetune as ft
+
+    batch = (ms.Tensor(np.zeros((2, 3, 32, 32), np.float32)), ms.Tensor(np.zeros(2, np.int32)))
+
+    def key(classes=3, weight_decay=1e-4, steps=4, change=None):
+        net = create_network(pretrained=False, num_classes=classes, mode="pynative")
+        optimizer = ft.create_optimizer(net, ft.lr_schedule(0.01, steps, 2), weight_decay=weight_decay)
+        step = ft.build_train_step(net, optimizer)
+        if change is not None:
+            change(net)
+        return graph_key(step, batch)
+
+    base = key()
+    assert key() == base  # a new network with the same settings: the same entry
+    assert key(classes=4) != base
+    assert key(weight_decay=5e-4) != base  # a constant of the optimizer's graph
+    assert key(steps=5) != base  # the schedule's length
+    assert key(change=lambda net: net.set_train(False)) != base  # BatchNorm on running statistics
+    assert key(change=lambda net: setattr(net.classifier, "dropout", nn.Dropout(p=0.3))) != base
+    assert key(change=lambda net: setattr(net.classifier, "dropout", nn.Identity())) != base
+
+    # A cell of the user's own: its source file is part of the key; without a readable source
+    # (defined in a notebook or by exec), no key, so no cache.
+    class OwnHead(nn.Cell):
+        def construct(self, x):
+            return x
+
+    assert key(change=lambda net: setattr(net.classifier, "dropout", OwnHead())) not in (None, base)
+    scope = {"nn": nn, "__name__": "a_module_that_is_nowhere"}
+    exec("class Head(nn.Cell):\n    def construct(self, x):\n        return x\n", scope)
+    assert key(change=lambda net: setattr(net.classifier, "dropout", scope["Head"]())) is None
+
+
+@pytest.mark.slow
 def test_cli_finetune_bad_input_exit_codes(tiny_data, tmp_path, published_ckpt):
     import mindspore as ms
     import mindspore.nn as nn

@@ -1,4 +1,4 @@
-"""A persistent cache of the compiled inference graph: a second process skips compilation.
+"""A persistent cache of compiled graphs: a second process skips compilation.
 
 It rides on MindSpore's own compile cache (``enable_compile_cache``), which alone is not safe
 to share: measured on MindSpore 2.8.0, it files the n-th graph a process compiles while it is
@@ -6,12 +6,18 @@ on as ``compile_cache_<n>.mindir`` in a path read once per process, and checks t
 sources the graph depends on, but neither the input shapes nor the operators. A batch-2 call
 served from a batch-1 entry returned one row; a bf16 network was served the fp32 graph. So:
 
-- the cache is on for one compile per process only, the first graph-mode call of a network
-  :func:`vehiclenet.create_network` built for CPU inference (later shapes compile as usual);
+- the cache is on for one compile per process only: the first graph-mode call of a network
+  :func:`vehiclenet.create_network` built for CPU (inference), or the first step of a train
+  step built on one (:func:`vehiclenet.training.build_train_step`); later shapes compile as
+  usual;
 - in a folder of ``compiled/`` under the cache root named by a hash of everything that
-  shapes that graph: package version and sources, MindSpore version, device, the input's
-  shapes and dtypes, the parameters' names, shapes and dtypes, layer4's stride, the kernel
-  library and precision, and the train flag;
+  shapes that graph: package version and sources, MindSpore version, device, compile and
+  parallel settings, the input's shapes and dtypes, the parameters' names, shapes and dtypes,
+  the kernel library and precision, and every cell of the graph: its class, the settings it
+  holds (stride, dropout, BatchNorm momentum, the optimizer's weight decay, the loss, ...,
+  and the attributes of its operators) and, for a class from outside MindSpore and this
+  package, the sha256 of its source file (a graph with a cell whose source cannot be read
+  is compiled without the cache);
 - only where nobody else can write (:mod:`vehiclenet.cache_trust`: the cache root and
   everything below it owned by this user or root, writable by no one else; folders created
   0700), since a graph names the kernel library its operators load: a ``compiled/`` that
@@ -36,7 +42,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .. import cache_trust, env
 
@@ -54,26 +60,113 @@ def cache_root() -> Path:
     return env.cache_dir() / env.COMPILED_FOLDER
 
 
-def graph_key(net: Any, args: Sequence[Any]) -> str:
-    """Hash of everything that shapes the graph ``net`` compiles for ``args``."""
+def graph_key(net: Any, args: Sequence[Any]) -> Optional[str]:
+    """Hash of everything that shapes the graph ``net`` compiles for ``args``; None when a cell's
+    source cannot be read (such a graph is compiled without the cache)."""
     import mindspore as ms
 
     import vehiclenet
 
-    backend = getattr(getattr(net, "model", None), "backend", None)
+    cells = _cells(net)
+    if cells is None:
+        return None
+    backend = getattr(_backbone(net), "backend", None)
     parts = {
         "package": vehiclenet.__version__,
         "sources": _sources_digest(),
         "mindspore": ms.__version__,
         "device": ms.get_context("device_target"),
+        "jit": _describe(ms.get_context("jit_config")),
+        "parallel": _parallel(),
         "inputs": [[list(a.shape), str(a.dtype)] if hasattr(a, "shape") else repr(a) for a in args],
         "parameters": [[p.name, list(p.shape), str(p.dtype)] for p in net.get_parameters()],
-        "last_stride": getattr(getattr(net, "model", None), "last_stride", None),
         "backend": None if backend is None else [backend.library, backend.precision],
         "training": bool(net.training),
-        "class": type(net).__name__,
+        "cells": cells,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _backbone(net: Any) -> Any:
+    """The ResNet-50 of the VehicleNet in ``net`` (the network itself, or a train step around it)."""
+    for _, cell in net.cells_and_names():
+        if hasattr(cell, "backend") and hasattr(cell, "last_stride"):
+            return cell
+    return None
+
+
+def _parallel() -> List[Any]:
+    """The data-parallel settings (baked into a training graph) and this worker's rank: each
+    worker of a job has its own entry, so none waits on another's lock while compiling."""
+    import mindspore as ms
+
+    mode = ms.get_auto_parallel_context("parallel_mode")
+    if mode == "stand_alone":
+        return [mode]
+    from mindspore.communication import get_group_size, get_rank
+
+    try:
+        worker = [get_rank(), get_group_size()]
+    except RuntimeError:  # the mode is set but no group joined yet
+        worker = None
+    return [mode, ms.get_auto_parallel_context("gradients_mean"), worker]
+
+
+def _cells(net: Any) -> Optional[List[Any]]:
+    """Every cell of ``net``: its name, class, public settings and operators' attributes (the
+    constants MindSpore bakes into a graph); for classes from outside MindSpore and this
+    package also their source file's sha256 (their code is the graph). None if unreadable."""
+    described = []
+    for name, cell in net.cells_and_names():
+        cls = type(cell)
+        source = None
+        if cls.__module__.split(".")[0] not in ("mindspore", "vehiclenet"):
+            source = _class_source_digest(cls)
+            if source is None:
+                LOG.debug("compile cache off: the source of %s.%s cannot be read", cls.__module__, cls.__qualname__)
+                return None
+        settings = {k: _describe(v) for k, v in vars(cell).items()
+                    if not k.startswith("_") and not _is_cell(v)}
+        described.append([name, f"{cls.__module__}.{cls.__qualname__}", source, settings])
+    return described
+
+
+def _class_source_digest(cls: type) -> Optional[str]:
+    import inspect
+
+    try:
+        return hashlib.sha256(Path(inspect.getsourcefile(cls)).read_bytes()).hexdigest()
+    except (TypeError, OSError):
+        return None
+
+
+def _is_cell(value: Any) -> bool:
+    from mindspore import nn
+
+    return isinstance(value, nn.Cell) or (isinstance(value, (list, tuple)) and any(isinstance(v, nn.Cell) for v in value))
+
+
+def _describe(value: Any) -> Any:
+    """A JSON-able, process-independent description of a setting (no addresses or times):
+    scalars as they are, tensors by shape, dtype and content hash, parameters by name,
+    operators by name and attributes, other objects by class."""
+    from mindspore import Parameter, Tensor
+    from mindspore.ops import Primitive
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Parameter):
+        return ["parameter", value.name]
+    if isinstance(value, Tensor):
+        data = value.float().asnumpy() if "BFloat16" in str(value.dtype) else value.asnumpy()  # no bf16 in numpy
+        return ["tensor", list(data.shape), str(data.dtype), hashlib.sha256(data.tobytes()).hexdigest()]
+    if isinstance(value, Primitive):
+        return ["operator", value.name, {k: _describe(v) for k, v in sorted(value.attrs.items())}]
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    return ["object", f"{type(value).__module__}.{type(value).__qualname__}"]
 
 
 def _sources_digest(root: Optional[Path] = None) -> str:
@@ -121,7 +214,8 @@ def first_compile(net: Any, args: Sequence[Any]) -> Iterator[None]:
         yield
         return
     _used = True
-    entry = _entry(graph_key(net, args))
+    key = graph_key(net, args)
+    entry = None if key is None else _entry(key)
     if entry is None:
         yield
         return

@@ -197,12 +197,15 @@ def build_train_step(net, optimizer, precision: Optional[str] = None):
     :func:`init_data_parallel`) the gradients are all-reduced and averaged. The step computes
     in the precision the network was created with (``create_network(precision="bf16")``: the
     convolutions in bf16 and bf16 activations between the ops; BatchNorm statistics, weights,
-    gradients and the optimizer float32); ``precision``, if given, must be that one.
+    gradients and the optimizer float32); ``precision``, if given, must be that one. On CPU
+    the first step's compiled graph is kept in the compile cache (docs/caches.md): a later
+    process training with the same settings loads it instead of compiling again.
     """
     import mindspore.nn as nn
 
     from .. import OPENMP_SPIN_SHORTENED
     from ..model.backend import check_precision
+    from .step import TrainStep
 
     backend = getattr(getattr(net, "model", None), "backend", None)
     has = backend.precision if backend is not None else "fp32"
@@ -216,7 +219,7 @@ def build_train_step(net, optimizer, precision: Optional[str] = None):
                     "mindspore, or set GOMP_SPINCOUNT=10000 in the environment.")
     net.set_train(True)
     loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-    step = nn.TrainOneStepCell(nn.WithLossCell(net, loss), optimizer)
+    step = TrainStep(nn.WithLossCell(net, loss), optimizer)
     step.set_train(True)
     return step
 
