@@ -110,7 +110,7 @@ def test_another_shape_precision_or_version_gets_its_own_entry(published_ckpt, m
 
     import vehiclenet
     from vehiclenet import create_network
-    from vehiclenet.model.compile_cache import graph_key
+    from vehiclenet.model.graph_key import graph_key
     from vehiclenet.model.cpu_kernels import bf16_status
 
     net = create_network(pretrained=False, include_top=False, mode="pynative")
@@ -161,7 +161,7 @@ def test_the_graph_key_covers_sources_in_sub_packages(tmp_path):
     """A module moved into a sub-package still invalidates cached graphs when it changes."""
     import shutil
 
-    from vehiclenet.model.compile_cache import _sources_digest
+    from vehiclenet.model.graph_key import _sources_digest
 
     package = tmp_path / "vehiclenet"
     shutil.copytree(Path(__file__).resolve().parents[2] / "vehiclenet", package,

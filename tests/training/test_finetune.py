@@ -335,7 +335,7 @@ def test_cli_finetune_prints_progress_and_writes_loadable_checkpoints(tiny_data,
 @pytest.mark.slow
 def test_a_second_run_loads_the_compiled_training_graph_and_trains_identically(tiny_data, tmp_path):
     """The first step's graph is kept in the compile cache: a second run with the same settings
-    loads it (its first step takes a second, not ~15) and writes the same checkpoint, bit for bit."""
+    loads it instead of compiling and writes the same checkpoint, bit for bit."""
     from vehiclenet.model.checkpoint import read_checkpoint
 
     args = ("--data", tiny_data, "--epochs", 1, "--batch-size", 6, "--image-size", 32, "--no-pretrained",
@@ -347,7 +347,9 @@ def test_a_second_run_loads_the_compiled_training_graph_and_trains_identically(t
         logs.append(proc.stderr)
         weights.append(read_checkpoint(tmp_path / run / "vehiclenet-e001.ckpt", keep_training_state=True))
     assert "compile cache filled" in logs[0] and "compile cache hit" in logs[1], logs[1][-2000:]
-    assert len(list((Path(os.environ["VEHICLENET_HOME"]) / "compiled").iterdir())) == 2  # the entry + its key
+    compiled = Path(os.environ["VEHICLENET_HOME"]) / "compiled"
+    assert sorted(p.name for p in compiled.iterdir() if not p.is_dir()) == [".record-key"]
+    assert len([p for p in compiled.iterdir() if p.is_dir()]) == 1  # one graph, one entry
     first, second = weights
     assert first.keys() == second.keys() and len(first) > 600
     for name in first:
@@ -355,45 +357,87 @@ def test_a_second_run_loads_the_compiled_training_graph_and_trains_identically(t
             np.testing.assert_array_equal(first[name].asnumpy(), second[name].asnumpy(), err_msg=name)
 
 
-def test_the_training_graph_key_names_every_setting_the_graph_holds():
+def test_the_training_graph_key_names_every_setting_the_graph_holds(tmp_path, small_ckpt, monkeypatch):
     """MindSpore's own cache checks neither shapes nor constants: the entry's key must change
     with everything baked into the training graph, and only with that."""
+    import importlib
+
     import mindspore as ms
     import mindspore.nn as nn
 
     from vehiclenet import create_network
-    from vehiclenet.model.compile_cache import graph_key
+    from vehiclenet.model.graph_key import graph_key
     from vehiclenet.training import finetune as ft
 
-    batch = (ms.Tensor(np.zeros((2, 3, 32, 32), np.float32)), ms.Tensor(np.zeros(2, np.int32)))
+    def fresh(**how):
+        # Dropout's seeds are constants of the graph, drawn from the global seed as each network
+        # is built: the same seed, the same graph.
+        ms.set_seed(0)
+        return create_network(mode="pynative", **how)
 
-    def key(classes=3, weight_decay=1e-4, steps=4, change=None):
-        net = create_network(pretrained=False, num_classes=classes, mode="pynative")
-        optimizer = ft.create_optimizer(net, ft.lr_schedule(0.01, steps, 2), weight_decay=weight_decay)
-        step = ft.build_train_step(net, optimizer)
-        if change is not None:
-            change(net)
+    batch = (ms.Tensor(np.zeros((2, 3, 32, 32), np.float32)), ms.Tensor(np.zeros(2, np.int32)))
+    net = fresh(pretrained=False, num_classes=3)
+
+    def key(network=net, weight_decay=1e-4, steps=4, after=lambda step: None):
+        optimizer = ft.create_optimizer(network, ft.lr_schedule(0.01, steps, 2), weight_decay=weight_decay)
+        step = ft.build_train_step(network, optimizer)
+        after(step)
         return graph_key(step, batch)
 
+    def replaced(cell, name, value):
+        """The key with ``cell.name`` set to ``value``; then the old one put back."""
+        old = getattr(cell, name)
+        setattr(cell, name, value)
+        try:
+            return key()
+        finally:
+            setattr(cell, name, old)
+
     base = key()
-    assert key() == base  # a new network with the same settings: the same entry
-    assert key(classes=4) != base
+    assert key() == base  # a new optimizer and step with the same settings: the same entry
+    # Where the weights came from is not in the graph: a run started from a checkpoint and its
+    # resume (a network built without one) share the entry.
+    assert key(fresh(checkpoint=small_ckpt, num_classes=3)) == base
+    assert key(fresh(pretrained=False, num_classes=4)) != base
+    ms.set_seed(1)
+    assert key(create_network(mode="pynative", pretrained=False, num_classes=3)) != base  # other dropout seeds
     assert key(weight_decay=5e-4) != base  # a constant of the optimizer's graph
     assert key(steps=5) != base  # the schedule's length
-    assert key(change=lambda net: net.set_train(False)) != base  # BatchNorm on running statistics
-    assert key(change=lambda net: setattr(net.classifier, "dropout", nn.Dropout(p=0.3))) != base
-    assert key(change=lambda net: setattr(net.classifier, "dropout", nn.Identity())) != base
+    assert key(after=lambda step: net.set_train(False)) != base  # BatchNorm on running statistics
+    assert key(after=lambda step: step.set_jit_config(ms.JitConfig(jit_level="O1"))) != base
+    dynamic = (ms.Tensor(shape=[None, 3, 32, 32], dtype=ms.float32), ms.Tensor(shape=[None], dtype=ms.int32))
+    assert key(after=lambda step: step.set_inputs(*dynamic)) != base
+    assert replaced(net.classifier, "dropout", nn.Dropout(p=0.3)) != base
+    assert replaced(net.classifier, "dropout", nn.Identity()) != base
+    weight = net.classifier.classifier.weight
+    assert replaced(weight, "requires_grad", False) != base  # a frozen layer
+    ms.set_auto_parallel_context(parallel_mode="data_parallel", gradients_mean=True)
+    try:
+        assert key() not in (None, base)
+        ms.set_auto_parallel_context(parallel_mode="semi_auto_parallel")
+        assert key() is None  # sharding strategies: more than the key can name, so no cache
+    finally:
+        ms.reset_auto_parallel_context()
 
-    # A cell of the user's own: its source file is part of the key; without a readable source
-    # (defined in a notebook or by exec), no key, so no cache.
-    class OwnHead(nn.Cell):
-        def construct(self, x):
-            return x
-
-    assert key(change=lambda net: setattr(net.classifier, "dropout", OwnHead())) not in (None, base)
+    # A cell class of the user's own: its source file is in the key; unreadable, no key.
+    (tmp_path / "own_head.py").write_text("import mindspore.nn as nn\n\n\nclass Head(nn.Cell):\n"
+                                          "    def construct(self, x):\n        return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    head = importlib.import_module("own_head").Head()
+    own = replaced(net.classifier, "dropout", head)
+    assert own not in (None, base)
+    with open(tmp_path / "own_head.py", "a") as f:
+        f.write("# edited\n")
+    assert replaced(net.classifier, "dropout", head) not in (None, own, base)
     scope = {"nn": nn, "__name__": "a_module_that_is_nowhere"}
     exec("class Head(nn.Cell):\n    def construct(self, x):\n        return x\n", scope)
-    assert key(change=lambda net: setattr(net.classifier, "dropout", scope["Head"]())) is None
+    assert replaced(net.classifier, "dropout", scope["Head"]()) is None
+    hook = net.classifier.register_forward_hook(lambda cell, args, out: out)
+    try:
+        assert key() is None
+    finally:
+        hook.remove()
+    assert key() == base  # every change above was undone, and the key saw that
 
 
 @pytest.mark.slow

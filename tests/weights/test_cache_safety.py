@@ -251,7 +251,7 @@ import json, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 import numpy as np, mindspore as ms
 from vehiclenet import create_network
-from vehiclenet.model.compile_cache import graph_key
+from vehiclenet.model.graph_key import graph_key
 ckpt, batch = sys.argv[1], int(sys.argv[2])
 net = create_network(checkpoint=ckpt, include_top=False, mode="graph")
 x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, 3, 64, 64)).astype(np.float32))

@@ -8,16 +8,19 @@ served from a batch-1 entry returned one row; a bf16 network was served the fp32
 
 - the cache is on for one compile per process only: the first graph-mode call of a network
   :func:`vehiclenet.create_network` built for CPU (inference), or the first step of a train
-  step built on one (:func:`vehiclenet.training.build_train_step`); later shapes compile as
-  usual;
-- in a folder of ``compiled/`` under the cache root named by a hash of everything that
-  shapes that graph: package version and sources, MindSpore version, device, compile and
-  parallel settings, the input's shapes and dtypes, the parameters' names, shapes and dtypes,
-  the kernel library and precision, and every cell of the graph: its class, the settings it
-  holds (stride, dropout, BatchNorm momentum, the optimizer's weight decay, the loss, ...,
-  and the attributes of its operators) and, for a class from outside MindSpore and this
-  package, the sha256 of its source file (a graph with a cell whose source cannot be read
-  is compiled without the cache);
+  step built on one (:func:`vehiclenet.training.finetune.build_train_step`); later shapes
+  compile as usual;
+- in a folder of ``compiled/`` under the cache root named by a hash of what shapes that
+  graph: package version and sources, MindSpore version, device, the context settings and
+  ``MS_DEV_*`` variables that change compilation, data-parallel settings and rank, the
+  input's shapes and dtypes, the parameters' names, shapes, dtypes and trainability, the
+  kernel library and precision, and every cell of the graph: its class, the settings it
+  holds (stride, dropout, BatchNorm momentum and mode, the optimizer's weight decay, the
+  loss, ..., the attributes of its operators, tensors by content) and the private state
+  MindSpore compiles (jit config, set_inputs, flags, buffers); a class or function from
+  outside MindSpore and this package by the sha256 of its source file. A graph with
+  something the key cannot describe (a hook, a source that cannot be read, an object of an
+  unknown class, a parallel mode other than data-parallel) is compiled without the cache;
 - only where nobody else can write (:mod:`vehiclenet.cache_trust`: the cache root and
   everything below it owned by this user or root, writable by no one else; folders created
   0700), since a graph names the kernel library its operators load: a ``compiled/`` that
@@ -42,9 +45,10 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 from .. import cache_trust, env
+from .graph_key import graph_key
 
 LOG = logging.getLogger(__name__)
 
@@ -58,126 +62,6 @@ _used = False  # MindSpore reads the cache path once per process: one cached com
 def cache_root() -> Path:
     """Where compiled graphs are kept: ``compiled/`` of the cache root (``VEHICLENET_HOME``)."""
     return env.cache_dir() / env.COMPILED_FOLDER
-
-
-def graph_key(net: Any, args: Sequence[Any]) -> Optional[str]:
-    """Hash of everything that shapes the graph ``net`` compiles for ``args``; None when a cell's
-    source cannot be read (such a graph is compiled without the cache)."""
-    import mindspore as ms
-
-    import vehiclenet
-
-    cells = _cells(net)
-    if cells is None:
-        return None
-    backend = getattr(_backbone(net), "backend", None)
-    parts = {
-        "package": vehiclenet.__version__,
-        "sources": _sources_digest(),
-        "mindspore": ms.__version__,
-        "device": ms.get_context("device_target"),
-        "jit": _describe(ms.get_context("jit_config")),
-        "parallel": _parallel(),
-        "inputs": [[list(a.shape), str(a.dtype)] if hasattr(a, "shape") else repr(a) for a in args],
-        "parameters": [[p.name, list(p.shape), str(p.dtype)] for p in net.get_parameters()],
-        "backend": None if backend is None else [backend.library, backend.precision],
-        "training": bool(net.training),
-        "cells": cells,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _backbone(net: Any) -> Any:
-    """The ResNet-50 of the VehicleNet in ``net`` (the network itself, or a train step around it)."""
-    for _, cell in net.cells_and_names():
-        if hasattr(cell, "backend") and hasattr(cell, "last_stride"):
-            return cell
-    return None
-
-
-def _parallel() -> List[Any]:
-    """The data-parallel settings (baked into a training graph) and this worker's rank: each
-    worker of a job has its own entry, so none waits on another's lock while compiling."""
-    import mindspore as ms
-
-    mode = ms.get_auto_parallel_context("parallel_mode")
-    if mode == "stand_alone":
-        return [mode]
-    from mindspore.communication import get_group_size, get_rank
-
-    try:
-        worker = [get_rank(), get_group_size()]
-    except RuntimeError:  # the mode is set but no group joined yet
-        worker = None
-    return [mode, ms.get_auto_parallel_context("gradients_mean"), worker]
-
-
-def _cells(net: Any) -> Optional[List[Any]]:
-    """Every cell of ``net``: its name, class, public settings and operators' attributes (the
-    constants MindSpore bakes into a graph); for classes from outside MindSpore and this
-    package also their source file's sha256 (their code is the graph). None if unreadable."""
-    described = []
-    for name, cell in net.cells_and_names():
-        cls = type(cell)
-        source = None
-        if cls.__module__.split(".")[0] not in ("mindspore", "vehiclenet"):
-            source = _class_source_digest(cls)
-            if source is None:
-                LOG.debug("compile cache off: the source of %s.%s cannot be read", cls.__module__, cls.__qualname__)
-                return None
-        settings = {k: _describe(v) for k, v in vars(cell).items()
-                    if not k.startswith("_") and not _is_cell(v)}
-        described.append([name, f"{cls.__module__}.{cls.__qualname__}", source, settings])
-    return described
-
-
-def _class_source_digest(cls: type) -> Optional[str]:
-    import inspect
-
-    try:
-        return hashlib.sha256(Path(inspect.getsourcefile(cls)).read_bytes()).hexdigest()
-    except (TypeError, OSError):
-        return None
-
-
-def _is_cell(value: Any) -> bool:
-    from mindspore import nn
-
-    return isinstance(value, nn.Cell) or (isinstance(value, (list, tuple)) and any(isinstance(v, nn.Cell) for v in value))
-
-
-def _describe(value: Any) -> Any:
-    """A JSON-able, process-independent description of a setting (no addresses or times):
-    scalars as they are, tensors by shape, dtype and content hash, parameters by name,
-    operators by name and attributes, other objects by class."""
-    from mindspore import Parameter, Tensor
-    from mindspore.ops import Primitive
-
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Parameter):
-        return ["parameter", value.name]
-    if isinstance(value, Tensor):
-        data = value.float().asnumpy() if "BFloat16" in str(value.dtype) else value.asnumpy()  # no bf16 in numpy
-        return ["tensor", list(data.shape), str(data.dtype), hashlib.sha256(data.tobytes()).hexdigest()]
-    if isinstance(value, Primitive):
-        return ["operator", value.name, {k: _describe(v) for k, v in sorted(value.attrs.items())}]
-    if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    return ["object", f"{type(value).__module__}.{type(value).__qualname__}"]
-
-
-def _sources_digest(root: Optional[Path] = None) -> str:
-    """sha256 over the package's Python and C sources, in every sub-package too (a changed
-    network never reuses a graph, wherever its module lives)."""
-    root = Path(__file__).resolve().parent.parent if root is None else root
-    digest = hashlib.sha256()
-    files = [p for p in root.rglob("*") if p.is_file() and (p.suffix == ".py" or "csrc" in p.relative_to(root).parts)]
-    for path in sorted(files):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def _wanted() -> bool:
@@ -214,7 +98,11 @@ def first_compile(net: Any, args: Sequence[Any]) -> Iterator[None]:
         yield
         return
     _used = True
-    key = graph_key(net, args)
+    try:
+        key = graph_key(net, args)
+    except Exception as exc:  # noqa: BLE001 - a key that cannot be made means: compile without the cache
+        LOG.debug("compile cache off: no key for this graph (%r)", exc)
+        key = None
     entry = None if key is None else _entry(key)
     if entry is None:
         yield
