@@ -8,7 +8,11 @@ Measured, each in its own fresh process (wall time and that process's peak RSS, 
 a script ``create_network(include_top=False)`` + first call, in graph and PyNative mode,
 with a breakdown (import, build, load, first call = compile + run, second call = run);
 and the time of network calls on 2, 8 and 32 images (first and steady) in each mode, from
-which ``vehiclenet.model.device.mode_for_images`` picks PyNative for a handful of images.
+which ``vehiclenet.model.device.mode_for_images`` picks PyNative for a handful of images;
+and ``vehiclenet finetune`` of one step (384x384, batch 8, 16 generated images) from the
+checkpoint, with its first step (graph compilation + the step) from its own report: the
+first run compiles and files the training graph in the compile cache, later ones load it;
+the same with ``VEHICLENET_COMPILE_CACHE=0`` (compiled every time) beside them.
 
 The weights are a generated checkpoint in the published layout (random values, same
 size: 273 entries, 105 MB), passed with ``--checkpoint`` so reading them is counted and
@@ -137,7 +141,13 @@ def prepare(work: Path) -> Dict[str, Any]:
     (work / "library_child.py").write_text(LIBRARY_CHILD)
     (work / "modes_child.py").write_text(MODES_CHILD)
     (work / "checks_child.py").write_text(CHECKS_CHILD)
-    return {"checks": work / "checks_child.py", "image": image, "gallery": gallery, "ckpt": ckpt, "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+    for identity in range(2):  # fine-tuning data: 2 identities, 8 images each
+        folder = work / "train" / f"{identity + 1:04d}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return {"train": work / "train", "checks": work / "checks_child.py", "image": image, "gallery": gallery, "ckpt": ckpt, "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
             "library": work / "library_child.py", "modes": work / "modes_child.py"}
 
 
@@ -151,6 +161,8 @@ def _env(work: Path) -> Dict[str, str]:
 def commands(files: Dict[str, Any]) -> Dict[str, List[str]]:
     py, ckpt, library, modes = sys.executable, str(files["ckpt"]), str(files["library"]), str(files["modes"])
     cli = [py, "-m", "vehiclenet"]
+    finetune = ["finetune", "--data", str(files["train"]), "--checkpoint", ckpt, "--epochs", "1", "--batch-size", "8",
+                "--max-steps-per-epoch", "1", "--num-workers", "1", "--seed", "0"]
     return {
         "anchor: python -c pass": [py, "-c", "pass"],
         "anchor: import mindspore": [py, "-c", "import mindspore"],
@@ -165,6 +177,9 @@ def commands(files: Dict[str, Any]) -> Dict[str, List[str]]:
         "calls graph": [py, modes, "graph", ckpt],
         "calls pynative": [py, modes, "pynative", ckpt],
         "kernel library checks": [py, str(files["checks"])],
+        "finetune (1 step)": cli + finetune + ["--out", "finetune-{run}"],
+        "finetune (1 step), uncached": ["env", "VEHICLENET_COMPILE_CACHE=0"] + cli + finetune
+                                       + ["--out", "uncached-{run}"],
     }
 
 
@@ -182,7 +197,7 @@ def main() -> None:
         for name, cmd in commands(files).items():
             if not (name.startswith("anchor") or re.search(args.only, name)):
                 continue
-            runs = [run_measured(cmd, work, env) for _ in range(args.repeats)]
+            runs = [run_measured([c.replace("{run}", str(i)) for c in cmd], work, env) for i in range(args.repeats)]
             results[name] = runs
         report(results)
 
@@ -201,6 +216,9 @@ def report(results) -> None:
             elif name == "kernel library checks":  # in-process: the checks alone, before the two dlopens
                 parts = json.loads(out.strip().splitlines()[-1])
                 extra = f"checks {parts['checks_ms']:.2f} ms over {parts['bytes_hashed_MB']:.2f} MB"
+            elif name.startswith("finetune"):  # its own report: the first step includes compilation
+                found = re.search(r"first step incl\. compilation ([0-9.]+) s", out)
+                extra = f"first step {float(found.group(1)):.2f} s" if found else ""
             elif name.startswith("calls"):  # network calls on B images: first (compile + run) / steady
                 parts = json.loads(out.strip().splitlines()[-1])
                 extra = "  ".join(f"B={k}: {v[0]:.2f}/{v[1]:.2f}" for k, v in parts.items())
