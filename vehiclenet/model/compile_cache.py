@@ -10,17 +10,12 @@ served from a batch-1 entry returned one row; a bf16 network was served the fp32
   :func:`vehiclenet.create_network` built for CPU (inference), or the first step of a train
   step built on one (:func:`vehiclenet.training.finetune.build_train_step`); later shapes
   compile as usual;
-- in a folder of ``compiled/`` under the cache root named by a hash of what shapes that
-  graph: package version and sources, MindSpore version, device, the context settings and
-  ``MS_DEV_*`` variables that change compilation, data-parallel settings and rank, the
-  input's shapes and dtypes, the parameters' names, shapes, dtypes and trainability, the
-  kernel library and precision, and every cell of the graph: its class, the settings it
-  holds (stride, dropout, BatchNorm momentum and mode, the optimizer's weight decay, the
-  loss, ..., the attributes of its operators, tensors by content) and the private state
-  MindSpore compiles (jit config, set_inputs, flags, buffers); a class or function from
-  outside MindSpore and this package by the sha256 of its source file. A graph with
-  something the key cannot describe (a hook, a source that cannot be read, an object of an
-  unknown class, a parallel mode other than data-parallel) is compiled without the cache;
+- in a folder of ``compiled/`` under the cache root named by
+  :func:`vehiclenet.model.graph_key.graph_key`, a hash of what shapes that graph (versions and sources, device, context, parallel
+  settings, inputs, parameters, kernel library, and every cell with the attributes and
+  operators it holds); a graph with something that key cannot describe reliably (a hook, a
+  source that cannot be read, an object of an unknown class, a sharding parallel mode) is
+  compiled without the cache;
 - only where nobody else can write (:mod:`vehiclenet.cache_trust`: the cache root and
   everything below it owned by this user or root, writable by no one else; folders created
   0700), since a graph names the kernel library its operators load: a ``compiled/`` that
