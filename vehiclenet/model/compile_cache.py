@@ -11,9 +11,9 @@ served from a batch-1 entry returned one row; a bf16 network was served the fp32
   step built on one (:func:`vehiclenet.training.finetune.build_train_step`); later shapes
   compile as usual;
 - in a folder of ``compiled/`` under the cache root named by
-  :func:`vehiclenet.model.graph_key.graph_key`, a hash of what shapes that graph (versions and sources, device, context, parallel
-  settings, inputs, parameters, kernel library, and every cell with the attributes and
-  operators it holds); a graph with something that key cannot describe reliably (a hook, a
+  :func:`vehiclenet.model.graph_key.graph_key`, a hash of what shapes that graph
+  (versions and sources, device, context, parallel settings, inputs, parameters, kernel
+  library, and every cell with the attributes and operators it holds); a graph with something that key cannot describe reliably (a hook, a
   source that cannot be read, an object of an unknown class, a sharding parallel mode) is
   compiled without the cache;
 - only where nobody else can write (:mod:`vehiclenet.cache_trust`: the cache root and
