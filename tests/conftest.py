@@ -81,6 +81,20 @@ def _execution_mode_restored():
 
 
 @pytest.fixture(autouse=True)
+def _no_hook_left_registered(request):
+    """A hook registered in a worker, even removed, makes every later graph in that process
+    unkeyable (the compile cache is skipped): the test that registers one must do so in a
+    process of its own, so it fails here rather than a later test on the same worker."""
+    import sys
+
+    yield
+    handles = sys.modules.get("mindspore.common.hook_handle")
+    if handles is not None and handles._hook_version():
+        pytest.fail(f"{request.node.nodeid} registered a MindSpore hook in the test process; "
+                    "register it in a subprocess (see test_a_hook_even_removed_means_no_graph_key_in_that_process)")
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """No test touches the user's cache or the network: every test gets its own cache."""
     monkeypatch.setenv("VEHICLENET_HOME", str(tmp_path / "vehiclenet_home"))
