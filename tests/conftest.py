@@ -13,8 +13,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from support.checkpoints import write_published_layout
-from support.http_server import Route, asset_entry, http_server, write_manifest  # noqa: F401 (a fixture)
+from support.threads import share_the_cores_among_workers
+
+# Under pytest-xdist each worker, and every process it starts, gets an equal share of the cores for
+# its OpenMP and BLAS threads (unless OMP_NUM_THREADS is set already): with a thread per core in
+# every worker, on the 2-core development machine a training step of two processes side by side
+# took 3.5x as long as with one thread each. Before numpy, MindSpore or OpenMP read the setting.
+# Several threads are still tested: test_cpu_kernels.py::test_the_kernels_on_several_threads_agree_with_one.
+share_the_cores_among_workers()
+
+from support.checkpoints import write_published_layout  # noqa: E402
+from support.http_server import Route, asset_entry, http_server, write_manifest  # noqa: E402,F401 (a fixture)
 
 
 @pytest.fixture(scope="session")
