@@ -2,7 +2,7 @@
 and OpenVINO, in one run, same weights, same batch.
 
     python benchmarks/cpu_runtimes.py [--batch-size 8] [--image-size 384] [--cycles 8] [--calls 2]
-                                      [--quick] [--venv DIR]
+                                      [--quick] [--venv DIR] [--cpu native|avx2]
 
 Measures images/s (fp32 input, batch 8, 384x384 by default) of
 
@@ -45,7 +45,14 @@ of this Python (this file with ``--serve ROW``). A child answers one JSON line p
 stdout. A row that cannot run here is reported as "not available" with its error; the
 others are still measured.
 
-Also printed: the CPU model, which ISA/implementation each runtime uses where it says,
+``--cpu avx2`` runs every row as on an AVX2-only CPU of the same cores: the CPUID bits of
+AVX-512, AVX512-BF16, AVX-VNNI and AMX hidden from each row's process (``emulated_cpu.py``), so
+oneDNN, MindSpore, ONNX Runtime and OpenVINO all pick their AVX2 kernels (``DNNL_MAX_CPU_ISA``
+would cap oneDNN and OpenVINO only). The bf16 rows are then not available, and "openvino bf16"
+runs f32 (the anchor is kept: it is what OpenVINO does with a bf16 hint on such a CPU).
+
+Also printed: the CPU model, which ISA/implementation each runtime uses where it says, the
+vector extensions each row's CPUID reported,
 per-image cosine between bf16 and fp32 features (vehiclenet, OpenVINO), and the largest
 difference between vehiclenet fp32 and ONNX Runtime (a check that the weights are the same).
 """
@@ -63,6 +70,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+
+from emulated_cpu import avx2_only_env, cpuid_seen
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
@@ -99,7 +108,7 @@ def prepared(call: Callable[[], np.ndarray], images: int, version: str, implemen
     first = time.perf_counter() - start
     call()  # warm-up after compilation: first-touch allocations, caches
     return {"call": call, "images_per_call": images, "first_call_s": first, "features": features,
-            "version": version, "implementation": implementation}
+            "version": version, "implementation": implementation, "cpuid": cpuid_seen()}
 
 
 def serve(prepare: Callable[[], Result]) -> None:
@@ -329,7 +338,7 @@ def print_throughput(results: Dict[str, Result], batch: int, cycles: int, calls:
     print("\nwhat runs:")
     for name, r in results.items():
         if "error" not in r:
-            print(f"  {name}: {r['version']}; {r['implementation']}")
+            print(f"  {name}: {r['version']}; {r['implementation']}; CPUID {r['cpuid']}")
 
 
 def cpu_description() -> str:
@@ -462,6 +471,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 cycles of 1 call (a trial run)")
     parser.add_argument("--venv", type=Path, default=None,
                         help="venv for ONNX Runtime and OpenVINO (default <vehiclenet cache>/bench-venv)")
+    parser.add_argument("--cpu", choices=("native", "avx2"), default="native",
+                        help="avx2: every row as on an AVX2-only CPU (CPUID bits of AVX-512, AVX512-BF16, "
+                             "AVX-VNNI and AMX hidden; needs Linux CPUID faulting)")
     parser.add_argument("--serve", choices=(*VEHICLENET_RUNTIMES, *CHILD_RUNTIMES), help=argparse.SUPPRESS)
     parser.add_argument("--onnx", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -475,6 +487,8 @@ def main() -> None:
 
     # Other processes on the same cores skew every row: the load before the run tells.
     print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.2f} before the run")
+    if args.cpu == "avx2":
+        print("rows run as on an AVX2-only CPU: AVX-512, AVX512-BF16, AVX-VNNI and AMX hidden from their CPUID")
     print(f"input: batch {args.batch_size}, 3x{args.image_size}x{args.image_size} float32; {cycles} cycles of "
           f"{calls} timed calls per row; random weights, the same checkpoint for all")
     venv = args.venv or env.cache_dir() / "bench-venv"
@@ -494,6 +508,9 @@ def main() -> None:
             VEHICLENET_ASSETS=str(bench_manifest(checkpoint, Path(tmp) / "home")),
             VEHICLENET_HOME=str(Path(tmp) / "home"), VEHICLENET_OFFLINE="1",
             VEHICLENET_KERNEL_CACHE=str(env.kernel_dir()), GLOG_v="3")
+        if args.cpu == "avx2":
+            vehiclenet_env = avx2_only_env(vehiclenet_env, Path(tmp))
+        child_env = avx2_only_env(ENV_BEFORE_MINDSPORE, Path(tmp)) if args.cpu == "avx2" else ENV_BEFORE_MINDSPORE
         children = []
         try:
             for name in VEHICLENET_RUNTIMES:
@@ -501,13 +518,17 @@ def main() -> None:
                 children.append(Child(name, sys.executable, files, vehiclenet_env))
             for name in CHILD_RUNTIMES:
                 print(f"starting {name} ...", file=sys.stderr)
-                children.append(Child(name, python, files, ENV_BEFORE_MINDSPORE) if python else None)
+                children.append(Child(name, python, files, child_env) if python else None)
             children = [c for c in children if c is not None]
             per_cycle = take_turns(children, cycles, calls)
         finally:
             for child in children:
                 child.close()
     results = summarise(children, per_cycle)
+    if args.cpu == "avx2":
+        for name, result in results.items():  # a row that saw AVX-512 would not be this comparison
+            if "AVX512" in result.get("cpuid", ""):
+                results[name] = {"error": f"its CPUID still reported {result['cpuid']} (mask not in effect)"}
     for name in CHILD_RUNTIMES:
         results.setdefault(name, {"error": venv_error})
     print_throughput(results, args.batch_size, cycles, calls)

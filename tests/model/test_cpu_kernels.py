@@ -1017,6 +1017,49 @@ def test_the_kernels_on_several_threads_agree_with_one(tmp_path):
     assert int(re.search(r"(\d+) passed", summary).group(1)) >= 6 and "failed" not in summary, summary
 
 
+def _avx2_only_env(tmp_path):
+    """This process's environment for a child that sees the CPU as an AVX2-only one
+    (benchmarks/emulated_cpu.py); the test skips, naming why, where that cannot be done."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import emulated_cpu
+    finally:
+        sys.path.pop(0)
+    why = emulated_cpu.unavailable()
+    if why:
+        pytest.skip(f"cannot hide AVX-512 from a process here: {why}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    return emulated_cpu.avx2_only_env(env, tmp_path), root
+
+
+@pytest.mark.slow
+def test_the_kernels_on_an_avx2_only_cpu_agree(tmp_path):
+    """As on an AVX2-only CPU (AVX-512, AVX512-BF16, AVX-VNNI, AMX hidden from CPUID, so every
+    library, our own target_clones included, picks its AVX2 code, not only oneDNN as under
+    DNNL_MAX_CPU_ISA): the kernels' threaded tests pass; the bf16 ones refuse to run."""
+    import re
+    import subprocess
+    import sys
+
+    env, root = _avx2_only_env(tmp_path)
+    probe = ("import sys; sys.path.insert(0, 'benchmarks'); from emulated_cpu import cpuid_seen; "
+             "from vehiclenet.model import cpu_kernels; "
+             "print(cpuid_seen(), '|', cpu_kernels.cpu_isa(cpu_kernels.library_path()))")
+    seen = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert seen.returncode == 0, seen.stderr[-2000:]
+    assert seen.stdout.strip() == "AVX2 | ('avx2', False)", seen.stdout
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-rs",
+                           "--basetemp", str(tmp_path / "run"), "-k", _THREADED, os.path.abspath(__file__)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert int(re.search(r"(\d+) passed", summary).group(1)) >= 6 and "failed" not in summary, summary
+    assert "needs a CPU with native bf16" in done.stdout, done.stdout[-2000:]  # the bf16 cases skipped
+
+
 def test_the_suite_s_workers_share_the_cores():
     """conftest.py's rule: a worker of several gets its share of the cores, never less than one,
     and a setting made by whoever started the suite is kept; where it is set, this process's
