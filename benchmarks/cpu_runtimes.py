@@ -71,7 +71,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from emulated_cpu import avx2_only_env, cpuid_seen
+from emulated_cpu import avx2_only_env, cpuid_seen, unavailable
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
@@ -482,6 +482,8 @@ def main() -> None:
     if args.serve:
         return child_main(args.serve, args.onnx, args.checkpoint, args.batch_file)
     cycles, calls = (3, 1) if args.quick else (args.cycles, args.calls)
+    if args.cpu == "avx2" and unavailable():
+        parser.error(f"--cpu avx2: {unavailable()}")
 
     from vehiclenet import env
 

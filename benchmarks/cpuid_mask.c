@@ -6,7 +6,7 @@
 // cpuid_fault flag of /proc/cpuinfo) turns each CPUID instruction of the process into SIGSEGV;
 // the handler runs the real CPUID, clears those feature bits and steps over the instruction.
 // The setting is inherited by threads and forks and reset by execve, where LD_PRELOAD loads
-// this library again. Other SIGSEGVs go to the handler the program installed (sigaction and
+// this library again. (A thread that runs CPUID with SIGSEGV blocked is killed by the kernel.) Other SIGSEGVs go to the handler the program installed (sigaction and
 // signal are wrapped so that a later handler, e.g. Python's faulthandler, does not replace this one).
 #define _GNU_SOURCE
 #include <asm/prctl.h>
@@ -63,16 +63,21 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
     regs[REG_RIP] += 2;
     return;
   }
-  if (program_handler.sa_flags & SA_SIGINFO) {
-    program_handler.sa_sigaction(sig, info, context);
-  } else if (program_handler.sa_handler != SIG_DFL && program_handler.sa_handler != SIG_IGN) {
-    program_handler.sa_handler(sig);
-  } else {  // the default action: returning re-runs the faulting instruction, which now kills
+  struct sigaction handler = program_handler;
+  if (handler.sa_handler == SIG_IGN && info->si_code <= 0) return;  // sent, not a fault: ignored
+  if (handler.sa_handler == SIG_DFL || handler.sa_handler == SIG_IGN) {
+    // A fault re-runs its instruction on return and now gets the default action (death); a
+    // sent SIGSEGV is sent again.
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
     real_sigaction()(SIGSEGV, &dfl, NULL);
+    if (info->si_code <= 0) raise(SIGSEGV);
+    return;
   }
+  if (handler.sa_flags & SA_RESETHAND) program_handler.sa_handler = SIG_DFL, program_handler.sa_flags = 0;
+  if (handler.sa_flags & SA_SIGINFO) handler.sa_sigaction(sig, info, context);
+  else handler.sa_handler(sig);
 }
 
 int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
@@ -102,7 +107,9 @@ __attribute__((constructor)) static void install(void) {
   struct sigaction ours;
   memset(&ours, 0, sizeof ours);
   ours.sa_sigaction = on_segv;
-  ours.sa_flags = SA_SIGINFO | SA_NODEFER;
+  // SA_ONSTACK: a handler chained behind this one (Python's faulthandler) may rely on an
+  // alternate stack for stack overflows.
+  ours.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
   program_handler.sa_handler = SIG_DFL;
   if (real_sigaction()(SIGSEGV, &ours, NULL) != 0 || cpuid_faulting(1) != 0) {
     perror("cpuid_mask: CPUID faulting is not available (needs Linux and the cpuid_fault CPU flag)");

@@ -15,7 +15,12 @@ from typing import Dict, Mapping, Optional
 
 SOURCE = Path(__file__).with_name("cpuid_mask.c")
 # glibc reads CPUID before any preloaded library runs: its own string functions are told apart.
-GLIBC_HIDDEN = "glibc.cpu.hwcaps=-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL,-AVX512_BF16,-AVX512_FP16"
+GLIBC_HIDDEN = "-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL"  # glibc.cpu.hwcaps names glibc 2.36 knows
+HWCAPS = "glibc.cpu.hwcaps="
+
+
+class Unavailable(RuntimeError):
+    """This machine cannot run a process as on an AVX2-only CPU (the reason is the message)."""
 
 
 def unavailable() -> Optional[str]:
@@ -40,19 +45,33 @@ def unavailable() -> Optional[str]:
 
 def avx2_only_env(env: Mapping[str, str], build_dir: Path) -> Dict[str, str]:
     """``env`` for a process that sees this CPU as an AVX2-only one: the mask is built into
-    ``build_dir`` and preloaded (before anything the caller preloads). Raises RuntimeError
-    (with the reason) where that cannot be done."""
+    ``build_dir`` and preloaded (before anything the caller preloads). Raises Unavailable where
+    the machine cannot do it, RuntimeError when the mask does not build."""
     why = unavailable()
     if why:
-        raise RuntimeError(f"cannot run as an AVX2-only CPU: {why}")
+        raise Unavailable(f"cannot run as an AVX2-only CPU: {why}")
     library = Path(build_dir) / "libcpuid_mask.so"
     built = subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", str(SOURCE), "-o", str(library),
                             "-ldl"], capture_output=True, text=True)
     if built.returncode != 0:
         raise RuntimeError(f"cannot build {SOURCE}: {built.stderr.strip()[-500:]}")
     preload = " ".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
-    tunables = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), GLIBC_HIDDEN) if t)
-    return dict(env, LD_PRELOAD=preload, GLIBC_TUNABLES=tunables)
+    masked = dict(env, LD_PRELOAD=preload, GLIBC_TUNABLES=_with_hidden_hwcaps(env.get("GLIBC_TUNABLES", "")))
+    # The flag says the CPU can; a sandbox (seccomp, gVisor) may still refuse the arch_prctl.
+    tried = subprocess.run(["true"], env=masked, capture_output=True, text=True)
+    if tried.returncode != 0:
+        raise Unavailable(f"cannot run as an AVX2-only CPU: {tried.stderr.strip()[-300:] or f'exit {tried.returncode}'}")
+    return masked
+
+
+def _with_hidden_hwcaps(tunables: str) -> str:
+    """GLIBC_TUNABLES with the AVX-512 hwcaps hidden, added to a glibc.cpu.hwcaps already set."""
+    parts = [t for t in tunables.split(":") if t]
+    for i, part in enumerate(parts):
+        if part.startswith(HWCAPS):
+            parts[i] = f"{part},{GLIBC_HIDDEN}" if part != HWCAPS else HWCAPS + GLIBC_HIDDEN
+            return ":".join(parts)
+    return ":".join(parts + [HWCAPS + GLIBC_HIDDEN])
 
 
 def cpuid_seen() -> str:
