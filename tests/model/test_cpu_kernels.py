@@ -220,6 +220,111 @@ def test_pynative_inference_launches_synchronously_and_gives_the_graphs_features
     np.testing.assert_array_equal(net(x).asnumpy(), got)
 
 
+def test_head_runs_on_the_kernels_in_inference_and_on_mindspore_in_training():
+    """Inference runs the head's Dense + BatchNorm1d and the classifier on the oneDNN kernels,
+    as MindSpore's layers compute them; training keeps MindSpore's (batch statistics, gradients)."""
+    import mindspore as ms
+
+    fast, _ = _fast_and_plain(seed=5, num_classes=7, mode="pynative")
+    head = fast.classifier
+    assert _kernel(head.kernel_ops.dense_batch_norm) == "VnDenseBatchNorm"
+    assert _kernel(head.kernel_ops.dense) == "VnDense"
+    pooled = ms.Tensor(np.random.default_rng(5).standard_normal((3, 2048)).astype(np.float32))
+    embedding = head.embed(pooled).asnumpy()
+    assert _rel(embedding, head.bn1(head.dense(pooled)).asnumpy()) <= 1e-6
+    want = head.classifier(ms.Tensor(embedding)).asnumpy()
+    assert _rel(head.classify(ms.Tensor(embedding)).asnumpy(), want) <= 1e-6
+    head.set_train(True)
+    batch_statistics = head.embed(pooled).asnumpy()  # normalised by the batch's own statistics
+    np.testing.assert_allclose(batch_statistics.mean(axis=0), head.bn1.beta.asnumpy(), atol=1e-4)
+    head.set_train(False)
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def test_head_op_rejects_mismatched_shapes():
+    import mindspore as ms
+
+    ops = cpu_kernels.make_ops(library_path())
+    x, w, b = (ms.Tensor(np.ones(shape, np.float32)) for shape in ((2, 8), (4, 6), (4,)))  # 6 inputs, x has 8
+    with pytest.raises(RuntimeError, match="VnDense"):
+        ops.dense(x, w, b).asnumpy()
+    w, stats = ms.Tensor(np.ones((4, 8), np.float32)), ms.Tensor(np.ones(3, np.float32))  # 3 statistics, 4 outputs
+    with pytest.raises(RuntimeError, match="VnDenseBatchNorm"):
+        ops.dense_batch_norm(x, w, b, stats, stats, stats, stats, ms.Tensor([1e-5], ms.float32)).asnumpy()
+
+
+def _pool_cpu_seconds() -> float:
+    """CPU time so far of this process's MindSpore thread-pool workers (threads ActorThread_*)."""
+    total, found = 0, False
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if not f.read().startswith("ActorThread"):
+                    continue
+            with open(f"/proc/self/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        found = True
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    assert found, "no MindSpore thread-pool worker (ActorThread_*) in this process"
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _settled_pool_cpu_seconds() -> float:
+    """The pool's CPU time once its workers are quiet (unchanged for 0.5 s; waits at most 30 s)."""
+    import time
+
+    last, deadline = _pool_cpu_seconds(), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _pool_cpu_seconds()
+        if now == last:
+            break
+        last = now
+    return last
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread CPU times from Linux's /proc")
+def test_a_plain_call_leaves_mindspore_thread_pool_asleep(tmp_path):
+    """The README's plain call, in a fresh script, wakes no MindSpore thread-pool worker: one woken
+    by MindSpore's own CPU MatMul or BatchNorm spins (sched_yield) for ~0.15 s of CPU after it,
+    through the next call's backbone, taking a core from its OpenMP team (the call took 1.08x the
+    backbone's time on 2 cores). MindSpore's own head layers, run the same way, are the control.
+    A fresh process because a graph-mode run ends by shortening the workers' spin for the rest
+    of the process, which would hide it."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"""
+import sys; sys.path[:0] = [{here!r}]
+import numpy as np, mindspore as ms
+from test_cpu_kernels import _settled_pool_cpu_seconds
+from vehiclenet import create_network
+net = create_network(pretrained=False, include_top=False)
+x = ms.Tensor(np.random.default_rng(6).standard_normal((2, 3, 64, 64)).astype(np.float32))
+pooled = net.model(x)
+net(x).asnumpy()
+before = _settled_pool_cpu_seconds()
+for _ in range(3):
+    net(x).asnumpy()
+calls = _settled_pool_cpu_seconds()
+head = net.classifier
+for _ in range(3):
+    head.bn1(head.dense(pooled)).asnumpy()
+print("CPU", calls - before, _settled_pool_cpu_seconds() - calls)
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(here)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls, control = (float(v) for v in next(line for line in done.stdout.splitlines() if line.startswith("CPU"))
+                      .split()[1:])
+    assert control >= 0.03, f"MindSpore's own head layers kept its pool busy for only {control:.2f} s of CPU"
+    assert calls <= 0.02, f"three calls kept MindSpore's thread pool busy for {calls:.2f} s of CPU"
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_whole_backbone_op_is_the_per_layer_ops(precision):
     """Inference runs the 53 convolutions in one op (buffers of its own, residuals added in

@@ -78,6 +78,11 @@ class InferenceOps:
     # order) -> pooled (N, 2048) float32.
     backbone_last_stride_1: Op
     backbone_last_stride_2: Op
+    # The head, float32 in any precision: (x (N, K), weights (M, K), bias (M)) -> (N, M); and the
+    # same followed by BatchNorm1d: (..., gamma, beta, running mean, running variance (M),
+    # epsilon (1,)) -> (N, M).
+    dense: Op
+    dense_batch_norm: Op
 
     def backbone(self, last_stride: int) -> Op:
         """The whole-backbone op for ``last_stride``."""

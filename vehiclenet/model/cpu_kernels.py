@@ -275,6 +275,8 @@ def make_ops(library: str, precision: str = "fp32") -> InferenceOps:
     return InferenceOps(
         backbone_last_stride_1=backbone(1),
         backbone_last_stride_2=backbone(2),
+        dense=_aot(library, "VnDense", lambda x, w, *_: [x[0], w[0]], lambda x, *_: x),
+        dense_batch_norm=_aot(library, "VnDenseBatchNorm", lambda x, w, *_: [x[0], w[0]], lambda x, *_: x),
         stem=custom(abi.conv(precision, "S2Relu"), 2, True, out),
         max_pool=custom(abi.entry("VnMaxPool3x3S2"), 2, False),
         conv_relu_s1=custom(abi.conv(precision, "S1Relu"), 1, True, out),

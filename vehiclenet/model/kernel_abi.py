@@ -20,6 +20,7 @@ BATCH_NORM_OPS = ("Train", "ReluTrain", "Backward", "ReluBackward", "AddReluTrai
 MAX_POOL_OPS = ("VnMaxPool3x3S2", "VnMaxPoolTrain3x3S2", "VnMaxPoolBackward3x3S2", "VnMaxPoolBf16Train3x3S2",
                 "VnMaxPoolBf16Backward3x3S2")
 FORK_OPS = ("VnForkBf16", "VnForkBf16Backward")
+HEAD_OPS = ("VnDense", "VnDenseBatchNorm")
 INFO_FUNCTIONS = ("VnBackboneImplementations", "VnWeightReorders", "VnConvImplementation",
                   "VnTrainConvImplementation", "VnCpuIsa", "VnBatchNormReluWorkspaceBytes")
 
@@ -29,7 +30,7 @@ SYMBOLS = tuple(
     + ["VnConvBf16AddS1ReluToF32"]
     + [f"VnBackbone{tag}L{stride}" for tag in TAGS.values() for stride in (1, 2)]
     + [f"VnConv{op}{tag}S{stride}" for op in TRAIN_CONV_PASSES for tag in TAGS.values() for stride in (1, 2)]
-    + list(MAX_POOL_OPS) + list(FORK_OPS) + list(INFO_FUNCTIONS)
+    + list(MAX_POOL_OPS) + list(FORK_OPS) + list(HEAD_OPS) + list(INFO_FUNCTIONS)
     + [f"VnBatchNorm{tag}{op}" for tag in TAGS.values() for op in BATCH_NORM_OPS]
 )
 

@@ -260,10 +260,14 @@ class Head(nn.Cell):
     """Bottleneck head: Dense 2048->512, BatchNorm1d, dropout, Dense 512->num_classes.
 
     With ``num_classes=None`` the last Dense is absent and the head returns the
-    512-d ``bn1`` output, the retrieval embedding.
+    512-d ``bn1`` output, the retrieval embedding. With ``kernel_ops`` (the backbone's
+    :class:`~vehiclenet.model.backend.InferenceOps`) inference runs its layers on the oneDNN
+    kernels: MindSpore's own CPU MatMul and BatchNorm would wake MindSpore's thread pool, whose
+    worker then spins through the next call's backbone and takes a core from it.
     """
 
-    def __init__(self, num_classes: Optional[int] = PUBLISHED_NUM_CLASSES, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: Optional[int] = PUBLISHED_NUM_CLASSES, dropout: float = 0.5,
+                 kernel_ops: Optional[InferenceOps] = None) -> None:
         super().__init__()
         self.dense = nn.Dense(
             BACKBONE_DIM, EMBEDDING_DIM, weight_init=HeNormal(mode="fan_out"), bias_init=Zero()
@@ -273,12 +277,28 @@ class Head(nn.Cell):
         self.include_top = num_classes is not None
         if self.include_top:
             self.classifier = nn.Dense(EMBEDDING_DIM, num_classes, weight_init=Normal(0.001), bias_init=Zero())
+        self.kernel_ops = kernel_ops
+        self.bn_eps = None if kernel_ops is None else ms.Tensor([self.bn1.eps], ms.float32)
 
     def construct(self, x):
-        x = self.bn1(self.dense(x))
+        x = self.embed(x)
         if self.include_top:
-            x = self.classifier(self.dropout(x))
+            x = self.classify(self.dropout(x))
         return x
+
+    def embed(self, x):
+        """Pooled backbone features (N, 2048) -> the (N, 512) embedding: Dense, then BatchNorm1d."""
+        if self.kernel_ops is not None and not self.training:
+            bn = self.bn1
+            return self.kernel_ops.dense_batch_norm(x, self.dense.weight, self.dense.bias, bn.gamma, bn.beta,
+                                                    bn.moving_mean, bn.moving_variance, self.bn_eps)
+        return self.bn1(self.dense(x))
+
+    def classify(self, x):
+        """The embedding -> logits (N, num_classes)."""
+        if self.kernel_ops is not None and not self.training:
+            return self.kernel_ops.dense(x, self.classifier.weight, self.classifier.bias)
+        return self.classifier(x)
 
 
 class VehicleNet(nn.Cell):
@@ -295,7 +315,7 @@ class VehicleNet(nn.Cell):
         if include_top and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.model = ResNet50(last_stride, backend)
-        self.classifier = Head(num_classes if include_top else None)
+        self.classifier = Head(num_classes if include_top else None, kernel_ops=self.model.nhwc_ops)
         self.include_top = include_top
         self.num_classes = num_classes if include_top else None
         self.cached_compile = False  # create_network turns it on for CPU inference
@@ -338,5 +358,4 @@ class Embedding(nn.Cell):
         self.net = net
 
     def construct(self, x):
-        head = self.net.classifier
-        return head.bn1(head.dense(self.net.model(x)))
+        return self.net.classifier.embed(self.net.model(x))
