@@ -1248,10 +1248,10 @@ int run_dense(int nparam, void **params, int *ndims, int64_t **shapes, const cha
             float_tensor(inputs, 2, ndims, dtypes);
   for (int i = 2; ok && i < inputs; i++) ok = float_tensor(i, 1, ndims, dtypes);
   const int64_t n = ok ? shapes[0][0] : 0, k = ok ? shapes[0][1] : 0, m = ok ? shapes[1][0] : 0;
-  ok = ok && shapes[1][1] == k && shapes[inputs][0] == n && shapes[inputs][1] == m;
+  ok = ok && k > 0 && shapes[1][1] == k && shapes[inputs][0] == n && shapes[inputs][1] == m;
   for (int i = 2; ok && i < inputs; i++) ok = shapes[i][0] == (batch_norm && i == 7 ? 1 : m);
   if (!ok) return fail("dense: unexpected inputs");
-  if (n == 0) return 0;
+  if (n == 0 || m == 0) return 0;
   try {
     std::lock_guard<std::mutex> lock(kernel_mutex());
     DensePlan &plan = dense_plan(n, k, m);
