@@ -244,6 +244,8 @@ def test_head_runs_on_the_kernels_in_inference_and_on_mindspore_in_training():
     weight, bias = (getattr(head.classifier, name).asnumpy().astype(np.float64) for name in ("weight", "bias"))
     logits = head.classify(ms.Tensor(embedding)).asnumpy()
     assert _rel(logits, embedding.astype(np.float64) @ weight.T + bias) <= 2e-6
+    images = ms.Tensor(np.random.default_rng(5).standard_normal((2, 3, 64, 64)).astype(np.float32))
+    np.testing.assert_array_equal(fast(images).asnumpy(), head.classify(head.embed(fast.model(images))).asnumpy())
     head.set_train(True)
     batch_statistics = head.embed(pooled).asnumpy()  # normalised by the batch's own statistics
     np.testing.assert_allclose(batch_statistics.mean(axis=0), head.bn1.beta.asnumpy(), atol=1e-4)
@@ -300,9 +302,10 @@ def test_a_plain_call_leaves_mindspore_thread_pool_asleep(tmp_path):
     """The README's plain call, in a fresh script, wakes no MindSpore thread-pool worker: one woken
     by MindSpore's own CPU MatMul or BatchNorm spins (sched_yield) for ~0.15 s of CPU after it,
     through the next call's backbone, taking a core from its OpenMP team (the call took 1.08x the
-    backbone's time on 2 cores). MindSpore's own head layers, run the same way, are the control.
-    A fresh process because a graph-mode run ends by shortening the workers' spin for the rest
-    of the process, which would hide it."""
+    backbone's time on 2 cores; with MindSpore's head layers this script's calls cost the pool
+    0.18-0.29 s of CPU in three runs). MindSpore tunes by timing whether its own kernels use the pool, so those are
+    no reliable control here. A fresh process because a graph-mode run ends by shortening the
+    workers' spin for the rest of the process, which would hide it."""
     import subprocess
     import sys
 
@@ -315,24 +318,17 @@ from vehiclenet import create_network
 net = create_network(pretrained=False, include_top=False)
 logits = create_network(pretrained=False, num_classes=7)  # the classifier's op too
 x = ms.Tensor(np.random.default_rng(6).standard_normal((2, 3, 64, 64)).astype(np.float32))
-pooled = net.model(x)
 net(x).asnumpy(), logits(x).asnumpy()
 before = _settled_pool_cpu_seconds()
 for _ in range(3):
     net(x).asnumpy(), logits(x).asnumpy()
-calls = _settled_pool_cpu_seconds()
-head = net.classifier
-for _ in range(3):
-    head.bn1(head.dense(pooled)).asnumpy()
-print("CPU", calls - before, _settled_pool_cpu_seconds() - calls)
+print("CPU", _settled_pool_cpu_seconds() - before)
 """
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(here)))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    calls, control = (float(v) for v in next(line for line in done.stdout.splitlines() if line.startswith("CPU"))
-                      .split()[1:])
-    assert control >= 0.03, f"MindSpore's own head layers kept its pool busy for only {control:.2f} s of CPU"
+    calls = float(next(line for line in done.stdout.splitlines() if line.startswith("CPU")).split()[1])
     assert calls <= 0.02, f"six calls kept MindSpore's thread pool busy for {calls:.2f} s of CPU"
 
 
